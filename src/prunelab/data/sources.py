@@ -1,0 +1,125 @@
+"""Named text sources for calibration and evaluation.
+
+| source          | text                                                                 |
+|-----------------|----------------------------------------------------------------------|
+| `web`           | embedded: SQuAD-shifts NYT + Reddit + Amazon passages (bigbench)     |
+| `wiki`          | embedded: English Wikipedia articles of bigbench paragraph_segmentation |
+| `new-wiki`      | embedded: SQuAD-shifts newer-Wikipedia passages                      |
+| `wikitext2`     | Hugging Face `wikitext-2-raw-v1` (train for calibration, test for evaluation) |
+| `c4`            | Hugging Face `allenai/c4` English (a train shard / a validation shard) |
+| `*.txt`         | a local UTF-8 text file                                               |
+| `*.jsonl`       | a local JSON-lines file, one document per line in field `text`       |
+| `*.parquet`     | a local Parquet file with a `text` column                             |
+
+Documents are joined by blank lines.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import PrunelabError
+
+EMBEDDED = ("web", "wiki", "new-wiki")
+HUB = ("wikitext2", "c4")
+_WEB_FILES = ("nyt_v1.0.json", "reddit_v1.0.json", "amazon_reviews_v1.0.json")
+_STOPWORDS = frozenset("the of and to in is was a for that with as by on are from his it at an be which".split())
+
+
+def describe(source: str) -> str:
+    return {"web": "bigbench-1.0.0 squad_shifts nyt+reddit+amazon_reviews contexts",
+            "wiki": "bigbench-1.0.0 paragraph_segmentation English articles",
+            "new-wiki": "bigbench-1.0.0 squad_shifts new_wiki contexts",
+            "wikitext2": "wikitext/wikitext-2-raw-v1", "c4": "allenai/c4 en"}.get(source, source)
+
+
+def load_text(source: str, role: str = "calib") -> str:
+    """Return the text of `source`; `role` ("calib" or "eval") picks the split of hub datasets."""
+    if source in EMBEDDED:
+        text = _embedded(source)
+    elif source in HUB:
+        text = _hub(source, role)
+    else:
+        text = _local(Path(source).expanduser())
+    if not text.strip():
+        raise PrunelabError(f"text source {source!r} is empty")
+    return text
+
+
+def check_disjoint(calib: str, evaluation: str) -> None:
+    if evaluation == "none":
+        return
+    same_local = Path(calib).expanduser().resolve() == Path(evaluation).expanduser().resolve()
+    if calib == evaluation and calib not in HUB or (calib not in EMBEDDED + HUB and same_local):
+        raise PrunelabError(f"calibration and evaluation text must be disjoint; both are {calib!r}")
+
+
+@lru_cache(maxsize=4)
+def _embedded(source: str) -> str:
+    from ..assets import bigbench_task_dir
+
+    root = bigbench_task_dir()
+    if source == "wiki":
+        return english_articles(root / "paragraph_segmentation" / "task.json")
+    files = _WEB_FILES if source == "web" else ("new_wiki_v1.0.json",)
+    return "\n\n".join(p for name in files for p in squad_contexts(root / "squad_shifts" / name))
+
+
+def squad_contexts(path: Path) -> list[str]:
+    data = json.loads(path.read_text())["data"]
+    return [para["context"].strip() for article in data for para in article["paragraphs"]]
+
+
+def english_articles(path: Path) -> str:
+    """The English articles among paragraph_segmentation's examples, picked by stop-word ratio."""
+    articles = []
+    for example in json.loads(path.read_text())["examples"]:
+        text = example["input"].strip()
+        words = text.lower().split()
+        if words and sum(w in _STOPWORDS for w in words) / len(words) > 0.15:
+            articles.append(text)
+    return "\n\n".join(articles)
+
+
+def _hub(source: str, role: str) -> str:
+    try:
+        from datasets import load_dataset
+
+        if source == "wikitext2":
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if role == "calib" else "test")
+            return "".join(rows["text"])
+        shard = ("en/c4-train.00000-of-01024.json.gz" if role == "calib" else "en/c4-validation.00000-of-00008.json.gz")
+        split = "train" if role == "calib" else "validation"
+        rows = load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return "\n\n".join(rows["text"])
+    except Exception as exc:
+        raise PrunelabError(f"cannot load {source} from the Hugging Face hub ({type(exc).__name__}); "
+                            "offline machines can use the embedded sources 'web' and 'wiki' or a local file") from exc
+
+
+def _local(path: Path) -> str:
+    if not path.is_file():
+        raise PrunelabError(f"unknown text source {str(path)!r}: not a file, nor one of {', '.join(EMBEDDED + HUB)}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    if suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise PrunelabError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
+        return "\n\n".join(docs)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise PrunelabError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+        return "\n\n".join(str(t) for t in table.column("text").to_pylist() if t)
+    raise PrunelabError(f"unsupported text file type {suffix!r} for {path}; use .txt, .jsonl or .parquet")

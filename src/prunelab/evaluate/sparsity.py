@@ -1,0 +1,44 @@
+"""Sparsity measured on actual tensors: in memory, or in the saved safetensors files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def _summary(per_layer: dict[str, dict]) -> dict:
+    numel = sum(v["numel"] for v in per_layer.values())
+    zeros = sum(v["zeros"] for v in per_layer.values())
+    pre = sum(v.get("zeros_before", 0) for v in per_layer.values())
+    return {"numel": numel, "zeros": zeros, "sparsity": zeros / max(numel, 1),
+            "zeros_before": pre, "sparsity_before": pre / max(numel, 1), "layers": per_layer}
+
+
+def count_zeros(weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: int((w == 0).sum()) for name, w in weights.items()}
+
+
+def measure_sparsity(weights: dict[str, torch.Tensor], zeros_before: dict[str, int] | None = None) -> dict:
+    per_layer = {}
+    for name, w in weights.items():
+        zeros = int((w == 0).sum())
+        entry = {"numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+        if zeros_before is not None:
+            entry["zeros_before"] = zeros_before.get(name, 0)
+        per_layer[name] = entry
+    return _summary(per_layer)
+
+
+def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
+    """Sparsity of the named tensors as written in `folder`'s safetensors files."""
+    wanted, found = set(names), {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in wanted.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    missing = wanted - set(found)
+    if missing:
+        raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
+    return measure_sparsity(found)

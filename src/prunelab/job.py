@@ -1,0 +1,106 @@
+"""A whole prunelab job: load → calibration and evaluation data → prune → evaluate → save."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data.sources import check_disjoint, describe, load_text
+from .data.windows import calibration_windows, evaluation_windows
+from .evaluate.perplexity import perplexity
+from .evaluate.sparsity import count_zeros, measure_sparsity, sparsity_of_saved
+from .files import atomic_dir
+from .errors import PrunelabError
+from .measure import stage
+from .models.adapters import find_adapter
+from .models.loading import load_model
+from .pipeline import prune_model
+from .prune import CRITERIA
+from . import report as reporting
+
+
+def prepare(config: RunConfig) -> None:
+    """Checks that cost nothing, done before minutes of work."""
+    if config.out and Path(config.out).exists() and not config.overwrite:
+        raise PrunelabError(f"output folder already exists: {config.out} (choose another --out or pass --overwrite)")
+    check_disjoint(config.calib, config.eval)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+
+def calibration_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+    text = load_text(config.calib, role="calib")
+    ids, windows = calibration_windows(tokenizer, text, config.samples, config.seqlen, config.seed)
+    return ids, {"source": config.calib, "description": describe(config.calib), "samples": config.samples,
+                 "seqlen": config.seqlen, "seed": config.seed, "bos": False,
+                 "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **windows}
+
+
+def evaluation_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+    text = load_text(config.eval, role="eval")
+    windows = evaluation_windows(tokenizer, text, config.eval_seqlen, config.eval_windows)
+    return windows, {"source": config.eval, "description": describe(config.eval), "windows": windows.shape[0],
+                     "seqlen": config.eval_seqlen, "tokens": windows.numel(), "bos": False,
+                     "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def run(config: RunConfig, progress: bool = True) -> dict:
+    prepare(config)
+    stages: dict = {}
+    with stage("load", stages):
+        model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
+    adapter = find_adapter(model)
+    data: dict = {}
+    with stage("data", stages):
+        calib_ids = None
+        if CRITERIA[config.method][0] is not None:
+            calib_ids, data["calibration"] = calibration_data(config, tokenizer)
+        if config.eval != "none":
+            eval_ids, data["evaluation"] = evaluation_data(config, tokenizer)
+
+    weights = adapter.prunable_weights()
+    zeros_before = count_zeros(weights)
+    metrics: dict = {}
+    if config.eval != "none" and config.eval_dense:
+        with stage("eval_dense", stages):
+            metrics["dense"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (dense)")
+    with stage("prune", stages):
+        layers = prune_model(model, adapter, calib_ids, config, progress=progress)
+    if config.eval != "none":
+        with stage("eval", stages):
+            metrics["pruned"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (pruned)")
+
+    report = {
+        "config": config.to_dict(),
+        "model": {"source": source, "family": adapter.family, "class": type(model).__name__,
+                  "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(adapter.blocks)},
+        "data": data,
+        "metrics": metrics,
+        "sparsity": measure_sparsity(weights, zeros_before),
+        "stages": stages,
+        "layers": layers,
+        "versions": reporting.versions(),
+        "output": None,
+    }
+    if config.out:
+        save(model, tokenizer, report, Path(config.out), list(weights), config.overwrite, stages)
+    return report
+
+
+def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], overwrite: bool, stages: dict) -> None:
+    """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
+    with stage("save", stages), atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        saved = sparsity_of_saved(tmp, weight_names)
+        for name, entry in saved["layers"].items():
+            entry["zeros_before"] = report["sparsity"]["layers"][name].get("zeros_before", 0)
+        report["sparsity"] = {**saved, "zeros_before": report["sparsity"]["zeros_before"],
+                              "sparsity_before": report["sparsity"]["sparsity_before"], "measured_on": "saved safetensors"}
+        report["output"] = str(out)
+        reporting.write(report, tmp)

@@ -1,0 +1,193 @@
+"""Architecture knowledge, one small adapter per family, discovered from the module tree.
+
+An adapter answers three questions about a decoder block: where its attention half is, where its
+MLP half is, and which linear layers may be pruned. Families are recognised by the *structure* of
+the block (which child modules and projections exist), never by the model's name.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import PrunelabError
+
+
+def _has(module: nn.Module | None, *names: str) -> bool:
+    return module is not None and all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+
+
+def find_block_list(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the ModuleList of identical modules that holds the most parameters."""
+    best, best_params = None, 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params and any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            best, best_params = module, params
+    if best is None:
+        raise PrunelabError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks with linear layers found")
+    return best
+
+
+class Adapter:
+    """Base adapter: subclasses say how to find the attention and MLP halves of a block."""
+
+    family: ClassVar[str]
+    expects: ClassVar[str]  # what the family's block looks like, for error messages
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = find_block_list(model)
+
+    @classmethod
+    def matches(cls, block: nn.Module) -> bool:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp
+
+    @property
+    def blocks_prefix(self) -> str:
+        return next(name for name, module in self.model.named_modules() if module is self.blocks)
+
+    def prunable_weights(self) -> dict[str, torch.Tensor]:
+        """State-dict name -> tensor of every prunable matrix; fused expert tensors count whole."""
+        weights = {}
+        for i, block in enumerate(self.blocks):
+            routers = _routers(block)
+            for name, module in block.named_modules():
+                prefix = f"{self.blocks_prefix}.{i}.{name}"
+                if isinstance(module, nn.Linear) and id(module) not in routers:
+                    weights[f"{prefix}.weight"] = module.weight.detach()
+                elif _is_fused_experts(module):
+                    weights[f"{prefix}.gate_up_proj"] = module.gate_up_proj.detach()
+                    weights[f"{prefix}.down_proj"] = module.down_proj.detach()
+        return weights
+
+    @contextmanager
+    def prunable_linears(self, block: nn.Module) -> Iterator[dict[str, nn.Linear]]:
+        """Every prunable linear of `block` by qualified name; fused experts appear as one linear each.
+
+        Fused expert tensors are unfused into per-expert `nn.Linear` views for the duration, so
+        in-place writes to those views land in the original 3-D parameters.
+        """
+        swapped = _unfuse_experts(block)
+        try:
+            routers = _routers(block)
+            yield {name: m for name, m in block.named_modules()
+                   if isinstance(m, nn.Linear) and id(m) not in routers}
+        finally:
+            for parent, name, original in swapped:
+                setattr(parent, name, original)
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 3 and their MoE variants
+    expects = "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj (or mlp.experts)"
+
+    @classmethod
+    def matches(cls, block):
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        return _has(attn, "q_proj", "k_proj", "v_proj", "o_proj") and (
+            _has(mlp, "gate_proj", "up_proj", "down_proj") or _is_moe(mlp))
+
+
+class OPTAdapter(Adapter):
+    family = "opt"
+    expects = "self_attn.{q,k,v,out}_proj and fc1, fc2"
+
+    @classmethod
+    def matches(cls, block):
+        return _has(getattr(block, "self_attn", None), "q_proj", "k_proj", "v_proj", "out_proj") and _has(block, "fc1", "fc2")
+
+    def mlp(self, block):
+        return nn.ModuleDict({"fc1": block.fc1, "fc2": block.fc2})
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter)
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    block = find_block_list(model)[0]
+    for adapter_cls in ADAPTERS:
+        if adapter_cls.matches(block):
+            return adapter_cls(model)
+    looked_for = "; ".join(f"{a.family}: {a.expects}" for a in ADAPTERS)
+    children = ", ".join(name for name, _ in block.named_children())
+    raise PrunelabError(f"unsupported architecture: block {type(block).__name__} has children [{children}], "
+                        f"expected one of ({looked_for})")
+
+
+# --- Mixture-of-Experts -------------------------------------------------------------------------
+
+def _is_moe(module: nn.Module | None) -> bool:
+    return module is not None and isinstance(getattr(module, "experts", None), nn.Module)
+
+
+def _routers(block: nn.Module) -> set[int]:
+    """ids of routing linears: the direct linear children of a Mixture-of-Experts module."""
+    return {id(child) for m in block.modules() if _is_moe(m) for child in m.children() if isinstance(child, nn.Linear)}
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+
+
+class UnfusedExperts(nn.Module):
+    """Per-expert linear views of fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I].
+
+    Runs the reference (eager) expert loop of transformers' fused experts, so hooks on the
+    per-expert linears see exactly the tokens routed to each expert.
+    """
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        experts, twice_inter, hidden = fused.gate_up_proj.shape
+        inter = twice_inter // 2
+        if fused.down_proj.shape != (experts, hidden, inter) or getattr(fused, "has_bias", False):
+            raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: "
+                                f"gate_up_proj {tuple(fused.gate_up_proj.shape)}, down_proj {tuple(fused.down_proj.shape)}")
+        self.num_experts = experts
+        self.act_fn = fused.act_fn
+
+        def view(weight: torch.Tensor) -> nn.Linear:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)  # shares storage with `fused`
+            return linear
+
+        data_up, data_down = fused.gate_up_proj.data, fused.down_proj.data
+        self.gate_proj = nn.ModuleList(view(data_up[e, :inter]) for e in range(experts))
+        self.up_proj = nn.ModuleList(view(data_up[e, inter:]) for e in range(experts))
+        self.down_proj = nn.ModuleList(view(data_down[e]) for e in range(experts))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            if not 0 <= expert < self.num_experts:
+                continue
+            token_idx, k_pos = torch.where(top_k_index == expert)
+            x = hidden_states[token_idx]
+            h = self.down_proj[expert](self.act_fn(self.gate_proj[expert](x)) * self.up_proj[expert](x))
+            out.index_add_(0, token_idx, (h * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out
+
+
+def _unfuse_experts(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    swapped = []
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_fused_experts(child):
+                setattr(parent, name, UnfusedExperts(child))
+                swapped.append((parent, name, child))
+    return swapped

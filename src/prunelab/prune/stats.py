@@ -1,0 +1,41 @@
+"""Statistics of a linear layer's inputs, accumulated batch by batch in float32 by hooks."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputNorms:
+    """Wanda's ‖X_j‖²: the squared L2 norm of every input feature j over all calibration tokens."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.sq_norms = torch.zeros(features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:  # x: [tokens, features]
+        x = x.float()
+        self.sq_norms += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.sq_norms).all())
+
+
+class Hessian:
+    """SparseGPT's H = 2 XᵀX / n, kept as the running sum XᵀX and the token count n."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.xtx.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.xtx).all())
