@@ -7,8 +7,9 @@ calibration window, and is overwritten in place by the block's outputs when the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+import greenlet
 import torch
 from torch import nn
 
@@ -75,12 +76,23 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             for index, h, args, kwargs in sink:
                 if index == 0:
                     hidden.append(h.to(dtype))
-                block_args[index].append((args, kwargs))
+                block_args[index].append((_cast(args, dtype), _cast(kwargs, dtype)))
             token_masks.append(None if mask is None or bool(mask.all()) else mask.bool())
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
     return BlockStream(torch.cat(hidden), block_args, token_masks, batch_size)
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (position embeddings, additive masks) in the dtype the blocks compute in."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _output(result) -> torch.Tensor:
@@ -113,7 +125,7 @@ def collect_statistics(block: nn.Module, linears: dict[str, nn.Linear], stream: 
     order: list[str] = []
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # keeps inputs alive so ids stay unique
     state = {"mask": None, "stop_after": None}
-    routed = any(type(m).__name__ == "UnfusedExperts" for m in block.modules())
+    routed = has_routed_experts(block)
 
     def hook_for(name: str):
         def hook(module, args):
@@ -157,3 +169,71 @@ def collect_statistics(block: nn.Module, linears: dict[str, nn.Linear], stream: 
             raise PrunelabError(f"non-finite activations (NaN/inf) reach {name} of block {index}; "
                                 "the model's weights or inputs are broken")
     return stats, leader_of
+
+
+def has_routed_experts(block: nn.Module) -> bool:
+    """Routing makes the sequence of linears a batch runs depend on its data."""
+    return any(type(m).__name__ == "UnfusedExperts" for m in block.modules())
+
+
+@torch.no_grad()
+def prune_in_lockstep(block: nn.Module, linears: dict[str, nn.Linear], stream: BlockStream, index: int,
+                      stats_cls, prune_layer: Callable[[str, Any], None]) -> None:
+    """Statistics, pruning and propagation of one block in a single forward pass.
+
+    Every calibration batch runs the block's own forward in a greenlet. At each linear layer a
+    batch adds its input to the layer's statistics and pauses; once all batches wait at the same
+    layer its statistics are complete, `prune_layer` prunes it, and the batches resume, so the
+    layer computes with its pruned weights. Each matmul runs once, later layers see the outputs of
+    already-pruned earlier ones ("true sequential"), and the block's outputs, written back into
+    the stream, are the next block's inputs. It needs every batch to run the same sequence of
+    linears, so blocks with routed experts use the two-pass path instead.
+    """
+    main = greenlet.getcurrent()
+    stats: dict[str, Any] = {}
+    leader_of: dict[str, str] = {}
+    last_input: dict[Any, tuple[torch.Tensor, str]] = {}  # per batch: the input seen last, and its reader
+    token_mask: dict[Any, torch.Tensor | None] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x, me = args[0], greenlet.getcurrent()
+            last = last_input.get(me)
+            if name not in leader_of:  # layers reading the very tensor the previous one read share statistics
+                leader_of[name] = last[1] if last is not None and last[0] is x else name
+            leader = leader_of[name]
+            if leader == name:
+                rows, mask = x.reshape(-1, x.shape[-1]), token_mask[me]
+                if mask is not None and x.shape[:-1] == mask.shape:
+                    rows = rows[mask.reshape(-1)]  # pad tokens carry no information
+                if name not in stats:
+                    stats[name] = stats_cls(x.shape[-1], x.device)
+                stats[name].add(rows)
+                last_input[me] = (x, name)
+            main.switch(name)
+        return hook
+
+    def run_batch(rows: slice, args: tuple, kwargs: dict) -> None:
+        token_mask[greenlet.getcurrent()] = stream.token_masks[rows.start // stream.batch_size]
+        out = _output(block(stream.hidden[rows], *args, **kwargs))
+        stream.hidden[rows] = out
+
+    handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears.items()]
+    try:
+        workers = [greenlet.greenlet(run_batch) for _ in stream.batches()]
+        waiting = [worker.switch(rows, *stream.block_args[index][b]) for worker, (b, rows) in zip(workers, stream.batches())]
+        while any(isinstance(w, str) for w in waiting):
+            if len(set(waiting)) != 1:
+                raise PrunelabError(f"block {index}: calibration batches ran different layers ({sorted(map(str, set(waiting)))})")
+            name = waiting[0]
+            st = stats[leader_of[name]]
+            if not st.is_finite():
+                raise PrunelabError(f"non-finite activations (NaN/inf) reach {name} of block {index}; "
+                                    "the model's weights or inputs are broken")
+            prune_layer(name, st)
+            waiting = [worker.switch() for worker in workers]
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not torch.isfinite(stream.hidden).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave block {index}; the model's weights or inputs are broken")

@@ -1,10 +1,15 @@
 """The sequential pass, read top to bottom like the papers' procedure:
 
     capture the inputs of block 0
-    for each decoder block:
-        accumulate input statistics of its linears (hooks, pad tokens excluded)
-        prune each linear with the criterion and the pattern
-        propagate the pruned block's outputs: they are the next block's inputs
+    for each decoder block, for each of its linears in the order the block runs them:
+        accumulate the statistics of the linear's inputs (hooks, pad tokens excluded)
+        prune it with the criterion and the pattern
+        let it compute with its pruned weights, feeding the next linear
+    the pruned block's outputs are the next block's inputs
+
+All calibration batches advance through a block in lockstep (see `calibration.prune_in_lockstep`),
+so a block costs one forward pass. Blocks with routed experts take two: statistics of the dense
+block, then the pruned block's outputs.
 
 Data-free criteria (magnitude) skip the calibration entirely.
 """
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_block_inputs, collect_statistics, propagate
+from .calibration import capture_block_inputs, collect_statistics, has_routed_experts, prune_in_lockstep, propagate
 from .config import RunConfig
 from .errors import PrunelabError
 from .models.adapters import Adapter
@@ -60,28 +65,32 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
         runner = block if compute_dtype == model_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
         with adapter.prunable_linears(block) as linears, \
                 (adapter.prunable_linears(runner) if runner is not block else nullcontext(linears)) as run_linears:
-            if stream is None:
-                stats, leader_of = {}, {name: name for name in linears}
-            else:
-                stats, leader_of = collect_statistics(runner, run_linears, stream, index, stats_cls)
-            for leader in dict.fromkeys(leader_of.get(name, name) for name in linears):
-                group = [name for name in linears if leader_of.get(name, name) == leader]
-                weights = [linears[name].weight.data for name in group]
-                if stream is not None and leader not in stats:
-                    # No calibration token reached this layer (an expert never routed to): fall back.
-                    pruned, info = magnitude(weights, None, config.sparsity, nm)
+
+            def prune_group(names: list[str], stats) -> None:
+                weights = [linears[name].weight.data for name in names]
+                if stats is None and stats_cls is not None:
+                    # No calibration token reached these layers (an expert never routed to).
+                    pruned, _ = magnitude(weights, None, config.sparsity, nm)
                     info = {"fallback": "magnitude: no calibration tokens reached this layer"}
                 else:
-                    pruned, info = criterion(weights, stats.get(leader), config.sparsity, nm, **options)
-                for name, new_weight in zip(group, pruned):
+                    pruned, info = criterion(weights, stats, config.sparsity, nm, **options)
+                for name, new_weight in zip(names, pruned):
                     linears[name].weight.data.copy_(new_weight)
                     if runner is not block:
                         run_linears[name].weight.data.copy_(new_weight)
-                    tokens = stats[leader].tokens if leader in stats else 0
                     records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
-                                    "group": leader, "tokens": tokens, **info})
-        if stream is not None and index + 1 < len(adapter.blocks):
-            propagate(runner, stream, index, f"block {index}")
+                                    "tokens": stats.tokens if stats is not None else 0, **info})
+
+            if stream is None:  # data-free
+                for name in linears:
+                    prune_group([name], None)
+            elif not has_routed_experts(runner):
+                prune_in_lockstep(runner, run_linears, stream, index, stats_cls, lambda name, st: prune_group([name], st))
+            else:  # routing decides which experts run: gather all statistics, prune, then propagate
+                stats, leader_of = collect_statistics(runner, run_linears, stream, index, stats_cls)
+                for leader in dict.fromkeys(leader_of.get(name, name) for name in linears):
+                    prune_group([n for n in linears if leader_of.get(n, n) == leader], stats.get(leader))
+                if index + 1 < len(adapter.blocks):
+                    propagate(runner, stream, index, f"block {index}")
         del runner
     return records
-

@@ -49,10 +49,14 @@ def load_text(source: str, role: str = "calib") -> str:
 
 
 def check_disjoint(calib: str, evaluation: str) -> None:
-    if evaluation == "none":
+    """Calibration and evaluation text must not be the same text (hub datasets use different splits)."""
+    if evaluation == "none" or calib in HUB:
         return
-    same_local = Path(calib).expanduser().resolve() == Path(evaluation).expanduser().resolve()
-    if calib == evaluation and calib not in HUB or (calib not in EMBEDDED + HUB and same_local):
+    if calib in EMBEDDED or evaluation in EMBEDDED:
+        same = calib == evaluation
+    else:
+        same = Path(calib).expanduser().resolve() == Path(evaluation).expanduser().resolve()
+    if same:
         raise PrunelabError(f"calibration and evaluation text must be disjoint; both are {calib!r}")
 
 

@@ -41,11 +41,14 @@ def sparsegpt(weights: list[torch.Tensor], stats: Hessian, sparsity: float, nm: 
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
     segments = list(zip(bounds[:-1], bounds[1:]))
     cols = W.shape[1]
-    H = stats.matrix.to(W.device)
-    dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter
-    H[dead, dead] = 1
+    if damp not in stats.solved:
+        H = stats.matrix
+        dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter
+        H[dead, dead] = 1
+        stats.solved[damp] = (dead, *inverse_cholesky(H, damp))
+    dead, Hinv, damp_used, retries = stats.solved[damp]
+    dead, Hinv = dead.to(W.device), Hinv.to(W.device)
     W[:, dead] = 0
-    Hinv, damp_used, retries = inverse_cholesky(H, damp)
     if nm is not None:  # N:M groups must not straddle column blocks
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
 

@@ -27,6 +27,7 @@ class Hessian:
     def __init__(self, features: int, device: torch.device):
         self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.solved: dict = {}  # SparseGPT's factorisation, shared by the layers reading this input
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import UnfusedExperts, find_adapter
+from tiny import FAMILIES, random_ids, tiny_model
+
+EXPECTED = {  # family -> (adapter family, prunable tensors per block)
+    "llama": ("llama", 7), "qwen3": ("llama", 7), "gemma3": ("llama", 7), "opt": ("opt", 6),
+    "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
+    "mixtral": ("llama", 4 + 2),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_finds_blocks_and_prunable_weights(family):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    name, per_block = EXPECTED[family]
+    assert adapter.family == name
+    assert len(adapter.blocks) == model.config.num_hidden_layers
+    weights = adapter.prunable_weights()
+    assert len(weights) == per_block * len(adapter.blocks)
+    state = model.state_dict()
+    for key, tensor in weights.items():  # names are the saved tensors' names
+        assert key in state and state[key].shape == tensor.shape
+    assert not any("embed" in k or "lm_head" in k or k.endswith("gate.weight") or "shared_expert_gate" in k for k in weights)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_unfused_expert_views_compute_the_same_block_and_write_through(family):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    block = adapter.blocks[0]
+    x = torch.randn(2, 8, model.config.hidden_size)
+    moe = block.mlp
+    fused_out = moe(x)
+    with adapter.prunable_linears(block) as linears:
+        assert isinstance(moe.experts, UnfusedExperts)
+        experts = [n for n in linears if ".experts." in n]
+        assert len(experts) == 3 * 4  # gate, up, down of each of 4 experts
+        torch.testing.assert_close(moe(x), fused_out, rtol=1e-5, atol=1e-6)
+        linears["mlp.experts.down_proj.2"].weight.data.zero_()
+    assert not isinstance(moe.experts, UnfusedExperts)
+    assert (moe.experts.down_proj[2] == 0).all() and (moe.experts.down_proj[1] != 0).any()
+
+
+def test_unknown_architecture_names_what_is_missing():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = nn.Linear(8, 8)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    with pytest.raises(PrunelabError, match=r"unsupported architecture: block Block has children \[mixer\].*q,k,v"):
+        find_adapter(Odd())
+
+
+def test_model_without_block_list_is_rejected():
+    with pytest.raises(PrunelabError, match="no list of decoder blocks"):
+        find_adapter(nn.Sequential(nn.Linear(4, 4)))

@@ -1,0 +1,81 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prunelab.data.sources import check_disjoint, english_articles, load_text, squad_contexts
+from prunelab.data.windows import calibration_windows, evaluation_windows, tokenize
+from prunelab.errors import PrunelabError
+
+
+def test_local_text_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("one two\nthree")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    pq.write_table(pa.table({"text": ["alpha", "beta"]}), tmp_path / "c.parquet")
+    assert load_text(str(tmp_path / "a.txt")) == "one two\nthree"
+    assert load_text(str(tmp_path / "b.jsonl")) == "first doc\n\nsecond"
+    assert load_text(str(tmp_path / "c.parquet")) == "alpha\n\nbeta"
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    with pytest.raises(PrunelabError, match="unknown text source"):
+        load_text(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(PrunelabError, match="is empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"content": 1}\n')
+    with pytest.raises(PrunelabError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        load_text(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(PrunelabError, match="unsupported text file type"):
+        load_text(str(tmp_path / "x.csv"))
+
+
+def test_embedded_extractors_on_files_of_the_same_format(tmp_path):
+    task = {"examples": [
+        {"input": "The cat sat on the mat.\nIt was a sunny day in the town of Bath."},
+        {"input": "Der Hund schläft im Garten.\nEr ist sehr müde."},
+    ]}
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    assert english_articles(tmp_path / "task.json") == task["examples"][0]["input"]
+    squad = {"data": [{"paragraphs": [{"context": " First passage. "}, {"context": "Second."}]}]}
+    (tmp_path / "nyt.json").write_text(json.dumps(squad))
+    assert squad_contexts(tmp_path / "nyt.json") == ["First passage.", "Second."]
+
+
+def test_calibration_windows_are_seeded_and_recorded(tokenizer):
+    text = "the river and the mill " * 200
+    a, info_a = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
+    b, info_b = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
+    c, _ = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=4)
+    assert a.shape == (5, 16) and a.equal(b) and info_a == info_b and not a.equal(c)
+    ids = tokenize(tokenizer, text)
+    for row, start in zip(a, info_a["starts"]):
+        assert row.equal(ids[start:start + 16])
+
+
+def test_too_short_calibration_text_is_rejected(tokenizer):
+    with pytest.raises(PrunelabError, match="calibration text too short: \\d+ tokens, need more than seqlen=512"):
+        calibration_windows(tokenizer, "only a few words", samples=4, seqlen=512, seed=0)
+
+
+def test_evaluation_windows_are_the_prefix_of_the_full_tokenisation(tokenizer):
+    text = "In the evening the lights of the town shine on the water. " * 300
+    windows = evaluation_windows(tokenizer, text, seqlen=32, max_windows=5)
+    full = tokenize(tokenizer, text)
+    assert windows.shape == (5, 32) and windows.flatten().equal(full[:160])
+    all_windows = evaluation_windows(tokenizer, text, seqlen=32)
+    assert all_windows.shape[0] == len(full) // 32
+
+
+def test_calibration_and_evaluation_must_be_disjoint(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("x")
+    with pytest.raises(PrunelabError, match="must be disjoint"):
+        check_disjoint(str(f), str(f))
+    with pytest.raises(PrunelabError, match="must be disjoint"):
+        check_disjoint("wiki", "wiki")
+    check_disjoint("wikitext2", "wikitext2")  # train vs test split
+    check_disjoint("web", "wiki")
+    check_disjoint("wiki", "none")

@@ -1,0 +1,152 @@
+"""The whole job on a tiny saved model: save, reload with plain transformers, report, bad input."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import prunelab
+from prunelab.cli import app
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+
+runner = CliRunner()
+
+
+def job(tiny_dir, texts, out, **overrides):
+    calib, evaluation = texts
+    values = dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
+                  eval_seqlen=32, eval_windows=4, batch_size=4, out=str(out))
+    values.update(overrides)
+    return prunelab.run(values, progress=False)
+
+
+def test_saved_model_reloads_with_same_logits_and_mask(tiny_dir, texts, tmp_path):
+    out = tmp_path / "pruned"
+    report = job(tiny_dir, texts, out, method="sparsegpt")
+    assert {"REPORT.md", "config.json", "model.safetensors", "prunelab.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 200, (2, 24))
+    saved = json.loads((out / "prunelab.json").read_text())
+    weights = find_adapter(reloaded).prunable_weights()
+    assert set(weights) == set(saved["sparsity"]["layers"])
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == saved["sparsity"]["layers"][name]["zeros"]
+        assert (w == 0).float().mean() == pytest.approx(0.5)
+    assert saved["sparsity"]["measured_on"] == "saved safetensors"
+    assert saved["metrics"]["pruned"]["perplexity"] > 1
+    assert len(saved["data"]["calibration"]["starts"]) == 8 and saved["config"]["seed"] == 0
+    assert report["metrics"] == saved["metrics"]
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(ids).logits).all()
+
+
+def test_reload_gives_identical_logits(tiny_dir, texts, tmp_path, monkeypatch):
+    import prunelab.job
+
+    kept = {}
+    real_save = prunelab.job.save
+
+    def save_and_keep(model, *args, **kwargs):
+        kept["model"] = model
+        return real_save(model, *args, **kwargs)
+
+    monkeypatch.setattr(prunelab.job, "save", save_and_keep)
+    out = tmp_path / "saved"
+    job(tiny_dir, texts, out, method="wanda", pattern="2:4", eval="none")
+    model, reloaded = kept["model"], AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 200, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    for (name, a), b in zip(find_adapter(model).prunable_weights().items(), find_adapter(reloaded).prunable_weights().values()):
+        assert torch.equal(a == 0, b == 0), name
+
+
+def test_existing_output_folder_is_refused_and_untouched(tiny_dir, texts, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PrunelabError, match="output folder already exists"):
+        job(tiny_dir, texts, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    job(tiny_dir, texts, out, overwrite=True, eval="none")
+    assert (out / "prunelab.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, monkeypatch):
+    import prunelab.report
+
+    def broken(report, folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prunelab.report, "write", broken)
+    with pytest.raises(OSError):
+        job(tiny_dir, texts, tmp_path / "out", eval="none")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1), got 1.0"),
+    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["--pattern", "4:2"], "pattern N:M needs 0 < N < M"),
+    (["--pattern", "2-4"], "pattern must look like N:M"),
+    (["--method", "random"], "unknown method 'random'"),
+    (["--model", "/no/such/model"], "not a model folder (no config.json): /no/such/model"),
+    (["--model", "/no/such/model.gguf"], "model file not found"),
+    (["--calib", "missing.txt"], "unknown text source"),
+    (["--samples", "0"], "samples must be a positive integer"),
+])
+def test_cli_bad_input_gives_one_line_error(args, message, tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    base = ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "4",
+            "--seqlen", "16", "--out", str(tmp_path / "o")]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_too_short_calibration_and_empty_text(tiny_dir, texts, tmp_path):
+    short, empty = tmp_path / "short.txt", tmp_path / "empty.txt"
+    short.write_text("a few words only")
+    empty.write_text("")
+    for calib, message in [(short, "calibration text too short"), (empty, "is empty")]:
+        result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(texts[1]),
+                                     "--seqlen", "64", "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and message in result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_config_file_yaml_and_toml_with_cli_override(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    settings = dict(model=str(tiny_dir), calib=str(calib), eval="none", samples=4, seqlen=16, method="magnitude",
+                    sparsity=0.3, sparsegpt={"damp": 0.05})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    toml = "\n".join(f'{k} = {json.dumps(v)}' for k, v in settings.items() if k != "sparsegpt") + "\n[sparsegpt]\ndamp = 0.05\n"
+    (tmp_path / "run.toml").write_text(toml)
+    for name in ("run.yaml", "run.toml"):
+        out = tmp_path / f"out-{name}"
+        result = runner.invoke(app, ["run", "--config", str(tmp_path / name), "--sparsity", "0.4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "prunelab.json").read_text())
+        assert saved["config"]["sparsity"] == 0.4 and saved["config"]["method"] == "magnitude"
+        assert saved["config"]["sparsegpt"]["damp"] == 0.05
+        assert saved["sparsity"]["sparsity"] == pytest.approx(0.4, abs=0.01)
+
+
+def test_config_file_with_unknown_key_is_rejected(tmp_path):
+    (tmp_path / "bad.yaml").write_text("sparsty: 0.5\n")
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2 and "unknown config key(s): sparsty" in result.output
+
+
+def test_eval_command_reports_perplexity_and_sparsity(tiny_dir, texts):
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--eval", str(texts[1]), "--eval-seqlen", "32",
+                                 "--eval-windows", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    assert payload["windows"] == 3 and payload["perplexity"] > 1 and payload["sparsity"] < 0.01

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+import prunelab
+from prunelab.calibration import capture_block_inputs, propagate
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+from tiny import FAMILIES, random_ids, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_stream_reproduces_the_models_own_hidden_states(family):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    ids = random_ids(6, 16)
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True).hidden_states
+    stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
+    torch.testing.assert_close(stream.hidden, reference[0])
+    for i in range(len(adapter.blocks) - 1):
+        propagate(adapter.blocks[i], stream, i, f"block {i}")
+        torch.testing.assert_close(stream.hidden, reference[i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
+    model = tiny_model(family)
+    result = prunelab.prune(model, calibration=random_ids(8, 32), method=method, sparsity=0.5, batch_size=4, progress=False)
+    for name, entry in result["sparsity"]["layers"].items():
+        assert entry["sparsity"] == pytest.approx(0.5, abs=1e-9), name
+    if method != "magnitude":
+        assert all(r["tokens"] > 0 or "fallback" in r for r in result["layers"])
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(2, 16)).logits).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_two_four_pattern_holds_in_every_row_group(method):
+    model = tiny_model("qwen2_moe")
+    prunelab.prune(model, calibration=random_ids(8, 32), method=method, pattern="2:4", progress=False)
+    for name, w in find_adapter(model).prunable_weights().items():
+        groups = (w != 0).reshape(*w.shape[:-1], w.shape[-1] // 4, 4).sum(-1)
+        assert (groups <= 2).all(), name
+        assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01), name
+
+
+def test_wanda_rows_lose_the_same_fraction():
+    model = tiny_model("llama")
+    prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.25, progress=False)
+    for name, w in find_adapter(model).prunable_weights().items():
+        assert ((w == 0).sum(1) == w.shape[1] // 4).all(), name
+
+
+def test_statistics_come_from_the_pruned_stream_sequentially():
+    ids = random_ids(8, 32)
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    prunelab.prune(model, calibration=ids, method="wanda", sparsity=0.6, progress=False)
+    # Expected mask of block 1's q_proj: Wanda scores from inputs that went through the *pruned* block 0.
+    reference.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    with torch.no_grad():
+        block1_input = reference(ids, output_hidden_states=True).hidden_states[1]
+        x = reference.model.layers[1].input_layernorm(block1_input).reshape(-1, 64)
+    w = reference.model.layers[1].self_attn.q_proj.weight
+    expected = (w.abs() * x.norm(dim=0)).argsort(dim=1, stable=True)[:, : int(64 * 0.6)]
+    pruned = model.model.layers[1].self_attn.q_proj.weight
+    assert (pruned.gather(1, expected) == 0).all() and ((pruned == 0).sum(1) == int(64 * 0.6)).all()
+
+
+def test_pad_tokens_are_excluded_from_statistics():
+    model = tiny_model("llama")
+    ids = random_ids(4, 16)
+    mask = torch.ones_like(ids)
+    mask[:, :6] = 0  # left padding
+    result = prunelab.prune(model, calibration=ids, attention_mask=mask, method="wanda", progress=False)
+    assert {r["tokens"] for r in result["layers"]} == {4 * 10}
+
+
+def test_bfloat16_forward_passes_keep_float32_weights_and_exact_sparsity():
+    model = tiny_model("llama")
+    result = prunelab.prune(model, calibration=random_ids(), method="sparsegpt", dtype="bfloat16", progress=False)
+    assert next(model.parameters()).dtype == torch.float32
+    assert result["sparsity"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_nan_activations_raise_a_clear_error():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PrunelabError, match="non-finite activations"):
+        prunelab.prune(model, calibration=random_ids(), method="wanda", progress=False)
+
+
+def test_pattern_that_does_not_divide_a_layer_fails_before_touching_weights():
+    model = tiny_model("llama")  # hidden 64, intermediate 128: 7 divides neither
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match=r"3:7 does not divide layer 0\.self_attn\.q_proj: 64 inputs"):
+        prunelab.prune(model, calibration=random_ids(), method="wanda", pattern="3:7", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_never_routed_expert_falls_back_to_magnitude():
+    model = tiny_model("mixtral")  # 4 experts, 2 per token: one token leaves two experts unused per block
+    result = prunelab.prune(model, calibration=random_ids(1, 1), method="sparsegpt", progress=False)
+    assert any("fallback" in r for r in result["layers"])
+    assert result["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-6)

@@ -1,0 +1,39 @@
+"""Tiny random models of each supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+VOCAB = 256
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", dict(_COMMON, head_dim=16, sliding_window=8,
+                                         layer_types=["sliding_attention", "full_attention"])),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                         num_experts=4, num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
+}
+FAMILIES = list(CONFIGS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    class_name, kwargs = CONFIGS[family]
+    config = getattr(transformers, class_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def random_ids(samples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
