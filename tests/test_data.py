@@ -3,6 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from prunelab.data.sources import check_disjoint, english_articles, load_text, squad_contexts
 from prunelab.data.windows import calibration_windows, evaluation_windows, tokenize
@@ -79,3 +80,12 @@ def test_calibration_and_evaluation_must_be_disjoint(tmp_path):
     check_disjoint("wikitext2", "wikitext2")  # train vs test split
     check_disjoint("web", "wiki")
     check_disjoint("wiki", "none")
+
+
+def test_long_texts_are_tokenised_in_pieces_identically(tokenizer, monkeypatch):
+    import prunelab.data.windows as windows
+
+    text = "\n\n".join(f"Document {i}. The river flows past the mill.\nIt rains." for i in range(200))
+    whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(windows, "PIECE_CHARS", 300)
+    assert tokenize(tokenizer, text).equal(whole)

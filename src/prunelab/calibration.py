@@ -23,9 +23,9 @@ class _Stop(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder block: records the arguments it is called with, returns its input."""
 
-    def __init__(self, block: nn.Module, index: int, sink: list):
+    def __init__(self, block: nn.Module, index: int, sink: list, last: bool):
         super().__init__()
-        self.block, self.index, self.sink = block, index, sink
+        self.block, self.index, self.sink, self.last = block, index, sink, last
 
     def __getattr__(self, name):  # model loops may read attributes of their layers
         try:
@@ -35,6 +35,8 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((self.index, hidden_states, args, kwargs))
+        if self.last:  # the final norm and LM head would only cost time and memory
+            raise _Stop
         return hidden_states
 
 
@@ -62,14 +64,17 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     originals = list(blocks)
     sink: list = []
     for i, block in enumerate(originals):
-        blocks[i] = _Recorder(block, i, sink)
+        blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
     hidden, block_args, token_masks = [], [[] for _ in originals], []
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(device)
             mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
             sink.clear()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
             seen = {index for index, *_ in sink}
             if seen != set(range(len(originals))):
                 raise PrunelabError(f"the model's forward did not call every decoder block (called {sorted(seen)})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import time
 from contextlib import contextmanager
@@ -11,6 +13,15 @@ import torch
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and it counts as resident)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> bool:

@@ -7,10 +7,23 @@ import torch
 from ..errors import PrunelabError
 
 
+PIECE_CHARS = 1 << 20
+
+
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of `text` without special tokens; with `max_tokens`, only a prefix is tokenised."""
+    """Token ids of `text` without special tokens; with `max_tokens`, only a prefix is tokenised.
+
+    Long texts are tokenised in pieces that start at a blank line (where no token can straddle),
+    which bounds the tokenizer's transient memory to that of one piece.
+    """
     if max_tokens is None:
-        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        pieces, start = [], 0
+        while start < len(text):
+            cut = text.find("\n\n", start + PIECE_CHARS)
+            cut = len(text) if cut < 0 else cut
+            pieces.append(torch.tensor(tokenizer(text[start:cut], add_special_tokens=False)["input_ids"], dtype=torch.long))
+            start = cut
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     chars = max_tokens * 6
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
