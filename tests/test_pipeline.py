@@ -18,8 +18,22 @@ def test_block_stream_reproduces_the_models_own_hidden_states(family):
     stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
     torch.testing.assert_close(stream.hidden, reference[0])
     for i in range(len(adapter.blocks) - 1):
-        propagate(adapter.blocks[i], stream, i, f"block {i}")
+        attention, mlp = adapter.halves(adapter.blocks[i])
+        propagate(attention, stream, i)
+        propagate(mlp, stream, i)
         torch.testing.assert_close(stream.hidden, reference[i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_halves_partition_the_prunable_linears(family):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    for block in adapter.blocks:
+        with adapter.prunable_linears(block) as linears:
+            halves = adapter.halves(block)
+            owners = {name: [h.name for h in halves if h.owns(m)] for name, m in linears.items()}
+            assert all(len(o) == 1 for o in owners.values()), owners
+            assert {o[0] for o in owners.values()} == {"attention", "mlp"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import PrunelabError
+from .models.adapters import Half
 
 
 class _Stop(Exception):
@@ -43,7 +44,7 @@ class _Recorder(nn.Module):
 @dataclass
 class BlockStream:
     hidden: torch.Tensor  # [windows, seqlen, hidden] inputs of the current block
-    block_args: list[list[tuple[tuple, dict[str, Any]]]]  # [block][batch] -> (args, kwargs)
+    block_kwargs: list[list[dict[str, Any]]]  # [block][batch] -> keyword arguments the model passed
     token_masks: list[torch.Tensor | None]  # [batch] -> [b, seqlen] bool, False at pad tokens
     batch_size: int
 
@@ -65,7 +66,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     sink: list = []
     for i, block in enumerate(originals):
         blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
-    hidden, block_args, token_masks = [], [[] for _ in originals], []
+    hidden, block_kwargs, token_masks = [], [[] for _ in originals], []
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(device)
@@ -79,14 +80,16 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             if seen != set(range(len(originals))):
                 raise PrunelabError(f"the model's forward did not call every decoder block (called {sorted(seen)})")
             for index, h, args, kwargs in sink:
+                if args:
+                    raise PrunelabError(f"unsupported model: it passes positional arguments to its decoder blocks ({len(args)})")
                 if index == 0:
                     hidden.append(h.to(dtype))
-                block_args[index].append((_cast(args, dtype), _cast(kwargs, dtype)))
+                block_kwargs[index].append(_cast(kwargs, dtype))
             token_masks.append(None if mask is None or bool(mask.all()) else mask.bool())
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return BlockStream(torch.cat(hidden), block_args, token_masks, batch_size)
+    return BlockStream(torch.cat(hidden), block_kwargs, token_masks, batch_size)
 
 
 def _cast(value, dtype: torch.dtype):
@@ -100,145 +103,167 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The input as [tokens, features], pad tokens left out where the input is per token."""
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None and x.shape[:-1] == mask.shape:
+        rows = rows[mask.reshape(-1)]
+    return rows
 
 
-@torch.no_grad()
-def propagate(block: nn.Module, stream: BlockStream, index: int, name: str) -> None:
-    """Replace the stream's hidden states by `block`'s outputs, batch by batch, in place."""
-    for b, rows in stream.batches():
-        args, kwargs = stream.block_args[index][b]
-        out = _output(block(stream.hidden[rows], *args, **kwargs))
-        stream.hidden[rows] = out
-    if not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave {name}; the model's weights or inputs are broken")
-
-
-@torch.no_grad()
-def collect_statistics(block: nn.Module, linears: dict[str, nn.Linear], stream: BlockStream, index: int,
-                       stats_cls) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run the block over the stream, accumulating `stats_cls` of every linear's inputs.
-
-    Linears that read the very same input tensor (q/k/v, gate/up) share one statistics object;
-    returns ({leader: stats}, {linear: leader}). Once the first batch has shown the call order, the
-    pass stops at the last linear's input: the block's output is not needed here. Blocks with
-    routed experts run to the end, since routing changes which linear comes last.
-    """
-    stats: dict[str, Any] = {}
-    leader_of: dict[str, str] = {}
-    order: list[str] = []
-    seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # keeps inputs alive so ids stay unique
-    state = {"mask": None, "stop_after": None}
-    routed = has_routed_experts(block)
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0]
-            if id(x) in seen_inputs:
-                leader_of.setdefault(name, seen_inputs[id(x)][1])
-            else:
-                seen_inputs[id(x)] = (x, name)
-                leader_of.setdefault(name, name)
-            if name not in order:
-                order.append(name)
-            if leader_of[name] == name:
-                rows = x.reshape(-1, x.shape[-1])
-                mask = state["mask"]
-                if mask is not None and x.shape[:-1] == mask.shape:
-                    rows = rows[mask.reshape(-1)]  # pad tokens carry no information
-                if name not in stats:
-                    stats[name] = stats_cls(x.shape[-1], x.device)
-                stats[name].add(rows)
-            if name == state["stop_after"]:
-                raise _Stop
-        return hook
-
-    handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears.items()]
-    try:
-        for b, rows in stream.batches():
-            args, kwargs = stream.block_args[index][b]
-            state["mask"] = stream.token_masks[b]
-            try:
-                block(stream.hidden[rows], *args, **kwargs)
-            except _Stop:
-                pass
-            seen_inputs.clear()
-            if b == 0 and not routed and order:
-                state["stop_after"] = order[-1]
-    finally:
-        for handle in handles:
-            handle.remove()
+def _check_finite(stats: dict[str, Any], index: int) -> None:
     for name, st in stats.items():
         if not st.is_finite():
             raise PrunelabError(f"non-finite activations (NaN/inf) reach {name} of block {index}; "
                                 "the model's weights or inputs are broken")
-    return stats, leader_of
-
-
-def has_routed_experts(block: nn.Module) -> bool:
-    """Routing makes the sequence of linears a batch runs depend on its data."""
-    return any(type(m).__name__ == "UnfusedExperts" for m in block.modules())
 
 
 @torch.no_grad()
-def prune_in_lockstep(block: nn.Module, linears: dict[str, nn.Linear], stream: BlockStream, index: int,
-                      stats_cls, prune_layer: Callable[[str, Any], None]) -> None:
-    """Statistics, pruning and propagation of one block in a single forward pass.
+def propagate(half: Half, stream: BlockStream, index: int) -> None:
+    """Replace the stream's hidden states by the half's outputs, batch by batch, in place."""
+    for b, rows in stream.batches():
+        stream.hidden[rows] = half(stream.hidden[rows], stream.block_kwargs[index][b])
+    if not torch.isfinite(stream.hidden).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
+                            "the model's weights or inputs are broken")
 
-    Every calibration batch runs the block's own forward in a greenlet. At each linear layer a
-    batch adds its input to the layer's statistics and pauses; once all batches wait at the same
-    layer its statistics are complete, `prune_layer` prunes it, and the batches resume, so the
-    layer computes with its pruned weights. Each matmul runs once, later layers see the outputs of
-    already-pruned earlier ones ("true sequential"), and the block's outputs, written back into
-    the stream, are the next block's inputs. It needs every batch to run the same sequence of
-    linears, so blocks with routed experts use the two-pass path instead.
+
+@torch.no_grad()
+def share_inputs(half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int) -> dict[str, str]:
+    """Which linears read the very same tensor (q/k/v, gate/up): {linear: the first of its group}.
+
+    Found by running the half on the first batch; such groups share statistics and are pruned together.
     """
-    main = greenlet.getcurrent()
-    stats: dict[str, Any] = {}
     leader_of: dict[str, str] = {}
-    last_input: dict[Any, tuple[torch.Tensor, str]] = {}  # per batch: the input seen last, and its reader
-    token_mask: dict[Any, torch.Tensor | None] = {}
+    last: list = [None, None]  # the input seen last (kept alive, so its id stays unique) and its reader
 
     def hook_for(name: str):
         def hook(module, args):
-            x, me = args[0], greenlet.getcurrent()
-            last = last_input.get(me)
-            if name not in leader_of:  # layers reading the very tensor the previous one read share statistics
-                leader_of[name] = last[1] if last is not None and last[0] is x else name
-            leader = leader_of[name]
+            x = args[0]
+            leader_of.setdefault(name, last[1] if last[0] is x else name)
+            last[:] = [x, leader_of[name]]
+            if module is half.writer:
+                raise _Stop
+        return hook
+
+    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
+    try:
+        half.run(stream.hidden[: stream.batch_size], stream.block_kwargs[index][0])
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in linears:  # a linear the first batch never ran (an idle expert) stands alone
+        leader_of.setdefault(name, name)
+    return leader_of
+
+
+@torch.no_grad()
+def collect_statistics(half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int,
+                       stats_cls) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run the half over the whole stream, accumulating `stats_cls` of every linear's input.
+
+    Used where routing decides which linears run (experts), so batches cannot advance in
+    lockstep: all statistics come from the unpruned half, which is then pruned and propagated
+    (two passes). Returns ({leader: stats}, {linear: leader}), leaders as in `share_inputs`.
+    """
+    stats: dict[str, Any] = {}
+    leader_of: dict[str, str] = {}
+    state: dict[str, Any] = {"mask": None, "last": (None, None)}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            last_x, last_reader = state["last"]
+            leader = leader_of.setdefault(name, last_reader if last_x is x else name)
             if leader == name:
-                rows, mask = x.reshape(-1, x.shape[-1]), token_mask[me]
-                if mask is not None and x.shape[:-1] == mask.shape:
-                    rows = rows[mask.reshape(-1)]  # pad tokens carry no information
                 if name not in stats:
                     stats[name] = stats_cls(x.shape[-1], x.device)
-                stats[name].add(rows)
-                last_input[me] = (x, name)
+                stats[name].add(_rows(x, state["mask"]))
+            state["last"] = (x, leader)
+        return hook
+
+    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
+    try:
+        for b, rows in stream.batches():
+            state["mask"] = stream.token_masks[b]
+            half.run(stream.hidden[rows], stream.block_kwargs[index][b])
+            state["last"] = (None, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _check_finite(stats, index)
+    for name in linears:
+        leader_of.setdefault(name, name)
+    return stats, leader_of
+
+
+@torch.no_grad()
+def prune_half_in_lockstep(half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int, stats_cls,
+                           leader_of: dict[str, str], prune_group: Callable[[list[str], Any], None],
+                           need_output: bool = True) -> None:
+    """Statistics, pruning and propagation of one half-block in a single forward pass.
+
+    Every calibration batch runs the half in a greenlet. At the first linear of each group a batch
+    adds its input to the group's statistics and pauses; once all batches wait there, the
+    statistics are complete, `prune_group` prunes the group, and the batches resume, so it
+    computes with its pruned weights and later linears see pruned inputs ("true sequential").
+    At the residual-writing linear (o_proj, down_proj) each batch leaves its input and stops,
+    which frees everything else the batch held; once that linear is pruned it is applied to the
+    kept inputs and the results are added to the residual stream. Each matmul runs once.
+    """
+    main = greenlet.getcurrent()
+    writer = next(n for n, m in linears.items() if m is half.writer)
+    stop_at = leader_of[writer]
+    stats: dict[str, Any] = {}
+    writer_inputs: dict[int, torch.Tensor] = {}
+    batch_of: dict[Any, int] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            if leader_of[name] != name:
+                return  # pruned with its leader, which read the same tensor
+            x, b = args[0], batch_of[greenlet.getcurrent()]
+            if name not in stats:
+                stats[name] = stats_cls(x.shape[-1], x.device)
+            stats[name].add(_rows(x, stream.token_masks[b]))
+            if name == stop_at:
+                writer_inputs[b] = x
+                raise _Stop
             main.switch(name)
         return hook
 
-    def run_batch(rows: slice, args: tuple, kwargs: dict) -> None:
-        token_mask[greenlet.getcurrent()] = stream.token_masks[rows.start // stream.batch_size]
-        out = _output(block(stream.hidden[rows], *args, **kwargs))
-        stream.hidden[rows] = out
+    def run_batch(b: int, rows: slice) -> str:
+        batch_of[greenlet.getcurrent()] = b
+        try:
+            half.run(stream.hidden[rows], stream.block_kwargs[index][b])
+        except _Stop:
+            return "stopped"
+        raise PrunelabError(f"the {half.name} of block {index} returned without running its output projection {writer}")
 
-    handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears.items()]
+    def prune(name: str) -> None:
+        _check_finite({name: stats[name]}, index)
+        prune_group([n for n in linears if leader_of[n] == name], stats[name])
+
+    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
     try:
         workers = [greenlet.greenlet(run_batch) for _ in stream.batches()]
-        waiting = [worker.switch(rows, *stream.block_args[index][b]) for worker, (b, rows) in zip(workers, stream.batches())]
-        while any(isinstance(w, str) for w in waiting):
+        waiting = [worker.switch(b, rows) for worker, (b, rows) in zip(workers, stream.batches())]
+        while waiting[0] != "stopped":
             if len(set(waiting)) != 1:
-                raise PrunelabError(f"block {index}: calibration batches ran different layers ({sorted(map(str, set(waiting)))})")
-            name = waiting[0]
-            st = stats[leader_of[name]]
-            if not st.is_finite():
-                raise PrunelabError(f"non-finite activations (NaN/inf) reach {name} of block {index}; "
-                                    "the model's weights or inputs are broken")
-            prune_layer(name, st)
+                raise PrunelabError(f"block {index}: calibration batches ran different layers ({sorted(set(waiting))})")
+            prune(waiting[0])
             waiting = [worker.switch() for worker in workers]
     finally:
         for handle in handles:
             handle.remove()
-    if not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave block {index}; the model's weights or inputs are broken")
+    prune(stop_at)
+    for b, rows in stream.batches():
+        x = writer_inputs.pop(b)
+        if need_output:
+            stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(x))
+        del x
+    if need_output and not torch.isfinite(stream.hidden).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
+                            "the model's weights or inputs are broken")

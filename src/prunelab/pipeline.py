@@ -1,15 +1,16 @@
 """The sequential pass, read top to bottom like the papers' procedure:
 
     capture the inputs of block 0
-    for each decoder block, for each of its linears in the order the block runs them:
-        accumulate the statistics of the linear's inputs (hooks, pad tokens excluded)
-        prune it with the criterion and the pattern
-        let it compute with its pruned weights, feeding the next linear
-    the pruned block's outputs are the next block's inputs
+    for each decoder block, for its attention half then its MLP half,
+        for each linear in the order the half runs them:
+            accumulate the statistics of the linear's inputs (hooks, pad tokens excluded)
+            prune it with the criterion and the pattern
+            let it compute with its pruned weights, feeding the next linear
+        the half's outputs (residual stream) are the next half's inputs
 
-All calibration batches advance through a block in lockstep (see `calibration.prune_in_lockstep`),
-so a block costs one forward pass. Blocks with routed experts take two: statistics of the dense
-block, then the pruned block's outputs.
+All calibration batches advance through a half in lockstep (`calibration.prune_half_in_lockstep`),
+so a block costs one forward pass. Halves with routed experts take two: statistics of the
+unpruned half, then the pruned half's outputs.
 
 Data-free criteria (magnitude) skip the calibration entirely.
 """
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_block_inputs, collect_statistics, has_routed_experts, prune_in_lockstep, propagate
+from .calibration import capture_block_inputs, collect_statistics, propagate, prune_half_in_lockstep, share_inputs
 from .config import RunConfig
 from .errors import PrunelabError
 from .models.adapters import Adapter
+from .measure import release_memory
 from .models.loading import torch_dtype
 from .prune import CRITERIA, magnitude
 
@@ -53,6 +55,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     compute_dtype = torch_dtype(config.dtype)
     model_dtype = next(model.parameters()).dtype
     records: list[dict] = []
+    group_cache: dict[tuple[str, ...], dict[str, str]] = {}  # blocks of one structure share groups
     stream = None
     if stats_cls is not None:
         if input_ids is None:
@@ -84,13 +87,23 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
             if stream is None:  # data-free
                 for name in linears:
                     prune_group([name], None)
-            elif not has_routed_experts(runner):
-                prune_in_lockstep(runner, run_linears, stream, index, stats_cls, lambda name, st: prune_group([name], st))
-            else:  # routing decides which experts run: gather all statistics, prune, then propagate
-                stats, leader_of = collect_statistics(runner, run_linears, stream, index, stats_cls)
-                for leader in dict.fromkeys(leader_of.get(name, name) for name in linears):
-                    prune_group([n for n in linears if leader_of.get(n, n) == leader], stats.get(leader))
-                if index + 1 < len(adapter.blocks):
-                    propagate(runner, stream, index, f"block {index}")
+            halves = adapter.halves(runner) if stream is not None else ()
+            orphans = [n for n, m in run_linears.items() if halves and not any(h.owns(m) for h in halves)]
+            if orphans:
+                raise PrunelabError(f"{adapter.family} adapter: block {index} has linears in neither half: {orphans}")
+            for part, half in enumerate(halves):
+                members = {n: m for n, m in run_linears.items() if half.owns(m)}
+                last = index + 1 == len(adapter.blocks) and part == 1
+                if half.writer is not None:
+                    groups = group_cache.get(tuple(members)) or share_inputs(half, members, stream, index)
+                    group_cache[tuple(members)] = groups
+                    prune_half_in_lockstep(half, members, stream, index, stats_cls, groups, prune_group, need_output=not last)
+                else:  # routing decides which experts run: all statistics first, then prune, then propagate
+                    stats, leader_of = collect_statistics(half, members, stream, index, stats_cls)
+                    for leader in dict.fromkeys(leader_of.values()):
+                        prune_group([n for n in members if leader_of[n] == leader], stats.get(leader))
+                    if not last:
+                        propagate(half, stream, index)
         del runner
+        release_memory()  # freed activations would otherwise fragment the heap and inflate RSS block after block
     return records

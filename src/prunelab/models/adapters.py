@@ -8,7 +8,8 @@ the block (which child modules and projections exist), never by the model's name
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import ClassVar, Iterator
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,33 @@ from ..errors import PrunelabError
 
 def _has(module: nn.Module | None, *names: str) -> bool:
     return module is not None and all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+
+
+@dataclass
+class Half:
+    """The attention or MLP half of a decoder block, as the residual stream sees it.
+
+    `run(h, kwargs)` computes the half's branch up to and including its residual-writing linear
+    (`writer`, whose output it returns); `finish(h, y)` adds that output `y` to the residual
+    stream (with any norm the architecture applies), giving the half's output. A half whose
+    linears depend on routing (experts) has no single writer: `writer` is None.
+    """
+
+    name: str
+    modules: tuple[nn.Module, ...]  # the linears inside these modules belong to this half
+    run: Callable[[torch.Tensor, dict], torch.Tensor]
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    writer: nn.Module | None
+
+    def owns(self, linear: nn.Module) -> bool:
+        return any(linear is m for module in self.modules for m in module.modules())
+
+    def __call__(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return self.finish(h, self.run(h, kwargs))
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def find_block_list(model: nn.Module) -> nn.ModuleList:
@@ -50,11 +78,9 @@ class Adapter:
     def matches(cls, block: nn.Module) -> bool:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def attention(self, block: nn.Module) -> nn.Module:
-        return block.self_attn
-
-    def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp
+    def halves(self, block: nn.Module) -> tuple[Half, Half]:
+        """(attention half, MLP half) of `block`; together they compute the block's forward."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     @property
     def blocks_prefix(self) -> str:
@@ -101,6 +127,19 @@ class LlamaAdapter(Adapter):
         return _has(attn, "q_proj", "k_proj", "v_proj", "o_proj") and (
             _has(mlp, "gate_proj", "up_proj", "down_proj") or _is_moe(mlp))
 
+    def halves(self, block):
+        # Gemma-style "sandwich" blocks normalise each branch's output before the residual add.
+        sandwich = _has(block, "pre_feedforward_layernorm", "post_feedforward_layernorm")
+        attn_out = block.post_attention_layernorm if sandwich else nn.Identity()
+        mlp_in = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
+        mlp_out = block.post_feedforward_layernorm if sandwich else nn.Identity()
+        attention = Half("attention", (block.self_attn,),
+                         run=lambda h, kw: _first(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
+                         finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj)
+        mlp = Half("mlp", (block.mlp,), run=lambda h, kw: block.mlp(mlp_in(h)), finish=lambda h, y: h + mlp_out(y),
+                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj)
+        return attention, mlp
+
 
 class OPTAdapter(Adapter):
     family = "opt"
@@ -110,8 +149,20 @@ class OPTAdapter(Adapter):
     def matches(cls, block):
         return _has(getattr(block, "self_attn", None), "q_proj", "k_proj", "v_proj", "out_proj") and _has(block, "fc1", "fc2")
 
-    def mlp(self, block):
-        return nn.ModuleDict({"fc1": block.fc1, "fc2": block.fc2})
+    def halves(self, block):
+        pre = block.do_layer_norm_before  # OPT-350m normalises after the residual add instead
+
+        def residual(norm):
+            return (lambda h, y: h + y) if pre else (lambda h, y: norm(h + y))
+
+        attention = Half("attention", (block.self_attn,),
+                         run=lambda h, kw: _first(block.self_attn(
+                             hidden_states=block.self_attn_layer_norm(h) if pre else h, **kw)),
+                         finish=residual(block.self_attn_layer_norm), writer=block.self_attn.out_proj)
+        mlp = Half("mlp", (block.fc1, block.fc2),
+                   run=lambda h, kw: block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h) if pre else h))),
+                   finish=residual(block.final_layer_norm), writer=block.fc2)
+        return attention, mlp
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter)
