@@ -217,25 +217,39 @@ def prune_half_in_lockstep(half: Half, linears: dict[str, nn.Linear], stream: Bl
     writer = next(n for n, m in linears.items() if m is half.writer)
     stop_at = leader_of[writer]
     stats: dict[str, Any] = {}
-    writer_inputs: dict[int, torch.Tensor] = {}
-    batch_of: dict[Any, int] = {}
+    # Inputs of the writer for all windows, in one block of memory: kept per batch, the many
+    # freed smaller tensors around them fragment the heap and raise peak memory by hundreds of MB.
+    writer_inputs: list[torch.Tensor | None] = [None]
+    windows = stream.hidden.shape[0]
+    batch_of: dict[Any, tuple[int, slice]] = {}
+
+    def keep_writer_input(x: torch.Tensor, rows: slice) -> None:
+        count = min(rows.stop, windows) - rows.start
+        per_window = x.shape[0] // count
+        if writer_inputs[0] is None:
+            writer_inputs[0] = torch.empty((windows * per_window, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        writer_inputs[0][rows.start * per_window: rows.start * per_window + x.shape[0]] = x
+
+    def writer_input(rows: slice) -> torch.Tensor:
+        per_window = writer_inputs[0].shape[0] // windows
+        return writer_inputs[0][rows.start * per_window: min(rows.stop, windows) * per_window]
 
     def hook_for(name: str):
         def hook(module, args):
             if leader_of[name] != name:
                 return  # pruned with its leader, which read the same tensor
-            x, b = args[0], batch_of[greenlet.getcurrent()]
+            x, (b, rows) = args[0], batch_of[greenlet.getcurrent()]
             if name not in stats:
                 stats[name] = stats_cls(x.shape[-1], x.device)
             stats[name].add(_rows(x, stream.token_masks[b]))
             if name == stop_at:
-                writer_inputs[b] = x
+                keep_writer_input(x, rows)
                 raise _Stop
             main.switch(name)
         return hook
 
     def run_batch(b: int, rows: slice) -> str:
-        batch_of[greenlet.getcurrent()] = b
+        batch_of[greenlet.getcurrent()] = (b, rows)
         try:
             half.run(stream.hidden[rows], stream.block_kwargs[index][b])
         except _Stop:
@@ -259,11 +273,10 @@ def prune_half_in_lockstep(half: Half, linears: dict[str, nn.Linear], stream: Bl
         for handle in handles:
             handle.remove()
     prune(stop_at)
-    for b, rows in stream.batches():
-        x = writer_inputs.pop(b)
-        if need_output:
-            stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(x))
-        del x
+    if need_output:
+        for _, rows in stream.batches():
+            stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_input(rows)))
+    writer_inputs.clear()
     if need_output and not torch.isfinite(stream.hidden).all():
         raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
                             "the model's weights or inputs are broken")

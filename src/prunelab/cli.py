@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import sys
 from pathlib import Path
@@ -148,7 +150,18 @@ def _print_summary(report: dict) -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover
+# Activations of ~10 MB freed in between larger ones fragment glibc's heap: with the default
+# dynamic mmap threshold, peak RSS while pruning SmolLM2 grows from 1.66 to 1.91 GB. Serving
+# blocks above 4 MB by mmap (backed by transparent huge pages, which keeps page faults cheap)
+# returns them to the OS when freed. Tunables are read at process start, hence the re-exec.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+
+
+def main() -> None:  # pragma: no cover - exercised by the benchmark and by users
+    if (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and "GLIBC_TUNABLES" not in os.environ
+            and not os.environ.get("PRUNELAB_NO_MALLOC_TUNING")):
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, "-m", "prunelab.cli", *sys.argv[1:]], env)
     app()
 
 

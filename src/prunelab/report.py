@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,6 +19,7 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[package] = "not installed"
     found["torch_threads"] = str(torch.get_num_threads())
+    found["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
     return found
 
 
