@@ -162,7 +162,7 @@ def main() -> None:  # pragma: no cover - exercised by the benchmark and by user
             and not os.environ.get("PRUNELAB_NO_MALLOC_TUNING")):
         env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
         os.execve(sys.executable, [sys.executable, "-m", "prunelab.cli", *sys.argv[1:]], env)
-    app()
+    app(prog_name="prunelab")
 
 
 if __name__ == "__main__":  # pragma: no cover
