@@ -7,7 +7,7 @@ from prunelab.models.adapters import UnfusedExperts, find_adapter
 from tiny import FAMILIES, random_ids, tiny_model
 
 EXPECTED = {  # family -> (adapter family, prunable tensors per block)
-    "llama": ("llama", 7), "qwen3": ("llama", 7), "gemma3": ("llama", 7), "opt": ("opt", 6),
+    "llama": ("llama", 7), "mistral": ("llama", 7), "qwen2": ("llama", 7), "qwen3": ("llama", 7), "gemma3": ("llama", 7), "opt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
 }

@@ -89,3 +89,42 @@ def test_long_texts_are_tokenised_in_pieces_identically(tokenizer, monkeypatch):
     whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     monkeypatch.setattr(windows, "PIECE_CHARS", 300)
     assert tokenize(tokenizer, text).equal(whole)
+
+
+def test_hub_loaders_read_files_of_the_hub_format(tmp_path, monkeypatch):
+    """wikitext2 and c4 go through `datasets`; here served from local files of the same layout."""
+    import gzip
+
+    import datasets
+
+    real_load = datasets.load_dataset
+    wikitext = tmp_path / "wikitext.parquet"
+    pq.write_table(pa.table({"text": ["", " = Title = \n", "", " The first line . \n", " The second . \n"]}), wikitext)
+    c4 = tmp_path / "c4.json.gz"
+    with gzip.open(c4, "wt") as f:
+        for text in ("A web page.", "Another page."):
+            f.write(json.dumps({"text": text, "timestamp": "2019", "url": "http://x"}) + "\n")
+    calls = []
+
+    def fake_load(path, name=None, split=None, data_files=None, **kwargs):
+        calls.append((path, name, split, data_files))
+        if path == "wikitext":
+            return real_load("parquet", data_files=str(wikitext), split="train")
+        return real_load("json", data_files=str(c4), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_text("wikitext2", role="eval") == " = Title = \n The first line . \n The second . \n"
+    assert load_text("c4", role="calib") == "A web page.\n\nAnother page."
+    assert calls[0][:3] == ("wikitext", "wikitext-2-raw-v1", "test")
+    assert calls[1][0] == "allenai/c4" and "train" in calls[1][3]
+
+
+def test_unreachable_hub_gives_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(PrunelabError, match="cannot load wikitext2 from the Hugging Face hub"):
+        load_text("wikitext2")

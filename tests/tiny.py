@@ -12,6 +12,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidd
 
 CONFIGS = {
     "llama": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(_COMMON, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(_COMMON)),
     "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", dict(_COMMON, head_dim=16, sliding_window=8,
                                          layer_types=["sliding_attention", "full_attention"])),
