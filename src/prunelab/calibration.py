@@ -66,7 +66,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     sink: list = []
     for i, block in enumerate(originals):
         blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
-    hidden, block_kwargs, token_masks = [], [[] for _ in originals], []
+    hidden: torch.Tensor | None = None
+    block_kwargs, token_masks = [[] for _ in originals], []
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(device)
@@ -83,13 +84,15 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
                 if args:
                     raise PrunelabError(f"unsupported model: it passes positional arguments to its decoder blocks ({len(args)})")
                 if index == 0:
-                    hidden.append(h.to(dtype))
+                    if hidden is None:
+                        hidden = torch.empty((input_ids.shape[0], *h.shape[1:]), dtype=dtype, device=h.device)
+                    hidden[start:start + h.shape[0]] = h
                 block_kwargs[index].append(_cast(kwargs, dtype))
             token_masks.append(None if mask is None or bool(mask.all()) else mask.bool())
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return BlockStream(torch.cat(hidden), block_kwargs, token_masks, batch_size)
+    return BlockStream(hidden, block_kwargs, token_masks, batch_size)
 
 
 def _cast(value, dtype: torch.dtype):
