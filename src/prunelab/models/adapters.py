@@ -7,6 +7,7 @@ the block (which child modules and projections exist), never by the model's name
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator
@@ -64,8 +65,8 @@ def find_block_list(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-class Adapter:
-    """Base adapter: subclasses say how to find the attention and MLP halves of a block."""
+class Adapter(ABC):
+    """Base adapter: subclasses say how to recognise a family's block and split it in halves."""
 
     family: ClassVar[str]
     expects: ClassVar[str]  # what the family's block looks like, for error messages
@@ -75,12 +76,13 @@ class Adapter:
         self.blocks = find_block_list(model)
 
     @classmethod
+    @abstractmethod
     def matches(cls, block: nn.Module) -> bool:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Whether `block` has this family's structure."""
 
+    @abstractmethod
     def halves(self, block: nn.Module) -> tuple[Half, Half]:
         """(attention half, MLP half) of `block`; together they compute the block's forward."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     @property
     def blocks_prefix(self) -> str:
