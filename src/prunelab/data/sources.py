@@ -17,6 +17,7 @@ Documents are joined by blank lines.
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,13 +63,26 @@ def check_disjoint(calib: str, evaluation: str) -> None:
 
 @lru_cache(maxsize=4)
 def _embedded(source: str) -> str:
-    from ..assets import bigbench_task_dir
+    """The joined text, extracted once from bigbench's JSON into a plain file of the cache.
 
+    Parsing the 50 MB JSON leaves hundreds of MB of fragmented Python heap behind, which would
+    count towards the memory of the run that follows; the extracted text is read in a blink.
+    """
+    from ..assets import bigbench_task_dir, cache_dir
+
+    extracted = cache_dir() / "text" / f"{source}.txt"
+    if extracted.exists():
+        return extracted.read_text(encoding="utf-8")
     root = bigbench_task_dir()
     if source == "wiki":
-        return english_articles(root / "paragraph_segmentation" / "task.json")
-    files = _WEB_FILES if source == "web" else ("new_wiki_v1.0.json",)
-    return "\n\n".join(p for name in files for p in squad_contexts(root / "squad_shifts" / name))
+        text = english_articles(root / "paragraph_segmentation" / "task.json")
+    else:
+        files = _WEB_FILES if source == "web" else ("new_wiki_v1.0.json",)
+        text = "\n\n".join(p for name in files for p in squad_contexts(root / "squad_shifts" / name))
+    tmp = extracted.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, extracted)
+    return text
 
 
 def squad_contexts(path: Path) -> list[str]:
