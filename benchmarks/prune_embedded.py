@@ -63,7 +63,7 @@ def main() -> None:
             rows.append((f"{method} {target}", dtype, f"{prune['seconds']:.0f}", f"{prune['peak_rss_gb']:.2f}", f"{ppl:.2f}"))
             print(f"{name} {dtype}: {prune['seconds']:.0f} s, {prune['peak_rss_gb']:.2f} GB, ppl {ppl:.2f}", file=sys.stderr)
 
-    print(f"| run | forward dtype | pruning wall time (s) | peak RSS while pruning (GB) | perplexity |")
+    print("| run | forward dtype | pruning wall time (s) | peak RSS while pruning (GB) | perplexity |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -4,7 +4,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import UnfusedExperts, find_adapter
-from tiny import FAMILIES, random_ids, tiny_model
+from tiny import FAMILIES, tiny_model
 
 EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "llama": ("llama", 7), "mistral": ("llama", 7), "qwen2": ("llama", 7), "qwen3": ("llama", 7), "gemma3": ("llama", 7), "opt": ("opt", 6),

@@ -66,8 +66,9 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                                        disable=not progress)):
         # Forward passes may run in a cheaper dtype on a copy; the model's own weights stay put.
         runner = block if compute_dtype == model_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
+        separate_runner = runner is not block
         with adapter.prunable_linears(block) as linears, \
-                (adapter.prunable_linears(runner) if runner is not block else nullcontext(linears)) as run_linears:
+                (adapter.prunable_linears(runner) if separate_runner else nullcontext(linears)) as run_linears:
 
             def prune_group(names: list[str], stats) -> None:
                 weights = [linears[name].weight.data for name in names]
@@ -79,7 +80,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                     pruned, info = criterion(weights, stats, config.sparsity, nm, **options)
                 for name, new_weight in zip(names, pruned):
                     linears[name].weight.data.copy_(new_weight)
-                    if runner is not block:
+                    if separate_runner:
                         run_linears[name].weight.data.copy_(new_weight)
                     records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
                                     "tokens": stats.tokens if stats is not None else 0, **info})
