@@ -63,7 +63,8 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
               "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]
     for name, entry in report["sparsity"]["layers"].items():
-        lines.append(f"| {name} | {entry['numel']} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
+        shape = "×".join(map(str, entry["shape"]))
+        lines.append(f"| {name} | {shape} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
     retries = [r for r in report["layers"] if r.get("damp_retries")]
     fallbacks = [r for r in report["layers"] if r.get("fallback")]
     if retries or fallbacks:

@@ -24,7 +24,7 @@ def measure_sparsity(weights: dict[str, torch.Tensor], zeros_before: dict[str, i
     per_layer = {}
     for name, w in weights.items():
         zeros = int((w == 0).sum())
-        entry = {"numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+        entry = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
         if zeros_before is not None:
             entry["zeros_before"] = zeros_before.get(name, 0)
         per_layer[name] = entry
@@ -41,4 +41,4 @@ def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
     missing = wanted - set(found)
     if missing:
         raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
-    return measure_sparsity(found)
+    return measure_sparsity({name: found[name] for name in names})  # in model order
