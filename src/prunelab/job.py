@@ -94,11 +94,12 @@ def run(config: RunConfig, progress: bool = True) -> dict:
 
 def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], overwrite: bool, stages: dict) -> None:
     """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
-    with stage("save", stages), atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        saved = sparsity_of_saved(tmp, weight_names)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        with stage("save", stages):  # ends before the report is written, so that it is in it
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            saved = sparsity_of_saved(tmp, weight_names)
         for name, entry in saved["layers"].items():
             entry["zeros_before"] = report["sparsity"]["layers"][name].get("zeros_before", 0)
         report["sparsity"] = {**saved, "zeros_before": report["sparsity"]["zeros_before"],
