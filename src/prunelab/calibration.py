@@ -121,14 +121,18 @@ def _check_finite(stats: dict[str, Any], index: int) -> None:
                                 "the model's weights or inputs are broken")
 
 
+def _check_stream_finite(stream: BlockStream, half: Half, index: int) -> None:
+    if not torch.isfinite(stream.hidden).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
+                            "the model's weights or inputs are broken")
+
+
 @torch.no_grad()
 def propagate(half: Half, stream: BlockStream, index: int) -> None:
     """Replace the stream's hidden states by the half's outputs, batch by batch, in place."""
     for b, rows in stream.batches():
         stream.hidden[rows] = half(stream.hidden[rows], stream.block_kwargs[index][b])
-    if not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
-                            "the model's weights or inputs are broken")
+    _check_stream_finite(stream, half, index)
 
 
 @torch.no_grad()
@@ -280,6 +284,5 @@ def prune_half_in_lockstep(half: Half, linears: dict[str, nn.Linear], stream: Bl
         for _, rows in stream.batches():
             stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_input(rows)))
     writer_inputs.clear()
-    if need_output and not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
-                            "the model's weights or inputs are broken")
+    if need_output:
+        _check_stream_finite(stream, half, index)
