@@ -47,13 +47,32 @@ def test_embedded_extractors_on_files_of_the_same_format(tmp_path):
 
 def test_calibration_windows_are_seeded_and_recorded(tokenizer):
     text = "the river and the mill " * 200
-    a, info_a = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
-    b, info_b = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
-    c, _ = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=4)
+    a, info_a, _ = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
+    b, info_b, _ = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=3)
+    c, _, _ = calibration_windows(tokenizer, text, samples=5, seqlen=16, seed=4)
     assert a.shape == (5, 16) and a.equal(b) and info_a == info_b and not a.equal(c)
     ids = tokenize(tokenizer, text)
     for row, start in zip(a, info_a["starts"]):
         assert row.equal(ids[start:start + 16])
+
+
+@pytest.mark.parametrize("repeat", [60, 2000])  # short text (drawn among free starts) and long text
+def test_heldout_windows_overlap_no_training_window(tokenizer, repeat):
+    text = "the river and the mill turn slowly " * repeat
+    train, info, held = calibration_windows(tokenizer, text, samples=6, seqlen=16, seed=1, heldout=3)
+    again, _, _ = calibration_windows(tokenizer, text, samples=6, seqlen=16, seed=1)
+    assert train.equal(again) and held.shape == (3, 16)
+    spans = [(s, s + 16) for s in info["starts"]]
+    for s in info["heldout_starts"]:
+        assert all(s + 16 <= a or s >= b for a, b in spans)
+        spans.append((s, s + 16))
+
+
+def test_heldout_windows_that_do_not_fit_are_an_error(tokenizer):
+    text = "the river and the mill " * 3
+    assert len(tokenize(tokenizer, text)) < 8 * 16
+    with pytest.raises(PrunelabError, match="held-out windows"):
+        calibration_windows(tokenizer, text, samples=4, seqlen=16, seed=0, heldout=8)
 
 
 def test_too_short_calibration_text_is_rejected(tokenizer):

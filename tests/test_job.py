@@ -155,7 +155,7 @@ def test_eval_command_reports_perplexity_and_sparsity(tiny_dir, texts):
 def test_report_records_every_stage_with_time_and_memory(tiny_dir, texts, tmp_path):
     job(tiny_dir, texts, tmp_path / "o", method="wanda")
     saved = json.loads((tmp_path / "o" / "prunelab.json").read_text())
-    assert list(saved["stages"]) == ["load", "data", "eval_dense", "prune", "eval", "save"]
+    assert list(saved["stages"]) == ["load", "data", "eval_dense", "prune+reconstruct", "eval", "save"]
     for entry in saved["stages"].values():
         assert entry["seconds"] >= 0 and entry["peak_rss_gb"] > 0.1
     assert saved["versions"]["torch"] != "not installed" and "GLIBC_TUNABLES" in saved["versions"]

@@ -40,7 +40,7 @@ def test_halves_partition_the_prunable_linears(family):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
     model = tiny_model(family)
-    result = prunelab.prune(model, calibration=random_ids(8, 32), method=method, sparsity=0.5, batch_size=4, progress=False)
+    result = prunelab.prune(model, calibration=random_ids(8, 32), method=method, sparsity=0.5, batch_size=4, reconstruct="none", progress=False)
     for name, entry in result["sparsity"]["layers"].items():
         assert entry["sparsity"] == pytest.approx(0.5, abs=1e-9), name
     if method != "magnitude":
@@ -52,7 +52,7 @@ def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_two_four_pattern_holds_in_every_row_group(method):
     model = tiny_model("qwen2_moe")
-    prunelab.prune(model, calibration=random_ids(8, 32), method=method, pattern="2:4", progress=False)
+    prunelab.prune(model, calibration=random_ids(8, 32), method=method, pattern="2:4", reconstruct="none", progress=False)
     for name, w in find_adapter(model).prunable_weights().items():
         groups = (w != 0).reshape(*w.shape[:-1], w.shape[-1] // 4, 4).sum(-1)
         assert (groups <= 2).all(), name
@@ -61,7 +61,7 @@ def test_two_four_pattern_holds_in_every_row_group(method):
 
 def test_wanda_rows_lose_the_same_fraction():
     model = tiny_model("llama")
-    prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.25, progress=False)
+    prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.25, reconstruct="none", progress=False)
     for name, w in find_adapter(model).prunable_weights().items():
         assert ((w == 0).sum(1) == w.shape[1] // 4).all(), name
 
@@ -69,7 +69,7 @@ def test_wanda_rows_lose_the_same_fraction():
 def test_statistics_come_from_the_pruned_stream_sequentially():
     ids = random_ids(8, 32)
     model, reference = tiny_model("llama"), tiny_model("llama")
-    prunelab.prune(model, calibration=ids, method="wanda", sparsity=0.6, progress=False)
+    prunelab.prune(model, calibration=ids, method="wanda", sparsity=0.6, reconstruct="none", progress=False)
     # Expected mask of block 1's q_proj: Wanda scores from inputs that went through the *pruned* block 0.
     reference.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
     with torch.no_grad():
@@ -86,13 +86,13 @@ def test_pad_tokens_are_excluded_from_statistics():
     ids = random_ids(4, 16)
     mask = torch.ones_like(ids)
     mask[:, :6] = 0  # left padding
-    result = prunelab.prune(model, calibration=ids, attention_mask=mask, method="wanda", progress=False)
+    result = prunelab.prune(model, calibration=ids, attention_mask=mask, method="wanda", reconstruct="none", progress=False)
     assert {r["tokens"] for r in result["layers"]} == {4 * 10}
 
 
 def test_bfloat16_forward_passes_keep_float32_weights_and_exact_sparsity():
     model = tiny_model("llama")
-    result = prunelab.prune(model, calibration=random_ids(), method="sparsegpt", dtype="bfloat16", progress=False)
+    result = prunelab.prune(model, calibration=random_ids(), method="sparsegpt", dtype="bfloat16", reconstruct="none", progress=False)
     assert next(model.parameters()).dtype == torch.float32
     assert result["sparsity"]["sparsity"] == pytest.approx(0.5)
 
@@ -102,19 +102,19 @@ def test_nan_activations_raise_a_clear_error():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(PrunelabError, match="non-finite activations"):
-        prunelab.prune(model, calibration=random_ids(), method="wanda", progress=False)
+        prunelab.prune(model, calibration=random_ids(), method="wanda", reconstruct="none", progress=False)
 
 
 def test_pattern_that_does_not_divide_a_layer_fails_before_touching_weights():
     model = tiny_model("llama")  # hidden 64, intermediate 128: 7 divides neither
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrunelabError, match=r"3:7 does not divide layer 0\.self_attn\.q_proj: 64 inputs"):
-        prunelab.prune(model, calibration=random_ids(), method="wanda", pattern="3:7", progress=False)
+        prunelab.prune(model, calibration=random_ids(), method="wanda", pattern="3:7", reconstruct="none", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_never_routed_expert_falls_back_to_magnitude():
     model = tiny_model("mixtral")  # 4 experts, 2 per token: one token leaves two experts unused per block
-    result = prunelab.prune(model, calibration=random_ids(1, 1), method="sparsegpt", progress=False)
+    result = prunelab.prune(model, calibration=random_ids(1, 1), method="sparsegpt", reconstruct="none", progress=False)
     assert any("fallback" in r for r in result["layers"])
     assert result["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-6)

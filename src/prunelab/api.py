@@ -13,7 +13,7 @@ from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
 from .models.adapters import find_adapter
 from .pipeline import prune_model
-from .prune import CRITERIA
+from .reconstruct import prune_and_reconstruct
 
 
 def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunConfig:
@@ -26,28 +26,47 @@ def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunCo
 
 
 def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibration: torch.Tensor | str | None = None,
-          attention_mask: torch.Tensor | None = None, progress: bool = True, **overrides: Any) -> dict:
-    """Prune `model` in place and return {"layers": per-layer records, "sparsity": measured sparsity}.
+          attention_mask: torch.Tensor | None = None, heldout: torch.Tensor | None = None, progress: bool = True,
+          **overrides: Any) -> dict:
+    """Prune (and, unless `reconstruct="none"`, reconstruct) `model` in place.
 
-    `calibration` is a [samples, seqlen] tensor of token ids (with an optional `attention_mask`
-    marking pad tokens as 0), or the name of a text source (default: `config.calib`), in which case
-    windows are drawn with `tokenizer`.
+    Returns {"layers": per-layer pruning records, "sparsity": measured sparsity, "reconstruction":
+    per-submodel report or None}. `calibration` is a [samples, seqlen] tensor of token ids (with an
+    optional `attention_mask` marking pad tokens as 0), or the name of a text source (default:
+    `config.calib`), in which case windows are drawn with `tokenizer`. Reconstruction chooses its
+    learning rate and reports its losses on held-out windows: `heldout` ids, drawn from the text
+    alongside the training windows, or else the last `reconstruct.heldout` rows of a given tensor.
     """
     cfg = as_config(config, **overrides)
     adapter = find_adapter(model)
     ids = None
-    if CRITERIA[cfg.method][0] is not None:
+    if cfg.needs_calibration:
         if isinstance(calibration, torch.Tensor):
             ids = calibration
+            if cfg.reconstruct.enabled and heldout is None:
+                keep = ids.shape[0] - cfg.reconstruct.heldout
+                if keep < 1:
+                    raise PrunelabError(f"{ids.shape[0]} calibration windows leave none for training beside "
+                                        f"reconstruct.heldout={cfg.reconstruct.heldout} held-out ones")
+                ids, heldout = ids[:keep], ids[keep:]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[:keep]
         else:
             if tokenizer is None:
                 raise PrunelabError("a tokenizer is needed to draw calibration windows from text")
             text = load_text(calibration or cfg.calib, role="calib")
-            ids, _ = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed)
+            ids, _, drawn = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed,
+                                                cfg.reconstruct.heldout if cfg.reconstruct.enabled else 0)
+            heldout = drawn if heldout is None else heldout
     weights = adapter.prunable_weights()
     zeros_before = count_zeros(weights)
-    layers = prune_model(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
-    return {"layers": layers, "sparsity": measure_sparsity(weights, zeros_before)}
+    reconstruction = None
+    if cfg.reconstruct.enabled:
+        layers, reconstruction = prune_and_reconstruct(model, adapter, ids, heldout, cfg, attention_mask=attention_mask,
+                                                       progress=progress)
+    else:
+        layers = prune_model(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
+    return {"layers": layers, "sparsity": measure_sparsity(weights, zeros_before), "reconstruction": reconstruction}
 
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:

@@ -52,6 +52,50 @@ class BlockStream:
         for b, start in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
             yield b, slice(start, start + self.batch_size)
 
+    def with_hidden(self, hidden: torch.Tensor) -> BlockStream:
+        """The same windows (arguments, pad masks) with other hidden states, e.g. a working copy."""
+        return BlockStream(hidden, self.block_kwargs, self.token_masks, self.batch_size)
+
+    def window_kwargs(self, block: int, windows: list[int]) -> dict[str, Any]:
+        """The block's keyword arguments for any selection of windows, across capture batches.
+
+        Per-window tensors (batch-sized first dimension: masks, position embeddings) are sliced
+        and concatenated; broadcast ones are shared.
+        """
+        picks = []
+        for w in windows:
+            b, offset = divmod(w, self.batch_size)
+            rows = min(self.batch_size, self.hidden.shape[0] - b * self.batch_size)
+            picks.append((offset, rows))
+        return _select([self.block_kwargs[block][w // self.batch_size] for w in windows], picks)
+
+    def window_token_mask(self, windows: list[int]) -> torch.Tensor | None:
+        """[len(windows), seqlen] bool, False at pad tokens; None when no window has padding."""
+        masks = [self.token_masks[w // self.batch_size] for w in windows]
+        if all(m is None for m in masks):
+            return None
+        seqlen = self.hidden.shape[1]
+        return torch.stack([torch.ones(seqlen, dtype=torch.bool, device=self.hidden.device) if m is None
+                            else m[w % self.batch_size] for m, w in zip(masks, windows)])
+
+
+def _select(values: list, picks: list[tuple[int, int]]):
+    """Row `offset` of each value (one per window, from batches of `rows` windows), concatenated.
+
+    A tensor is per window when its first dimension is its batch's size (and it has one beyond
+    that); anything else (broadcast tensors, 1-D positions, flags) is taken from the first window.
+    """
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if all(v.dim() >= 2 and v.shape[0] == rows for v, (_, rows) in zip(values, picks)):
+            return torch.cat([v[offset:offset + 1] for v, (offset, _) in zip(values, picks)])
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_select([v[i] for v in values], picks) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _select([v[k] for v in values], picks) for k in first}
+    return first
+
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,

@@ -12,12 +12,74 @@ from .errors import PrunelabError
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DTYPES = ("float32", "bfloat16", "float16")
+GRANULARITIES = ("none", "matrix", "attn-mlp", "block", "blocks:K", "model")
+PROPAGATIONS = ("dense", "sparse", "mixed")
+LOSSES = ("mse", "nmse", "cosine")
+OFFLOAD = ("auto", "on", "off")
 
 
 @dataclass
 class SparseGPTConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     blocksize: int = 128  # columns processed together in the OBS sweep
+
+
+@dataclass
+class ReconstructConfig:
+    """Local reconstruction after pruning (SPEC §3); `granularity: none` turns it off."""
+
+    granularity: str = "attn-mlp"  # none | matrix | attn-mlp | block | blocks:K | model
+    propagation: str = "sparse"  # what each submodel's inputs and targets are: dense | sparse | mixed
+    loss: str = "mse"  # mse | nmse (per-token normalised) | cosine
+    lr: float | str = "auto"  # a number, or "auto": chosen from `lr_grid` on held-out calibration windows
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    lr_probe: int = 4  # submodels on which `lr: auto` tries the grid; the winner serves the rest
+    epochs: int = 1
+    batch_size: int = 2  # windows per optimiser step
+    warmup: float = 0.1  # fraction of steps with linear warm-up; then linear decay to 0
+    weight_decay: float = 0.0
+    freeze_norms: bool = False  # train only the linears (and their biases)
+    heldout: int = 16  # extra calibration windows, disjoint from the training ones, for lr choice and reporting
+    offload: str = "auto"  # keep cached activations in memory-mapped files: on | off | auto (when RAM is short)
+
+    @property
+    def enabled(self) -> bool:
+        return self.granularity != "none"
+
+    @property
+    def blocks_per_submodel(self) -> int | None:
+        """Blocks per submodel for block / blocks:K; None for finer or coarser granularities."""
+        if self.granularity == "block":
+            return 1
+        if self.granularity.startswith("blocks:"):
+            return int(self.granularity.split(":", 1)[1])
+        return None
+
+    def validate(self) -> None:
+        g = self.granularity
+        if (g not in GRANULARITIES or g == "blocks:K") and not re.fullmatch(r"blocks:[1-9]\d*", g):
+            raise PrunelabError(f"reconstruct granularity must be one of none, matrix, attn-mlp, block, blocks:K "
+                                f"(K a positive integer) or model; got {g!r}")
+        if self.propagation not in PROPAGATIONS:
+            raise PrunelabError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {self.propagation!r}")
+        if self.loss not in LOSSES:
+            raise PrunelabError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.offload not in OFFLOAD:
+            raise PrunelabError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                try:
+                    self.lr = float(self.lr)
+                except ValueError:
+                    raise PrunelabError(f"lr must be a positive number or 'auto', got {self.lr!r}") from None
+        self.lr_grid = tuple(float(v) for v in self.lr_grid)
+        if (not isinstance(self.lr, str) and not self.lr > 0) or not self.lr_grid or min(self.lr_grid) <= 0:
+            raise PrunelabError(f"learning rates must be positive (lr {self.lr!r}, lr_grid {list(self.lr_grid)})")
+        for name in ("epochs", "batch_size", "lr_probe", "heldout"):
+            if getattr(self, name) < 1:
+                raise PrunelabError(f"reconstruct.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1 or self.weight_decay < 0:
+            raise PrunelabError("reconstruct.warmup must be in [0, 1) and reconstruct.weight_decay >= 0")
 
 
 @dataclass
@@ -42,10 +104,15 @@ class RunConfig:
     out: str | None = None
     overwrite: bool = False
     sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsegpt, dict):
             self.sparsegpt = _build(SparseGPTConfig, self.sparsegpt, "sparsegpt")
+        if isinstance(self.reconstruct, dict):
+            self.reconstruct = _build(ReconstructConfig, self.reconstruct, "reconstruct")
+        elif isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
+            self.reconstruct = ReconstructConfig(granularity=self.reconstruct)
         self.validate()
 
     @property
@@ -69,13 +136,22 @@ class RunConfig:
                 raise PrunelabError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.sparsegpt.damp < 0 or self.sparsegpt.blocksize < 1:
             raise PrunelabError("sparsegpt.damp must be >= 0 and sparsegpt.blocksize >= 1")
+        self.reconstruct.validate()
+
+    @property
+    def needs_calibration(self) -> bool:
+        from .prune import CRITERIA
+
+        return CRITERIA[self.method][0] is not None or self.reconstruct.enabled
 
     @property
     def target_label(self) -> str:
         return self.pattern if self.pattern else f"{self.sparsity:.0%}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["reconstruct"]["lr_grid"] = list(self.reconstruct.lr_grid)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -18,7 +18,7 @@ from .measure import release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import load_model
 from .pipeline import prune_model
-from .prune import CRITERIA
+from .reconstruct import prune_and_reconstruct
 from . import report as reporting
 
 
@@ -32,12 +32,14 @@ def prepare(config: RunConfig) -> None:
     torch.manual_seed(config.seed)
 
 
-def calibration_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+def calibration_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Training windows, held-out windows (for reconstruction; None without), and their record."""
     text = load_text(config.calib, role="calib")
-    ids, windows = calibration_windows(tokenizer, text, config.samples, config.seqlen, config.seed)
-    return ids, {"source": config.calib, "description": describe(config.calib), "samples": config.samples,
-                 "seqlen": config.seqlen, "seed": config.seed, "bos": False,
-                 "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **windows}
+    heldout = config.reconstruct.heldout if config.reconstruct.enabled else 0
+    ids, windows, held = calibration_windows(tokenizer, text, config.samples, config.seqlen, config.seed, heldout)
+    return ids, held, {"source": config.calib, "description": describe(config.calib), "samples": config.samples,
+                       "heldout": heldout, "seqlen": config.seqlen, "seed": config.seed, "bos": False,
+                       "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **windows}
 
 
 def evaluation_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -56,9 +58,9 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     adapter = find_adapter(model)
     data: dict = {}
     with stage("data", stages):
-        calib_ids = None
-        if CRITERIA[config.method][0] is not None:
-            calib_ids, data["calibration"] = calibration_data(config, tokenizer)
+        calib_ids = heldout_ids = None
+        if config.needs_calibration:
+            calib_ids, heldout_ids, data["calibration"] = calibration_data(config, tokenizer)
         if config.eval != "none":
             eval_ids, data["evaluation"] = evaluation_data(config, tokenizer)
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
@@ -69,8 +71,13 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if config.eval != "none" and config.eval_dense:
         with stage("eval_dense", stages):
             metrics["dense"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (dense)")
-    with stage("prune", stages):
-        layers = prune_model(model, adapter, calib_ids, config, progress=progress)
+    reconstruction = None
+    if config.reconstruct.enabled:
+        with stage("prune+reconstruct", stages):
+            layers, reconstruction = prune_and_reconstruct(model, adapter, calib_ids, heldout_ids, config, progress=progress)
+    else:
+        with stage("prune", stages):
+            layers = prune_model(model, adapter, calib_ids, config, progress=progress)
     if config.eval != "none":
         with stage("eval", stages):
             metrics["pruned"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (pruned)")
@@ -84,6 +91,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         "sparsity": measure_sparsity(weights, zeros_before),
         "stages": stages,
         "layers": layers,
+        "reconstruction": reconstruction,
         "versions": reporting.versions(),
         "output": None,
     }

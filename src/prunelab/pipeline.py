@@ -45,19 +45,80 @@ def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
                                         f"{linear.in_features} inputs is not a multiple of {nm[1]}")
 
 
+class HalfPruner:
+    """Prunes half-blocks with the configured criterion and pattern; keeps one record per layer."""
+
+    def __init__(self, config: RunConfig):
+        self.stats_cls, self.criterion = CRITERIA[config.method]
+        self.sparsity, self.nm = config.sparsity, config.nm
+        self.options = vars(config.sparsegpt) if config.method == "sparsegpt" else {}
+        self.records: list[dict] = []
+        self.group_cache: dict[tuple[str, ...], dict[str, str]] = {}  # blocks of one structure share groups
+
+    def prune_group(self, index: int, linears: dict[str, nn.Linear], names: list[str], stats,
+                    mirrors: dict[str, nn.Linear] | None = None) -> None:
+        """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
+        (a lower-precision running copy) receive the same pruned weights."""
+        weights = [linears[name].weight.data for name in names]
+        if stats is None and self.stats_cls is not None:
+            # No calibration token reached these layers (an expert never routed to).
+            pruned, _ = magnitude(weights, None, self.sparsity, self.nm)
+            info = {"fallback": "magnitude: no calibration tokens reached this layer"}
+        else:
+            pruned, info = self.criterion(weights, stats, self.sparsity, self.nm, **self.options)
+        for name, new_weight in zip(names, pruned):
+            linears[name].weight.data.copy_(new_weight)
+            if mirrors is not None:
+                mirrors[name].weight.data.copy_(new_weight)
+            self.records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
+                                 "tokens": stats.tokens if stats is not None else 0, **info})
+
+    def prune_half(self, index: int, half, linears: dict[str, nn.Linear], stream, need_output: bool,
+                   originals: dict[str, nn.Linear] | None = None) -> None:
+        """Statistics from `stream` (the half's inputs), pruning, and, if needed, the half's outputs
+        written over `stream`. `linears` are the ones the half runs; where the half runs on a copy,
+        `originals` are the model's own linears, which are the ones pruned (in their own precision)."""
+        members = {n: m for n, m in linears.items() if half.owns(m)}
+
+        def prune_group(names, stats):
+            if originals is None:
+                self.prune_group(index, linears, names, stats)
+            else:
+                self.prune_group(index, originals, names, stats, mirrors=linears)
+
+        if self.stats_cls is None:  # data-free: each linear alone
+            for name in members:
+                prune_group([name], None)
+            if need_output:
+                propagate(half, stream, index)
+        elif half.writer is not None:
+            groups = self.group_cache.get(tuple(members)) or share_inputs(half, members, stream, index)
+            self.group_cache[tuple(members)] = groups
+            prune_half_in_lockstep(half, members, stream, index, self.stats_cls, groups, prune_group,
+                                   need_output=need_output)
+        else:  # routing decides which experts run: all statistics first, then prune, then propagate
+            stats, leader_of = collect_statistics(half, members, stream, index, self.stats_cls)
+            for leader in dict.fromkeys(leader_of.values()):
+                prune_group([n for n in members if leader_of[n] == leader], stats.get(leader))
+            if need_output:
+                propagate(half, stream, index)
+
+
+def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
+    orphans = [n for n, m in linears.items() if not any(h.owns(m) for h in halves)]
+    if orphans:
+        raise PrunelabError(f"{adapter.family} adapter: block {index} has linears in neither half: {orphans}")
+
+
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,
                 attention_mask: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
     """Prune `model` in place, block by block; returns one record per pruned layer."""
-    stats_cls, criterion = CRITERIA[config.method]
-    nm = config.nm
-    check_pattern_fits(adapter, nm)
-    options = vars(config.sparsegpt) if config.method == "sparsegpt" else {}
+    pruner = HalfPruner(config)
+    check_pattern_fits(adapter, config.nm)
     compute_dtype = torch_dtype(config.dtype)
     model_dtype = next(model.parameters()).dtype
-    records: list[dict] = []
-    group_cache: dict[tuple[str, ...], dict[str, str]] = {}  # blocks of one structure share groups
     stream = None
-    if stats_cls is not None:
+    if pruner.stats_cls is not None:
         if input_ids is None:
             raise PrunelabError(f"{config.method} needs calibration data")
         stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.batch_size, compute_dtype)
@@ -69,42 +130,16 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
         separate_runner = runner is not block
         with adapter.prunable_linears(block) as linears, \
                 (adapter.prunable_linears(runner) if separate_runner else nullcontext(linears)) as run_linears:
-
-            def prune_group(names: list[str], stats) -> None:
-                weights = [linears[name].weight.data for name in names]
-                if stats is None and stats_cls is not None:
-                    # No calibration token reached these layers (an expert never routed to).
-                    pruned, _ = magnitude(weights, None, config.sparsity, nm)
-                    info = {"fallback": "magnitude: no calibration tokens reached this layer"}
-                else:
-                    pruned, info = criterion(weights, stats, config.sparsity, nm, **options)
-                for name, new_weight in zip(names, pruned):
-                    linears[name].weight.data.copy_(new_weight)
-                    if separate_runner:
-                        run_linears[name].weight.data.copy_(new_weight)
-                    records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
-                                    "tokens": stats.tokens if stats is not None else 0, **info})
-
             if stream is None:  # data-free
                 for name in linears:
-                    prune_group([name], None)
-            halves = adapter.halves(runner) if stream is not None else ()
-            orphans = [n for n, m in run_linears.items() if halves and not any(h.owns(m) for h in halves)]
-            if orphans:
-                raise PrunelabError(f"{adapter.family} adapter: block {index} has linears in neither half: {orphans}")
+                    pruner.prune_group(index, linears, [name], None)
+                continue
+            halves = adapter.halves(runner)
+            check_halves_cover(adapter, index, halves, run_linears)
             for part, half in enumerate(halves):
-                members = {n: m for n, m in run_linears.items() if half.owns(m)}
                 last = index + 1 == len(adapter.blocks) and part == 1
-                if half.writer is not None:
-                    groups = group_cache.get(tuple(members)) or share_inputs(half, members, stream, index)
-                    group_cache[tuple(members)] = groups
-                    prune_half_in_lockstep(half, members, stream, index, stats_cls, groups, prune_group, need_output=not last)
-                else:  # routing decides which experts run: all statistics first, then prune, then propagate
-                    stats, leader_of = collect_statistics(half, members, stream, index, stats_cls)
-                    for leader in dict.fromkeys(leader_of.values()):
-                        prune_group([n for n in members if leader_of[n] == leader], stats.get(leader))
-                    if not last:
-                        propagate(half, stream, index)
+                pruner.prune_half(index, half, run_linears, stream, need_output=not last,
+                                  originals=linears if separate_runner else None)
         del runner
         release_memory()  # freed activations would otherwise fragment the heap and inflate RSS block after block
-    return records
+    return pruner.records

@@ -34,15 +34,48 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
         chars *= 2
 
 
-def calibration_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int):
-    """`samples` windows of `seqlen` tokens at uniformly random starts (recorded for the report)."""
+def calibration_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int, heldout: int = 0):
+    """`samples` windows of `seqlen` tokens at uniformly random starts (recorded for the report).
+
+    With `heldout`, that many further windows are drawn that overlap none of the first ones (for
+    choosing hyper-parameters on calibration text the training never saw); they are returned as
+    a third value (None without). The training windows are the same whether or not held-out ones are drawn.
+    """
     ids = tokenize(tokenizer, text)
     if len(ids) < seqlen + 1:
         raise PrunelabError(f"calibration text too short: {len(ids)} tokens, need more than seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=generator)
     windows = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
-    return windows, {"text_tokens": len(ids), "starts": starts.tolist()}
+    info = {"text_tokens": len(ids), "starts": starts.tolist()}
+    if not heldout:
+        return windows, info, None
+    covered = torch.zeros(len(ids) + seqlen, dtype=torch.int32)  # windows covering each position
+    for s in starts.tolist():
+        covered[s:s + seqlen] += 1
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), covered.cumsum(0)])
+    free = [s for s in range(len(ids) - seqlen) if prefix[s + seqlen] == prefix[s]] if len(ids) < 4 * seqlen * (samples + heldout) else None
+    held: list[int] = []
+    for _ in range(100 * heldout):
+        if len(held) == heldout:
+            break
+        if free is not None:  # short text: draw among the free starts
+            if not free:
+                break
+            s = free[int(torch.randint(0, len(free), (1,), generator=generator))]
+        else:
+            s = int(torch.randint(0, len(ids) - seqlen, (1,), generator=generator))
+        if prefix[s + seqlen] == prefix[s]:
+            held.append(s)
+            covered[s:s + seqlen] += 1
+            prefix = torch.cat([torch.zeros(1, dtype=torch.int64), covered.cumsum(0)])
+            if free is not None:
+                free = [f for f in free if prefix[f + seqlen] == prefix[f]]
+    if len(held) < heldout:
+        raise PrunelabError(f"calibration text too short: {len(ids)} tokens leave room for only {len(held)} of "
+                            f"{heldout} held-out windows of {seqlen} tokens beside the {samples} training windows")
+    info["heldout_starts"] = held
+    return windows, info, torch.stack([ids[s:s + seqlen] for s in held])
 
 
 def evaluation_windows(tokenizer, text: str, seqlen: int, max_windows: int = 0) -> torch.Tensor:

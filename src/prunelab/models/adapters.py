@@ -37,9 +37,18 @@ class Half:
     run: Callable[[torch.Tensor, dict], torch.Tensor]
     finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     writer: nn.Module | None
+    norms: tuple[nn.Module, ...] = ()  # norms the half applies outside `modules` (pre-norm, post-norm)
 
     def owns(self, linear: nn.Module) -> bool:
         return any(linear is m for module in self.modules for m in module.modules())
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter the half computes with, once each; the two halves of a block partition it."""
+        found: dict[int, nn.Parameter] = {}
+        for module in (*self.modules, *self.norms):
+            for p in module.parameters():
+                found.setdefault(id(p), p)
+        return list(found.values())
 
     def __call__(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         return self.finish(h, self.run(h, kwargs))
@@ -137,9 +146,10 @@ class LlamaAdapter(Adapter):
         mlp_out = block.post_feedforward_layernorm if sandwich else nn.Identity()
         attention = Half("attention", (block.self_attn,),
                          run=lambda h, kw: _first(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
-                         finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj)
+                         finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj,
+                         norms=(block.input_layernorm, attn_out))
         mlp = Half("mlp", (block.mlp,), run=lambda h, kw: block.mlp(mlp_in(h)), finish=lambda h, y: h + mlp_out(y),
-                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj)
+                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj, norms=(mlp_in, mlp_out))
         return attention, mlp
 
 
@@ -160,10 +170,11 @@ class OPTAdapter(Adapter):
         attention = Half("attention", (block.self_attn,),
                          run=lambda h, kw: _first(block.self_attn(
                              hidden_states=block.self_attn_layer_norm(h) if pre else h, **kw)),
-                         finish=residual(block.self_attn_layer_norm), writer=block.self_attn.out_proj)
+                         finish=residual(block.self_attn_layer_norm), writer=block.self_attn.out_proj,
+                         norms=(block.self_attn_layer_norm,))
         mlp = Half("mlp", (block.fc1, block.fc2),
                    run=lambda h, kw: block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h) if pre else h))),
-                   finish=residual(block.final_layer_norm), writer=block.fc2)
+                   finish=residual(block.final_layer_norm), writer=block.fc2, norms=(block.final_layer_norm,))
         return attention, mlp
 
 

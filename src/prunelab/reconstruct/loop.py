@@ -1,0 +1,154 @@
+"""The reconstruction loop: AdamW on one submodel's remaining weights, the pruning mask kept exact.
+
+A *problem* pairs a submodel's predictions with its targets window by window:
+
+    problem.windows(split)            -> number of windows in "train" or "heldout"
+    problem.batch(split, windows)     -> (prediction, target, token_mask or None)
+
+and the loop minimises, over the submodel's trainable parameters θ,
+
+    L(θ) = mean over non-pad tokens t of ℓ(f_θ(x)_t, y_t)
+
+    mse     ℓ = ‖p − y‖² / d
+    nmse    ℓ = ‖p − y‖² / ‖y‖²            (each token's error relative to its target's size)
+    cosine  ℓ = 1 − cos(p, y)
+
+with AdamW, a linear warm-up over the first `warmup` fraction of steps and a linear decay to 0.
+Pruned weights have zero gradient and are zeroed again after every step, so the mask is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import PrunelabError
+
+
+def _per_token(loss: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    pred, target = pred.float(), target.float()
+    if loss == "mse":
+        return (pred - target).pow(2).mean(-1)
+    if loss == "nmse":
+        return (pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
+    if loss == "cosine":
+        return 1 - nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+    raise PrunelabError(f"unknown reconstruction loss {loss!r}")
+
+
+def token_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the per-token loss over the tokens that are not padding."""
+    per_token = _per_token(loss, pred, target)
+    if token_mask is not None:
+        per_token = per_token[token_mask]
+    return per_token.mean()
+
+
+class Problem(Protocol):
+    def windows(self, split: str) -> int: ...
+
+    def batch(self, split: str, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass
+class Trainable:
+    """The parameters trained together, with the pruned entries of each pruned tensor."""
+
+    params: list[nn.Parameter]
+    pruned: list[torch.Tensor | None]  # bool, True where the weight was pruned; None for dense tensors
+
+    @classmethod
+    def of(cls, params: list[nn.Parameter], masked: set[int]) -> Trainable:
+        """`masked`: ids of the parameters whose zeros are the pruning mask (every other zero may move)."""
+        return cls(params, [p.detach() == 0 if id(p) in masked else None for p in params])
+
+    def count(self) -> int:
+        return sum(p.numel() - (int(m.sum()) if m is not None else 0) for p, m in zip(self.params, self.pruned))
+
+    def enforce_mask(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.pruned):
+                if m is not None:
+                    p.masked_fill_(m, 0)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def restore(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, state):
+                p.copy_(s)
+
+
+def schedule(steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor at each step: linear warm-up, then linear decay to 0 after the last step."""
+    warm = int(math.ceil(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(steps - warm, 1))
+    return factor
+
+
+def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: int, batch_size: int,
+        warmup: float, weight_decay: float, seed: int, autocast: torch.dtype | None = None,
+        on_step: Callable[[], None] | None = None) -> dict:
+    """Train `trainable` on the problem's training windows; returns {"steps", "loss_last_epoch"}."""
+    windows = problem.windows("train")
+    steps_per_epoch = math.ceil(windows / batch_size)
+    steps = epochs * steps_per_epoch
+    for p in trainable.params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable.params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, warmup))
+    generator = torch.Generator().manual_seed(seed)
+    device_type = trainable.params[0].device.type
+    last_epoch = 0.0
+    try:
+        for _ in range(epochs):
+            order, last_epoch = torch.randperm(windows, generator=generator), 0.0
+            for start in range(0, windows, batch_size):
+                with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    pred, target, mask = problem.batch("train", order[start:start + batch_size])
+                value = token_loss(loss, pred, target, mask)
+                if not torch.isfinite(value):
+                    raise PrunelabError(f"reconstruction loss became {value.item()} (lr {lr:g}); "
+                                        "choose a smaller --lr or --lr auto")
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                for p, m in zip(trainable.params, trainable.pruned):
+                    if m is not None and p.grad is not None:
+                        p.grad.masked_fill_(m, 0)
+                optimizer.step()
+                scheduler.step()
+                trainable.enforce_mask()
+                last_epoch += value.item() / steps_per_epoch
+                if on_step is not None:
+                    on_step()
+    finally:
+        for p in trainable.params:
+            p.requires_grad_(False)
+            p.grad = None
+    return {"steps": steps, "loss_last_epoch": last_epoch}
+
+
+@torch.no_grad()
+def evaluate(problem: Problem, split: str, loss: str, batch_size: int, autocast: torch.dtype | None = None,
+             device_type: str = "cpu") -> float:
+    """The loss over every non-pad token of the split's windows."""
+    total, tokens = 0.0, 0
+    windows = problem.windows(split)
+    for start in range(0, windows, batch_size):
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            pred, target, mask = problem.batch(split, torch.arange(start, min(start + batch_size, windows)))
+        per_token = _per_token(loss, pred, target)
+        if mask is not None:
+            per_token = per_token[mask]
+        total += per_token.sum().item()
+        tokens += per_token.numel()
+    return total / max(tokens, 1)
