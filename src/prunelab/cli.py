@@ -29,7 +29,8 @@ def _fail(exc: PrunelabError) -> None:
 def default_out(cfg: RunConfig) -> str:
     name = Path(cfg.model.rstrip("/")).name or cfg.model
     target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
-    return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{cfg.method}-{target}"))
+    recon = cfg.reconstruct.granularity.replace(":", "")
+    return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{cfg.method}-{target}-{recon}"))
 
 
 @app.command()
@@ -46,7 +47,7 @@ def run(
     eval_windows: Optional[int] = typer.Option(None, help="evaluation windows (0 = all)"),
     eval_seqlen: Optional[int] = typer.Option(None, help="tokens per evaluation window"),
     eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
-    batch_size: Optional[int] = typer.Option(None, help="windows per forward pass"),
+    forward_batch: Optional[int] = typer.Option(None, help="windows per calibration forward pass"),
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="dtype of calibration forward passes: float32 | bfloat16 | float16"),
     model_dtype: Optional[str] = typer.Option(None, help="dtype the model is loaded, evaluated and saved in"),
@@ -56,14 +57,26 @@ def run(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace an existing output folder"),
     damp: Optional[float] = typer.Option(None, help="SparseGPT dampening (fraction of mean diag H)"),
     blocksize: Optional[int] = typer.Option(None, help="SparseGPT column block size"),
+    reconstruct: Optional[str] = typer.Option(None, help="local reconstruction: attn-mlp | matrix | block | blocks:K | model | none"),
+    propagation: Optional[str] = typer.Option(None, help="reconstruction inputs/targets: dense | sparse | mixed"),
+    loss: Optional[str] = typer.Option(None, help="reconstruction loss: mse | nmse | cosine"),
+    lr: Optional[str] = typer.Option(None, help="reconstruction learning rate, or 'auto' (chosen on held-out calibration windows)"),
+    lr_grid: Optional[str] = typer.Option(None, help="learning rates 'auto' tries, comma-separated"),
+    lr_probe: Optional[int] = typer.Option(None, help="submodels on which 'auto' tries the grid"),
+    epochs: Optional[int] = typer.Option(None, help="reconstruction epochs over the calibration windows"),
+    batch_size: Optional[int] = typer.Option(None, help="windows per reconstruction step"),
+    freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms", help="train only linear weights and biases"),
+    heldout: Optional[int] = typer.Option(None, help="held-out calibration windows (lr choice, loss report)"),
+    offload: Optional[str] = typer.Option(None, help="cached activations in memory-mapped files: auto | on | off"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
 ) -> None:
-    """Prune a model, evaluate it, save it with its report (defaults: embedded SmolLM2, Wanda 50 %)."""
+    """Prune a model, reconstruct it, evaluate it, save it with its report
+    (defaults: embedded SmolLM2, Wanda 50 %, attn-mlp reconstruction)."""
     from .job import run as run_job
 
     given = {k: v for k, v in dict(
         model=model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, samples=samples, seqlen=seqlen,
-        eval=eval, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_dense=eval_dense, batch_size=batch_size,
+        eval=eval, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_dense=eval_dense, batch_size=forward_batch,
         seed=seed, dtype=dtype, model_dtype=model_dtype, device=device, threads=threads, out=out, overwrite=overwrite,
     ).items() if v is not None}
     try:
@@ -72,6 +85,14 @@ def run(
         sparsegpt = dict(values.get("sparsegpt") or {})
         sparsegpt.update({k: v for k, v in dict(damp=damp, blocksize=blocksize).items() if v is not None})
         values["sparsegpt"] = sparsegpt
+        recon = values.get("reconstruct") or {}
+        recon = {"granularity": recon} if isinstance(recon, str) else dict(recon)
+        grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None
+        recon.update({k: v for k, v in dict(
+            granularity=reconstruct, propagation=propagation, loss=loss, lr=lr, lr_grid=grid, lr_probe=lr_probe,
+            epochs=epochs, batch_size=batch_size, freeze_norms=freeze_norms, heldout=heldout, offload=offload,
+        ).items() if v is not None})
+        values["reconstruct"] = recon
         cfg = RunConfig.from_dict(values)
         if cfg.out is None:
             cfg.out = default_out(cfg)
@@ -125,6 +146,21 @@ def eval_command(
     console.print(table)
     if json_out:
         print(json.dumps(result, indent=1))
+
+
+@app.command()
+def study(
+    grid: Path = typer.Argument(..., help="YAML or TOML file with base, grid and runs (see prunelab.study)"),
+    out: Path = typer.Option(Path("runs/study"), help="folder for runs/*.json, STUDY.md, study.json, study.png"),
+) -> None:
+    """Run a grid of prune(+reconstruct) runs and write one table and plots; resumes an interrupted study."""
+    from .study import run_study
+
+    try:
+        results = run_study(grid, out)
+    except PrunelabError as exc:
+        _fail(exc)
+    console.print(f"{len(results)} runs; table in {out / 'STUDY.md'}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ import torch
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("prunelab", "torch", "transformers", "accelerate", "safetensors", "datasets"):
+    for package in ("prunelab", "torch", "transformers", "accelerate", "safetensors", "datasets", "matplotlib"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -30,22 +30,89 @@ def _ppl(metrics: dict, key: str) -> str:
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     cfg, metrics, stages = report["config"], report["metrics"], report["stages"]
     sparsity = report["sparsity"]
-    prune = stages.get("prune", {})
+    recon = report.get("reconstruction")
+    name = "prune+reconstruct" if recon else "prune"
+    prune = stages.get(name, {})
     rows = [
         ("model", report["model"]["source"]),
         ("method", f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}"),
+        ("reconstruction", _recon_label(cfg["reconstruct"], recon)),
         ("sparsity (pruned linears)", f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})"),
         ("perplexity dense", _ppl(metrics, "dense")),
-        ("perplexity pruned", _ppl(metrics, "pruned")),
-        ("pruning time", f"{prune.get('seconds', 0):.1f} s"),
-        ("peak RSS while pruning", f"{prune.get('peak_rss_gb', 0):.2f} GB"),
+        ("perplexity pruned" + (" + reconstructed" if recon else ""), _ppl(metrics, "pruned")),
+        (f"{name} time", f"{prune.get('seconds', 0):.1f} s"),
+        (f"peak RSS ({name})", f"{prune.get('peak_rss_gb', 0):.2f} GB"),
     ]
+    if prune.get("cuda_peak_gb"):
+        rows.append((f"peak CUDA memory ({name})", f"{prune['cuda_peak_gb']:.2f} GB"))
     if report.get("output"):
         rows.append(("saved to", report["output"]))
     return rows
 
 
-def to_markdown(report: dict) -> str:
+def _recon_label(rc: dict, recon: dict | None) -> str:
+    if not recon:
+        return "none"
+    lr = recon["lr"]
+    chosen = f"lr {lr['lr']:g}" + (" (auto)" if lr["mode"] == "auto" else "")
+    return f"{rc['granularity']}, {rc['propagation']} propagation, {rc['loss']}, {chosen}, {rc['epochs']} epoch(s)"
+
+
+def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
+    recon, rc = report["reconstruction"], report["config"]["reconstruct"]
+    lines = ["", "## Reconstruction", "",
+             f"Granularity `{rc['granularity']}`, propagation `{rc['propagation']}`, loss `{rc['loss']}`, AdamW "
+             f"(weight decay {rc['weight_decay']:g}), batch {rc['batch_size']} windows, {rc['epochs']} epoch(s), linear "
+             f"warm-up over {rc['warmup']:.0%} of steps then linear decay to 0; norms "
+             f"{'frozen' if rc['freeze_norms'] else 'trained'}; pruned weights held at exactly zero. Losses are on the "
+             f"training windows and on {report['data']['calibration']['heldout']} held-out calibration windows "
+             "(never the evaluation text)."]
+    lr = recon["lr"]
+    if lr["mode"] == "auto":
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
+        lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
+                      f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
+    lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]
+    if plot:
+        lines += ["", f"![reconstruction loss per submodel]({plot})"]
+    lines += ["", "| submodel | lr | trainable | train loss before → after | held-out loss before → after | seconds |",
+              "|---|---|---|---|---|---|"]
+    for r in recon["submodels"]:
+        lr_text = f"{r['lr']:g}" if r.get("lr") is not None else "per matrix"
+        trainable = r.get("trainable", sum(m["trainable"] for m in r.get("matrices", [])))
+        lines.append(f"| {r['submodel']} | {lr_text} | {trainable} | {r['loss_train_before']:.4g} → {r['loss_train_after']:.4g} "
+                     f"| {r['loss_heldout_before']:.4g} → {r['loss_heldout_after']:.4g} | {r['seconds']:.1f} |")
+    return lines
+
+
+def plot_reconstruction(report: dict, path: Path) -> bool:
+    """Per-submodel held-out loss before and after reconstruction (log scale); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = report["reconstruction"]["submodels"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = range(len(records))
+    for key, label in (("loss_heldout_before", "pruned"), ("loss_heldout_after", "reconstructed")):
+        ax.plot(x, [r[key] for r in records], marker=".", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("submodel (model order)")
+    ax.set_ylabel(f"held-out {report['config']['reconstruct']['loss']} loss")
+    ax.set_title(f"{report['config']['method']} {report['config']['pattern'] or format(report['config']['sparsity'], '.0%')}"
+                 f" + {report['config']['reconstruct']['granularity']} reconstruction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def to_markdown(report: dict, plot: str | None = None) -> str:
     lines = ["# prunelab run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
     ev = report["data"].get("evaluation")
@@ -58,6 +125,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Calibration", "",
                   f"{cal['samples']} windows × {cal['seqlen']} tokens drawn with seed {cal['seed']} from `{cal['source']}` "
                   f"({cal['description']}, {cal['text_tokens']} tokens); window starts are in prunelab.json."]
+    if report.get("reconstruction"):
+        lines += _reconstruction_markdown(report, plot)
     lines += ["", "## Stages", "", "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
     lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for name, s in report["stages"].items()]
     lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
@@ -76,5 +145,8 @@ def to_markdown(report: dict) -> str:
 
 
 def write(report: dict, folder: Path) -> None:
+    plot = None
+    if report.get("reconstruction") and plot_reconstruction(report, folder / "reconstruction_loss.png"):
+        plot = "reconstruction_loss.png"
     (folder / "prunelab.json").write_text(json.dumps(report, indent=1))
-    (folder / "REPORT.md").write_text(to_markdown(report))
+    (folder / "REPORT.md").write_text(to_markdown(report, plot))

@@ -340,8 +340,11 @@ class Reconstructor:
     # -- training ---------------------------------------------------------------------------------
 
     def _trainable(self, half: Half) -> list[nn.Parameter]:
-        frozen = {id(p) for norm in half.norms for p in norm.parameters()} if self.rc.freeze_norms else set()
-        return [p for p in half.parameters() if id(p) not in frozen]
+        if not self.rc.freeze_norms:
+            return half.parameters()
+        # Only the linears (and their biases): every norm is frozen, also those inside attention (q/k norms).
+        linear = {id(p) for module in half.modules for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+        return [p for p in half.parameters() if id(p) in linear]
 
     def _loss(self, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream) -> float:
         total, tokens = 0.0, 0

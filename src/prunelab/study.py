@@ -1,0 +1,169 @@
+"""A grid of runs, one table and plots: `prunelab study grid.yaml`.
+
+The grid file:
+
+    base:                       # RunConfig values every run shares
+      threads: 2
+    grid:                       # every combination of these; dotted keys reach nested options
+      method: [magnitude, wanda, sparsegpt]
+      pattern: [null, "2:4"]
+      reconstruct.granularity: [none, matrix, attn-mlp]
+    runs:                       # further single runs (optional), each a set of overrides of `base`
+      - {method: wanda, reconstruct.propagation: dense}
+
+Each run is a separate process (so that its peak memory is its own) and writes its report to
+`<out>/runs/<name>.json` as soon as it ends; an interrupted study resumes where it stopped.
+The dense model is evaluated once. Models are not saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import RunConfig, load_config_file
+from .errors import PrunelabError
+
+COLUMNS = ("method", "pattern", "granularity", "propagation", "loss", "lr")
+
+
+def _nest(flat: dict) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def plan(grid_file: Path) -> list[tuple[str, dict]]:
+    spec = load_config_file(grid_file)
+    unknown = set(spec) - {"base", "grid", "runs"}
+    if unknown:
+        raise PrunelabError(f"unknown study key(s) {sorted(unknown)} in {grid_file}; expected base, grid, runs")
+    base = spec.get("base") or {}
+    grid = spec.get("grid") or {}
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    runs = []
+    for overrides in combos + list(spec.get("runs") or []):
+        values = _merge(_nest({k: v for k, v in base.items()}), _nest(overrides))
+        values.pop("out", None)
+        RunConfig.from_dict(values)  # refuse a bad grid before hours of work
+        name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in overrides.items()).replace(":", "of").replace("/", "-")
+        runs.append((name or "base", values))
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise PrunelabError("two study runs have the same overrides")
+    return runs
+
+
+def run_study(grid_file: Path, out: Path, progress: bool = True) -> list[dict]:
+    runs = plan(grid_file)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if not env.get("PRUNELAB_NO_MALLOC_TUNING"):
+        from .cli import MALLOC_TUNABLES
+
+        env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    results = []
+    for number, (name, values) in enumerate(runs):
+        path = out / "runs" / f"{name}.json"
+        if not path.exists():
+            values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
+            if progress:
+                print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
+            done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
+            if done.returncode != 0:
+                raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}")
+        results.append({"name": name, **json.loads(path.read_text())})
+    write_table(results, out)
+    return results
+
+
+def summarise(report: dict) -> dict:
+    cfg, rc = report["config"], report["config"]["reconstruct"]
+    stage = report["stages"].get("prune+reconstruct") or report["stages"].get("prune") or {}
+    recon = report.get("reconstruction")
+    return {
+        "method": cfg["method"], "pattern": cfg["pattern"] or f"{cfg['sparsity']:.0%}",
+        "granularity": rc["granularity"], "propagation": rc["propagation"] if recon else "–",
+        "loss": rc["loss"] if recon else "–", "lr": recon["lr"]["lr"] if recon else None,
+        "perplexity": report["metrics"]["pruned"]["perplexity"],
+        "dense_perplexity": report["metrics"].get("dense", {}).get("perplexity"),
+        "seconds": stage.get("seconds"), "peak_rss_gb": stage.get("peak_rss_gb"), "cuda_peak_gb": stage.get("cuda_peak_gb"),
+        "sparsity": report["sparsity"]["sparsity"],
+    }
+
+
+def write_table(results: list[dict], out: Path) -> None:
+    dense = next((r["dense_perplexity"] for r in results if r.get("dense_perplexity")), None)
+    lines = ["# prunelab study", ""]
+    if dense:
+        lines += [f"Dense perplexity: {dense:.2f}", ""]
+    lines += ["| method | pattern | reconstruction | propagation | loss | lr | perplexity | time (s) | peak RSS (GB) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lr = f"{r['lr']:g}" if r["lr"] is not None else "–"
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
+                     f"| {r['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
+    (out / "STUDY.md").write_text("\n".join(lines) + "\n")
+    (out / "study.json").write_text(json.dumps(results, indent=1))
+    _plot(results, out / "study.png", dense)
+
+
+def _plot(results: list[dict], path: Path, dense: float | None) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    patterns = list(dict.fromkeys(r["pattern"] for r in results))
+    fig, axes = plt.subplots(1, len(patterns), figsize=(5 * len(patterns), 3.8), squeeze=False)
+    for ax, pattern in zip(axes[0], patterns):
+        rows = [r for r in results if r["pattern"] == pattern and r["propagation"] in ("–", "sparse") and r["loss"] in ("–", "mse")]
+        granularities = list(dict.fromkeys(r["granularity"] for r in rows))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = {r["granularity"]: r["perplexity"] for r in rows if r["method"] == method}
+            ax.plot([g for g in granularities if g in points], [points[g] for g in granularities if g in points],
+                    marker="o", label=method)
+        if dense:
+            ax.axhline(dense, color="grey", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f"{pattern}")
+        ax.set_xlabel("reconstruction")
+        ax.set_ylabel("perplexity")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _worker(values_json: str, result_path: str) -> None:
+    from .job import run
+
+    report = run(RunConfig.from_dict(json.loads(values_json)), progress=False)
+    report.pop("layers", None)
+    report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "layers"}
+    summary = summarise(report)
+    tmp = Path(result_path + ".tmp")
+    tmp.write_text(json.dumps({**summary, "report": report}, indent=1))
+    tmp.replace(result_path)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

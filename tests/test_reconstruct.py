@@ -1,0 +1,253 @@
+"""Local reconstruction on tiny models: it learns, keeps the mask, covers the model once, and feeds
+each submodel what its propagation mode says."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.calibration import capture_block_inputs
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+from prunelab.reconstruct import Trainable, fit, schedule, submodels, token_loss
+from prunelab.reconstruct.sequential import prune_and_reconstruct, run_halves
+from prunelab.config import RunConfig
+from tiny import FAMILIES, random_ids, tiny_model
+
+TRAIN, HELD = random_ids(12, 16, seed=1), random_ids(4, 16, seed=2)
+
+
+def reconstruct(model, observer=None, **options):
+    recon = {"lr": 5e-4, "epochs": 2, "heldout": 4, **options.pop("reconstruct", {})}
+    config = RunConfig(method=options.pop("method", "wanda"), batch_size=4, reconstruct=recon, **options)
+    return prune_and_reconstruct(model, find_adapter(model), TRAIN, HELD, config, progress=False, observer=observer)
+
+
+def zero_masks(model):
+    return {name: w == 0 for name, w in find_adapter(model).prunable_weights().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_mlp_reconstruction_lowers_every_submodels_loss_and_keeps_the_sparsity(family):
+    model = tiny_model(family)
+    _, report = reconstruct(model)
+    assert len(report["submodels"]) == 4  # two blocks, two halves each
+    for record in report["submodels"]:
+        assert record["loss_train_after"] < record["loss_train_before"], record
+    for name, weight in find_adapter(model).prunable_weights().items():
+        rows = weight.reshape(-1, weight.shape[-1])
+        # Wanda removes exactly half of every row; a weight revived by training would break this
+        assert torch.equal((rows == 0).sum(-1), torch.full((rows.shape[0],), rows.shape[1] // 2)), name
+
+
+def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    pruned = linear.weight == 0
+    x, y = torch.randn(6, 5, 16), torch.randn(6, 5, 8)
+
+    class Problem:
+        def windows(self, split):
+            return 6
+
+        def batch(self, split, windows):
+            return linear(x[windows]), y[windows], None
+
+    trainable = Trainable.of(list(linear.parameters()), {id(linear.weight)})
+    checks = []
+    fit(trainable, Problem(), lr=0.1, loss="mse", epochs=3, batch_size=2, warmup=0.1, weight_decay=0.1, seed=0,
+        on_step=lambda: checks.append(torch.equal(linear.weight == 0, pruned)))
+    assert len(checks) == 9 and all(checks)
+    assert trainable.count() == linear.weight.numel() // 2 + linear.bias.numel()
+
+
+def test_saved_model_has_exactly_the_mask_pruning_chose(tiny_dir, texts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from prunelab.pipeline import HalfPruner
+
+    chosen = {}
+    real = HalfPruner.prune_group
+
+    def record_masks(self, index, linears, names, stats, mirrors=None):
+        real(self, index, linears, names, stats, mirrors)
+        for name in names:
+            chosen[f"model.layers.{index}.{name}.weight"] = linears[name].weight == 0
+
+    monkeypatch.setattr(HalfPruner, "prune_group", record_masks)
+    out = tmp_path / "out"
+    report = prunelab.run(model=str(tiny_dir), calib=str(texts[0]), eval=str(texts[1]), samples=8, seqlen=16,
+                          eval_windows=2, eval_seqlen=16, out=str(out), pattern="2:4",
+                          reconstruct={"lr": 1e-3, "heldout": 2}, progress=False)
+    saved = load_file(out / "model.safetensors")
+    assert len(chosen) == 14
+    for name, mask in chosen.items():
+        assert torch.equal(saved[name] == 0, mask), name
+    assert all(r["loss_train_after"] < r["loss_train_before"] for r in report["reconstruction"]["submodels"])
+    written = json.loads((out / "prunelab.json").read_text())
+    assert written["reconstruction"]["submodels"][0]["lr"] == 1e-3
+    assert "## Reconstruction" in (out / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("granularity, count", [("attn-mlp", 4), ("block", 2), ("blocks:2", 1), ("blocks:4", 1), ("model", 1)])
+def test_granularities_cover_every_half_once_and_train_every_parameter_once(granularity, count):
+    plan = submodels(2, granularity)
+    assert len(plan) == count and [u for units in plan for u in units] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    model = tiny_model("llama")
+    adapter = find_adapter(model)
+    for block in adapter.blocks:  # the two halves partition each block's parameters
+        attention, mlp = adapter.halves(block)
+        ids_a, ids_m = {id(p) for p in attention.parameters()}, {id(p) for p in mlp.parameters()}
+        assert not ids_a & ids_m and ids_a | ids_m == {id(p) for p in block.parameters()}
+
+
+def test_model_granularity_trains_the_sum_of_the_parts():
+    counts = {}
+    for granularity in ("attn-mlp", "block", "model"):
+        model = tiny_model("llama")
+        _, report = reconstruct(model, reconstruct={"granularity": granularity})
+        counts[granularity] = sum(r["trainable"] for r in report["submodels"])
+    blocks = find_adapter(model).blocks
+    total = sum(p.numel() for p in blocks.parameters())
+    pruned = sum(int((w == 0).sum()) for w in find_adapter(model).prunable_weights().values())
+    assert counts["attn-mlp"] == counts["block"] == counts["model"] == total - pruned
+
+
+def test_matrix_granularity_trains_each_linear_alone_once():
+    model = tiny_model("llama")
+    _, report = reconstruct(model, reconstruct={"granularity": "matrix"})
+    layers = [(r["blocks"][0], m["layer"]) for r in report["submodels"] for m in r["matrices"]]
+    expected = [(i, f"{part}.{n}") for i in range(2) for part, names in
+                (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+                for n in names]
+    assert sorted(layers) == sorted(expected) and len(layers) == len(set(layers))
+    for r in report["submodels"]:
+        assert all(m["loss_train_after"] < m["loss_train_before"] for m in r["matrices"])
+
+
+def test_matrix_granularity_refuses_routed_experts():
+    with pytest.raises(PrunelabError, match="matrix reconstruction needs linears that every token runs"):
+        reconstruct(tiny_model("mixtral"), reconstruct={"granularity": "matrix"})
+
+
+def dense_boundaries(model):
+    """The dense model's activations before each half-block, for the training windows."""
+    adapter = find_adapter(model)
+    stream = capture_block_inputs(model, adapter.blocks, TRAIN, None, 4, torch.float32)
+    out = [stream.hidden.clone()]
+    for i, block in enumerate(adapter.blocks):
+        for half in adapter.halves(block):
+            out.append(run_halves([half], [(i, 0)], stream.with_hidden(out[-1]), torch.empty_like(out[-1])))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "mixed"])
+def test_propagation_modes_feed_what_the_spec_says(mode):
+    model = tiny_model("llama")
+    dense_model = copy.deepcopy(model)
+    reference = dense_boundaries(dense_model)
+    dense_adapter = find_adapter(dense_model)
+    seen = []
+    reconstruct(model, observer=lambda e: seen.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()}),
+                reconstruct={"propagation": mode})
+    for k, event in enumerate(seen):
+        (i, part), = event["units"]
+        dense_half = dense_adapter.halves(dense_adapter.blocks[i])[part]
+        stream = capture_block_inputs(dense_model, dense_adapter.blocks, TRAIN, None, 4, torch.float32)
+        dense_of_input = run_halves([dense_half], [(i, 0)], stream.with_hidden(event["inputs"]), torch.empty_like(event["inputs"]))
+        if mode == "dense":
+            torch.testing.assert_close(event["inputs"], reference[k])
+            torch.testing.assert_close(event["targets"], reference[k + 1])
+        else:
+            if k > 0:  # the previous submodel's (pruned, reconstructed) outputs
+                torch.testing.assert_close(event["inputs"], seen[k - 1]["outputs"])
+                assert not torch.allclose(event["inputs"], reference[k])
+            wanted = dense_of_input if mode == "sparse" else reference[k + 1]
+            torch.testing.assert_close(event["targets"], wanted)
+    if mode == "sparse":  # the dense model's own activations would be a different target
+        assert not torch.allclose(seen[-1]["targets"], reference[-1])
+
+
+def test_lr_auto_tries_the_grid_and_reports_its_choice():
+    model = tiny_model("llama")
+    _, report = reconstruct(model, reconstruct={"lr": "auto", "lr_grid": [1e-7, 5e-4], "lr_probe": 2})
+    lr = report["lr"]
+    assert lr["mode"] == "auto" and lr["probed_problems"] == 2
+    assert set(report["submodels"][0]["lr_probe"]) == {"1e-07", "0.0005"}
+    assert all(r["lr"] == lr["lr"] for r in report["submodels"][2:])
+    assert lr["lr"] == 5e-4  # 1e-7 barely moves the weights in 12 steps
+
+
+def test_offloaded_activations_give_the_same_result():
+    models = [tiny_model("qwen2") for _ in range(2)]
+    reports = [reconstruct(m, reconstruct={"offload": o})[1] for m, o in zip(models, ("off", "on"))]
+    assert reports[1]["offload"] and not reports[0]["offload"]
+    for a, b in zip(*(m.state_dict().values() for m in models)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_norms_leaves_every_norm_alone(freeze):
+    model = tiny_model("gemma3")  # four norms per block, and q/k norms inside attention
+    norms = {n: p.clone() for n, p in model.named_parameters() if "norm" in n and ".layers." in n}
+    linears = {n: p.clone() for n, p in model.named_parameters() if "proj" in n}
+    reconstruct(model, reconstruct={"freeze_norms": freeze})
+    changed = {n for n, p in model.named_parameters() if n in norms and not torch.equal(norms[n], p)}
+    assert changed == (set() if freeze else set(norms))
+    assert all(not torch.equal(linears[n], p) for n, p in model.named_parameters() if n in linears)
+
+
+def test_bfloat16_model_trains_in_float32_and_stays_bfloat16():
+    model = tiny_model("llama").to(torch.bfloat16)
+    _, report = reconstruct(model, model_dtype="bfloat16", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(r["loss_train_after"] < r["loss_train_before"] for r in report["submodels"])
+
+
+def test_pad_tokens_do_not_count_in_the_loss():
+    pred, target = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    changed = pred.clone()
+    changed[0, 2:] += 100
+    for loss in ("mse", "nmse", "cosine"):
+        assert token_loss(loss, pred, target, mask) == token_loss(loss, changed, target, mask)
+        assert token_loss(loss, pred, target, None) != token_loss(loss, changed, target, None)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factor = schedule(10, 0.1)
+    assert [round(factor(s), 3) for s in (0, 1, 5, 9)] == [1.0, 1.0, 0.556, 0.111]
+    assert schedule(20, 0.1)(0) == 0.5 and factor(10) == 0.0
+
+
+def test_exploding_learning_rate_gives_a_clear_error():
+    with pytest.raises(PrunelabError, match="reconstruction loss became"):
+        reconstruct(tiny_model("llama"), reconstruct={"lr": 1e12})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"granularity": "blocks:0"}, "reconstruct granularity must be one of"),
+    ({"granularity": "layers"}, "reconstruct granularity must be one of"),
+    ({"propagation": "both"}, "propagation must be one of"),
+    ({"loss": "l1"}, "loss must be one of"),
+    ({"lr": "fast"}, "lr must be a positive number or 'auto'"),
+    ({"lr": -1.0}, "learning rates must be positive"),
+    ({"epochs": 0}, "reconstruct.epochs must be a positive integer"),
+])
+def test_bad_reconstruction_options_are_refused(options, message):
+    with pytest.raises(PrunelabError, match=message):
+        RunConfig(reconstruct=options)
+
+
+def test_api_splits_heldout_windows_off_a_given_tensor():
+    model = tiny_model("llama")
+    result = prunelab.prune(model, calibration=random_ids(10, 16), batch_size=4, reconstruct={"heldout": 3, "lr": 1e-3},
+                            progress=False)
+    assert result["reconstruction"]["submodels"][0]["loss_heldout_before"] > 0
+    with pytest.raises(PrunelabError, match="leave none for training"):
+        prunelab.prune(tiny_model("llama"), calibration=random_ids(3, 16), reconstruct={"heldout": 3}, progress=False)

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import yaml
+
+from prunelab.errors import PrunelabError
+from prunelab.study import plan, run_study
+
+
+def write_grid(path, spec):
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_expands_every_combination_plus_single_runs(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {
+        "base": {"threads": 1, "reconstruct": {"lr": 0.001}},
+        "grid": {"method": ["wanda", "magnitude"], "reconstruct.granularity": ["none", "attn-mlp", "blocks:2"]},
+        "runs": [{"method": "wanda", "reconstruct.propagation": "dense"}],
+    })
+    runs = plan(grid)
+    assert len(runs) == 7 and len({name for name, _ in runs}) == 7
+    name, values = runs[2]
+    assert name == "method-wanda_granularity-blocksof2"
+    assert values["reconstruct"] == {"lr": 0.001, "granularity": "blocks:2"} and values["threads"] == 1
+    assert runs[-1][1]["reconstruct"] == {"lr": 0.001, "propagation": "dense"}
+
+
+def test_bad_grid_is_refused_before_any_run(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"grid": {"reconstruct.granularity": ["attn-mlp", "rows"]}})
+    with pytest.raises(PrunelabError, match="reconstruct granularity must be one of"):
+        plan(grid)
+    with pytest.raises(PrunelabError, match="unknown study key"):
+        plan(write_grid(tmp_path / "h.yaml", {"grids": {}}))
+
+
+def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, texts):
+    base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": str(texts[1]), "samples": 6, "seqlen": 16,
+            "eval_windows": 2, "eval_seqlen": 16, "threads": 1, "reconstruct": {"lr": 0.01, "heldout": 2}}
+    grid = write_grid(tmp_path / "g.yaml", {"base": base, "grid": {"reconstruct.granularity": ["none", "attn-mlp"]}})
+    out = tmp_path / "study"
+    results = run_study(grid, out, progress=False)
+    assert [r["granularity"] for r in results] == ["none", "attn-mlp"]
+    assert results[0]["dense_perplexity"] and results[1]["dense_perplexity"] is None  # dense evaluated once
+    assert all(r["perplexity"] > 1 and r["seconds"] > 0 and r["peak_rss_gb"] > 0 for r in results)
+    table = (out / "STUDY.md").read_text()
+    assert table.count("| wanda | 50% |") == 2 and (out / "study.png").stat().st_size > 0
+    first = (out / "runs" / "granularity-none.json").stat().st_mtime_ns
+    again = run_study(grid, out, progress=False)  # resumes: nothing is run twice
+    assert (out / "runs" / "granularity-none.json").stat().st_mtime_ns == first
+    assert json.loads((out / "study.json").read_text())[1]["perplexity"] == again[1]["perplexity"]
