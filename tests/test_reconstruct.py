@@ -204,7 +204,7 @@ def test_freeze_norms_leaves_every_norm_alone(freeze):
 
 def test_bfloat16_model_trains_in_float32_and_stays_bfloat16():
     model = tiny_model("llama").to(torch.bfloat16)
-    _, report = reconstruct(model, model_dtype="bfloat16", dtype="bfloat16")
+    _, report = reconstruct(model, model_dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert all(r["loss_train_after"] < r["loss_train_before"] for r in report["submodels"])
 
@@ -242,6 +242,12 @@ def test_exploding_learning_rate_gives_a_clear_error():
 def test_bad_reconstruction_options_are_refused(options, message):
     with pytest.raises(PrunelabError, match=message):
         RunConfig(reconstruct=options)
+
+
+def test_reconstruction_refuses_low_precision_activations():
+    with pytest.raises(PrunelabError, match="reconstruction computes in float32"):
+        RunConfig(dtype="bfloat16")
+    assert RunConfig(dtype="bfloat16", reconstruct="none").dtype == "bfloat16"
 
 
 def test_api_splits_heldout_windows_off_a_given_tensor():

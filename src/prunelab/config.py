@@ -137,6 +137,11 @@ class RunConfig:
         if self.sparsegpt.damp < 0 or self.sparsegpt.blocksize < 1:
             raise PrunelabError("sparsegpt.damp must be >= 0 and sparsegpt.blocksize >= 1")
         self.reconstruct.validate()
+        if self.reconstruct.enabled and self.dtype != "float32":
+            # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
+            # than the errors being reconstructed, and the attention halves' losses rose in training.
+            raise PrunelabError(f"reconstruction computes in float32 (dtype {self.dtype} activations are too coarse "
+                                "for its targets); use --dtype float32, or --reconstruct none to prune alone")
 
     @property
     def needs_calibration(self) -> bool:

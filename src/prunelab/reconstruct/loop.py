@@ -96,8 +96,7 @@ def schedule(steps: int, warmup: float) -> Callable[[int], float]:
 
 
 def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: int, batch_size: int,
-        warmup: float, weight_decay: float, seed: int, autocast: torch.dtype | None = None,
-        on_step: Callable[[], None] | None = None) -> dict:
+        warmup: float, weight_decay: float, seed: int, on_step: Callable[[], None] | None = None) -> dict:
     """Train `trainable` on the problem's training windows; returns {"steps", "loss_last_epoch"}."""
     windows = problem.windows("train")
     steps_per_epoch = math.ceil(windows / batch_size)
@@ -107,14 +106,12 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
     optimizer = torch.optim.AdamW(trainable.params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, warmup))
     generator = torch.Generator().manual_seed(seed)
-    device_type = trainable.params[0].device.type
     last_epoch = 0.0
     try:
         for _ in range(epochs):
             order, last_epoch = torch.randperm(windows, generator=generator), 0.0
             for start in range(0, windows, batch_size):
-                with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    pred, target, mask = problem.batch("train", order[start:start + batch_size])
+                pred, target, mask = problem.batch("train", order[start:start + batch_size])
                 value = token_loss(loss, pred, target, mask)
                 if not torch.isfinite(value):
                     raise PrunelabError(f"reconstruction loss became {value.item()} (lr {lr:g}); "
@@ -138,14 +135,12 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
 
 
 @torch.no_grad()
-def evaluate(problem: Problem, split: str, loss: str, batch_size: int, autocast: torch.dtype | None = None,
-             device_type: str = "cpu") -> float:
+def evaluate(problem: Problem, split: str, loss: str, batch_size: int) -> float:
     """The loss over every non-pad token of the split's windows."""
     total, tokens = 0.0, 0
     windows = problem.windows(split)
     for start in range(0, windows, batch_size):
-        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            pred, target, mask = problem.batch(split, torch.arange(start, min(start + batch_size, windows)))
+        pred, target, mask = problem.batch(split, torch.arange(start, min(start + batch_size, windows)))
         per_token = _per_token(loss, pred, target)
         if mask is not None:
             per_token = per_token[mask]

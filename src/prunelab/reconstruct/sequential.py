@@ -40,7 +40,6 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
-from ..models.loading import torch_dtype
 from ..pipeline import HalfPruner, check_halves_cover, check_pattern_fits
 from .loop import Trainable, evaluate, fit, token_loss
 
@@ -107,7 +106,7 @@ def choose_offload(config: RunConfig, train_windows: int, held_windows: int, hid
     if rc.offload != "auto":
         return rc.offload == "on"
     copies = 4 if rc.propagation == "mixed" else 3
-    size = copies * (train_windows + held_windows) * config.seqlen * hidden * torch_dtype(config.dtype).itemsize
+    size = copies * (train_windows + held_windows) * config.seqlen * hidden * 4  # float32
     return device.type == "cpu" and size > 0.5 * psutil.virtual_memory().available
 
 
@@ -226,8 +225,6 @@ class Reconstructor:
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
         self.progress, self.observer = progress, observer
         self.pruner = HalfPruner(config)
-        self.compute_dtype = torch_dtype(config.dtype)
-        self.autocast = None if self.compute_dtype == torch.float32 else self.compute_dtype
         self.lr = LearningRate(None if self.rc.lr == "auto" else float(self.rc.lr), tuple(self.rc.lr_grid), self.rc.lr_probe)
         self.records: list[dict] = []
         self.seconds = {"targets": 0.0, "prune": 0.0, "train": 0.0, "propagate": 0.0}
@@ -247,8 +244,8 @@ class Reconstructor:
         self.model.requires_grad_(False)  # only the current submodel's parameters get gradients
         device = next(self.model.parameters()).device
         capture = {
-            "train": capture_block_inputs(self.model, blocks, input_ids, attention_mask, self.config.batch_size, self.compute_dtype),
-            "heldout": capture_block_inputs(self.model, blocks, heldout_ids, None, self.config.batch_size, self.compute_dtype),
+            "train": capture_block_inputs(self.model, blocks, input_ids, attention_mask, self.config.batch_size, torch.float32),
+            "heldout": capture_block_inputs(self.model, blocks, heldout_ids, None, self.config.batch_size, torch.float32),
         }
         hidden = capture["train"].hidden.shape[-1]
         offload = choose_offload(self.config, input_ids.shape[0], heldout_ids.shape[0], hidden, device)
@@ -286,7 +283,6 @@ class Reconstructor:
             tick = now
 
         with ExitStack() as stack:
-            stack.enter_context(torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None))
             for i in indices:  # trainable parameters are float32 whatever the model's dtype
                 blocks[i].to(torch.float32)
             dense_blocks = {i: copy.deepcopy(blocks[i]) for i in indices}
@@ -356,9 +352,7 @@ class Reconstructor:
         return total / max(tokens, 1)
 
     def _evaluate(self, problem, split: str) -> float:
-        device_type = next(self.model.parameters()).device.type
-        return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.config.batch_size),
-                        autocast=self.autocast, device_type=device_type)
+        return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.config.batch_size))
 
     def _train(self, problem, trainable: Trainable, held_before: float, number: int) -> dict:
         rc = self.rc
@@ -366,7 +360,7 @@ class Reconstructor:
         self.problems += 1
         candidates = self.lr.candidates()
         kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
-                      weight_decay=rc.weight_decay, seed=seed, autocast=self.autocast)
+                      weight_decay=rc.weight_decay, seed=seed)
         if len(candidates) == 1:
             result = fit(trainable, problem, candidates[0], **kwargs)
             return {"lr": candidates[0], "steps": result["steps"], "trainable": trainable.count()}
