@@ -49,7 +49,7 @@ def run(
     eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
     forward_batch: Optional[int] = typer.Option(None, help="windows per calibration forward pass"),
     seed: Optional[int] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None, help="dtype of calibration forward passes: float32 | bfloat16 | float16"),
+    dtype: Optional[str] = typer.Option(None, help="dtype of calibration forward passes when pruning alone (--reconstruct none): float32 | bfloat16 | float16"),
     model_dtype: Optional[str] = typer.Option(None, help="dtype the model is loaded, evaluated and saved in"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),

@@ -97,7 +97,7 @@ class RunConfig:
     eval_dense: bool = True  # also evaluate the model before pruning
     batch_size: int = 8
     seed: int = 0
-    dtype: str = "float32"  # dtype of the calibration forward passes
+    dtype: str = "float32"  # dtype of the calibration forward passes when pruning alone (reconstruction: float32)
     model_dtype: str = "float32"  # dtype the model is loaded, evaluated and saved in
     device: str = "auto"
     threads: int | None = None
