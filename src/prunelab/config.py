@@ -32,7 +32,7 @@ class ReconstructConfig:
     propagation: str = "sparse"  # what each submodel's inputs and targets are: dense | sparse | mixed
     loss: str = "mse"  # mse | nmse (per-token normalised) | cosine
     lr: float | str = "auto"  # a number, or "auto": chosen from `lr_grid` on held-out calibration windows
-    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     lr_probe: int = 4  # submodels on which `lr: auto` tries the grid; the winner serves the rest
     epochs: int = 1
     batch_size: int = 2  # windows per optimiser step

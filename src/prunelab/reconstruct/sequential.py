@@ -271,7 +271,7 @@ class Reconstructor:
         blocks, adapter, mode = self.adapter.blocks, self.adapter, self.rc.propagation
         indices = sorted({i for i, _ in units})
         device = inputs["train"].device
-        model_dtype = blocks[indices[0]].parameters().__next__().dtype
+        model_dtype = next(blocks[indices[0]].parameters()).dtype
         started = time.perf_counter()
         tick = started
         record: dict = {"submodel": submodel_name(units), "blocks": indices, "halves": [list(u) for u in units]}
