@@ -159,3 +159,21 @@ def test_report_records_every_stage_with_time_and_memory(tiny_dir, texts, tmp_pa
     for entry in saved["stages"].values():
         assert entry["seconds"] >= 0 and entry["peak_rss_gb"] > 0.1
     assert saved["versions"]["torch"] != "not installed" and "GLIBC_TUNABLES" in saved["versions"]
+
+
+def test_reconstruction_flags_and_config_section_reach_the_run(tiny_dir, texts, tmp_path):
+    calib, _ = texts
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"reconstruct": {"granularity": "block", "loss": "cosine"}}))
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--model", str(tiny_dir),
+                                 "--calib", str(calib), "--eval", "none", "--samples", "6", "--seqlen", "16",
+                                 "--heldout", "2", "--lr", "0.002", "--batch-size", "3", "--epochs", "2",
+                                 "--propagation", "mixed", "--freeze-norms", "--forward-batch", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "prunelab.json").read_text())
+    rc = saved["config"]["reconstruct"]
+    assert (rc["granularity"], rc["loss"], rc["lr"], rc["batch_size"], rc["epochs"], rc["propagation"], rc["freeze_norms"]) \
+        == ("block", "cosine", 0.002, 3, 2, "mixed", True)
+    assert saved["config"]["batch_size"] == 4
+    assert [r["steps"] for r in saved["reconstruction"]["submodels"]] == [4, 4]  # 2 blocks; 2 epochs × ceil(6 / 3)
+    assert (out / "reconstruction_loss.png").exists()
