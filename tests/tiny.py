@@ -26,10 +26,13 @@ CONFIGS = {
 FAMILIES = list(CONFIGS)
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
     import transformers
 
     class_name, kwargs = CONFIGS[family]
+    kwargs = dict(kwargs, num_hidden_layers=layers, **overrides)
+    if "layer_types" in kwargs:
+        kwargs["layer_types"] = [kwargs["layer_types"][i % 2] for i in range(layers)]
     config = getattr(transformers, class_name)(**kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

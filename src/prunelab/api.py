@@ -14,6 +14,7 @@ from .evaluate.sparsity import count_zeros, measure_sparsity
 from .models.adapters import find_adapter
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
+from .structured.depth import prune_depth
 
 
 def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunConfig:
@@ -28,10 +29,11 @@ def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunCo
 def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibration: torch.Tensor | str | None = None,
           attention_mask: torch.Tensor | None = None, heldout: torch.Tensor | None = None, progress: bool = True,
           **overrides: Any) -> dict:
-    """Prune (and, unless `reconstruct="none"`, reconstruct) `model` in place.
+    """Prune (and, unless `reconstruct="none"`, reconstruct) `model` in place; `method="layers"`
+    removes whole blocks instead (`depth={"remove": N, "metric": ...}`).
 
     Returns {"layers": per-layer pruning records, "sparsity": measured sparsity, "reconstruction":
-    per-submodel report or None}. `calibration` is a [samples, seqlen] tensor of token ids (with an
+    per-submodel report or None} (layer removal: {"structure": what was removed and folded}). `calibration` is a [samples, seqlen] tensor of token ids (with an
     optional `attention_mask` marking pad tokens as 0), or the name of a text source (default:
     `config.calib`), in which case windows are drawn with `tokenizer`. Reconstruction chooses its
     learning rate and reports its losses on held-out windows: `heldout` ids, drawn from the text
@@ -58,6 +60,9 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
             ids, _, drawn = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed,
                                                 cfg.reconstruct.heldout if cfg.reconstruct.enabled else 0)
             heldout = drawn if heldout is None else heldout
+    if cfg.structured:
+        return {"layers": [], "sparsity": None, "reconstruction": None,
+                "structure": prune_depth(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)}
     weights = adapter.prunable_weights()
     zeros_before = count_zeros(weights)
     reconstruction = None

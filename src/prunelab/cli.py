@@ -28,6 +28,9 @@ def _fail(exc: PrunelabError) -> None:
 
 def default_out(cfg: RunConfig) -> str:
     name = Path(cfg.model.rstrip("/")).name or cfg.model
+    if cfg.structured:
+        comp = "comp" if cfg.depth.compensation else "nocomp"
+        return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-layers-{cfg.depth.metric}-r{cfg.depth.remove}-{comp}"))
     target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
     recon = cfg.reconstruct.granularity.replace(":", "")
     return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{cfg.method}-{target}-{recon}"))
@@ -37,7 +40,7 @@ def default_out(cfg: RunConfig) -> str:
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or TOML file of run options"),
     model: Optional[str] = typer.Option(None, help="hub id, local folder, .gguf file, or 'smollm2' (embedded)"),
-    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt"),
+    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks)"),
     sparsity: Optional[float] = typer.Option(None, help="unstructured sparsity in [0, 1)"),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4"),
     calib: Optional[str] = typer.Option(None, help="calibration text: web | wiki | new-wiki | wikitext2 | c4 | file"),
@@ -68,6 +71,12 @@ def run(
     freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms", help="train only linear weights and biases"),
     heldout: Optional[int] = typer.Option(None, help="held-out calibration windows (lr choice, loss report)"),
     offload: Optional[str] = typer.Option(None, help="cached activations in memory-mapped files: auto | on | off"),
+    remove: Optional[int] = typer.Option(None, help="layers: blocks to remove"),
+    metric: Optional[str] = typer.Option(None, help="layers: block importance bi | cl | taylor | mag | ppl"),
+    compensation: Optional[bool] = typer.Option(None, "--compensation/--no-compensation",
+                                                help="layers: fold the residual-magnitude scalar (Prune&Comp)"),
+    one_shot: Optional[bool] = typer.Option(None, "--one-shot", help="layers: score once, remove all at once"),
+    speed: Optional[bool] = typer.Option(None, "--speed/--no-speed", help="layers: generation tokens/s before and after"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
 ) -> None:
     """Prune a model, reconstruct it, evaluate it, save it with its report
@@ -78,6 +87,7 @@ def run(
         model=model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, samples=samples, seqlen=seqlen,
         eval=eval, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_dense=eval_dense, batch_size=forward_batch,
         seed=seed, dtype=dtype, model_dtype=model_dtype, device=device, threads=threads, out=out, overwrite=overwrite,
+        speed=speed,
     ).items() if v is not None}
     try:
         values = load_config_file(config) if config else {}
@@ -85,6 +95,10 @@ def run(
         sparsegpt = dict(values.get("sparsegpt") or {})
         sparsegpt.update({k: v for k, v in dict(damp=damp, blocksize=blocksize).items() if v is not None})
         values["sparsegpt"] = sparsegpt
+        depth = dict(values.get("depth") or {})
+        depth.update({k: v for k, v in dict(remove=remove, metric=metric, compensation=compensation,
+                                            one_shot=one_shot).items() if v is not None})
+        values["depth"] = depth
         recon = values.get("reconstruct") or {}
         recon = {"granularity": recon} if isinstance(recon, str) else dict(recon)
         grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None

@@ -10,7 +10,8 @@ from typing import Any
 
 from .errors import PrunelabError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "layers")
+DEPTH_METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 DTYPES = ("float32", "bfloat16", "float16")
 GRANULARITIES = ("none", "matrix", "attn-mlp", "block", "blocks:K", "model")
 PROPAGATIONS = ("dense", "sparse", "mixed")
@@ -83,6 +84,26 @@ class ReconstructConfig:
 
 
 @dataclass
+class DepthConfig:
+    """Prune&Comp layer removal (SPEC §5), used by `method: layers`."""
+
+    remove: int = 0  # blocks to remove
+    metric: str = "bi"  # bi | cl | taylor | mag | ppl
+    compensation: bool = True  # fold the residual-magnitude scalar into earlier weights
+    one_shot: bool = False  # score once and remove every block at once (cl always does)
+    protect_first: int = 4  # taylor and mag never remove these first blocks ...
+    protect_last: int = 2  # ... nor these last ones (the reference's "+")
+
+    def validate(self, method: str) -> None:
+        if self.metric not in DEPTH_METRICS:
+            raise PrunelabError(f"unknown depth metric {self.metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
+        if method == "layers" and self.remove < 1:
+            raise PrunelabError(f"method layers needs depth.remove >= 1 (blocks to remove), got {self.remove}")
+        if self.remove < 0 or self.protect_first < 0 or self.protect_last < 0:
+            raise PrunelabError("depth.remove, depth.protect_first and depth.protect_last must be >= 0")
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2"  # hub id, local folder, .gguf file, or "smollm2" (embedded)
     method: str = "wanda"
@@ -101,19 +122,33 @@ class RunConfig:
     model_dtype: str = "float32"  # dtype the model is loaded, evaluated and saved in
     device: str = "auto"
     threads: int | None = None
+    speed: bool = True  # tokens/s of generation before and after structured pruning
     out: str | None = None
     overwrite: bool = False
     sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
-    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    # None = the method's default: attn-mlp after unstructured pruning, none after layer removal
+    reconstruct: ReconstructConfig | dict | str | None = None
+    depth: DepthConfig = field(default_factory=DepthConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsegpt, dict):
             self.sparsegpt = _build(SparseGPTConfig, self.sparsegpt, "sparsegpt")
+        if isinstance(self.depth, dict):
+            self.depth = _build(DepthConfig, self.depth, "depth")
+        if self.reconstruct is None:
+            self.reconstruct = {}
+        if isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
+            self.reconstruct = {"granularity": self.reconstruct}
         if isinstance(self.reconstruct, dict):
-            self.reconstruct = _build(ReconstructConfig, self.reconstruct, "reconstruct")
-        elif isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
-            self.reconstruct = ReconstructConfig(granularity=self.reconstruct)
+            values = dict(self.reconstruct)
+            values.setdefault("granularity", "none" if self.structured else "attn-mlp")
+            self.reconstruct = _build(ReconstructConfig, values, "reconstruct")
         self.validate()
+
+    @property
+    def structured(self) -> bool:
+        """Whether the method removes structure (blocks) rather than zeroing weights."""
+        return self.method == "layers"
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -137,6 +172,9 @@ class RunConfig:
         if self.sparsegpt.damp < 0 or self.sparsegpt.blocksize < 1:
             raise PrunelabError("sparsegpt.damp must be >= 0 and sparsegpt.blocksize >= 1")
         self.reconstruct.validate()
+        self.depth.validate(self.method)
+        if self.structured and self.reconstruct.enabled:
+            raise PrunelabError("reconstruction after layer removal is not supported yet; use --reconstruct none")
         if self.reconstruct.enabled and self.dtype != "float32":
             # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
             # than the errors being reconstructed, and the attention halves' losses rose in training.
@@ -147,10 +185,14 @@ class RunConfig:
     def needs_calibration(self) -> bool:
         from .prune import CRITERIA
 
+        if self.structured:
+            return self.depth.metric != "mag" or self.depth.compensation
         return CRITERIA[self.method][0] is not None or self.reconstruct.enabled
 
     @property
     def target_label(self) -> str:
+        if self.structured:
+            return f"{self.depth.remove} blocks by {self.depth.metric}"
         return self.pattern if self.pattern else f"{self.sparsity:.0%}"
 
     def to_dict(self) -> dict[str, Any]:

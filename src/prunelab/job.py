@@ -11,7 +11,8 @@ from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
 from .evaluate.perplexity import perplexity
-from .evaluate.sparsity import count_zeros, measure_sparsity, sparsity_of_saved
+from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, saved_parameter_count, sparsity_of_saved
+from .evaluate.speed import generation_speed
 from .files import atomic_dir
 from .errors import PrunelabError
 from .measure import release_memory, stage
@@ -19,6 +20,7 @@ from .models.adapters import find_adapter
 from .models.loading import load_model
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
+from .structured.depth import prune_depth
 from . import report as reporting
 
 
@@ -71,8 +73,20 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if config.eval != "none" and config.eval_dense:
         with stage("eval_dense", stages):
             metrics["dense"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (dense)")
-    reconstruction = None
-    if config.reconstruct.enabled:
+    reconstruction = structure = None
+    layers: list = []
+    if config.structured:
+        structure = {"parameters_before": parameter_count(model)}
+        if config.speed:
+            with stage("speed_dense", stages):
+                metrics["speed_dense"] = generation_speed(model, tokenizer)
+        with stage("prune", stages):
+            structure.update(prune_depth(model, adapter, calib_ids, config, progress=progress))
+        structure["parameters_after"] = parameter_count(model)
+        if config.speed:
+            with stage("speed", stages):
+                metrics["speed"] = generation_speed(model, tokenizer)
+    elif config.reconstruct.enabled:
         with stage("prune+reconstruct", stages):
             layers, reconstruction = prune_and_reconstruct(model, adapter, calib_ids, heldout_ids, config, progress=progress)
     else:
@@ -88,10 +102,11 @@ def run(config: RunConfig, progress: bool = True) -> dict:
                   "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(adapter.blocks)},
         "data": data,
         "metrics": metrics,
-        "sparsity": measure_sparsity(weights, zeros_before),
+        "sparsity": None if config.structured else measure_sparsity(weights, zeros_before),
         "stages": stages,
         "layers": layers,
         "reconstruction": reconstruction,
+        "structure": structure,
         "versions": reporting.versions(),
         "output": None,
     }
@@ -107,10 +122,14 @@ def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], ove
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            saved = sparsity_of_saved(tmp, weight_names)
-        for name, entry in saved["layers"].items():
-            entry["zeros_before"] = report["sparsity"]["layers"][name].get("zeros_before", 0)
-        report["sparsity"] = {**saved, "zeros_before": report["sparsity"]["zeros_before"],
-                              "sparsity_before": report["sparsity"]["sparsity_before"], "measured_on": "saved safetensors"}
+            if report["sparsity"] is not None:
+                saved = sparsity_of_saved(tmp, weight_names)
+            else:
+                report["structure"]["parameters_saved"] = saved_parameter_count(tmp)
+        if report["sparsity"] is not None:
+            for name, entry in saved["layers"].items():
+                entry["zeros_before"] = report["sparsity"]["layers"][name].get("zeros_before", 0)
+            report["sparsity"] = {**saved, "zeros_before": report["sparsity"]["zeros_before"],
+                                  "sparsity_before": report["sparsity"]["sparsity_before"], "measured_on": "saved safetensors"}
         report["output"] = str(out)
         reporting.write(report, tmp)

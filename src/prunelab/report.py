@@ -33,11 +33,19 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     recon = report.get("reconstruction")
     name = "prune+reconstruct" if recon else "prune"
     prune = stages.get(name, {})
-    rows = [
-        ("model", report["model"]["source"]),
-        ("method", f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}"),
-        ("reconstruction", _recon_label(cfg["reconstruct"], recon)),
-        ("sparsity (pruned linears)", f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})"),
+    rows = [("model", report["model"]["source"]), ("method", method_label(cfg)),
+            ("reconstruction", _recon_label(cfg["reconstruct"], recon))]
+    if sparsity is not None:
+        rows.append(("sparsity (pruned linears)", f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})"))
+    structure = report.get("structure")
+    if structure:
+        rows.append(("blocks removed", f"{', '.join(map(str, structure['removed']))} "
+                                       f"({structure['blocks_before']} → {structure['blocks_after']} blocks)"))
+        rows.append(("parameters", f"{structure['parameters_before']:,} → {structure['parameters_after']:,}"))
+        if "speed" in metrics:
+            before = metrics.get("speed_dense", {}).get("tokens_per_second")
+            rows.append(("generation tokens/s", f"{before} → {metrics['speed']['tokens_per_second']} (batch 1, greedy)"))
+    rows += [
         ("perplexity dense", _ppl(metrics, "dense")),
         ("perplexity pruned" + (" + reconstructed" if recon else ""), _ppl(metrics, "pruned")),
         (f"{name} time", f"{prune.get('seconds', 0):.1f} s"),
@@ -48,6 +56,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if report.get("output"):
         rows.append(("saved to", report["output"]))
     return rows
+
+
+def method_label(cfg: dict) -> str:
+    if cfg["method"] == "layers":
+        depth = cfg["depth"]
+        comp = "with" if depth["compensation"] else "without"
+        return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{', one shot' if depth['one_shot'] else ''})"
+    return f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}"
 
 
 def _recon_label(rc: dict, recon: dict | None) -> str:
@@ -86,6 +102,23 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
     return lines
 
 
+def _depth_markdown(structure: dict) -> list[str]:
+    lines = ["", "## Layer removal", "",
+             f"Metric `{structure['metric']}`, {'one shot' if structure['one_shot'] else 'iterative (re-scored after each removal)'}, "
+             f"magnitude compensation {'on' if structure['compensation'] else 'off'}"
+             + (f" (LM head: {structure['head']})" if structure.get("head") else "") + ". "
+             f"Blocks are numbered as in the dense model; lower scores are removed first.",
+             f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
+             + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "") + ".",
+             "", "| round | removed | compensation s | scores |", "|---|---|---|---|"]
+    for number, step in enumerate(structure["steps"], 1):
+        scale = step["scale"]
+        scale = "–" if scale is None else ", ".join(f"{v:.4f}" for v in (scale if isinstance(scale, list) else [scale]))
+        scores = ", ".join(f"{k}: {v:.4g}" for k, v in step["scores"].items())
+        lines.append(f"| {number} | {', '.join(map(str, step['removed']))} | {scale} | {scores} |")
+    return lines
+
+
 def plot_reconstruction(report: dict, path: Path) -> bool:
     """Per-submodel held-out loss before and after reconstruction (log scale); False without matplotlib."""
     try:
@@ -103,8 +136,7 @@ def plot_reconstruction(report: dict, path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel("submodel (model order)")
     ax.set_ylabel(f"held-out {report['config']['reconstruct']['loss']} loss")
-    ax.set_title(f"{report['config']['method']} {report['config']['pattern'] or format(report['config']['sparsity'], '.0%')}"
-                 f" + {report['config']['reconstruct']['granularity']} reconstruction")
+    ax.set_title(f"{method_label(report['config'])} + {report['config']['reconstruct']['granularity']} reconstruction")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -129,11 +161,14 @@ def to_markdown(report: dict, plot: str | None = None) -> str:
         lines += _reconstruction_markdown(report, plot)
     lines += ["", "## Stages", "", "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
     lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for name, s in report["stages"].items()]
-    lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
-              "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]
-    for name, entry in report["sparsity"]["layers"].items():
-        shape = "×".join(map(str, entry["shape"]))
-        lines.append(f"| {name} | {shape} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
+    if report.get("structure"):
+        lines += _depth_markdown(report["structure"])
+    if report["sparsity"] is not None:
+        lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
+                  "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]
+        for name, entry in report["sparsity"]["layers"].items():
+            shape = "×".join(map(str, entry["shape"]))
+            lines.append(f"| {name} | {shape} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
     retries = [r for r in report["layers"] if r.get("damp_retries")]
     fallbacks = [r for r in report["layers"] if r.get("fallback")]
     if retries or fallbacks:

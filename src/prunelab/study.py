@@ -104,7 +104,7 @@ def summarise(report: dict) -> dict:
         "perplexity": report["metrics"]["pruned"]["perplexity"],
         "dense_perplexity": report["metrics"].get("dense", {}).get("perplexity"),
         "seconds": stage.get("seconds"), "peak_rss_gb": stage.get("peak_rss_gb"), "cuda_peak_gb": stage.get("cuda_peak_gb"),
-        "sparsity": report["sparsity"]["sparsity"],
+        "sparsity": report["sparsity"]["sparsity"] if report["sparsity"] else None,
     }
 
 
@@ -158,7 +158,8 @@ def _worker(values_json: str, result_path: str) -> None:
 
     report = run(RunConfig.from_dict(json.loads(values_json)), progress=False)
     report.pop("layers", None)
-    report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "layers"}
+    if report["sparsity"]:
+        report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "layers"}
     summary = summarise(report)
     tmp = Path(result_path + ".tmp")
     tmp.write_text(json.dumps({**summary, "report": report}, indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -42,3 +43,18 @@ def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
     if missing:
         raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
     return measure_sparsity({name: found[name] for name in names})  # in model order
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied tensors once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+
+def saved_parameter_count(folder: str | Path) -> int:
+    """Numbers stored in `folder`'s safetensors files (tied tensors are stored once)."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total

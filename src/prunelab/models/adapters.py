@@ -38,6 +38,7 @@ class Half:
     finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     writer: nn.Module | None
     norms: tuple[nn.Module, ...] = ()  # norms the half applies outside `modules` (pre-norm, post-norm)
+    output_norm: nn.Module | None = None  # a norm between the writer and the residual add (Gemma's sandwich)
 
     def owns(self, linear: nn.Module) -> bool:
         return any(linear is m for module in self.modules for m in module.modules())
@@ -52,6 +53,28 @@ class Half:
 
     def __call__(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         return self.finish(h, self.run(h, kwargs))
+
+
+def scale_output(module: nn.Module, s: float) -> None:
+    """Multiply what `module` (a linear, an embedding or a norm) returns by `s`, in its weights.
+
+    Norms that compute x̂ · (1 + w) (Gemma) are recognised by what they return with w = 0.
+    """
+    with torch.no_grad():
+        affine = [t for t in (module.weight, getattr(module, "bias", None)) if isinstance(t, torch.Tensor)]
+        offset = False
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            kept = [t.detach().clone() for t in affine]
+            for t in affine:
+                t.zero_()
+            probe = torch.randn(2, module.weight.shape[-1], dtype=module.weight.dtype, device=module.weight.device)
+            offset = bool(module(probe).abs().amax() > 0)
+            for t, k in zip(affine, kept):
+                t.copy_(k)
+        for t in affine:
+            t.mul_(s)
+        if offset:
+            module.weight.add_(s - 1)  # (1 + w') = s (1 + w)
 
 
 def _first(output):
@@ -92,6 +115,30 @@ class Adapter(ABC):
     @abstractmethod
     def halves(self, block: nn.Module) -> tuple[Half, Half]:
         """(attention half, MLP half) of `block`; together they compute the block's forward."""
+
+    @abstractmethod
+    def residual_sources(self) -> list[nn.Module]:
+        """The modules whose outputs sum to the first block's input (embeddings)."""
+
+    def residual_writers(self, block: nn.Module) -> list[nn.Module]:
+        """The modules whose outputs `block` adds to the residual stream: scaling their weights by s
+        scales the block's contribution by s."""
+        writers = []
+        for half in self.halves(block):
+            if half.writer is None:
+                raise PrunelabError(f"{half.name} of {type(block).__name__} routes tokens to experts: its residual "
+                                    "write has no single weight to rescale")
+            writers.append(half.output_norm or half.writer)
+        return writers
+
+    @property
+    def stack(self) -> nn.Module:
+        """The module that holds the blocks (and the embeddings and final norm around them)."""
+        return next(m for m in self.model.modules() if any(c is self.blocks for c in m.children()))
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm applied to the last block's output before the LM head, if any."""
+        return None
 
     @property
     def blocks_prefix(self) -> str:
@@ -147,10 +194,17 @@ class LlamaAdapter(Adapter):
         attention = Half("attention", (block.self_attn,),
                          run=lambda h, kw: _first(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
                          finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj,
-                         norms=(block.input_layernorm, attn_out))
+                         norms=(block.input_layernorm, attn_out), output_norm=attn_out if sandwich else None)
         mlp = Half("mlp", (block.mlp,), run=lambda h, kw: block.mlp(mlp_in(h)), finish=lambda h, y: h + mlp_out(y),
-                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj, norms=(mlp_in, mlp_out))
+                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj, norms=(mlp_in, mlp_out),
+                   output_norm=mlp_out if sandwich else None)
         return attention, mlp
+
+    def residual_sources(self):
+        return [self.model.get_input_embeddings()]
+
+    def final_norm(self):
+        return getattr(self.stack, "norm", None)
 
 
 class OPTAdapter(Adapter):
@@ -176,6 +230,20 @@ class OPTAdapter(Adapter):
                    run=lambda h, kw: block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h) if pre else h))),
                    finish=residual(block.final_layer_norm), writer=block.fc2, norms=(block.final_layer_norm,))
         return attention, mlp
+
+    def residual_writers(self, block):
+        if not block.do_layer_norm_before:
+            raise PrunelabError("this OPT model normalises the residual stream after every block (post-LN): "
+                                "there is no residual magnitude to compensate")
+        return super().residual_writers(block)
+
+    def residual_sources(self):
+        decoder = self.stack
+        tokens = decoder.project_in if getattr(decoder, "project_in", None) is not None else decoder.embed_tokens
+        return [tokens, decoder.embed_positions]
+
+    def final_norm(self):
+        return self.stack.final_layer_norm
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter)

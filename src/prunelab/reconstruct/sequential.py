@@ -258,16 +258,15 @@ class Reconstructor:
         dense = {s: (self.arena.clone(inputs[s]) if mode == "mixed" else inputs[s]) for s in SPLITS} if mode != "sparse" else None
 
         plan = submodels(len(blocks), self.rc.granularity)
-        for number, units in enumerate(tqdm(plan, desc=f"{self.config.method} {self.config.target_label} + "
-                                            f"{self.rc.granularity} reconstruction", unit="submodel",
-                                            disable=not self.progress)):
-            inputs, dense = self._submodel(number, units, inputs, dense)
+        for units in tqdm(plan, desc=f"{self.config.method} {self.config.target_label} + {self.rc.granularity} reconstruction",
+                          unit="submodel", disable=not self.progress):
+            inputs, dense = self._submodel(units, inputs, dense)
             self.streams = {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}  # drop the old activations
             release_memory()
         return {"submodels": self.records, "lr": self.lr.summary(), "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
                 "offload": offload, "problems": self.problems}
 
-    def _submodel(self, number: int, units: list[Unit], inputs: dict, dense: dict | None):
+    def _submodel(self, units: list[Unit], inputs: dict, dense: dict | None):
         blocks, adapter, mode = self.adapter.blocks, self.adapter, self.rc.propagation
         indices = sorted({i for i, _ in units})
         device = inputs["train"].device
@@ -304,16 +303,15 @@ class Reconstructor:
             lap("prune")
 
             if self.rc.granularity == "matrix":
-                dense_linears = stack.enter_context(adapter.prunable_linears(dense_blocks[indices[0]]))
-                record["matrices"] = self._train_matrices(number, units[0][0], halves[0], dense_halves[0], linears[units[0][0]],
-                                                          dense_linears, inputs, dense)
+                record["matrices"] = self._train_matrices(units[0][0], halves[0], dense_halves[0], linears[units[0][0]],
+                                                          dense_blocks[units[0][0]], inputs, dense)
                 record["lr"] = None
             else:
                 problem = SubmodelProblem(halves, units, {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets)
                 masked = {id(m.weight) for i in indices for m in linears[i].values()}
                 params = [p for half in halves for p in self._trainable(half)]
                 trainable = Trainable.of(params, masked)
-                record.update(self._train(problem, trainable, before["heldout"], number))
+                record.update(self._train(problem, trainable, before["heldout"]))
             lap("train")
 
             out = {s: run_halves(halves, units, self.streams[s].with_hidden(inputs[s]), work[s]) for s in SPLITS}
@@ -354,7 +352,7 @@ class Reconstructor:
     def _evaluate(self, problem, split: str) -> float:
         return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.config.batch_size))
 
-    def _train(self, problem, trainable: Trainable, held_before: float, number: int) -> dict:
+    def _train(self, problem, trainable: Trainable, held_before: float) -> dict:
         rc = self.rc
         seed = self.config.seed * 100_003 + self.problems
         self.problems += 1
@@ -376,9 +374,14 @@ class Reconstructor:
         return {"lr": best[0], "steps": result["steps"], "trainable": trainable.count(),
                 "lr_probe": {f"{lr:g}": loss for lr, loss in held_after.items()}}
 
-    def _train_matrices(self, number: int, index: int, half: Half, dense_half: Half, linears: dict[str, nn.Linear],
-                        dense_linears: dict[str, nn.Linear], inputs: dict, dense: dict | None) -> list[dict]:
+    def _train_matrices(self, index: int, half: Half, dense_half: Half, linears: dict[str, nn.Linear],
+                        dense_block: nn.Module, inputs: dict, dense: dict | None) -> list[dict]:
         """`matrix` granularity: each linear of the half alone, in the order the half runs them."""
+        with self.adapter.prunable_linears(dense_block) as dense_linears:
+            return self._train_each_linear(index, half, dense_half, linears, dense_linears, inputs, dense)
+
+    def _train_each_linear(self, index: int, half: Half, dense_half: Half, linears: dict[str, nn.Linear],
+                           dense_linears: dict[str, nn.Linear], inputs: dict, dense: dict | None) -> list[dict]:
         mode = self.rc.propagation
         members = {n: m for n, m in linears.items() if half.owns(m)}
         leader_of = self.pruner.group_cache.get(tuple(members)) or share_inputs(half, members, self.streams["train"].with_hidden(inputs["train"]), index)
@@ -398,7 +401,7 @@ class Reconstructor:
                 problem = LinearProblem(linear, x, targets, self.streams)
                 trainable = Trainable.of([p for p in linear.parameters()], {id(linear.weight)})
                 before = {s: self._evaluate(problem, s) for s in SPLITS}
-                result = self._train(problem, trainable, before["heldout"], number)
+                result = self._train(problem, trainable, before["heldout"])
                 after = {s: self._evaluate(problem, s) for s in SPLITS}
                 records.append({"layer": name, **result, **{f"loss_{s}_before": before[s] for s in SPLITS},
                                 **{f"loss_{s}_after": after[s] for s in SPLITS}})

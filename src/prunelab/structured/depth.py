@@ -1,0 +1,278 @@
+"""Depth pruning with Prune&Comp (SPEC §5): remove whole decoder blocks, one at a time, and fold a
+magnitude-compensation scalar into the weights that write the residual stream before each cut.
+
+    repeat `remove` times (all at once with one_shot):
+        score every remaining block on the calibration windows     (bi | taylor | mag | ppl)
+        remove the least important block ℓ
+        s = mean over windows and channels of  mean_t |h_{ℓ+1}| / mean_t |h_ℓ|
+              (h_ℓ the block's input, h_{ℓ+1} its output, measured before the removal)
+        scale the embeddings and every earlier block's residual writers by s, so that block ℓ+1
+        receives s·h_ℓ, about the magnitude it was trained on, at no runtime cost
+    cl scores contiguous spans instead and removes the span [i, i+n) whose input and output agree
+    most, once; its s compares h_{i+n} with h_i.
+
+Metrics (lower = less important):
+    bi      mean over tokens of 1 − cos(h_ℓ, h_{ℓ+1})           (block influence)
+    cl      mean over tokens of 1 − cos(h_i, h_{i+n})           (contiguous span)
+    taylor  Σ |W ⊙ ∂L/∂W| over the block's linear weights, L the language-model loss  (Taylor+)
+    mag     Σ |W| over the block's linear weights                                        (Mag+)
+    ppl     the language-model loss with the block skipped
+taylor and mag never remove the first `protect_first` or last `protect_last` blocks (the "+" of
+the reference: 4 and 2).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import capture_block_inputs
+from ..config import RunConfig
+from ..errors import PrunelabError
+from ..models.adapters import Adapter, _first, scale_output
+
+METRICS = ("bi", "cl", "taylor", "mag", "ppl")
+
+
+@dataclass
+class Survey:
+    """How much each span of `span` blocks changes the residual stream, over the calibration windows."""
+
+    distance: torch.Tensor  # [L − span + 1] mean over tokens of 1 − cos(h_i, h_{i+span})
+    scale: torch.Tensor  # [L − span + 1] mean over windows and channels of mean_t |h_{i+span}| / mean_t |h_i|
+
+
+@torch.no_grad()
+def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+           batch_size: int, span: int = 1) -> Survey:
+    """One pass through the blocks (no LM head), keeping only the last `span` + 1 residual states."""
+    blocks = adapter.blocks
+    stream = capture_block_inputs(model, blocks, ids, attention_mask, batch_size, torch.float32)
+    starts = len(blocks) - span + 1
+    distance, scale = torch.zeros(starts, dtype=torch.float64), torch.zeros(starts, dtype=torch.float64)
+    tokens = 0
+    for b, rows in stream.batches():
+        h = stream.hidden[rows]
+        mask = stream.token_masks[b]
+        keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask
+        tokens += int(keep.sum())
+        states = deque([h], maxlen=span + 1)
+        for i, block in enumerate(blocks):
+            dtype = next(block.parameters()).dtype
+            h = _first(block(h.to(dtype), **stream.block_kwargs[i][b])).float()
+            states.append(h)
+            if i + 1 >= span:
+                first, last = states[0], states[-1]
+                cos = nn.functional.cosine_similarity(first, last, dim=-1, eps=1e-8)
+                distance[i + 1 - span] += float((1 - cos)[keep].sum())
+                weights = keep.unsqueeze(-1).float()
+                count = weights.sum(1).clamp_min(1)
+                ratio = ((last.abs() * weights).sum(1) / count) / ((first.abs() * weights).sum(1) / count).clamp_min(1e-12)
+                scale[i + 1 - span] += float(ratio.mean(-1).sum())
+    if not torch.isfinite(distance).all() or not torch.isfinite(scale).all():
+        raise PrunelabError("non-finite activations (NaN/inf) in the decoder blocks; the model's weights or inputs are broken")
+    return Survey(distance / max(tokens, 1), scale / stream.hidden.shape[0])
+
+
+def language_model_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
+                        backward: bool = False) -> float:
+    """Mean next-token loss over the calibration windows (pads excluded); with `backward`,
+    gradients accumulate in whatever requires them, weighted as that mean."""
+    device = next(model.parameters()).device
+    total, windows = 0.0, ids.shape[0]
+    for start in range(0, windows, batch_size):
+        x = ids[start:start + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        labels = x if mask is None else x.masked_fill(mask == 0, -100)
+        with torch.set_grad_enabled(backward):
+            loss = model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).loss
+            if backward:
+                (loss * x.shape[0] / windows).backward()
+        total += float(loss.detach()) * x.shape[0]
+    return total / windows
+
+
+class _Skip(nn.Module):
+    """Stands in for a removed block while the others run: returns its input."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def __getattr__(self, name):  # model loops may read attributes of their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _weights(block: nn.Module) -> list[nn.Parameter]:
+    """The block's weight matrices (fused expert tensors included); norms and biases are not scored."""
+    return [p for p in block.parameters() if p.dim() >= 2]
+
+
+def score_blocks(metric: str, model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask, batch_size: int,
+                 progress: bool = False) -> tuple[torch.Tensor, Survey | None]:
+    """Importance of every block (lower = removed first), and the survey if one was taken."""
+    blocks = adapter.blocks
+    if metric == "bi":
+        found = survey(model, adapter, ids, attention_mask, batch_size)
+        return found.distance.clone(), found
+    if metric == "mag":
+        return torch.tensor([sum(float(w.detach().abs().sum()) for w in _weights(b)) for b in blocks]), None
+    if metric == "taylor":
+        requires = {p: p.requires_grad for p in model.parameters()}
+        model.requires_grad_(False)
+        weights = [_weights(b) for b in blocks]
+        for w in (w for ws in weights for w in ws):
+            w.requires_grad_(True)
+            w.grad = None
+        try:
+            language_model_loss(model, ids, attention_mask, batch_size, backward=True)
+            scores = torch.tensor([sum(float((w.detach() * w.grad).abs().sum()) for w in ws) for ws in weights])
+        finally:
+            for p, flag in requires.items():
+                p.grad = None
+                p.requires_grad_(flag)
+        return scores, None
+    if metric == "ppl":
+        scores = []
+        for i in tqdm(range(len(blocks)), desc="ppl metric: loss without each block", leave=False, disable=not progress):
+            block = blocks[i]
+            blocks[i] = _Skip(block)
+            try:
+                scores.append(language_model_loss(model, ids, attention_mask, batch_size))
+            finally:
+                blocks[i] = block
+        return torch.tensor(scores), None
+    raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def untie_embeddings(model: nn.Module) -> None:
+    """Give the LM head its own copy of tied input embeddings."""
+    embed = model.get_input_embeddings().weight
+    model.get_output_embeddings().weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+
+
+def prepare_head(model: nn.Module, adapter: Adapter) -> str:
+    """How the LM head keeps its scale when the embeddings are rescaled: with tied embeddings, the
+    final norm is scaled by 1/s each time (logits = sW · (g/s ⊙ x̂), exact and free); without a final
+    norm the head is untied (a copy of the embedding matrix)."""
+    if not _tied(model):
+        return "separate head"
+    if adapter.final_norm() is not None:
+        return "tied: final norm counter-scaled"
+    untie_embeddings(model)
+    return "untied"
+
+
+def fold_compensation(model: nn.Module, adapter: Adapter, before: int, s: float) -> None:
+    """Multiply the residual stream entering block `before` by `s`: scale everything that writes it."""
+    for module in adapter.residual_sources():
+        scale_output(module, s)
+    if _tied(model):
+        scale_output(adapter.final_norm(), 1 / s)
+    for block in list(adapter.blocks)[:before]:
+        for module in adapter.residual_writers(block):
+            scale_output(module, s)
+
+
+def remove_blocks(model: nn.Module, adapter: Adapter, indices: list[int]) -> None:
+    """Delete blocks and keep the model consistent: layer indices (KV-cache slots) and every per-layer
+    list of the config (layer types and the like) follow the remaining blocks."""
+    blocks = adapter.blocks
+    count = len(blocks)
+    gone = set(indices)
+    for i in sorted(gone, reverse=True):
+        del blocks[i]
+    for new_index, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        for key, value in list(vars(config).items()):
+            if isinstance(value, (list, tuple)) and len(value) == count:
+                setattr(config, key, type(value)(v for i, v in enumerate(value) if i not in gone))
+        if getattr(config, "num_hidden_layers", None) == count:
+            config.num_hidden_layers = len(blocks)
+
+
+def check_depth(adapter: Adapter, config: RunConfig) -> None:
+    """Refuse what cannot be done before anything is changed."""
+    dc, count = config.depth, len(adapter.blocks)
+    if dc.remove >= count:
+        raise PrunelabError(f"cannot remove {dc.remove} of {count} blocks: at least one must remain")
+    if dc.metric in ("taylor", "mag"):
+        eligible = count - dc.protect_first - dc.protect_last
+        if eligible < dc.remove:
+            raise PrunelabError(f"{dc.metric} never removes the first {dc.protect_first} or last {dc.protect_last} blocks: "
+                                f"only {max(eligible, 0)} of {count} may go, {dc.remove} asked (lower depth.protect_first/last)")
+    if dc.compensation:
+        adapter.residual_sources()
+        for block in adapter.blocks:
+            adapter.residual_writers(block)
+
+
+def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,
+                attention_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Remove `config.depth.remove` blocks in place; returns what was scored, removed and folded."""
+    dc = config.depth
+    check_depth(adapter, config)
+    if ids is None and (dc.metric != "mag" or dc.compensation):
+        raise PrunelabError(f"depth metric {dc.metric} with compensation needs calibration windows")
+    origin = list(range(len(adapter.blocks)))  # original index of each remaining block
+    report = {"metric": dc.metric, "compensation": dc.compensation, "one_shot": dc.one_shot or dc.metric == "cl",
+              "blocks_before": len(origin), "head": prepare_head(model, adapter) if dc.compensation else None, "steps": []}
+    batch = config.batch_size
+
+    def ratios(span: int, known: Survey | None) -> torch.Tensor:
+        return (known or survey(model, adapter, ids, attention_mask, batch, span)).scale
+
+    if dc.metric == "cl":
+        found = survey(model, adapter, ids, attention_mask, batch, span=dc.remove)
+        start = int(torch.argmin(found.distance))
+        span = list(range(start, start + dc.remove))
+        s = float(found.scale[start]) if dc.compensation else None
+        if s is not None:
+            fold_compensation(model, adapter, start, s)
+        remove_blocks(model, adapter, span)
+        report["steps"].append({"scores": {f"{i}-{i + dc.remove - 1}": float(v) for i, v in enumerate(found.distance)},
+                                "removed": [origin[i] for i in span], "scale": s})
+        del origin[start:start + dc.remove]
+    else:
+        rounds = 1 if dc.one_shot else dc.remove
+        for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
+            scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
+            ranked = scores.clone()
+            if dc.metric in ("taylor", "mag"):
+                ranked[:dc.protect_first] = float("inf")
+                ranked[len(ranked) - dc.protect_last:] = float("inf")
+            victims = sorted(torch.argsort(ranked)[:dc.remove if dc.one_shot else 1].tolist())
+            scale = ratios(1, found) if dc.compensation else None
+            for victim in victims:
+                if scale is not None:
+                    fold_compensation(model, adapter, victim, float(scale[victim]))
+            remove_blocks(model, adapter, victims)
+            report["steps"].append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
+                                    "removed": [origin[i] for i in victims],
+                                    "scale": None if scale is None else [float(scale[i]) for i in victims]})
+            for victim in reversed(victims):
+                del origin[victim]
+    report["removed"] = sorted(set(range(report["blocks_before"])) - set(origin))
+    report["kept"] = origin
+    report["blocks_after"] = len(origin)
+    return report

@@ -1,0 +1,215 @@
+"""Depth pruning (Prune&Comp): the folded compensation is exact, removal keeps the model consistent,
+the saved model reloads and generates with plain transformers, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import prunelab
+from prunelab.cli import app
+from prunelab.config import RunConfig
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, survey
+from tiny import random_ids, tiny_model
+
+DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]
+
+
+def exact_norms(model):
+    """Norm epsilons → 0, so that every norm is exactly scale invariant and folding is exact."""
+    for module in model.modules():
+        for name in ("eps", "variance_epsilon"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 1e-30)
+    return model
+
+
+class _ScaleStream(nn.Module):
+    """Replaces a block: the stream leaves it multiplied by s (the reference for compensation)."""
+
+    def __init__(self, block, s):
+        super().__init__()
+        self.block, self.s = block, s
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states * self.s
+
+
+def depth_config(**depth):
+    return RunConfig.from_dict({"method": "layers", "depth": {"protect_first": 1, "protect_last": 1, **depth}})
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_folded_compensation_equals_removing_the_block_and_scaling_the_stream(family):
+    ids = random_ids(2, 16)
+    reference = exact_norms(tiny_model(family, layers=4))
+    folded = exact_norms(tiny_model(family, layers=4))
+    s, cut = 1.7, 2
+    adapter = find_adapter(reference)
+    adapter.blocks[cut] = _ScaleStream(adapter.blocks[cut], s)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        unscaled = folded(ids).logits
+        adapter = find_adapter(folded)
+        prepare_head(folded, adapter)
+        fold_compensation(folded, adapter, cut, s)
+        remove_blocks(folded, adapter, [cut])
+        got = folded(ids).logits
+    assert folded.config.num_hidden_layers == 3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unscaled, expected, atol=1e-3)  # the reference differs from doing nothing
+
+
+def test_tied_lm_head_keeps_its_scale_without_new_parameters():
+    model = exact_norms(tiny_model("llama", layers=3))  # tie_word_embeddings=True
+    ids = random_ids(2, 16)
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        before = model(ids).logits
+        assert prepare_head(model, adapter) == "tied: final norm counter-scaled"
+        fold_compensation(model, adapter, len(adapter.blocks), 2.5)  # scale everything: logits must not move
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == count
+
+
+def test_survey_scale_is_the_ratio_of_mean_magnitudes():
+    model = tiny_model("llama", layers=3)
+    ids = random_ids(4, 16)
+    adapter = find_adapter(model)
+    found = survey(model, adapter, ids, None, batch_size=3)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # the last one is after the final norm
+    h0, h1 = states[0].float(), states[1].float()
+    expected = (h1.abs().mean(1) / h0.abs().mean(1)).mean()
+    cos = nn.functional.cosine_similarity(h0, h1, dim=-1)
+    assert float(found.scale[0]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(found.distance[0]) == pytest.approx(float((1 - cos).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["bi", "taylor", "mag", "ppl"])
+def test_iterative_removal_bookkeeping(metric):
+    model = tiny_model("gemma3", layers=6)
+    types = list(model.config.layer_types)
+    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=2, metric=metric), progress=False)
+    assert len(report["steps"]) == 2 and len(report["removed"]) == 2
+    assert sorted(report["removed"] + report["kept"]) == list(range(6))
+    if metric in ("taylor", "mag"):
+        assert all(0 < i < 5 for i in report["removed"])  # protect_first=1, protect_last=1
+    assert model.config.num_hidden_layers == 4
+    assert model.config.layer_types == [types[i] for i in report["kept"]]
+    blocks = find_adapter(model).blocks
+    assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2, 3]
+    assert [b.self_attn.layer_type for b in blocks] == model.config.layer_types
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(2, 16)).logits).all()
+
+
+def test_bi_removes_the_block_that_changes_its_input_least():
+    model = tiny_model("llama", layers=4)
+    adapter = find_adapter(model)
+    with torch.no_grad():  # block 2 writes (almost) nothing: its input and output agree
+        adapter.blocks[2].self_attn.o_proj.weight.mul_(1e-3)
+        adapter.blocks[2].mlp.down_proj.weight.mul_(1e-3)
+    report = prune_depth(model, adapter, random_ids(4, 16), depth_config(remove=1, metric="bi"), progress=False)
+    assert report["removed"] == [2]
+    assert report["steps"][0]["scale"][0] == pytest.approx(1.0, abs=0.01)
+
+
+def test_one_shot_scores_once_and_cl_removes_a_contiguous_span():
+    model = tiny_model("llama", layers=6)
+    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, one_shot=True), progress=False)
+    assert len(report["steps"]) == 1 and len(report["removed"]) == 3
+    model = tiny_model("llama", layers=6)
+    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, metric="cl"), progress=False)
+    first = report["removed"][0]
+    assert report["removed"] == [first, first + 1, first + 2] and len(report["steps"]) == 1
+    assert model.config.num_hidden_layers == 3
+
+
+def test_no_compensation_leaves_the_remaining_weights_alone():
+    model = tiny_model("llama", layers=4)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=1, compensation=False), progress=False)
+    gone = report["removed"][0]
+    for name, tensor in model.state_dict().items():
+        if ".layers." in name:
+            index = int(name.split(".layers.")[1].split(".")[0])
+            original = index + (index >= gone)
+            name = name.replace(f".layers.{index}.", f".layers.{original}.")
+        assert torch.equal(tensor, kept[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_saved_model_reloads_and_generates_with_plain_transformers(family, tmp_path):
+    model = tiny_model(family, layers=5)
+    prunelab.prune(model, method="layers", depth={"remove": 2, "protect_first": 1, "protect_last": 1},
+                   calibration=random_ids(4, 16), progress=False)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    prompt = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(prompt).logits, model(prompt).logits)
+        kwargs = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        assert torch.equal(reloaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_layers_job_reports_parameters_speed_and_saves(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "depth"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                      "--samples", "4", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
+                                      "--method", "layers", "--remove", "1", "--metric", "bi", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prunelab.json").read_text())
+    structure = report["structure"]
+    assert structure["blocks_before"] == 2 and structure["blocks_after"] == 1
+    assert structure["parameters_after"] < structure["parameters_before"]
+    assert structure["parameters_saved"] == structure["parameters_after"]
+    assert report["config"]["reconstruct"]["granularity"] == "none"
+    assert report["metrics"]["speed"]["tokens_per_second"] > 0 and report["metrics"]["speed_dense"]["tokens_per_second"] > 0
+    assert "## Layer removal" in (out / "REPORT.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--remove", "2"], "cannot remove 2 of 2 blocks"),
+    (["--remove", "0"], "needs depth.remove >= 1"),
+    (["--remove", "1", "--metric", "entropy"], "unknown depth metric 'entropy'"),
+    (["--remove", "1", "--metric", "mag"], "never removes the first 4 or last 2 blocks"),
+    (["--remove", "1", "--reconstruct", "attn-mlp"], "reconstruction after layer removal is not supported yet"),
+])
+def test_bad_depth_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                      "--samples", "4", "--seqlen", "16", "--method", "layers", "--out", str(tmp_path / "o")]
+                                + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_compensation_needs_a_residual_stream_it_understands():
+    moe = tiny_model("mixtral", layers=3)
+    with pytest.raises(PrunelabError, match="routes tokens to experts"):
+        prune_depth(moe, find_adapter(moe), random_ids(2, 8), depth_config(remove=1), progress=False)
+    assert moe.config.num_hidden_layers == 3  # refused before anything changed
+    report = prune_depth(moe, find_adapter(moe), random_ids(2, 8), depth_config(remove=1, compensation=False), progress=False)
+    assert report["blocks_after"] == 2
+    post_ln = tiny_model("opt", layers=3, do_layer_norm_before=False)
+    with pytest.raises(PrunelabError, match="post-LN"):
+        prune_depth(post_ln, find_adapter(post_ln), random_ids(2, 8), depth_config(remove=1), progress=False)
