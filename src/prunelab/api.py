@@ -14,7 +14,7 @@ from .evaluate.sparsity import count_zeros, measure_sparsity
 from .models.adapters import find_adapter
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
-from .structured.depth import prune_depth
+from .structured import prune_structured
 
 
 def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunConfig:
@@ -30,7 +30,8 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
           attention_mask: torch.Tensor | None = None, heldout: torch.Tensor | None = None, progress: bool = True,
           **overrides: Any) -> dict:
     """Prune (and, unless `reconstruct="none"`, reconstruct) `model` in place; `method="layers"`
-    removes whole blocks instead (`depth={"remove": N, "metric": ...}`).
+    removes whole blocks instead (`depth={"remove": N, "metric": ...}`), `method="flap"` heads and
+    channels (`width={"ratio": 0.2}`).
 
     Returns {"layers": per-layer pruning records, "sparsity": measured sparsity, "reconstruction":
     per-submodel report or None} (layer removal: {"structure": what was removed and folded}). `calibration` is a [samples, seqlen] tensor of token ids (with an
@@ -62,7 +63,7 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
             heldout = drawn if heldout is None else heldout
     if cfg.structured:
         return {"layers": [], "sparsity": None, "reconstruction": None,
-                "structure": prune_depth(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)}
+                "structure": prune_structured(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)}
     weights = adapter.prunable_weights()
     zeros_before = count_zeros(weights)
     reconstruction = None

@@ -28,6 +28,9 @@ def _fail(exc: PrunelabError) -> None:
 
 def default_out(cfg: RunConfig) -> str:
     name = Path(cfg.model.rstrip("/")).name or cfg.model
+    if cfg.method == "flap":
+        comp = "bias" if cfg.width.bias_compensation else "nobias"
+        return str(Path("runs") / f"{name}-flap-{round(cfg.width.ratio * 100)}pct-{cfg.width.structure}-{comp}")
     if cfg.structured:
         comp = "comp" if cfg.depth.compensation else "nocomp"
         return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-layers-{cfg.depth.metric}-r{cfg.depth.remove}-{comp}"))
@@ -40,7 +43,7 @@ def default_out(cfg: RunConfig) -> str:
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or TOML file of run options"),
     model: Optional[str] = typer.Option(None, help="hub id, local folder, .gguf file, or 'smollm2' (embedded)"),
-    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks)"),
+    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks) | flap (remove heads, channels)"),
     sparsity: Optional[float] = typer.Option(None, help="unstructured sparsity in [0, 1)"),
     pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4"),
     calib: Optional[str] = typer.Option(None, help="calibration text: web | wiki | new-wiki | wikitext2 | c4 | file"),
@@ -76,7 +79,11 @@ def run(
     compensation: Optional[bool] = typer.Option(None, "--compensation/--no-compensation",
                                                 help="layers: fold the residual-magnitude scalar (Prune&Comp)"),
     one_shot: Optional[bool] = typer.Option(None, "--one-shot", help="layers: score once, remove all at once"),
-    speed: Optional[bool] = typer.Option(None, "--speed/--no-speed", help="layers: generation tokens/s before and after"),
+    ratio: Optional[float] = typer.Option(None, help="flap: fraction of attention and MLP parameters to remove"),
+    structure: Optional[str] = typer.Option(None, help="flap: adaptive | uniform"),
+    bias_compensation: Optional[bool] = typer.Option(None, "--bias-compensation/--no-bias-compensation",
+                                                     help="flap: fold removed channels' mean output into biases"),
+    speed: Optional[bool] = typer.Option(None, "--speed/--no-speed", help="layers, flap: generation tokens/s before and after"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
 ) -> None:
     """Prune a model, reconstruct it, evaluate it, save it with its report
@@ -99,6 +106,10 @@ def run(
         depth.update({k: v for k, v in dict(remove=remove, metric=metric, compensation=compensation,
                                             one_shot=one_shot).items() if v is not None})
         values["depth"] = depth
+        width = dict(values.get("width") or {})
+        width.update({k: v for k, v in dict(ratio=ratio, structure=structure,
+                                            bias_compensation=bias_compensation).items() if v is not None})
+        values["width"] = width
         recon = values.get("reconstruct") or {}
         recon = {"granularity": recon} if isinstance(recon, str) else dict(recon)
         grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None
@@ -175,6 +186,38 @@ def study(
     except PrunelabError as exc:
         _fail(exc)
     console.print(f"{len(results)} runs; table in {out / 'STUDY.md'}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="a folder prunelab saved after FLAP (with prunelab_structure.json)"),
+    out: Path = typer.Option(..., help="new folder for the same-shape model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Write a FLAP-narrowed model at its original shapes (removed heads and channels as zeros), for
+    tools that load only stock configs."""
+    import json as json_lib
+
+    import torch
+
+    from .files import atomic_dir
+    from .models.loading import load_model
+    from .structured.width import STRUCTURE_FILE, export_masked
+
+    try:
+        if not (model / STRUCTURE_FILE).is_file():
+            raise PrunelabError(f"{model} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
+        if out.exists() and not overwrite:
+            raise PrunelabError(f"output folder already exists: {out} (choose another --out or pass --overwrite)")
+        loaded, tokenizer, _ = load_model(str(model), device="cpu")
+        linears = json_lib.loads((model / STRUCTURE_FILE).read_text())["linears"]
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            with torch.no_grad():
+                export_masked(loaded, linears, tmp)
+            tokenizer.save_pretrained(tmp)
+    except PrunelabError as exc:
+        _fail(exc)
+    console.print(f"same-shape model written to {out}")
 
 
 @app.command()

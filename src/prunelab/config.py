@@ -10,7 +10,8 @@ from typing import Any
 
 from .errors import PrunelabError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "layers")
+METHODS = ("magnitude", "wanda", "sparsegpt", "layers", "flap")
+STRUCTURES = ("adaptive", "uniform")
 DEPTH_METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 DTYPES = ("float32", "bfloat16", "float16")
 GRANULARITIES = ("none", "matrix", "attn-mlp", "block", "blocks:K", "model")
@@ -104,6 +105,21 @@ class DepthConfig:
 
 
 @dataclass
+class WidthConfig:
+    """FLAP head and channel removal (SPEC §4), used by `method: flap`."""
+
+    ratio: float = 0.2  # fraction of the attention and MLP parameters to remove
+    structure: str = "adaptive"  # adaptive (global, standardised scores) | uniform (the same fraction per layer)
+    bias_compensation: bool = True  # fold the removed channels' mean output into a bias
+
+    def validate(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise PrunelabError(f"width.ratio must be in (0, 1), got {self.ratio}")
+        if self.structure not in STRUCTURES:
+            raise PrunelabError(f"width.structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2"  # hub id, local folder, .gguf file, or "smollm2" (embedded)
     method: str = "wanda"
@@ -129,12 +145,15 @@ class RunConfig:
     # None = the method's default: attn-mlp after unstructured pruning, none after layer removal
     reconstruct: ReconstructConfig | dict | str | None = None
     depth: DepthConfig = field(default_factory=DepthConfig)
+    width: WidthConfig = field(default_factory=WidthConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsegpt, dict):
             self.sparsegpt = _build(SparseGPTConfig, self.sparsegpt, "sparsegpt")
         if isinstance(self.depth, dict):
             self.depth = _build(DepthConfig, self.depth, "depth")
+        if isinstance(self.width, dict):
+            self.width = _build(WidthConfig, self.width, "width")
         if self.reconstruct is None:
             self.reconstruct = {}
         if isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
@@ -147,8 +166,8 @@ class RunConfig:
 
     @property
     def structured(self) -> bool:
-        """Whether the method removes structure (blocks) rather than zeroing weights."""
-        return self.method == "layers"
+        """Whether the method removes structure (blocks, heads, channels) rather than zeroing weights."""
+        return self.method in ("layers", "flap")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -173,8 +192,11 @@ class RunConfig:
             raise PrunelabError("sparsegpt.damp must be >= 0 and sparsegpt.blocksize >= 1")
         self.reconstruct.validate()
         self.depth.validate(self.method)
+        if self.method == "flap":
+            self.width.validate()
         if self.structured and self.reconstruct.enabled:
-            raise PrunelabError("reconstruction after layer removal is not supported yet; use --reconstruct none")
+            what = "layer removal" if self.method == "layers" else "FLAP"
+            raise PrunelabError(f"reconstruction after {what} is not supported yet; use --reconstruct none")
         if self.reconstruct.enabled and self.dtype != "float32":
             # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
             # than the errors being reconstructed, and the attention halves' losses rose in training.
@@ -185,12 +207,16 @@ class RunConfig:
     def needs_calibration(self) -> bool:
         from .prune import CRITERIA
 
+        if self.method == "flap":
+            return True
         if self.structured:
             return self.depth.metric != "mag" or self.depth.compensation
         return CRITERIA[self.method][0] is not None or self.reconstruct.enabled
 
     @property
     def target_label(self) -> str:
+        if self.method == "flap":
+            return f"{self.width.ratio:.0%} width"
         if self.structured:
             return f"{self.depth.remove} blocks by {self.depth.metric}"
         return self.pattern if self.pattern else f"{self.sparsity:.0%}"

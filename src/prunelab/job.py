@@ -20,7 +20,8 @@ from .models.adapters import find_adapter
 from .models.loading import load_model
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
-from .structured.depth import prune_depth
+from .structured import prune_structured
+from .structured.width import write_structure
 from . import report as reporting
 
 
@@ -81,7 +82,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             with stage("speed_dense", stages):
                 metrics["speed_dense"] = generation_speed(model, tokenizer)
         with stage("prune", stages):
-            structure.update(prune_depth(model, adapter, calib_ids, config, progress=progress))
+            structure.update(prune_structured(model, adapter, calib_ids, config, progress=progress))
         structure["parameters_after"] = parameter_count(model)
         if config.speed:
             with stage("speed", stages):
@@ -110,16 +111,20 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         "versions": reporting.versions(),
         "output": None,
     }
+    narrowed = structure.pop("linears", None) if structure else None  # FLAP: the reload record, saved beside the weights
     if config.out:
-        save(model, tokenizer, report, Path(config.out), list(weights), config.overwrite, stages)
+        save(model, tokenizer, report, Path(config.out), list(weights), config.overwrite, stages, narrowed)
     return report
 
 
-def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], overwrite: bool, stages: dict) -> None:
+def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], overwrite: bool, stages: dict,
+         narrowed: dict | None = None) -> None:
     """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with stage("save", stages):  # ends before the report is written, so that it is in it
             model.save_pretrained(tmp)
+            if narrowed:
+                write_structure(tmp, narrowed)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if report["sparsity"] is not None:

@@ -39,8 +39,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("sparsity (pruned linears)", f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})"))
     structure = report.get("structure")
     if structure:
-        rows.append(("blocks removed", f"{', '.join(map(str, structure['removed']))} "
-                                       f"({structure['blocks_before']} → {structure['blocks_after']} blocks)"))
+        if "blocks_before" in structure:
+            rows.append(("blocks removed", f"{', '.join(map(str, structure['removed']))} "
+                                           f"({structure['blocks_before']} → {structure['blocks_after']} blocks)"))
         rows.append(("parameters", f"{structure['parameters_before']:,} → {structure['parameters_after']:,}"))
         if "speed" in metrics:
             before = metrics.get("speed_dense", {}).get("tokens_per_second")
@@ -59,6 +60,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def method_label(cfg: dict) -> str:
+    if cfg["method"] == "flap":
+        width = cfg["width"]
+        return (f"flap {width['ratio']:.0%} ({width['structure']}, bias compensation "
+                f"{'on' if width['bias_compensation'] else 'off'})")
     if cfg["method"] == "layers":
         depth = cfg["depth"]
         comp = "with" if depth["compensation"] else "without"
@@ -119,6 +124,18 @@ def _depth_markdown(structure: dict) -> list[str]:
     return lines
 
 
+def _width_markdown(structure: dict) -> list[str]:
+    lines = ["", "## Width removal (FLAP)", "",
+             f"Structure `{structure['structure']}`, ratio {structure['ratio']:.0%} of the attention and MLP parameters, "
+             f"bias compensation {'on' if structure['bias_compensation'] else 'off'}. Attention is pruned by whole KV "
+             "groups (a KV head with its query heads).",
+             f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
+             + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "") + ".",
+             "", "| layer | units kept / total | unit |", "|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['units'] - r['removed']} / {r['units']} | {r['unit']} |" for r in structure["layers"]]
+    return lines
+
+
 def plot_reconstruction(report: dict, path: Path) -> bool:
     """Per-submodel held-out loss before and after reconstruction (log scale); False without matplotlib."""
     try:
@@ -162,7 +179,8 @@ def to_markdown(report: dict, plot: str | None = None) -> str:
     lines += ["", "## Stages", "", "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
     lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for name, s in report["stages"].items()]
     if report.get("structure"):
-        lines += _depth_markdown(report["structure"])
+        structure = report["structure"]
+        lines += _depth_markdown(structure) if "blocks_before" in structure else _width_markdown(structure)
     if report["sparsity"] is not None:
         lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
                   "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]

@@ -64,7 +64,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
             if not (path / "config.json").is_file():
                 raise PrunelabError(f"not a model folder (no config.json): {path}")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt)
+            from ..structured.width import STRUCTURE_FILE, load_narrow
+
+            if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
+                model = load_narrow(path, torch_dt)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt)
         else:  # a hub id
             tokenizer = AutoTokenizer.from_pretrained(spec)
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt)

@@ -1,0 +1,21 @@
+"""Structured pruning: whole blocks (depth, Prune&Comp) and heads/channels (width, FLAP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..models.adapters import Adapter
+from .depth import prune_depth
+from .width import prune_width
+
+
+def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,
+                     attention_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Layer removal (`method: layers`) or FLAP (`method: flap`) in place; returns the method's report."""
+    prune = prune_depth if config.method == "layers" else prune_width
+    return prune(model, adapter, ids, config, attention_mask=attention_mask, progress=progress)
+
+
+__all__ = ["prune_depth", "prune_structured", "prune_width"]

@@ -1,0 +1,333 @@
+"""Width pruning with FLAP (SPEC §4): remove attention heads and MLP channels, physically.
+
+For the writer W (o_proj, down_proj) of each half-block and its input x over the calibration tokens:
+
+    score_c = Var_t(x_c) · ‖W[:, c]‖²                 (fluctuation-weighted importance of channel c)
+    ẑ_c    = (score_c − mean) / std                  (standardised within the layer)
+    unit score = mean ẑ over the unit's channels     (unit: one MLP channel, or one KV group of
+                                                      attention heads with its query heads)
+
+adaptive  remove the lowest-scoring units across all layers and both kinds, counting each unit's
+          parameters, until `ratio` of the attention and MLP parameters is gone
+uniform   remove `ratio` of the units of every layer
+
+Bias compensation keeps the writer's expected output: b ← b + W[:, removed] · E[x_removed]
+(a bias is added where the architecture had none). Every layer keeps at least one unit.
+Whole KV groups go together, so every layer keeps the model's query-per-KV-head ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..errors import PrunelabError
+from ..models.adapters import Adapter, Half
+
+STRUCTURE_FILE = "prunelab_structure.json"
+
+
+@dataclass
+class Moments:
+    """Running mean and variance of each input channel of a writer, over calibration tokens."""
+
+    total: torch.Tensor
+    squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def of(cls, width: int) -> Moments:
+        return cls(torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.total += x.sum(0).cpu()
+        self.squares += x.pow(2).sum(0).cpu()
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.squares - self.count * self.mean.pow(2)).clamp_min(0) / max(self.count - 1, 1)
+
+
+@dataclass
+class Layer:
+    """One half-block's prunable units: groups of writer input channels."""
+
+    block: int
+    half: Half
+    units: list[list[int]]  # writer input channels of each unit
+    unit_params: int  # parameters one unit carries
+    moments: Moments
+    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    removed: list[int] = field(default_factory=list)  # unit indices
+
+    @property
+    def name(self) -> str:
+        return f"block {self.block} {self.half.name}"
+
+
+def _attention_units(attn: nn.Module) -> tuple[list[list[int]], int]:
+    """KV groups: each KV head with its query heads, as o_proj input channels; and one group's parameters."""
+    head_dim = attn.head_dim
+    heads, kv_heads = attn.o_proj.in_features // head_dim, attn.k_proj.out_features // head_dim
+    per_group = heads // kv_heads
+    units = [[c for h in range(g * per_group, (g + 1) * per_group) for c in range(h * head_dim, (h + 1) * head_dim)]
+             for g in range(kv_heads)]
+    hidden = attn.o_proj.out_features
+    params = (2 * per_group + 2) * head_dim * hidden
+    params += sum(head_dim * n for m, n in ((attn.q_proj, per_group), (attn.k_proj, 1), (attn.v_proj, 1))
+                  if m.bias is not None)
+    return units, params
+
+
+def flap_layers(adapter: Adapter) -> list[Layer]:
+    layers = []
+    for i, block in enumerate(adapter.blocks):
+        attention, mlp = adapter.halves(block)
+        attn = block.self_attn
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+                or not all(isinstance(getattr(block.mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise PrunelabError(f"FLAP needs q/k/v/o projections and a gated MLP of plain linears; block {i} "
+                                f"({type(block).__name__}) has another layout (Mixture-of-Experts and OPT are not supported)")
+        units, params = _attention_units(attn)
+        layers.append(Layer(i, attention, units, params, Moments.of(attn.o_proj.in_features)))
+        hidden = block.mlp.down_proj.out_features
+        channels = block.mlp.down_proj.in_features
+        params = 3 * hidden + sum(1 for m in (block.mlp.gate_proj, block.mlp.up_proj) if m.bias is not None)
+        layers.append(Layer(i, mlp, [[c] for c in range(channels)], params, Moments.of(channels)))
+    return layers
+
+
+@torch.no_grad()
+def collect(model: nn.Module, layers: list[Layer], ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            batch_size: int, progress: bool) -> None:
+    """Moments of every writer's input over the calibration tokens of the dense model (pads excluded)."""
+    device = next(model.parameters()).device
+    keep: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(layer):
+        def record(module, args):
+            x = args[0]
+            if keep["mask"] is not None:
+                x = x[keep["mask"]]
+            layer.moments.add(x)
+        return record
+
+    handles = [layer.half.writer.register_forward_pre_hook(hook(layer)) for layer in layers]
+    try:
+        for start in tqdm(range(0, ids.shape[0], batch_size), desc="FLAP statistics", unit="batch", disable=not progress):
+            x = ids[start:start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            keep["mask"] = None if mask is None else mask.bool()
+            model(input_ids=x, attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        if not torch.isfinite(layer.moments.squares).all():
+            raise PrunelabError(f"non-finite activations (NaN/inf) enter {layer.name}'s output projection")
+
+
+def score(layers: list[Layer]) -> None:
+    """Fluctuation × squared column norm per channel, standardised per layer, averaged per unit."""
+    for layer in layers:
+        column = layer.half.writer.weight.detach().double().pow(2).sum(0).cpu()
+        channel = layer.moments.variance * column
+        z = (channel - channel.mean()) / channel.std().clamp_min(1e-12)
+        layer.scores = torch.stack([z[unit].mean() for unit in layer.units])
+
+
+def choose(layers: list[Layer], ratio: float, structure: str) -> None:
+    """Which units go (see the module docstring); every layer keeps at least one."""
+    if structure == "uniform":
+        for layer in layers:
+            count = min(round(ratio * len(layer.units)), len(layer.units) - 1)
+            layer.removed = sorted(torch.argsort(layer.scores)[:count].tolist())
+        return
+    budget = ratio * sum(len(layer.units) * layer.unit_params for layer in layers)
+    candidates = sorted((float(s), n, u) for n, layer in enumerate(layers) for u, s in enumerate(layer.scores))
+    left = [len(layer.units) for layer in layers]
+    removed = 0
+    for _, n, u in candidates:
+        if removed >= budget:
+            break
+        if left[n] == 1:
+            continue
+        layers[n].removed.append(u)
+        left[n] -= 1
+        removed += layers[n].unit_params
+    for layer in layers:
+        layer.removed.sort()
+
+
+def _slice(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None,
+           bias: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    if bias is None and linear.bias is not None:
+        bias = linear.bias.detach() if rows is None else linear.bias.detach()[rows]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]:
+    """Physically remove the chosen units; returns, per replaced linear (by state-dict name), the kept
+    rows/columns."""
+    record = {}
+    for layer in layers:
+        if not layer.removed:
+            continue
+        gone = set(layer.removed)
+        kept_units = [u for i, u in enumerate(layer.units) if i not in gone]
+        kept = [c for unit in kept_units for c in unit]
+        dropped = [c for i, u in enumerate(layer.units) if i in gone for c in u]
+        writer = layer.half.writer
+        bias = writer.bias.detach().clone() if writer.bias is not None else None
+        if compensate:
+            mean = layer.moments.mean[dropped].to(writer.weight.dtype).to(writer.weight.device)
+            shift = writer.weight.detach()[:, dropped] @ mean
+            bias = shift if bias is None else bias + shift
+        module = layer.half.modules[0]
+        if layer.half.name == "attention":
+            head_dim = module.head_dim
+            groups = [i for i in range(len(layer.units)) if i not in gone]
+            kv_rows = [r for g in groups for r in range(g * head_dim, (g + 1) * head_dim)]
+            changes = {"q_proj": (kept, None), "k_proj": (kv_rows, None), "v_proj": (kv_rows, None), "o_proj": (None, kept)}
+        else:
+            changes = {"gate_proj": (kept, None), "up_proj": (kept, None), "down_proj": (None, kept)}
+        for name, (rows, cols) in changes.items():
+            old = getattr(module, name)
+            new = _slice(old, rows, cols, bias if old is writer else None)
+            setattr(module, name, new)
+            owner = "self_attn" if layer.half.name == "attention" else "mlp"
+            record[f"{prefix}.{layer.block}.{owner}.{name}"] = {
+                "rows": rows, "cols": cols, "dense_shape": list(old.weight.shape), "bias": new.bias is not None}
+    return record
+
+
+def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: RunConfig,
+                attention_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """FLAP in place; returns the report (per-layer widths and scores) and the reload record."""
+    wc = config.width
+    layers = flap_layers(adapter)
+    collect(model, layers, ids, attention_mask, config.batch_size, progress)
+    score(layers)
+    choose(layers, wc.ratio, wc.structure)
+    linears = apply(layers, wc.bias_compensation, adapter.blocks_prefix)
+    return {
+        "ratio": wc.ratio, "structure": wc.structure, "bias_compensation": wc.bias_compensation,
+        "layers": [{"layer": layer.name, "units": len(layer.units), "removed": len(layer.removed),
+                    "unit": "kv group" if layer.half.name == "attention" else "channel"} for layer in layers],
+        "linears": linears,
+    }
+
+
+def write_structure(folder: Path, linears: dict[str, dict]) -> None:
+    """What a loader needs to rebuild the narrower layers (shapes, biases, kept rows/columns)."""
+    (folder / STRUCTURE_FILE).write_text(json.dumps({"format": "prunelab-width/1", "linears": linears}))
+
+
+def load_narrow(folder: Path, dtype: torch.dtype):
+    """A model saved after width pruning: built from its config, narrowed as recorded, then loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    record = json.loads((folder / STRUCTURE_FILE).read_text())
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    modules = dict(model.named_modules())
+    for name, entry in record["linears"].items():
+        parent, _, child = name.rpartition(".")
+        old = modules[name]
+        rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
+        cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
+        setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype))
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - _tied_head_keys(model)
+    if missing or unexpected:
+        raise PrunelabError(f"{folder} does not match its {STRUCTURE_FILE}: missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _expand(linear: nn.Linear, entry: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out_features, in_features = entry["dense_shape"]
+    weight = torch.zeros(out_features, in_features, dtype=linear.weight.dtype)
+    rows = torch.arange(out_features) if entry["rows"] is None else torch.tensor(entry["rows"])
+    cols = torch.arange(in_features) if entry["cols"] is None else torch.tensor(entry["cols"])
+    weight[rows.unsqueeze(1), cols.unsqueeze(0)] = linear.weight.detach().cpu()
+    bias = None
+    if linear.bias is not None:
+        bias = torch.zeros(out_features, dtype=linear.weight.dtype)
+        bias[rows] = linear.bias.detach().cpu()
+    return weight, bias
+
+
+def masked_state(model: nn.Module, linears: dict[str, dict]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The dense-shaped state dict (removed rows and columns as zeros), and whether any bias was added."""
+    modules = dict(model.named_modules())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    added_bias = False
+    for name, entry in linears.items():
+        weight, bias = _expand(modules[name], entry)
+        state[f"{name}.weight"] = weight
+        if bias is not None:
+            state[f"{name}.bias"] = bias
+            added_bias = True
+    return state, added_bias
+
+
+
+def export_masked(model: nn.Module, linears: dict[str, dict], folder: Path) -> None:
+    """Save a same-shape model that plain transformers loads: removed rows and columns are zeros,
+    compensation biases sit in bias slots switched on in the config (others zero)."""
+    from transformers import AutoModelForCausalLM
+
+    state, added_bias = masked_state(model, linears)
+    config = copy.deepcopy(model.config)
+    if added_bias:
+        for flag in ("attention_bias", "mlp_bias"):  # Llama-style configs switch all biases of a half at once
+            if hasattr(config, flag):
+                setattr(config, flag, True)
+    dense = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    for key, value in dense.state_dict().items():
+        if key not in state and key.endswith(".bias"):
+            state[key] = torch.zeros_like(value)
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    missing = set(missing) - _tied_head_keys(dense)
+    if unexpected or missing:
+        raise PrunelabError(f"{type(model).__name__}'s config cannot hold the bias compensation ({sorted(unexpected)[:2]}); "
+                            "prune with --no-bias-compensation for a plain-transformers export")
+    dense.tie_weights()
+    dense.save_pretrained(folder)
+
+
+def _tied_head_keys(model: nn.Module) -> set[str]:
+    """The LM head's weight key when it is tied to the input embeddings (saved once, under the embeddings)."""
+    head = model.get_output_embeddings()
+    if head is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return set()
+    return {f"{name}.weight" for name, m in model.named_modules() if m is head}

@@ -1,0 +1,169 @@
+"""Width pruning (FLAP): scores, structure, bias compensation, physically smaller layers that prunelab
+reloads exactly, and a same-shape export that plain transformers loads."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from prunelab.cli import app
+from prunelab.config import RunConfig
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+from prunelab.models.loading import load_model
+from prunelab.structured.width import collect, export_masked, flap_layers, prune_width, score, write_structure
+from tiny import random_ids, tiny_model
+
+runner = CliRunner()
+
+
+def flap(model, ids, **width):
+    return prune_width(model, find_adapter(model), ids, RunConfig.from_dict({"method": "flap", "width": width}),
+                       progress=False)
+
+
+def block_params(model):
+    return sum(p.numel() for b in find_adapter(model).blocks for n, p in b.named_parameters() if "norm" not in n)
+
+
+def test_score_is_fluctuation_times_squared_column_norm_standardised():
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(4, 16)
+    layers = flap_layers(find_adapter(model))
+    collect(model, layers, ids, None, 3, progress=False)
+    score(layers)
+    mlp = layers[1]
+    seen = []
+    handle = mlp.half.writer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x = torch.cat(seen).double()
+    raw = x.var(0) * mlp.half.writer.weight.detach().double().pow(2).sum(0)
+    expected = (raw - raw.mean()) / raw.std()
+    torch.testing.assert_close(mlp.scores, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_adaptive_removes_the_ratio_of_parameters_and_layers_shrink(family):
+    model = tiny_model(family, layers=3)
+    before = block_params(model)
+    report = flap(model, random_ids(4, 16), ratio=0.3)
+    after = block_params(model)
+    one_channel = 3 * model.config.hidden_size
+    assert 0.3 * before - 2 * one_channel <= before - after <= 0.3 * before + 4 * model.config.hidden_size * 32
+    for b in find_adapter(model).blocks:
+        assert b.mlp.gate_proj.out_features == b.mlp.up_proj.out_features == b.mlp.down_proj.in_features
+        assert b.self_attn.q_proj.out_features == b.self_attn.o_proj.in_features
+    assert sum(r["removed"] for r in report["layers"]) > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(2, 8)).logits).all()
+
+
+def test_uniform_removes_the_same_fraction_of_every_layer_and_whole_kv_groups():
+    model = tiny_model("llama", layers=2)  # 4 query heads, 2 KV heads: KV groups of 2 heads
+    report = flap(model, random_ids(4, 16), ratio=0.5, structure="uniform")
+    assert [r["removed"] for r in report["layers"]] == [1, 64, 1, 64]
+    for b in find_adapter(model).blocks:
+        attn = b.self_attn
+        assert attn.k_proj.out_features == attn.v_proj.out_features == attn.head_dim
+        assert attn.q_proj.out_features == 2 * attn.head_dim  # query heads per KV head unchanged
+
+
+def test_bias_compensation_keeps_the_mean_output_of_the_writer():
+    ids = random_ids(6, 16)
+    outputs = {}
+
+    def mean_output(model, key):
+        seen = []
+        writer = find_adapter(model).blocks[0].self_attn.o_proj
+        handle = writer.register_forward_hook(lambda m, a, out: seen.append(out.reshape(-1, out.shape[-1])))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        outputs[key] = torch.cat(seen).mean(0)
+
+    model = tiny_model("llama", layers=2)
+    mean_output(model, "dense")
+    flap(model, ids, ratio=0.5, structure="uniform")
+    mean_output(model, "compensated")
+    plain = tiny_model("llama", layers=2)
+    flap(plain, ids, ratio=0.5, structure="uniform", bias_compensation=False)
+    mean_output(plain, "plain")
+    torch.testing.assert_close(outputs["compensated"], outputs["dense"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(outputs["plain"], outputs["dense"], atol=1e-4)
+    assert find_adapter(plain).blocks[0].self_attn.o_proj.bias is None
+
+
+def test_prunelab_reloads_the_narrow_model_exactly_and_export_loads_in_plain_transformers(tmp_path, tokenizer):
+    model = tiny_model("llama", layers=2)
+    report = flap(model, random_ids(4, 16), ratio=0.3)
+    model.save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    write_structure(tmp_path / "narrow", report["linears"])
+    reloaded, _, _ = load_model(str(tmp_path / "narrow"), device="cpu")
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, expected)
+    result = runner.invoke(app, ["export", str(tmp_path / "narrow"), "--out", str(tmp_path / "masked")])
+    assert result.exit_code == 0, result.output
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "masked").eval()
+    assert plain.config.num_attention_heads == model.config.num_attention_heads
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
+    model = tiny_model("mistral", layers=2)
+    report = flap(model, random_ids(4, 16), ratio=0.3)
+    with pytest.raises(PrunelabError, match="--no-bias-compensation"):
+        export_masked(model, report["linears"], tmp_path / "m")
+    model = tiny_model("gemma3", layers=2)
+    report = flap(model, random_ids(4, 16), ratio=0.3, bias_compensation=False)
+    export_masked(model, report["linears"], tmp_path / "g")
+    with torch.no_grad():
+        ids = random_ids(2, 8)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()(ids).logits,
+                                   model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_flap_job_saves_a_smaller_model_with_its_structure(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "flap"
+    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                 "--samples", "4", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
+                                 "--method", "flap", "--ratio", "0.25", "--structure", "uniform", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prunelab.json").read_text())
+    structure = report["structure"]
+    assert structure["parameters_saved"] == structure["parameters_after"] < structure["parameters_before"]
+    assert "linears" not in structure and (out / "prunelab_structure.json").is_file()
+    assert report["config"]["width"] == {"ratio": 0.25, "structure": "uniform", "bias_compensation": True}
+    evaluated = runner.invoke(app, ["eval", "--model", str(out), "--eval", str(evaluation), "--eval-seqlen", "16",
+                                    "--eval-windows", "2", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "## Width removal (FLAP)" in (out / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "0"], "width.ratio must be in (0, 1)"),
+    (["--ratio", "1"], "width.ratio must be in (0, 1)"),
+    (["--ratio", "0.2", "--structure", "random"], "width.structure must be one of adaptive, uniform"),
+    (["--ratio", "0.2", "--reconstruct", "block"], "reconstruction after FLAP is not supported yet"),
+])
+def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                 "--samples", "4", "--seqlen", "16", "--method", "flap", "--out", str(tmp_path / "o")] + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_flap_refuses_layouts_it_does_not_know():
+    model = tiny_model("mixtral", layers=2)
+    with pytest.raises(PrunelabError, match="Mixture-of-Experts"):
+        flap(model, random_ids(2, 8), ratio=0.2)
