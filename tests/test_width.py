@@ -31,8 +31,9 @@ def block_params(model):
 def test_score_is_fluctuation_times_squared_column_norm_standardised():
     model = tiny_model("llama", layers=2)
     ids = random_ids(4, 16)
-    layers = flap_layers(find_adapter(model))
-    collect(model, layers, ids, None, 3, progress=False)
+    adapter = find_adapter(model)
+    layers = flap_layers(adapter)
+    collect(model, adapter, layers, ids, None, 3, progress=False)
     score(layers)
     mlp = layers[1]
     seen = []

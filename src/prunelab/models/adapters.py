@@ -77,7 +77,7 @@ def scale_output(module: nn.Module, s: float) -> None:
             module.weight.add_(s - 1)  # (1 + w') = s (1 + w)
 
 
-def _first(output):
+def first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -192,7 +192,7 @@ class LlamaAdapter(Adapter):
         mlp_in = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
         mlp_out = block.post_feedforward_layernorm if sandwich else nn.Identity()
         attention = Half("attention", (block.self_attn,),
-                         run=lambda h, kw: _first(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
+                         run=lambda h, kw: first_output(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
                          finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj,
                          norms=(block.input_layernorm, attn_out), output_norm=attn_out if sandwich else None)
         mlp = Half("mlp", (block.mlp,), run=lambda h, kw: block.mlp(mlp_in(h)), finish=lambda h, y: h + mlp_out(y),
@@ -222,7 +222,7 @@ class OPTAdapter(Adapter):
             return (lambda h, y: h + y) if pre else (lambda h, y: norm(h + y))
 
         attention = Half("attention", (block.self_attn,),
-                         run=lambda h, kw: _first(block.self_attn(
+                         run=lambda h, kw: first_output(block.self_attn(
                              hidden_states=block.self_attn_layer_norm(h) if pre else h, **kw)),
                          finish=residual(block.self_attn_layer_norm), writer=block.self_attn.out_proj,
                          norms=(block.self_attn_layer_norm,))

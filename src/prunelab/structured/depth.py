@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..calibration import capture_block_inputs
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..models.adapters import Adapter, _first, scale_output
+from ..models.adapters import Adapter, first_output, scale_output
 
 METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 
@@ -63,7 +63,7 @@ def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask
         states = deque([h], maxlen=span + 1)
         for i, block in enumerate(blocks):
             dtype = next(block.parameters()).dtype
-            h = _first(block(h.to(dtype), **stream.block_kwargs[i][b])).float()
+            h = first_output(block(h.to(dtype), **stream.block_kwargs[i][b])).float()
             states.append(h)
             if i + 1 >= span:
                 first, last = states[0], states[-1]

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..models.adapters import Adapter, Half
+from ..calibration import capture_block_inputs
+from ..models.adapters import Adapter, Half, first_output
 
 STRUCTURE_FILE = "prunelab_structure.json"
 
@@ -111,27 +112,26 @@ def flap_layers(adapter: Adapter) -> list[Layer]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, layers: list[Layer], ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            batch_size: int, progress: bool) -> None:
-    """Moments of every writer's input over the calibration tokens of the dense model (pads excluded)."""
-    device = next(model.parameters()).device
+def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.Tensor,
+            attention_mask: torch.Tensor | None, batch_size: int, progress: bool) -> None:
+    """Moments of every writer's input over the calibration tokens of the dense model (pads excluded).
+    The blocks run one after another on captured inputs: the LM head's logits are never computed."""
+    stream = capture_block_inputs(model, adapter.blocks, ids, attention_mask, batch_size, torch.float32)
     keep: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(layer):
         def record(module, args):
             x = args[0]
-            if keep["mask"] is not None:
-                x = x[keep["mask"]]
-            layer.moments.add(x)
+            layer.moments.add(x if keep["mask"] is None else x[keep["mask"]])
         return record
 
     handles = [layer.half.writer.register_forward_pre_hook(hook(layer)) for layer in layers]
     try:
-        for start in tqdm(range(0, ids.shape[0], batch_size), desc="FLAP statistics", unit="batch", disable=not progress):
-            x = ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-            keep["mask"] = None if mask is None else mask.bool()
-            model(input_ids=x, attention_mask=mask, use_cache=False)
+        for b, rows in tqdm(list(stream.batches()), desc="FLAP statistics", unit="batch", disable=not progress):
+            keep["mask"] = stream.token_masks[b]
+            h = stream.hidden[rows]
+            for i, block in enumerate(adapter.blocks):
+                h = first_output(block(h.to(next(block.parameters()).dtype), **stream.block_kwargs[i][b]))
     finally:
         for handle in handles:
             handle.remove()
@@ -229,7 +229,7 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
     """FLAP in place; returns the report (per-layer widths and scores) and the reload record."""
     wc = config.width
     layers = flap_layers(adapter)
-    collect(model, layers, ids, attention_mask, config.batch_size, progress)
+    collect(model, adapter, layers, ids, attention_mask, config.batch_size, progress)
     score(layers)
     choose(layers, wc.ratio, wc.structure)
     linears = apply(layers, wc.bias_compensation, adapter.blocks_prefix)

@@ -1,0 +1,77 @@
+"""Depth (Prune&Comp) and width (FLAP) pruning of the embedded SmolLM2-135M: perplexity, parameters,
+generation tokens/s before and after, pruning time.
+
+Each configuration runs `prunelab run` in a fresh process (one at a time: tokens/s needs the CPU
+to itself), calibration from `web`, perplexity on the first 40 × 512-token windows of `wiki`.
+Finished runs are kept in --out and skipped when the script is run again. Usage:
+
+    python benchmarks/structured_embedded.py [--threads 2] [--samples 32] [--only bi-6-comp,flap-20-bias]
+
+Run names: <metric>-<blocks>-<comp|nocomp>[-oneshot] for layer removal, flap-<percent>-<bias|nobias>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+METRICS = ("bi", "cl", "taylor", "mag", "ppl")
+
+
+def runs() -> dict[str, list[str]]:
+    found = {}
+    for blocks in (3, 6):
+        for metric in METRICS:
+            for comp in (True, False):
+                name = f"{metric}-{blocks}-{'comp' if comp else 'nocomp'}"
+                found[name] = ["--method", "layers", "--metric", metric, "--remove", str(blocks),
+                               "--compensation" if comp else "--no-compensation"]
+        for metric in ("bi", "taylor"):  # iterative vs one shot (cl is one shot by construction)
+            found[f"{metric}-{blocks}-comp-oneshot"] = ["--method", "layers", "--metric", metric, "--remove", str(blocks),
+                                                        "--compensation", "--one-shot"]
+    for ratio in (20, 30):
+        for bias in (True, False):
+            found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
+                "--method", "flap", "--ratio", str(ratio / 100), "--bias-compensation" if bias else "--no-bias-compensation"]
+    return found
+
+
+def run(name: str, flags: list[str], out: Path, common: list[str]) -> dict:
+    folder = out / name
+    if (folder / "prunelab.json").is_file():
+        return json.loads((folder / "prunelab.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "prunelab.cli", "run", *flags, *common, "--reconstruct", "none",
+                             "--no-eval-dense", "--out", str(folder), "--overwrite"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
+    return json.loads((folder / "prunelab.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument("--only", default="", help="comma-separated run names")
+    parser.add_argument("--out", type=Path, default=Path("runs/structured"))
+    args = parser.parse_args()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    common = ["--model", "smollm2", "--calib", "web", "--samples", str(args.samples), "--seqlen", "512",
+              "--eval", "wiki", "--eval-windows", "40", "--eval-seqlen", "512", "--threads", str(args.threads)]
+    print("| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, flags in runs().items():
+        if only and name not in only:
+            continue
+        report = run(name, flags, args.out, common)
+        structure, metrics = report["structure"], report["metrics"]
+        before, after = metrics["speed_dense"]["tokens_per_second"], metrics["speed"]["tokens_per_second"]
+        removed = ", ".join(map(str, structure["removed"])) if "removed" in structure else "–"
+        print(f"| {name} | {removed} | {metrics['pruned']['perplexity']:.2f} | {structure['parameters_after']:,} "
+              f"| {before:.1f} → {after:.1f} | {after / before:.2f}× | {report['stages']['prune']['seconds']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
