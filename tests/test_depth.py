@@ -14,6 +14,7 @@ from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
+from prunelab.reconstruct.structured import spans_after_removal
 from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, survey
 from tiny import random_ids, tiny_model
 
@@ -191,7 +192,7 @@ def test_layers_job_reports_parameters_speed_and_saves(tiny_dir, texts, tmp_path
     (["--remove", "0"], "needs depth.remove >= 1"),
     (["--remove", "1", "--metric", "entropy"], "unknown depth metric 'entropy'"),
     (["--remove", "1", "--metric", "mag"], "never removes the first 4 or last 2 blocks"),
-    (["--remove", "1", "--reconstruct", "attn-mlp"], "reconstruction after layer removal is not supported yet"),
+    (["--remove", "1", "--reconstruct", "matrix"], "reconstruction trains halves or blocks (attn-mlp | block)"),
 ])
 def test_bad_depth_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts
@@ -213,3 +214,46 @@ def test_compensation_needs_a_residual_stream_it_understands():
     post_ln = tiny_model("opt", layers=3, do_layer_norm_before=False)
     with pytest.raises(PrunelabError, match="post-LN"):
         prune_depth(post_ln, find_adapter(post_ln), random_ids(2, 8), depth_config(remove=1), progress=False)
+
+
+def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lowers_its_loss():
+    model = tiny_model("llama", layers=5)
+    ids, held = random_ids(8, 16), random_ids(4, 16, seed=1)
+    result = prunelab.prune(model, method="layers", depth={"remove": 2, "protect_first": 1, "protect_last": 1},
+                            calibration=ids, heldout=held, reconstruct={"granularity": "attn-mlp", "lr": 1e-3},
+                            progress=False)
+    kept = result["structure"]["kept"]
+    records = result["reconstruction"]["submodels"]
+    spans = spans_after_removal(kept, 5)
+    assert sorted(b for s in spans for b in s) == list(range(5))
+    expected = [f"block {j}" for j, span in enumerate(spans) if len(span) > 1]
+    assert [r["submodel"] for r in records] == expected  # whole blocks: they stand in for removed ones
+    for r in records:
+        assert r["loss_train_after"] < r["loss_train_before"]
+        assert list(spans[int(r["submodel"].split()[1])]) == r["dense_blocks"]
+    assert model.config.num_hidden_layers == 3
+
+
+def test_reconstruction_after_flap_trains_every_half():
+    model = tiny_model("qwen3", layers=2)
+    result = prunelab.prune(model, method="flap", width={"ratio": 0.5, "structure": "uniform"}, calibration=random_ids(8, 16),
+                            heldout=random_ids(4, 16, seed=1), reconstruct={"granularity": "attn-mlp", "lr": 1e-3},
+                            progress=False)
+    records = result["reconstruction"]["submodels"]
+    assert [r["submodel"] for r in records] == ["block 0 attention", "block 0 mlp", "block 1 attention", "block 1 mlp"]
+    assert all(r["loss_train_after"] < r["loss_train_before"] for r in records)
+
+
+def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "depth-recon"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                      "--samples", "6", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
+                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp",
+                                      "--lr", "1e-3", "--no-speed", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prunelab.json").read_text())
+    assert [r["submodel"] for r in report["reconstruction"]["submodels"]] == ["block 0"]
+    assert report["reconstruction"]["submodels"][0]["dense_blocks"] == [0, 1]
+    assert "reconstruct" in report["stages"] and "speed" not in report["metrics"]
+    assert "## Reconstruction" in (out / "REPORT.md").read_text()

@@ -43,6 +43,7 @@ class ReconstructConfig:
     freeze_norms: bool = False  # train only the linears (and their biases)
     heldout: int = 16  # extra calibration windows, disjoint from the training ones, for lr choice and reporting
     offload: str = "auto"  # keep cached activations in memory-mapped files: on | off | auto (when RAM is short)
+    scope: str = "adjacent"  # after layer removal: train the blocks next to each cut | all blocks
 
     @property
     def enabled(self) -> bool:
@@ -66,6 +67,8 @@ class ReconstructConfig:
             raise PrunelabError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {self.propagation!r}")
         if self.loss not in LOSSES:
             raise PrunelabError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.scope not in ("adjacent", "all"):
+            raise PrunelabError(f"reconstruct.scope must be adjacent or all, got {self.scope!r}")
         if self.offload not in OFFLOAD:
             raise PrunelabError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         if isinstance(self.lr, str):
@@ -194,9 +197,10 @@ class RunConfig:
         self.depth.validate(self.method)
         if self.method == "flap":
             self.width.validate()
-        if self.structured and self.reconstruct.enabled:
-            what = "layer removal" if self.method == "layers" else "FLAP"
-            raise PrunelabError(f"reconstruction after {what} is not supported yet; use --reconstruct none")
+        if self.structured and self.reconstruct.enabled and (
+                self.reconstruct.granularity not in ("attn-mlp", "block") or self.reconstruct.propagation != "sparse"):
+            raise PrunelabError(f"after {self.method} pruning, reconstruction trains halves or blocks (attn-mlp | block) "
+                                f"with sparse propagation; got {self.reconstruct.granularity}, {self.reconstruct.propagation}")
         if self.reconstruct.enabled and self.dtype != "float32":
             # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
             # than the errors being reconstructed, and the attention halves' losses rose in training.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .models.adapters import find_adapter
 from .models.loading import load_model
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
+from .reconstruct.structured import reconstruct_structured, structure_spans
 from .structured import prune_structured
 from .structured.width import write_structure
 from . import report as reporting
@@ -81,9 +83,16 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         if config.speed:
             with stage("speed_dense", stages):
                 metrics["speed_dense"] = generation_speed(model, tokenizer)
+        dense = copy.deepcopy(model) if config.reconstruct.enabled else None
         with stage("prune", stages):
             structure.update(prune_structured(model, adapter, calib_ids, config, progress=progress))
         structure["parameters_after"] = parameter_count(model)
+        if dense is not None:
+            with stage("reconstruct", stages):
+                reconstruction = reconstruct_structured(model, dense, structure_spans(structure, dense), calib_ids,
+                                                        heldout_ids, config, progress=progress)
+            del dense
+            release_memory()
         if config.speed:
             with stage("speed", stages):
                 metrics["speed"] = generation_speed(model, tokenizer)

@@ -31,7 +31,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     cfg, metrics, stages = report["config"], report["metrics"], report["stages"]
     sparsity = report["sparsity"]
     recon = report.get("reconstruction")
-    name = "prune+reconstruct" if recon else "prune"
+    name = "prune+reconstruct" if "prune+reconstruct" in stages else "prune"
     prune = stages.get(name, {})
     rows = [("model", report["model"]["source"]), ("method", method_label(cfg)),
             ("reconstruction", _recon_label(cfg["reconstruct"], recon))]
@@ -52,6 +52,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         (f"{name} time", f"{prune.get('seconds', 0):.1f} s"),
         (f"peak RSS ({name})", f"{prune.get('peak_rss_gb', 0):.2f} GB"),
     ]
+    if "reconstruct" in stages:
+        rows.append(("reconstruct time", f"{stages['reconstruct']['seconds']:.1f} s"))
     if prune.get("cuda_peak_gb"):
         rows.append((f"peak CUDA memory ({name})", f"{prune['cuda_peak_gb']:.2f} GB"))
     if report.get("output"):
@@ -85,7 +87,9 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
              f"Granularity `{rc['granularity']}`, propagation `{rc['propagation']}`, loss `{rc['loss']}`, AdamW "
              f"(weight decay {rc['weight_decay']:g}), batch {rc['batch_size']} windows, {rc['epochs']} epoch(s), linear "
              f"warm-up over {rc['warmup']:.0%} of steps then linear decay to 0; norms "
-             f"{'frozen' if rc['freeze_norms'] else 'trained'}; pruned weights held at exactly zero. Losses are on the "
+             f"{'frozen' if rc['freeze_norms'] else 'trained'}; "
+             + ("targets: the dense blocks each remaining block stands for (after structured pruning). "
+                if report.get("structure") else "pruned weights held at exactly zero. ") + "Losses are on the "
              f"training windows and on {report['data']['calibration']['heldout']} held-out calibration windows "
              "(never the evaluation text)."]
     lr = recon["lr"]
@@ -93,8 +97,9 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
         lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
                       f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
-    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
-    lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]
+    if "seconds" in recon:
+        seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
+        lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]
     if plot:
         lines += ["", f"![reconstruction loss per submodel]({plot})"]
     lines += ["", "| submodel | lr | trainable | train loss before → after | held-out loss before → after | seconds |",

@@ -150,6 +150,25 @@ def capture_input(half: Half, linear: nn.Module, stream: BlockStream, index: int
     return kept[0]
 
 
+def trainable_parameters(half: Half, freeze_norms: bool) -> list[nn.Parameter]:
+    if not freeze_norms:
+        return half.parameters()
+    # Only the linears (and their biases): every norm is frozen, also those inside attention (q/k norms).
+    linear = {id(p) for module in half.modules for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    return [p for p in half.parameters() if id(p) in linear]
+
+
+def stream_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream) -> float:
+    """The loss over every non-pad token of the stream's windows, from outputs already computed."""
+    total, tokens = 0.0, 0
+    for b, rows in stream.batches():
+        mask = stream.token_masks[b]
+        count = int(mask.sum()) if mask is not None else pred[rows].shape[0] * pred[rows].shape[1]
+        total += token_loss(loss, pred[rows], target[rows], mask).item() * count
+        tokens += count
+    return total / max(tokens, 1)
+
+
 @dataclass
 class SubmodelProblem:
     """A submodel's outputs against its targets on each window set (see loop.Problem)."""
@@ -217,6 +236,42 @@ class LearningRate:
                 "heldout_loss_ratio_geomean": scores, "lr": self.chosen}
 
 
+class Trainer:
+    """Trains one problem after another at a fixed learning rate or the one `auto` settles on."""
+
+    def __init__(self, config: RunConfig):
+        self.rc, self.seed = config.reconstruct, config.seed
+        rc = self.rc
+        self.lr = LearningRate(None if rc.lr == "auto" else float(rc.lr), tuple(rc.lr_grid), rc.lr_probe)
+        self.forward_batch = config.batch_size
+        self.problems = 0
+
+    def evaluate(self, problem, split: str) -> float:
+        return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
+
+    def train(self, problem, trainable: Trainable, held_before: float) -> dict:
+        rc = self.rc
+        seed = self.seed * 100_003 + self.problems
+        self.problems += 1
+        candidates = self.lr.candidates()
+        kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
+                      weight_decay=rc.weight_decay, seed=seed)
+        if len(candidates) == 1:
+            result = fit(trainable, problem, candidates[0], **kwargs)
+            return {"lr": candidates[0], "steps": result["steps"], "trainable": trainable.count()}
+        start, best, held_after = trainable.snapshot(), None, {}
+        for lr in candidates:
+            trainable.restore(start)
+            result = fit(trainable, problem, lr, **kwargs)
+            held_after[lr] = self.evaluate(problem, "heldout")
+            if best is None or held_after[lr] < held_after[best[0]]:
+                best = (lr, trainable.snapshot())
+        trainable.restore(best[1])
+        self.lr.tried(held_before, held_after)
+        return {"lr": best[0], "steps": result["steps"], "trainable": trainable.count(),
+                "lr_probe": {f"{lr:g}": loss for lr, loss in held_after.items()}}
+
+
 class Reconstructor:
     """The sequential prune-and-reconstruct pass over a model."""
 
@@ -225,10 +280,9 @@ class Reconstructor:
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
         self.progress, self.observer = progress, observer
         self.pruner = HalfPruner(config)
-        self.lr = LearningRate(None if self.rc.lr == "auto" else float(self.rc.lr), tuple(self.rc.lr_grid), self.rc.lr_probe)
+        self.trainer = Trainer(config)
         self.records: list[dict] = []
         self.seconds = {"targets": 0.0, "prune": 0.0, "train": 0.0, "propagate": 0.0}
-        self.problems = 0
 
     # -- the pass -------------------------------------------------------------------------------
 
@@ -263,8 +317,9 @@ class Reconstructor:
             inputs, dense = self._submodel(units, inputs, dense)
             self.streams = {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}  # drop the old activations
             release_memory()
-        return {"submodels": self.records, "lr": self.lr.summary(), "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "offload": offload, "problems": self.problems}
+        return {"submodels": self.records, "lr": self.trainer.lr.summary(),
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "offload": offload,
+                "problems": self.trainer.problems}
 
     def _submodel(self, units: list[Unit], inputs: dict, dense: dict | None):
         blocks, adapter, mode = self.adapter.blocks, self.adapter, self.rc.propagation
@@ -299,7 +354,7 @@ class Reconstructor:
                 self.pruner.prune_half(i, half, linears[i], self.streams["train"].with_hidden(work["train"]), need_output=True)
             work["heldout"] = run_halves(halves, units, self.streams["heldout"].with_hidden(inputs["heldout"]),
                                          self.arena.empty(inputs["heldout"].shape, inputs["heldout"].dtype, device))
-            before = {s: self._loss(work[s], targets[s], self.streams[s]) for s in SPLITS}
+            before = {s: stream_loss(self.rc.loss, work[s], targets[s], self.streams[s]) for s in SPLITS}
             lap("prune")
 
             if self.rc.granularity == "matrix":
@@ -309,13 +364,13 @@ class Reconstructor:
             else:
                 problem = SubmodelProblem(halves, units, {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets)
                 masked = {id(m.weight) for i in indices for m in linears[i].values()}
-                params = [p for half in halves for p in self._trainable(half)]
+                params = [p for half in halves for p in trainable_parameters(half, self.rc.freeze_norms)]
                 trainable = Trainable.of(params, masked)
-                record.update(self._train(problem, trainable, before["heldout"]))
+                record.update(self.trainer.train(problem, trainable, before["heldout"]))
             lap("train")
 
             out = {s: run_halves(halves, units, self.streams[s].with_hidden(inputs[s]), work[s]) for s in SPLITS}
-            after = {s: self._loss(out[s], targets[s], self.streams[s]) for s in SPLITS}
+            after = {s: stream_loss(self.rc.loss, out[s], targets[s], self.streams[s]) for s in SPLITS}
             if self.observer is not None:
                 self.observer({"units": units, "inputs": inputs["train"], "targets": targets["train"], "outputs": out["train"],
                                "record": record})
@@ -332,47 +387,6 @@ class Reconstructor:
         return out, (targets if mode == "mixed" else None)
 
     # -- training ---------------------------------------------------------------------------------
-
-    def _trainable(self, half: Half) -> list[nn.Parameter]:
-        if not self.rc.freeze_norms:
-            return half.parameters()
-        # Only the linears (and their biases): every norm is frozen, also those inside attention (q/k norms).
-        linear = {id(p) for module in half.modules for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
-        return [p for p in half.parameters() if id(p) in linear]
-
-    def _loss(self, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream) -> float:
-        total, tokens = 0.0, 0
-        for b, rows in stream.batches():
-            mask = stream.token_masks[b]
-            count = int(mask.sum()) if mask is not None else pred[rows].shape[0] * pred[rows].shape[1]
-            total += token_loss(self.rc.loss, pred[rows], target[rows], mask).item() * count
-            tokens += count
-        return total / max(tokens, 1)
-
-    def _evaluate(self, problem, split: str) -> float:
-        return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.config.batch_size))
-
-    def _train(self, problem, trainable: Trainable, held_before: float) -> dict:
-        rc = self.rc
-        seed = self.config.seed * 100_003 + self.problems
-        self.problems += 1
-        candidates = self.lr.candidates()
-        kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
-                      weight_decay=rc.weight_decay, seed=seed)
-        if len(candidates) == 1:
-            result = fit(trainable, problem, candidates[0], **kwargs)
-            return {"lr": candidates[0], "steps": result["steps"], "trainable": trainable.count()}
-        start, best, held_after = trainable.snapshot(), None, {}
-        for lr in candidates:
-            trainable.restore(start)
-            result = fit(trainable, problem, lr, **kwargs)
-            held_after[lr] = self._evaluate(problem, "heldout")
-            if best is None or held_after[lr] < held_after[best[0]]:
-                best = (lr, trainable.snapshot())
-        trainable.restore(best[1])
-        self.lr.tried(held_before, held_after)
-        return {"lr": best[0], "steps": result["steps"], "trainable": trainable.count(),
-                "lr_probe": {f"{lr:g}": loss for lr, loss in held_after.items()}}
 
     def _train_matrices(self, index: int, half: Half, dense_half: Half, linears: dict[str, nn.Linear],
                         dense_block: nn.Module, inputs: dict, dense: dict | None) -> list[dict]:
@@ -400,9 +414,9 @@ class Reconstructor:
                 linear = members[name]
                 problem = LinearProblem(linear, x, targets, self.streams)
                 trainable = Trainable.of([p for p in linear.parameters()], {id(linear.weight)})
-                before = {s: self._evaluate(problem, s) for s in SPLITS}
-                result = self._train(problem, trainable, before["heldout"])
-                after = {s: self._evaluate(problem, s) for s in SPLITS}
+                before = {s: self.trainer.evaluate(problem, s) for s in SPLITS}
+                result = self.trainer.train(problem, trainable, before["heldout"])
+                after = {s: self.trainer.evaluate(problem, s) for s in SPLITS}
                 records.append({"layer": name, **result, **{f"loss_{s}_before": before[s] for s in SPLITS},
                                 **{f"loss_{s}_after": after[s] for s in SPLITS}})
                 del targets

@@ -1,0 +1,105 @@
+"""Reconstruction after structured pruning: the remaining blocks learn to reproduce the dense model.
+
+Each block j of the pruned model stands for a span of dense blocks: after FLAP its own block; after
+layer removal the block itself and the removed blocks that followed it (block 0 also stands for any
+removed before it). In model order, with sparse propagation (SPEC §3):
+
+    inputs  = the pruned model's activations entering block j      (training and held-out windows)
+    targets = the dense span applied to those same inputs
+    train block j (each half alone under attn-mlp when its span is one block; the whole block when
+    it must also stand in for removed ones), then propagate its outputs.
+
+Blocks left out of training (`scope: adjacent` trains only the blocks next to a cut) still propagate.
+Nothing is masked: structured pruning leaves dense, smaller weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import capture_block_inputs
+from ..config import RunConfig
+from ..errors import PrunelabError
+from ..measure import release_memory
+from ..models.adapters import find_adapter
+from .loop import Trainable
+from .sequential import SPLITS, SubmodelProblem, Trainer, run_halves, stream_loss, trainable_parameters
+
+
+def spans_after_removal(kept: list[int], dense_blocks: int) -> list[range]:
+    """The dense blocks each remaining block stands for; together they cover every dense block once."""
+    bounds = [0, *kept[1:], dense_blocks]
+    return [range(bounds[j], bounds[j + 1]) for j in range(len(kept))]
+
+
+def structure_spans(structure: dict, dense: nn.Module) -> list[range]:
+    """Spans from a structured-pruning report: layer removal keeps `kept`; FLAP keeps every block."""
+    blocks = len(find_adapter(dense).blocks)
+    if "kept" in structure:
+        return spans_after_removal(structure["kept"], blocks)
+    return [range(i, i + 1) for i in range(blocks)]
+
+
+def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range], input_ids: torch.Tensor,
+                           heldout_ids: torch.Tensor, config: RunConfig, attention_mask: torch.Tensor | None = None,
+                           progress: bool = True) -> dict:
+    """Train the pruned `model`'s blocks in place against `dense` (see the module docstring)."""
+    rc = config.reconstruct
+    if rc.granularity not in ("attn-mlp", "block"):
+        raise PrunelabError(f"after structured pruning, reconstruction trains halves or blocks (attn-mlp | block), "
+                            f"not {rc.granularity!r}")
+    if heldout_ids is None or heldout_ids.shape[0] == 0:
+        raise PrunelabError("reconstruction needs held-out calibration windows (reconstruct.heldout >= 1)")
+    adapter, dense_adapter = find_adapter(model), find_adapter(dense)
+    model.requires_grad_(False)
+    dense.requires_grad_(False)
+    ids = {"train": (input_ids, attention_mask), "heldout": (heldout_ids, None)}
+    streams = {s: capture_block_inputs(model, adapter.blocks, x, m, config.batch_size, torch.float32) for s, (x, m) in ids.items()}
+    dense_streams = {s: capture_block_inputs(dense, dense_adapter.blocks, x, m, config.batch_size, torch.float32)
+                     for s, (x, m) in ids.items()}
+    inputs = {s: streams[s].hidden for s in SPLITS}
+    trainer, records = Trainer(config), []
+    for j, span in enumerate(tqdm(spans, desc=f"{config.method} + {rc.granularity} reconstruction", unit="block",
+                                  disable=not progress)):
+        block = adapter.blocks[j]
+        halves = adapter.halves(block)
+        if not (rc.scope == "all" or len(span) > 1 or config.method == "flap"):
+            inputs = {s: run_halves(list(halves), [(j, 0), (j, 1)], streams[s].with_hidden(inputs[s]), torch.empty_like(inputs[s]))
+                      for s in SPLITS}
+            continue
+        dtype = next(block.parameters()).dtype
+        block.to(torch.float32)  # trainable parameters are float32 whatever the model's dtype
+        for d in span:
+            dense_adapter.blocks[d].to(torch.float32)
+        groups = [[0], [1]] if rc.granularity == "attn-mlp" and len(span) == 1 else [[0, 1]]
+        for parts in groups:
+            started = time.perf_counter()
+            units = [(j, p) for p in parts]
+            dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
+            dense_halves = [dense_adapter.halves(dense_adapter.blocks[d])[p] for d, p in dense_units]
+            targets = {s: run_halves(dense_halves, dense_units, dense_streams[s].with_hidden(inputs[s]),
+                                     torch.empty_like(inputs[s])) for s in SPLITS}
+            trained = [halves[p] for p in parts]
+            problem = SubmodelProblem(trained, units, {s: streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets)
+            before = {s: trainer.evaluate(problem, s) for s in SPLITS}
+            trainable = Trainable.of([p for half in trained for p in trainable_parameters(half, rc.freeze_norms)], set())
+            result = trainer.train(problem, trainable, before["heldout"])
+            out = {s: run_halves(trained, units, streams[s].with_hidden(inputs[s]), torch.empty_like(inputs[s])) for s in SPLITS}
+            after = {s: stream_loss(rc.loss, out[s], targets[s], streams[s]) for s in SPLITS}
+            name = f"block {j}" + ("" if len(parts) == 2 else f" {trained[0].name}")
+            records.append({"submodel": name, "dense_blocks": list(span), **result,
+                            **{f"loss_{s}_before": before[s] for s in SPLITS}, **{f"loss_{s}_after": after[s] for s in SPLITS},
+                            "seconds": round(time.perf_counter() - started, 2)})
+            inputs = out
+            del targets
+        block.to(dtype)
+        for d in span:
+            dense_adapter.blocks[d].to(dtype)
+        release_memory()
+    return {"submodels": records, "lr": trainer.lr.summary(), "problems": trainer.problems, "scope": rc.scope,
+            "propagation": "sparse"}
+
