@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import prunelab
+from prunelab.calibration import StandIn
 from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
@@ -30,18 +31,12 @@ def exact_norms(model):
     return model
 
 
-class _ScaleStream(nn.Module):
+class _ScaleStream(StandIn):
     """Replaces a block: the stream leaves it multiplied by s (the reference for compensation)."""
 
     def __init__(self, block, s):
-        super().__init__()
-        self.block, self.s = block, s
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.block, name)
+        super().__init__(block)
+        self.s = s
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states * self.s

@@ -21,18 +21,27 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early once what it needs has been seen."""
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder block: records the arguments it is called with, returns its input."""
+class StandIn(nn.Module):
+    """Takes a decoder block's place in the model's block list for a while; attribute reads go to the block
+    (model loops may read attributes of their layers)."""
 
-    def __init__(self, block: nn.Module, index: int, sink: list, last: bool):
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.block, self.index, self.sink, self.last = block, index, sink, last
+        self.block = block
 
-    def __getattr__(self, name):  # model loops may read attributes of their layers
+    def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.block, name)
+
+
+class _Recorder(StandIn):
+    """Records the arguments the block is called with and returns its input."""
+
+    def __init__(self, block: nn.Module, index: int, sink: list, last: bool):
+        super().__init__(block)
+        self.index, self.sink, self.last = index, sink, last
 
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((self.index, hidden_states, args, kwargs))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import capture_block_inputs
+from ..calibration import StandIn, capture_block_inputs
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, first_output, scale_output
@@ -96,18 +96,8 @@ def language_model_loss(model: nn.Module, ids: torch.Tensor, attention_mask: tor
     return total / windows
 
 
-class _Skip(nn.Module):
-    """Stands in for a removed block while the others run: returns its input."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def __getattr__(self, name):  # model loops may read attributes of their layers
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.block, name)
+class _Skip(StandIn):
+    """A block skipped while the others run: returns its input."""
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
