@@ -211,7 +211,7 @@ class RunConfig:
     def needs_calibration(self) -> bool:
         from .prune import CRITERIA
 
-        if self.method == "flap":
+        if self.method == "flap" or self.reconstruct.enabled:
             return True
         if self.structured:
             return self.depth.metric != "mag" or self.depth.compensation
