@@ -223,15 +223,12 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
     dc = config.depth
     check_depth(adapter, config)
     if ids is None and (dc.metric != "mag" or dc.compensation):
-        raise PrunelabError(f"depth metric {dc.metric} with compensation needs calibration windows")
+        raise PrunelabError(f"depth metric {dc.metric}{' with compensation' if dc.metric == 'mag' else ''} "
+                            "needs calibration windows")
     origin = list(range(len(adapter.blocks)))  # original index of each remaining block
     report = {"metric": dc.metric, "compensation": dc.compensation, "one_shot": dc.one_shot or dc.metric == "cl",
               "blocks_before": len(origin), "head": prepare_head(model, adapter) if dc.compensation else None, "steps": []}
     batch = config.batch_size
-
-    def ratios(span: int, known: Survey | None) -> torch.Tensor:
-        return (known or survey(model, adapter, ids, attention_mask, batch, span)).scale
-
     if dc.metric == "cl":
         found = survey(model, adapter, ids, attention_mask, batch, span=dc.remove)
         start = int(torch.argmin(found.distance))
@@ -252,9 +249,10 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
                 ranked[:dc.protect_first] = float("inf")
                 ranked[len(ranked) - dc.protect_last:] = float("inf")
             victims = sorted(torch.argsort(ranked)[:dc.remove if dc.one_shot else 1].tolist())
-            scale = ratios(1, found) if dc.compensation else None
-            for victim in victims:
-                if scale is not None:
+            scale = None
+            if dc.compensation:
+                scale = (found or survey(model, adapter, ids, attention_mask, batch)).scale
+                for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
                     fold_compensation(model, adapter, victim, float(scale[victim]))
             remove_blocks(model, adapter, victims)
             report["steps"].append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
