@@ -226,7 +226,7 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
 
 def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: RunConfig,
                 attention_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
-    """FLAP in place; returns the report (per-layer widths and scores) and the reload record."""
+    """FLAP in place; returns the report (units kept per layer) with the reload record under "linears"."""
     wc = config.width
     layers = flap_layers(adapter)
     collect(model, adapter, layers, ids, attention_mask, config.batch_size, progress)
