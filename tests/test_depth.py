@@ -244,11 +244,12 @@ def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):
     out = tmp_path / "depth-recon"
     result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
                                       "--samples", "6", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
-                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp",
+                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp", "--reconstruct-scope", "all",
                                       "--lr", "1e-3", "--no-speed", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "prunelab.json").read_text())
     assert [r["submodel"] for r in report["reconstruction"]["submodels"]] == ["block 0"]
     assert report["reconstruction"]["submodels"][0]["dense_blocks"] == [0, 1]
     assert "reconstruct" in report["stages"] and "speed" not in report["metrics"]
+    assert report["config"]["reconstruct"]["scope"] == "all"
     assert "## Reconstruction" in (out / "REPORT.md").read_text()

@@ -74,6 +74,8 @@ def run(
     freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms", help="train only linear weights and biases"),
     heldout: Optional[int] = typer.Option(None, help="held-out calibration windows (lr choice, loss report)"),
     offload: Optional[str] = typer.Option(None, help="cached activations in memory-mapped files: auto | on | off"),
+    reconstruct_scope: Optional[str] = typer.Option(None, help="after layer removal: reconstruct the blocks next to each cut "
+                                                                "(adjacent) or all blocks"),
     remove: Optional[int] = typer.Option(None, help="layers: blocks to remove"),
     metric: Optional[str] = typer.Option(None, help="layers: block importance bi | cl | taylor | mag | ppl"),
     compensation: Optional[bool] = typer.Option(None, "--compensation/--no-compensation",
@@ -116,6 +118,7 @@ def run(
         recon.update({k: v for k, v in dict(
             granularity=reconstruct, propagation=propagation, loss=loss, lr=lr, lr_grid=grid, lr_probe=lr_probe,
             epochs=epochs, batch_size=batch_size, freeze_norms=freeze_norms, heldout=heldout, offload=offload,
+            scope=reconstruct_scope,
         ).items() if v is not None})
         values["reconstruct"] = recon
         cfg = RunConfig.from_dict(values)
