@@ -229,11 +229,13 @@ def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lower
     assert model.config.num_hidden_layers == 3
 
 
-def test_reconstruction_after_flap_trains_every_half():
+@pytest.mark.parametrize("mode", ["sparse", "mixed", "dense"])
+def test_reconstruction_after_flap_trains_every_half(mode):
     model = tiny_model("qwen3", layers=2)
     result = prunelab.prune(model, method="flap", width={"ratio": 0.5, "structure": "uniform"}, calibration=random_ids(8, 16),
-                            heldout=random_ids(4, 16, seed=1), reconstruct={"granularity": "attn-mlp", "lr": 1e-3},
-                            progress=False)
+                            heldout=random_ids(4, 16, seed=1), progress=False,
+                            reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": mode})
+    assert result["reconstruction"]["propagation"] == mode
     records = result["reconstruction"]["submodels"]
     assert [r["submodel"] for r in records] == ["block 0 attention", "block 0 mlp", "block 1 attention", "block 1 mlp"]
     assert all(r["loss_train_after"] < r["loss_train_before"] for r in records)

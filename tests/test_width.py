@@ -153,7 +153,7 @@ def test_flap_job_saves_a_smaller_model_with_its_structure(tiny_dir, texts, tmp_
     (["--ratio", "0"], "width.ratio must be in (0, 1)"),
     (["--ratio", "1"], "width.ratio must be in (0, 1)"),
     (["--ratio", "0.2", "--structure", "random"], "width.structure must be one of adaptive, uniform"),
-    (["--ratio", "0.2", "--reconstruct", "block", "--propagation", "dense"], "with sparse propagation; got block, dense"),
+    (["--ratio", "0.2", "--reconstruct", "blocks:2"], "reconstruction trains halves or blocks (attn-mlp | block), not blocks:2"),
 ])
 def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts

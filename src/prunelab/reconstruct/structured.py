@@ -2,10 +2,11 @@
 
 Each block j of the pruned model stands for a span of dense blocks: after FLAP its own block; after
 layer removal the block itself and the removed blocks that followed it (block 0 also stands for any
-removed before it). In model order, with sparse propagation (SPEC §3):
+removed before it). In model order, on training and held-out windows (propagation as in SPEC §3):
 
-    inputs  = the pruned model's activations entering block j      (training and held-out windows)
-    targets = the dense span applied to those same inputs
+    inputs  = the pruned model's activations entering block j (dense: the dense model's, at the span's start)
+    targets = the dense span applied to those inputs (sparse, dense), or the dense model's own
+              activations at the span's end (mixed)
     train block j (each half alone under attn-mlp when its span is one block; the whole block when
     it must also stand in for removed ones), then propagate its outputs.
 
@@ -49,9 +50,6 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range
                            progress: bool = True) -> dict:
     """Train the pruned `model`'s blocks in place against `dense` (see the module docstring)."""
     rc = config.reconstruct
-    if rc.granularity not in ("attn-mlp", "block"):
-        raise PrunelabError(f"after structured pruning, reconstruction trains halves or blocks (attn-mlp | block), "
-                            f"not {rc.granularity!r}")
     if heldout_ids is None or heldout_ids.shape[0] == 0:
         raise PrunelabError("reconstruction needs held-out calibration windows (reconstruct.heldout >= 1)")
     adapter, dense_adapter = find_adapter(model), find_adapter(dense)
@@ -61,15 +59,25 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range
     streams = {s: capture_block_inputs(model, adapter.blocks, x, m, config.batch_size, torch.float32) for s, (x, m) in ids.items()}
     dense_streams = {s: capture_block_inputs(dense, dense_adapter.blocks, x, m, config.batch_size, torch.float32)
                      for s, (x, m) in ids.items()}
-    inputs = {s: streams[s].hidden for s in SPLITS}
+    mode = rc.propagation
+    h = {s: streams[s].hidden for s in SPLITS}  # the pruned model's activations
+    dense_h = {s: dense_streams[s].hidden.clone() for s in SPLITS} if mode != "sparse" else None  # the dense model's
+
+    def dense_run(units: list[tuple[int, int]], x: dict) -> dict:
+        dense_halves = [dense_adapter.halves(dense_adapter.blocks[d])[p] for d, p in units]
+        return {s: run_halves(dense_halves, units, dense_streams[s].with_hidden(x[s]), torch.empty_like(x[s])) for s in SPLITS}
+
     trainer, records = Trainer(config), []
     for j, span in enumerate(tqdm(spans, desc=f"{config.method} + {rc.granularity} reconstruction", unit="block",
                                   disable=not progress)):
         block = adapter.blocks[j]
         halves = adapter.halves(block)
-        if not (rc.scope == "all" or len(span) > 1 or config.method == "flap"):
-            inputs = {s: run_halves(list(halves), [(j, 0), (j, 1)], streams[s].with_hidden(inputs[s]), torch.empty_like(inputs[s]))
-                      for s in SPLITS}
+        if not (rc.scope == "all" or len(span) > 1 or config.method == "flap"):  # not trained: propagate only
+            if mode != "dense":
+                h = {s: run_halves(list(halves), [(j, 0), (j, 1)], streams[s].with_hidden(h[s]), torch.empty_like(h[s]))
+                     for s in SPLITS}
+            if dense_h is not None:
+                dense_h = dense_run([(d, p) for d in span for p in (0, 1)], dense_h)
             continue
         dtype = next(block.parameters()).dtype
         block.to(torch.float32)  # trainable parameters are float32 whatever the model's dtype
@@ -80,9 +88,9 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range
             started = time.perf_counter()
             units = [(j, p) for p in parts]
             dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
-            dense_halves = [dense_adapter.halves(dense_adapter.blocks[d])[p] for d, p in dense_units]
-            targets = {s: run_halves(dense_halves, dense_units, dense_streams[s].with_hidden(inputs[s]),
-                                     torch.empty_like(inputs[s])) for s in SPLITS}
+            next_dense = dense_run(dense_units, dense_h) if dense_h is not None else None
+            inputs = dense_h if mode == "dense" else h
+            targets = dense_run(dense_units, h) if mode == "sparse" else next_dense
             trained = [halves[p] for p in parts]
             problem = SubmodelProblem(trained, units, {s: streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets)
             before = {s: trainer.evaluate(problem, s) for s in SPLITS}
@@ -94,12 +102,12 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range
             records.append({"submodel": name, "dense_blocks": list(span), **result,
                             **{f"loss_{s}_before": before[s] for s in SPLITS}, **{f"loss_{s}_after": after[s] for s in SPLITS},
                             "seconds": round(time.perf_counter() - started, 2)})
-            inputs = out
+            h, dense_h = out, next_dense
             del targets
         block.to(dtype)
         for d in span:
             dense_adapter.blocks[d].to(dtype)
         release_memory()
     return {"submodels": records, "lr": trainer.lr.summary(), "problems": trainer.problems, "scope": rc.scope,
-            "propagation": "sparse"}
+            "propagation": mode}
 
