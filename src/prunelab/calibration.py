@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import PrunelabError
-from .models.adapters import Half
+from .models.adapters import Half, first_output
 
 
 class _Stop(Exception):
@@ -146,6 +146,20 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
         for i, block in enumerate(originals):
             blocks[i] = block
     return BlockStream(hidden, block_kwargs, token_masks, batch_size)
+
+
+@torch.no_grad()
+def run_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               batch_size: int):
+    """Every calibration batch through every block in turn, without the LM head. Yields
+    (block index, token mask of the batch or None, block input, block output), inputs in float32."""
+    stream = capture_block_inputs(model, blocks, input_ids, attention_mask, batch_size, torch.float32)
+    for b, rows in stream.batches():
+        h = stream.hidden[rows]
+        for i, block in enumerate(blocks):
+            out = first_output(block(h.to(next(block.parameters()).dtype), **stream.block_kwargs[i][b])).float()
+            yield i, stream.token_masks[b], h, out
+            h = out
 
 
 def _cast(value, dtype: torch.dtype):

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import StandIn, capture_block_inputs
+from ..calibration import StandIn, run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..models.adapters import Adapter, first_output, scale_output
+from ..models.adapters import Adapter, scale_output
 
 METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 
@@ -51,31 +51,27 @@ def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask
            batch_size: int, span: int = 1) -> Survey:
     """One pass through the blocks (no LM head), keeping only the last `span` + 1 residual states."""
     blocks = adapter.blocks
-    stream = capture_block_inputs(model, blocks, ids, attention_mask, batch_size, torch.float32)
     starts = len(blocks) - span + 1
     distance, scale = torch.zeros(starts, dtype=torch.float64), torch.zeros(starts, dtype=torch.float64)
-    tokens = 0
-    for b, rows in stream.batches():
-        h = stream.hidden[rows]
-        mask = stream.token_masks[b]
-        keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask
-        tokens += int(keep.sum())
-        states = deque([h], maxlen=span + 1)
-        for i, block in enumerate(blocks):
-            dtype = next(block.parameters()).dtype
-            h = first_output(block(h.to(dtype), **stream.block_kwargs[i][b])).float()
-            states.append(h)
-            if i + 1 >= span:
-                first, last = states[0], states[-1]
-                cos = nn.functional.cosine_similarity(first, last, dim=-1, eps=1e-8)
-                distance[i + 1 - span] += float((1 - cos)[keep].sum())
-                weights = keep.unsqueeze(-1).float()
-                count = weights.sum(1).clamp_min(1)
-                ratio = ((last.abs() * weights).sum(1) / count) / ((first.abs() * weights).sum(1) / count).clamp_min(1e-12)
-                scale[i + 1 - span] += float(ratio.mean(-1).sum())
+    tokens = windows = 0
+    for i, mask, h, out in run_blocks(model, blocks, ids, attention_mask, batch_size):
+        if i == 0:
+            keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask
+            tokens += int(keep.sum())
+            windows += h.shape[0]
+            states = deque([h], maxlen=span + 1)
+        states.append(out)
+        if i + 1 >= span:
+            first, last = states[0], states[-1]
+            cos = nn.functional.cosine_similarity(first, last, dim=-1, eps=1e-8)
+            distance[i + 1 - span] += float((1 - cos)[keep].sum())
+            weights = keep.unsqueeze(-1).float()
+            count = weights.sum(1).clamp_min(1)
+            ratio = ((last.abs() * weights).sum(1) / count) / ((first.abs() * weights).sum(1) / count).clamp_min(1e-12)
+            scale[i + 1 - span] += float(ratio.mean(-1).sum())
     if not torch.isfinite(distance).all() or not torch.isfinite(scale).all():
         raise PrunelabError("non-finite activations (NaN/inf) in the decoder blocks; the model's weights or inputs are broken")
-    return Survey(distance / max(tokens, 1), scale / stream.hidden.shape[0])
+    return Survey(distance / max(tokens, 1), scale / max(windows, 1))
 
 
 def language_model_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
