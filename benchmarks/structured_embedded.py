@@ -7,7 +7,10 @@ Finished runs are kept in --out and skipped when the script is run again. Usage:
 
     python benchmarks/structured_embedded.py [--threads 2] [--samples 32] [--only bi-6-comp,flap-20-bias]
 
-Run names: <metric>-<blocks>-<comp|nocomp>[-oneshot] for layer removal, flap-<percent>-<bias|nobias>.
+Run names: <metric>-<blocks>-<comp|nocomp>[-oneshot] for layer removal, flap-<percent>-<bias|nobias>,
+and <name>-recon for attn-mlp reconstruction after a few of them (the stage times are in each report).
+Tokens/s here is measured in each run (dense before pruning, pruned after); for figures less exposed to
+load changes on a shared machine, time the saved folders alternately with benchmarks/generation_speed.py.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def runs() -> dict[str, list[str]]:
         for bias in (True, False):
             found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
                 "--method", "flap", "--ratio", str(ratio / 100), "--bias-compensation" if bias else "--no-bias-compensation"]
+    # attn-mlp reconstruction after the compensated variants: the blocks next to each cut, every narrowed block
+    for name in ("bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias"):
+        found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
     return found
 
 
@@ -43,7 +49,7 @@ def run(name: str, flags: list[str], out: Path, common: list[str]) -> dict:
     folder = out / name
     if (folder / "prunelab.json").is_file():
         return json.loads((folder / "prunelab.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "prunelab.cli", "run", *flags, *common, "--reconstruct", "none",
+    result = subprocess.run([sys.executable, "-m", "prunelab.cli", "run", *common, "--reconstruct", "none", *flags,
                              "--no-eval-dense", "--out", str(folder), "--overwrite"], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
@@ -60,8 +66,9 @@ def main() -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     common = ["--model", "smollm2", "--calib", "web", "--samples", str(args.samples), "--seqlen", "512",
               "--eval", "wiki", "--eval-windows", "40", "--eval-seqlen", "512", "--threads", str(args.threads)]
-    print("| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) "
+          "| reconstruction time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, flags in runs().items():
         if only and name not in only:
             continue
@@ -70,7 +77,8 @@ def main() -> None:
         before, after = metrics["speed_dense"]["tokens_per_second"], metrics["speed"]["tokens_per_second"]
         removed = ", ".join(map(str, structure["removed"])) if "removed" in structure else "–"
         print(f"| {name} | {removed} | {metrics['pruned']['perplexity']:.2f} | {structure['parameters_after']:,} "
-              f"| {before:.1f} → {after:.1f} | {after / before:.2f}× | {report['stages']['prune']['seconds']:.0f} |", flush=True)
+              f"| {before:.1f} → {after:.1f} | {after / before:.2f}× | {report['stages']['prune']['seconds']:.0f} "
+              f"| {report['stages'].get('reconstruct', {}).get('seconds', 0):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

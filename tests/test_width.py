@@ -47,6 +47,26 @@ def test_score_is_fluctuation_times_squared_column_norm_standardised():
     torch.testing.assert_close(mlp.scores, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_moments_leave_pad_tokens_out():
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(4, 16)
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0  # right padding: the real tokens' activations do not depend on it
+    mask[2, 5:] = 0
+    adapter = find_adapter(model)
+    layers = flap_layers(adapter)
+    collect(model, adapter, layers, ids, mask, 3, progress=False)
+    seen = []
+    handle = layers[3].half.writer.register_forward_pre_hook(lambda m, a: seen.append(a[0][mask.bool()]))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    handle.remove()
+    x = torch.cat(seen).double()
+    assert layers[3].moments.count == int(mask.sum()) == x.shape[0]
+    torch.testing.assert_close(layers[3].moments.mean, x.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers[3].moments.variance, x.var(0), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_adaptive_removes_the_ratio_of_parameters_and_layers_shrink(family):
     model = tiny_model(family, layers=3)

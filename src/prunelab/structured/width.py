@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..calibration import capture_block_inputs
-from ..models.adapters import Adapter, Half, first_output
+from ..calibration import run_blocks
+from ..models.adapters import Adapter, Half
 
 STRUCTURE_FILE = "prunelab_structure.json"
 
@@ -116,22 +116,22 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
             attention_mask: torch.Tensor | None, batch_size: int, progress: bool) -> None:
     """Moments of every writer's input over the calibration tokens of the dense model (pads excluded).
     The blocks run one after another on captured inputs: the LM head's logits are never computed."""
-    stream = capture_block_inputs(model, adapter.blocks, ids, attention_mask, batch_size, torch.float32)
-    keep: dict[str, torch.Tensor | None] = {"mask": None}
+    seen: dict[int, torch.Tensor] = {}  # writer input of each layer in the block that just ran
 
-    def hook(layer):
+    def hook(n: int):
         def record(module, args):
-            x = args[0]
-            layer.moments.add(x if keep["mask"] is None else x[keep["mask"]])
+            seen[n] = args[0]
         return record
 
-    handles = [layer.half.writer.register_forward_pre_hook(hook(layer)) for layer in layers]
+    handles = [layer.half.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
+    steps = -(-ids.shape[0] // batch_size) * len(adapter.blocks)
     try:
-        for b, rows in tqdm(list(stream.batches()), desc="FLAP statistics", unit="batch", disable=not progress):
-            keep["mask"] = stream.token_masks[b]
-            h = stream.hidden[rows]
-            for i, block in enumerate(adapter.blocks):
-                h = first_output(block(h.to(next(block.parameters()).dtype), **stream.block_kwargs[i][b]))
+        # the batch's pad mask arrives with the block's output, so the moments are taken then
+        for _, mask, _, _ in tqdm(run_blocks(model, adapter.blocks, ids, attention_mask, batch_size), total=steps,
+                                  desc="FLAP statistics", unit="block", disable=not progress):
+            for n, x in seen.items():
+                layers[n].moments.add(x if mask is None else x[mask])
+            seen.clear()
     finally:
         for handle in handles:
             handle.remove()
