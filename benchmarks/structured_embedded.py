@@ -7,6 +7,8 @@ Finished runs are kept in --out and skipped when the script is run again. Usage:
 
     python benchmarks/structured_embedded.py [--threads 2] [--samples 32] [--only bi-6-comp,flap-20-bias]
 
+The ppl metric's runs use 8 calibration windows (it costs O(blocks²) block passes per removal).
+
 Run names: <metric>-<blocks>-<comp|nocomp>[-oneshot] for layer removal, flap-<percent>-<bias|nobias>,
 and <name>-recon for attn-mlp reconstruction after a few of them (the stage times are in each report).
 Tokens/s here is measured in each run (dense before pruning, pruned after); for figures less exposed to
@@ -21,20 +23,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-METRICS = ("bi", "cl", "taylor", "mag", "ppl")
+PPL_SAMPLES = 8  # the ppl metric runs the blocks after each candidate for every round: O(blocks²) passes
 
 
 def runs() -> dict[str, list[str]]:
+    """Every configuration, cheapest first; the ppl metric (by far the slowest) last."""
     found = {}
+
+    def layers(metric: str, blocks: int, comp: bool, one_shot: bool = False) -> None:
+        name = f"{metric}-{blocks}-{'comp' if comp else 'nocomp'}{'-oneshot' if one_shot else ''}"
+        found[name] = ["--method", "layers", "--metric", metric, "--remove", str(blocks),
+                       "--compensation" if comp else "--no-compensation", *(["--one-shot"] if one_shot else []),
+                       *(["--samples", str(PPL_SAMPLES)] if metric == "ppl" else [])]
+
     for blocks in (3, 6):
-        for metric in METRICS:
+        for metric in ("bi", "cl", "taylor", "mag"):
             for comp in (True, False):
-                name = f"{metric}-{blocks}-{'comp' if comp else 'nocomp'}"
-                found[name] = ["--method", "layers", "--metric", metric, "--remove", str(blocks),
-                               "--compensation" if comp else "--no-compensation"]
+                layers(metric, blocks, comp)
         for metric in ("bi", "taylor"):  # iterative vs one shot (cl is one shot by construction)
-            found[f"{metric}-{blocks}-comp-oneshot"] = ["--method", "layers", "--metric", metric, "--remove", str(blocks),
-                                                        "--compensation", "--one-shot"]
+            layers(metric, blocks, True, one_shot=True)
     for ratio in (20, 30):
         for bias in (True, False):
             found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
@@ -42,6 +49,9 @@ def runs() -> dict[str, list[str]]:
     # attn-mlp reconstruction after the compensated variants: the blocks next to each cut, every narrowed block
     for name in ("bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias"):
         found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
+    for blocks in (6, 3):
+        for comp in (True, False):
+            layers("ppl", blocks, comp)
     return found
 
 

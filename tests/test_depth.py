@@ -16,7 +16,8 @@ from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 from prunelab.reconstruct.structured import spans_after_removal
-from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, survey
+from prunelab.structured.depth import (fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses,
+                                      survey)
 from tiny import random_ids, tiny_model
 
 DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]
@@ -112,6 +113,33 @@ def test_iterative_removal_bookkeeping(metric):
     assert [b.self_attn.layer_type for b in blocks] == model.config.layer_types
     with torch.no_grad():
         assert torch.isfinite(model(random_ids(2, 16)).logits).all()
+
+
+class Identity(StandIn):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_ppl_metric_is_the_loss_of_the_model_without_each_block(family):
+    model = tiny_model(family, layers=4)
+    ids = random_ids(5, 16)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    blocks = find_adapter(model).blocks
+    got = skip_losses(model, blocks, ids, mask, batch_size=2)
+    expected = []
+    with torch.no_grad():
+        for i in range(4):
+            block, blocks[i] = blocks[i], Identity(blocks[i])  # the whole model, block i passing its input on
+            total = 0.0
+            for start in range(0, 5, 2):
+                x, m = ids[start:start + 2], mask[start:start + 2]
+                total += float(model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss) * x.shape[0]
+            expected.append(total / 5)
+            blocks[i] = block
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert len(blocks) == 4 and all(type(b).__name__.endswith("DecoderLayer") for b in blocks)  # restored
 
 
 def test_bi_removes_the_block_that_changes_its_input_least():

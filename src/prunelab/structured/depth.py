@@ -99,6 +99,64 @@ class _Skip(StandIn):
         return hidden_states
 
 
+class _Tap(StandIn):
+    """The block itself, keeping its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen = hidden_states
+        return self.block(hidden_states, *args, **kwargs)
+
+
+class _Replay(StandIn):
+    """Stands for the first block and hands a stream computed earlier to the blocks after it."""
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor):
+        super().__init__(block)
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
+
+
+@torch.no_grad()
+def skip_losses(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                batch_size: int, progress: bool = False) -> torch.Tensor:
+    """For every block i, the mean next-token loss with block i skipped (pads excluded).
+
+    Skipping block i feeds block i+1 the input of block i, so each batch runs once with every block's
+    input kept, and then, per candidate, only the blocks after it and the model's own head: about half
+    the work of running the whole model per candidate. Memory: one batch's input to every block."""
+    device = next(model.parameters()).device
+    count, windows = len(blocks), ids.shape[0]
+    losses = torch.zeros(count, dtype=torch.float64)
+    originals = list(blocks)
+    bar = tqdm(total=-(-windows // batch_size) * count, desc="ppl metric: loss without each block", unit="block",
+               leave=False, disable=not progress)
+    try:
+        for start in range(0, windows, batch_size):
+            x = ids[start:start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            labels = x if mask is None else x.masked_fill(mask == 0, -100)
+            for i, block in enumerate(originals):
+                blocks[i] = _Tap(block)
+            model(input_ids=x, attention_mask=mask, use_cache=False)
+            inputs = [tap.seen for tap in blocks]
+            for i in range(count):
+                blocks[0] = _Replay(originals[0], inputs[i])
+                for j in range(1, i + 1):
+                    blocks[j] = _Skip(originals[j])
+                for j in range(i + 1, count):
+                    blocks[j] = originals[j]
+                loss = model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).loss
+                losses[i] += float(loss) * x.shape[0]
+                bar.update()
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        bar.close()
+    return losses / windows
+
+
 def _weights(block: nn.Module) -> list[nn.Parameter]:
     """The block's weight matrices (fused expert tensors included); norms and biases are not scored."""
     return [p for p in block.parameters() if p.dim() >= 2]
@@ -129,15 +187,7 @@ def score_blocks(metric: str, model: nn.Module, adapter: Adapter, ids: torch.Ten
                 p.requires_grad_(flag)
         return scores, None
     if metric == "ppl":
-        scores = []
-        for i in tqdm(range(len(blocks)), desc="ppl metric: loss without each block", leave=False, disable=not progress):
-            block = blocks[i]
-            blocks[i] = _Skip(block)
-            try:
-                scores.append(language_model_loss(model, ids, attention_mask, batch_size))
-            finally:
-                blocks[i] = block
-        return torch.tensor(scores), None
+        return skip_losses(model, blocks, ids, attention_mask, batch_size, progress), None
     raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
