@@ -37,12 +37,12 @@ def test_score_is_fluctuation_times_squared_column_norm_standardised():
     score(layers)
     mlp = layers[1]
     seen = []
-    handle = mlp.half.writer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = mlp.writer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
         model(ids)
     handle.remove()
     x = torch.cat(seen).double()
-    raw = x.var(0) * mlp.half.writer.weight.detach().double().pow(2).sum(0)
+    raw = x.var(0) * mlp.writer.weight.detach().double().pow(2).sum(0)
     expected = (raw - raw.mean()) / raw.std()
     torch.testing.assert_close(mlp.scores, expected, rtol=1e-6, atol=1e-9)
 
@@ -57,7 +57,7 @@ def test_moments_leave_pad_tokens_out():
     layers = flap_layers(adapter)
     collect(model, adapter, layers, ids, mask, 3, progress=False)
     seen = []
-    handle = layers[3].half.writer.register_forward_pre_hook(lambda m, a: seen.append(a[0][mask.bool()]))
+    handle = layers[3].writer.register_forward_pre_hook(lambda m, a: seen.append(a[0][mask.bool()]))
     with torch.no_grad():
         model(ids, attention_mask=mask)
     handle.remove()
@@ -184,7 +184,10 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
     assert not (tmp_path / "o").exists()
 
 
-def test_flap_refuses_layouts_it_does_not_know():
-    model = tiny_model("mixtral", layers=2)
-    with pytest.raises(PrunelabError, match="Mixture-of-Experts"):
+@pytest.mark.parametrize("family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family")])
+def test_flap_refuses_layouts_it_does_not_know(family, message):
+    model = tiny_model(family, layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match=message):
         flap(model, random_ids(2, 8), ratio=0.2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

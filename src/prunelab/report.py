@@ -117,7 +117,7 @@ def _depth_markdown(structure: dict) -> list[str]:
              f"Metric `{structure['metric']}`, {'one shot' if structure['one_shot'] else 'iterative (re-scored after each removal)'}, "
              f"magnitude compensation {'on' if structure['compensation'] else 'off'}"
              + (f" (LM head: {structure['head']})" if structure.get("head") else "") + ". "
-             f"Blocks are numbered as in the dense model; lower scores are removed first.",
+             "Blocks are numbered as in the dense model; lower scores are removed first.",
              f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
              + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "") + ".",
              "", "| round | removed | compensation s | scores |", "|---|---|---|---|"]

@@ -55,6 +55,24 @@ class Half:
         return self.finish(h, self.run(h, kwargs))
 
 
+@dataclass
+class Width:
+    """A half-block's width, for structured (width) pruning. Its units are groups of the writer's input
+    channels; removing unit u removes those columns of the writer and, from each reader (the linears
+    that produce those channels), the output rows `readers[name][u]`."""
+
+    half: str  # "attention" | "mlp"
+    unit: str  # what one unit is, for reports
+    path: str  # the module holding the linears, relative to the block
+    module: nn.Module
+    writer: str
+    readers: dict[str, list[list[int]]]
+    units: list[list[int]]
+
+    def linear(self, name: str) -> nn.Linear:
+        return getattr(self.module, name)
+
+
 def scale_output(module: nn.Module, s: float) -> None:
     """Multiply what `module` (a linear, an embedding or a norm) returns by `s`, in its weights.
 
@@ -131,6 +149,10 @@ class Adapter(ABC):
             writers.append(half.output_norm or half.writer)
         return writers
 
+    def widths(self, block: nn.Module) -> tuple[Width, Width]:
+        """(attention width, MLP width) of `block`, for width pruning."""
+        raise PrunelabError(f"width pruning is not supported for the {self.family} family yet")
+
     @property
     def stack(self) -> nn.Module:
         """The module that holds the blocks (and the embeddings and final norm around them)."""
@@ -205,6 +227,26 @@ class LlamaAdapter(Adapter):
 
     def final_norm(self):
         return getattr(self.stack, "norm", None)
+
+    def widths(self, block):
+        attn, mlp = block.self_attn, block.mlp
+        if _is_moe(mlp):
+            raise PrunelabError(f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
+                                "(Mixture-of-Experts is not supported)")
+        # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
+        head_dim = attn.head_dim
+        kv_heads = attn.k_proj.out_features // head_dim
+        per_group = attn.o_proj.in_features // head_dim // kv_heads
+
+        def heads(first: int, count: int) -> list[int]:
+            return list(range(first * head_dim, (first + count) * head_dim))
+
+        groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
+        kv = [heads(g, 1) for g in range(kv_heads)]
+        channels = [[c] for c in range(mlp.down_proj.in_features)]
+        return (Width("attention", "kv group", "self_attn", attn, "o_proj",
+                      {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups),
+                Width("mlp", "channel", "mlp", mlp, "down_proj", {"gate_proj": channels, "up_proj": channels}, channels))
 
 
 class OPTAdapter(Adapter):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..calibration import run_blocks
-from ..models.adapters import Adapter, Half
+from ..models.adapters import Adapter, Width
 
 STRUCTURE_FILE = "prunelab_structure.json"
 
@@ -67,47 +67,37 @@ class Layer:
     """One half-block's prunable units: groups of writer input channels."""
 
     block: int
-    half: Half
-    units: list[list[int]]  # writer input channels of each unit
-    unit_params: int  # parameters one unit carries
+    width: Width
     moments: Moments
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     removed: list[int] = field(default_factory=list)  # unit indices
 
     @property
     def name(self) -> str:
-        return f"block {self.block} {self.half.name}"
+        return f"block {self.block} {self.width.half}"
 
+    @property
+    def units(self) -> list[list[int]]:
+        return self.width.units
 
-def _attention_units(attn: nn.Module) -> tuple[list[list[int]], int]:
-    """KV groups: each KV head with its query heads, as o_proj input channels; and one group's parameters."""
-    head_dim = attn.head_dim
-    heads, kv_heads = attn.o_proj.in_features // head_dim, attn.k_proj.out_features // head_dim
-    per_group = heads // kv_heads
-    units = [[c for h in range(g * per_group, (g + 1) * per_group) for c in range(h * head_dim, (h + 1) * head_dim)]
-             for g in range(kv_heads)]
-    hidden = attn.o_proj.out_features
-    params = (2 * per_group + 2) * head_dim * hidden
-    params += sum(head_dim * n for m, n in ((attn.q_proj, per_group), (attn.k_proj, 1), (attn.v_proj, 1))
-                  if m.bias is not None)
-    return units, params
+    @property
+    def writer(self) -> nn.Linear:
+        return self.width.linear(self.width.writer)
+
+    @property
+    def unit_params(self) -> int:
+        """Parameters one unit carries: its rows of every reader (with biases) and its writer columns."""
+        w = self.width
+        rows = sum(len(w.readers[name][0]) * (w.linear(name).in_features + (w.linear(name).bias is not None))
+                   for name in w.readers)
+        return rows + len(w.units[0]) * self.writer.out_features
 
 
 def flap_layers(adapter: Adapter) -> list[Layer]:
     layers = []
     for i, block in enumerate(adapter.blocks):
-        attention, mlp = adapter.halves(block)
-        attn = block.self_attn
-        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-                or not all(isinstance(getattr(block.mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise PrunelabError(f"FLAP needs q/k/v/o projections and a gated MLP of plain linears; block {i} "
-                                f"({type(block).__name__}) has another layout (Mixture-of-Experts and OPT are not supported)")
-        units, params = _attention_units(attn)
-        layers.append(Layer(i, attention, units, params, Moments.of(attn.o_proj.in_features)))
-        hidden = block.mlp.down_proj.out_features
-        channels = block.mlp.down_proj.in_features
-        params = 3 * hidden + sum(1 for m in (block.mlp.gate_proj, block.mlp.up_proj) if m.bias is not None)
-        layers.append(Layer(i, mlp, [[c] for c in range(channels)], params, Moments.of(channels)))
+        for width in adapter.widths(block):
+            layers.append(Layer(i, width, Moments.of(width.linear(width.writer).in_features)))
     return layers
 
 
@@ -123,7 +113,7 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
             seen[n] = args[0]
         return record
 
-    handles = [layer.half.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
+    handles = [layer.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
     steps = -(-ids.shape[0] // batch_size) * len(adapter.blocks)
     try:
         # the batch's pad mask arrives with the block's output, so the moments are taken then
@@ -143,7 +133,7 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
 def score(layers: list[Layer]) -> None:
     """Fluctuation × squared column norm per channel, standardised per layer, averaged per unit."""
     for layer in layers:
-        column = layer.half.writer.weight.detach().double().pow(2).sum(0).cpu()
+        column = layer.writer.weight.detach().double().pow(2).sum(0).cpu()
         channel = layer.moments.variance * column
         z = (channel - channel.mean()) / channel.std().clamp_min(1e-12)
         layer.scores = torch.stack([z[unit].mean() for unit in layer.units])
@@ -197,29 +187,23 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
         if not layer.removed:
             continue
         gone = set(layer.removed)
-        kept_units = [u for i, u in enumerate(layer.units) if i not in gone]
-        kept = [c for unit in kept_units for c in unit]
-        dropped = [c for i, u in enumerate(layer.units) if i in gone for c in u]
-        writer = layer.half.writer
+        keep = [u for u in range(len(layer.units)) if u not in gone]
+        kept = [c for u in keep for c in layer.units[u]]
+        dropped = [c for u in layer.removed for c in layer.units[u]]
+        writer = layer.writer
         bias = writer.bias.detach().clone() if writer.bias is not None else None
         if compensate:
             mean = layer.moments.mean[dropped].to(writer.weight.dtype).to(writer.weight.device)
             shift = writer.weight.detach()[:, dropped] @ mean
             bias = shift if bias is None else bias + shift
-        module = layer.half.modules[0]
-        if layer.half.name == "attention":
-            head_dim = module.head_dim
-            groups = [i for i in range(len(layer.units)) if i not in gone]
-            kv_rows = [r for g in groups for r in range(g * head_dim, (g + 1) * head_dim)]
-            changes = {"q_proj": (kept, None), "k_proj": (kv_rows, None), "v_proj": (kv_rows, None), "o_proj": (None, kept)}
-        else:
-            changes = {"gate_proj": (kept, None), "up_proj": (kept, None), "down_proj": (None, kept)}
+        width = layer.width
+        changes = {name: ([r for u in keep for r in rows[u]], None) for name, rows in width.readers.items()}
+        changes[width.writer] = (None, kept)
         for name, (rows, cols) in changes.items():
-            old = getattr(module, name)
+            old = width.linear(name)
             new = _slice(old, rows, cols, bias if old is writer else None)
-            setattr(module, name, new)
-            owner = "self_attn" if layer.half.name == "attention" else "mlp"
-            record[f"{prefix}.{layer.block}.{owner}.{name}"] = {
+            setattr(width.module, name, new)
+            record[f"{prefix}.{layer.block}.{width.path}.{name}"] = {
                 "rows": rows, "cols": cols, "dense_shape": list(old.weight.shape), "bias": new.bias is not None}
     return record
 
@@ -236,7 +220,7 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
     return {
         "ratio": wc.ratio, "structure": wc.structure, "bias_compensation": wc.bias_compensation,
         "layers": [{"layer": layer.name, "units": len(layer.units), "removed": len(layer.removed),
-                    "unit": "kv group" if layer.half.name == "attention" else "channel"} for layer in layers],
+                    "unit": layer.width.unit} for layer in layers],
         "linears": linears,
     }
 
