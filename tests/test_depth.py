@@ -283,3 +283,19 @@ def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):
     assert "reconstruct" in report["stages"] and "speed" not in report["metrics"]
     assert report["config"]["reconstruct"]["scope"] == "all"
     assert "## Reconstruction" in (out / "REPORT.md").read_text()
+
+
+def test_auto_lr_with_fewer_submodels_than_its_probe_reports_the_best(tiny_dir, texts, tmp_path):
+    """Reconstructing only the block next to one cut trains fewer submodels than lr auto probes."""
+    calib, evaluation = texts
+    out = tmp_path / "depth-auto"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                      "--samples", "6", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
+                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp",
+                                      "--lr", "auto", "--no-speed", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lr = json.loads((out / "prunelab.json").read_text())["reconstruction"]["lr"]
+    assert lr["probed_problems"] == 1 < 4 and lr["every_problem_probed"]
+    ratios = {float(k): v for k, v in lr["heldout_loss_ratio_geomean"].items()}
+    assert lr["lr"] == min(ratios, key=ratios.get)
+    assert f"best overall **{lr['lr']:g}**" in (out / "REPORT.md").read_text()

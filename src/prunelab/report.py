@@ -77,6 +77,8 @@ def _recon_label(rc: dict, recon: dict | None) -> str:
     if not recon:
         return "none"
     lr = recon["lr"]
+    if lr["lr"] is None:
+        return f"{rc['granularity']}: no submodel to train"
     chosen = f"lr {lr['lr']:g}" + (" (auto)" if lr["mode"] == "auto" else "")
     return f"{rc['granularity']}, {rc['propagation']} propagation, {rc['loss']}, {chosen}, {rc['epochs']} epoch(s)"
 
@@ -93,10 +95,15 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
              f"training windows and on {report['data']['calibration']['heldout']} held-out calibration windows "
              "(never the evaluation text)."]
     lr = recon["lr"]
-    if lr["mode"] == "auto":
+    if lr["mode"] == "auto" and lr["lr"] is not None:
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
-        lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
-                      f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
+        if lr.get("every_problem_probed"):
+            lines += ["", f"Learning rate `auto`: only {lr['probed_problems']} submodels, each tried with every lr of "
+                          f"the grid and kept at its best; held-out loss after/before (geometric mean) {scores}; "
+                          f"best overall **{lr['lr']:g}**."]
+        else:
+            lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
+                          f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
     if "seconds" in recon:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
         lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]

@@ -232,8 +232,12 @@ class LearningRate:
         if self.fixed is not None:
             return {"mode": "fixed", "lr": self.fixed}
         scores = {f"{lr:g}": math.exp(sum(math.log(r) for r in rs) / len(rs)) for lr, rs in self.ratios.items()}
+        # fewer problems than `probe` (a few blocks next to layer cuts): every one was probed and kept its
+        # own best; the lr reported is the best over them
+        best = self.chosen if self.chosen is not None else (
+            min(self.ratios, key=lambda lr: sum(math.log(r) for r in self.ratios[lr])) if self.ratios else None)
         return {"mode": "auto", "grid": list(self.grid), "probed_problems": len(next(iter(self.ratios.values()), [])),
-                "heldout_loss_ratio_geomean": scores, "lr": self.chosen}
+                "heldout_loss_ratio_geomean": scores, "lr": best, "every_problem_probed": self.chosen is None}
 
 
 class Trainer:
