@@ -299,3 +299,29 @@ def test_auto_lr_with_fewer_submodels_than_its_probe_reports_the_best(tiny_dir, 
     ratios = {float(k): v for k, v in lr["heldout_loss_ratio_geomean"].items()}
     assert lr["lr"] == min(ratios, key=ratios.get)
     assert f"best overall **{lr['lr']:g}**" in (out / "REPORT.md").read_text()
+
+
+def test_mag_scores_are_not_inflated_by_the_compensation_folded_into_earlier_blocks():
+    removed = {}
+    for comp in (True, False):
+        model = tiny_model("llama", layers=8)
+        report = prune_depth(model, find_adapter(model), random_ids(4, 16),
+                             depth_config(remove=3, metric="mag", compensation=comp), progress=False)
+        removed[comp] = report["removed"]
+        assert all(step["scores"][str(step["removed"][0])] == report["steps"][0]["scores"][str(step["removed"][0])]
+                   for step in report["steps"])  # the same score in every round
+    assert removed[True] == removed[False]
+
+
+def test_reconstruction_compares_in_the_compensated_frame():
+    """Block 0 sits before the cut: compensation makes it compute s × its dense output exactly,
+    so in the right frame its loss is zero before any training."""
+    model = exact_norms(tiny_model("llama", layers=4))
+    result = prunelab.prune(model, method="layers", depth={"remove": 1, "metric": "mag", "protect_first": 2, "protect_last": 0},
+                            calibration=random_ids(6, 16), heldout=random_ids(2, 16, seed=1), progress=False,
+                            reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "scope": "all", "propagation": "mixed"})
+    s = result["structure"]["steps"][0]["scale"][0]
+    assert abs(s - 1) > 0.02  # the frames really differ
+    first = {r["submodel"]: r for r in result["reconstruction"]["submodels"] if r["submodel"].startswith("block 0")}
+    attention = first["block 0 attention"]
+    assert attention["loss_train_before"] < 1e-12 and attention["loss_heldout_before"] < 1e-12  # 3e-5 in the dense frame

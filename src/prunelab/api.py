@@ -15,7 +15,7 @@ from .evaluate.sparsity import count_zeros, measure_sparsity
 from .models.adapters import find_adapter
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
-from .reconstruct.structured import reconstruct_structured, structure_spans
+from .reconstruct.structured import reconstruct_structured
 from .structured import prune_structured
 
 
@@ -67,7 +67,7 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
         dense = copy.deepcopy(model) if cfg.reconstruct.enabled else None
         structure = prune_structured(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
         reconstruction = None if dense is None else reconstruct_structured(
-            model, dense, structure_spans(structure, dense), ids, heldout, cfg, attention_mask, progress)
+            model, dense, structure, ids, heldout, cfg, attention_mask, progress)
         return {"layers": [], "sparsity": None, "reconstruction": reconstruction, "structure": structure}
     weights = adapter.prunable_weights()
     zeros_before = count_zeros(weights)

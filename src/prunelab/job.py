@@ -21,7 +21,7 @@ from .models.adapters import find_adapter
 from .models.loading import load_model
 from .pipeline import prune_model
 from .reconstruct import prune_and_reconstruct
-from .reconstruct.structured import reconstruct_structured, structure_spans
+from .reconstruct.structured import reconstruct_structured
 from .structured import prune_structured
 from .structured.width import write_structure
 from . import report as reporting
@@ -89,7 +89,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         structure["parameters_after"] = parameter_count(model)
         if dense is not None:
             with stage("reconstruct", stages):
-                reconstruction = reconstruct_structured(model, dense, structure_spans(structure, dense), calib_ids,
+                reconstruction = reconstruct_structured(model, dense, structure, calib_ids,
                                                         heldout_ids, config, progress=progress)
             del dense
             release_memory()

@@ -12,10 +12,16 @@ removed before it). In model order, on training and held-out windows (propagatio
 
 Blocks left out of training (`scope: adjacent` trains only the blocks next to a cut) still propagate.
 Nothing is masked: structured pruning leaves dense, smaller weights.
+
+Magnitude compensation multiplies everything written before a cut at v by s_v, so the pruned stream
+entering dense position p is C(p) = Π_{cuts v ≥ p} s_v times the dense one (1 after the last cut).
+Dense activations are compared in that frame: a block spanning [p, q) gets dense inputs × C(p) and
+dense targets × C(q); the sparse targets run the dense span on its input / C(p), then × C(q).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -45,10 +51,32 @@ def structure_spans(structure: dict, dense: nn.Module) -> list[range]:
     return [range(i, i + 1) for i in range(blocks)]
 
 
-def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range], input_ids: torch.Tensor,
+def compensation_frames(structure: dict, spans: list[range]) -> list[tuple[float, float]]:
+    """(C(p), C(q)) for each remaining block's span [p, q): how much larger than the dense model's the
+    pruned stream is where the span starts and ends (all 1 without compensation)."""
+    cuts = []  # (dense position of the cut, s)
+    for step in structure.get("steps", []):
+        scale = step.get("scale")
+        if scale is None:
+            continue
+        if isinstance(scale, list):
+            cuts += zip(step["removed"], scale)
+        else:  # a contiguous span removed at once (cl): one fold before its first block
+            cuts.append((min(step["removed"]), scale))
+
+    def frame(position: int) -> float:
+        return math.prod(s for v, s in cuts if v >= position)
+
+    return [(frame(span.start), frame(span.stop)) for span in spans]
+
+
+def reconstruct_structured(model: nn.Module, dense: nn.Module, structure: dict, input_ids: torch.Tensor,
                            heldout_ids: torch.Tensor, config: RunConfig, attention_mask: torch.Tensor | None = None,
                            progress: bool = True) -> dict:
-    """Train the pruned `model`'s blocks in place against `dense` (see the module docstring)."""
+    """Train the pruned `model`'s blocks in place against `dense` (see the module docstring);
+    `structure` is the structured-pruning report (which blocks remain, the compensation folded)."""
+    spans = structure_spans(structure, dense)
+    frames = compensation_frames(structure, spans)
     rc = config.reconstruct
     if heldout_ids is None or heldout_ids.shape[0] == 0:
         raise PrunelabError("reconstruction needs held-out calibration windows (reconstruct.heldout >= 1)")
@@ -89,8 +117,12 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, spans: list[range
             units = [(j, p) for p in parts]
             dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
             next_dense = dense_run(dense_units, dense_h) if dense_h is not None else None
-            inputs = dense_h if mode == "dense" else h
-            targets = dense_run(dense_units, h) if mode == "sparse" else next_dense
+            a, b = frames[j][0], (frames[j][1] if parts[-1] == 1 else frames[j][0])  # a cut can only follow an MLP half
+            inputs = {s: dense_h[s] * a for s in SPLITS} if mode == "dense" else h
+            if mode == "sparse":
+                targets = {s: t * b for s, t in dense_run(dense_units, {s: h[s] / a for s in SPLITS}).items()}
+            else:
+                targets = {s: next_dense[s] * b for s in SPLITS}
             trained = [halves[p] for p in parts]
             problem = SubmodelProblem(trained, units, {s: streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets)
             before = {s: trainer.evaluate(problem, s) for s in SPLITS}

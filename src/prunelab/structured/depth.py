@@ -15,7 +15,7 @@ Metrics (lower = less important):
     bi      mean over tokens of 1 − cos(h_ℓ, h_{ℓ+1})           (block influence)
     cl      mean over tokens of 1 − cos(h_i, h_{i+n})           (contiguous span)
     taylor  Σ |W ⊙ ∂L/∂W| over the block's linear weights, L the language-model loss  (Taylor+)
-    mag     Σ |W| over the block's linear weights                                        (Mag+)
+    mag     Σ |W| over the block's linear weights, scored once: removal leaves them alone   (Mag+)
     ppl     the language-model loss with the block skipped
 taylor and mag never remove the first `protect_first` or last `protect_last` blocks (the "+" of
 the reference: 4 and 2).
@@ -290,8 +290,15 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
         del origin[start:start + dc.remove]
     else:
         rounds = 1 if dc.one_shot else dc.remove
+        # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
+        # into earlier blocks' writers would inflate their scores without making them more important,
+        # so the weights are scored once, as given
+        static = score_blocks("mag", model, adapter, ids, attention_mask, batch)[0] if dc.metric == "mag" else None
         for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
-            scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
+            if static is not None:
+                scores, found = static.clone(), None
+            else:
+                scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
             ranked = scores.clone()
             if dc.metric in ("taylor", "mag"):
                 ranked[:dc.protect_first] = float("inf")
@@ -303,6 +310,8 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
                 for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
                     fold_compensation(model, adapter, victim, float(scale[victim]))
             remove_blocks(model, adapter, victims)
+            if static is not None:
+                static = torch.tensor([v for i, v in enumerate(static.tolist()) if i not in victims])
             report["steps"].append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
                                     "removed": [origin[i] for i in victims],
                                     "scale": None if scale is None else [float(scale[i]) for i in victims]})
