@@ -74,16 +74,21 @@ def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask
     return Survey(distance / max(tokens, 1), scale / max(windows, 1))
 
 
+def _labelled_batches(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int):
+    """(input ids, attention mask, labels with pads ignored) per batch, on the model's device."""
+    device = next(model.parameters()).device
+    for start in range(0, ids.shape[0], batch_size):
+        x = ids[start:start + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        yield x, mask, (x if mask is None else x.masked_fill(mask == 0, -100))
+
+
 def language_model_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
                         backward: bool = False) -> float:
     """Mean next-token loss over the calibration windows (pads excluded); with `backward`,
     gradients accumulate in whatever requires them, weighted as that mean."""
-    device = next(model.parameters()).device
     total, windows = 0.0, ids.shape[0]
-    for start in range(0, windows, batch_size):
-        x = ids[start:start + batch_size].to(device)
-        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-        labels = x if mask is None else x.masked_fill(mask == 0, -100)
+    for x, mask, labels in _labelled_batches(model, ids, attention_mask, batch_size):
         with torch.set_grad_enabled(backward):
             loss = model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).loss
             if backward:
@@ -126,17 +131,13 @@ def skip_losses(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, atte
     Skipping block i feeds block i+1 the input of block i, so each batch runs once with every block's
     input kept, and then, per candidate, only the blocks after it and the model's own head: about half
     the work of running the whole model per candidate. Memory: one batch's input to every block."""
-    device = next(model.parameters()).device
     count, windows = len(blocks), ids.shape[0]
     losses = torch.zeros(count, dtype=torch.float64)
     originals = list(blocks)
     bar = tqdm(total=-(-windows // batch_size) * count, desc="ppl metric: loss without each block", unit="block",
                leave=False, disable=not progress)
     try:
-        for start in range(0, windows, batch_size):
-            x = ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-            labels = x if mask is None else x.masked_fill(mask == 0, -100)
+        for x, mask, labels in _labelled_batches(model, ids, attention_mask, batch_size):
             for i, block in enumerate(originals):
                 blocks[i] = _Tap(block)
             model(input_ids=x, attention_mask=mask, use_cache=False)
