@@ -266,7 +266,10 @@ def test_reconstruction_after_flap_trains_every_half(mode):
     assert result["reconstruction"]["propagation"] == mode
     records = result["reconstruction"]["submodels"]
     assert [r["submodel"] for r in records] == ["block 0 attention", "block 0 mlp", "block 1 attention", "block 1 mlp"]
-    assert all(r["loss_train_after"] < r["loss_train_before"] for r in records)
+    trained = [r for r in records if not r.get("kept_untrained")]
+    assert len(trained) >= 2 and all(r["loss_train_after"] < r["loss_train_before"] for r in trained)
+    # on 8 windows of random tokens an MLP half may only overfit: then the held-out loss kept it as pruned
+    assert all(r["loss_heldout_after"] == r["loss_heldout_before"] for r in records if r.get("kept_untrained"))
 
 
 def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):

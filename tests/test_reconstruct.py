@@ -31,12 +31,15 @@ def zero_masks(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attn_mlp_reconstruction_lowers_every_submodels_loss_and_keeps_the_sparsity(family):
+def test_attn_mlp_reconstruction_lowers_the_submodels_loss_and_keeps_the_sparsity(family):
     model = tiny_model(family)
     _, report = reconstruct(model)
     assert len(report["submodels"]) == 4  # two blocks, two halves each
-    for record in report["submodels"]:
+    trained = [r for r in report["submodels"] if not r.get("kept_untrained")]
+    assert len(trained) >= 3, report["submodels"]  # a routed MLP may overfit 12 tiny windows and be kept as pruned
+    for record in trained:
         assert record["loss_train_after"] < record["loss_train_before"], record
+        assert record["loss_heldout_after"] <= record["loss_heldout_before"], record
     for name, weight in find_adapter(model).prunable_weights().items():
         rows = weight.reshape(-1, weight.shape[-1])
         # Wanda removes exactly half of every row; a weight revived by training would break this
@@ -181,6 +184,21 @@ def test_lr_auto_tries_the_grid_and_reports_its_choice():
     assert set(report["submodels"][0]["lr_probe"]) == {"1e-07", "0.0005"}
     assert all(r["lr"] == lr["lr"] for r in report["submodels"][2:])
     assert lr["lr"] == 5e-4  # 1e-7 barely moves the weights in 12 steps
+
+
+def test_a_submodel_training_would_only_worsen_is_kept_as_it_was():
+    model = tiny_model("llama")
+    original = copy.deepcopy(model.state_dict())
+    # Nothing pruned: every submodel starts at its target (loss 0); weight decay can only move it away.
+    _, report = reconstruct(model, sparsity=0.0, reconstruct={"lr": 0.05, "weight_decay": 0.5})
+    assert all(r["kept_untrained"] and r["loss_heldout_after"] == r["loss_heldout_before"] for r in report["submodels"])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_trained_submodels_are_not_flagged_untrained():
+    _, report = reconstruct(tiny_model("llama"))
+    assert not any(r.get("kept_untrained") for r in report["submodels"])
 
 
 def test_offloaded_activations_give_the_same_result():

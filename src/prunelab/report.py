@@ -104,6 +104,10 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
         else:
             lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
                           f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
+    untrained = [r["submodel"] for r in recon["submodels"] if r.get("kept_untrained")]
+    untrained += [f"{r['submodel']}.{m['layer']}" for r in recon["submodels"] for m in r.get("matrices", []) if m.get("kept_untrained")]
+    if untrained:
+        lines += ["", f"Kept untrained (training raised their held-out loss at every lr tried): {', '.join(untrained)}."]
     if "seconds" in recon:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
         lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]
@@ -112,7 +116,7 @@ def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
     lines += ["", "| submodel | lr | trainable | train loss before → after | held-out loss before → after | seconds |",
               "|---|---|---|---|---|---|"]
     for r in recon["submodels"]:
-        lr_text = f"{r['lr']:g}" if r.get("lr") is not None else "per matrix"
+        lr_text = "kept untrained" if r.get("kept_untrained") else f"{r['lr']:g}" if r.get("lr") is not None else "per matrix"
         trainable = r.get("trainable", sum(m["trainable"] for m in r.get("matrices", [])))
         lines.append(f"| {r['submodel']} | {lr_text} | {trainable} | {r['loss_train_before']:.4g} → {r['loss_train_after']:.4g} "
                      f"| {r['loss_heldout_before']:.4g} → {r['loss_heldout_after']:.4g} | {r['seconds']:.1f} |")

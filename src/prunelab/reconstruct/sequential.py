@@ -254,26 +254,34 @@ class Trainer:
         return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
 
     def train(self, problem, trainable: Trainable, held_before: float) -> dict:
+        """Train at each candidate lr from the same start and keep the best on the held-out windows;
+        keep the start instead when every candidate made the held-out loss worse."""
         rc = self.rc
         seed = self.seed * 100_003 + self.problems
         self.problems += 1
         candidates = self.lr.candidates()
         kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
                       weight_decay=rc.weight_decay, seed=seed)
-        if len(candidates) == 1:
-            result = fit(trainable, problem, candidates[0], **kwargs)
-            return {"lr": candidates[0], "steps": result["steps"], "trainable": trainable.count()}
         start, best, held_after = trainable.snapshot(), None, {}
         for lr in candidates:
             trainable.restore(start)
             result = fit(trainable, problem, lr, **kwargs)
             held_after[lr] = self.evaluate(problem, "heldout")
             if best is None or held_after[lr] < held_after[best[0]]:
-                best = (lr, trainable.snapshot())
-        trainable.restore(best[1])
-        self.lr.tried(held_before, held_after)
-        return {"lr": best[0], "steps": result["steps"], "trainable": trainable.count(),
-                "lr_probe": {f"{lr:g}": loss for lr, loss in held_after.items()}}
+                best = (lr, trainable.snapshot() if len(candidates) > 1 else None)
+        if best[1] is not None:
+            trainable.restore(best[1])
+        if len(candidates) > 1:
+            self.lr.tried(held_before, held_after)
+        record = {"lr": best[0], "steps": result["steps"], "trainable": trainable.count()}
+        if len(candidates) > 1:
+            record["lr_probe"] = {f"{lr:g}": loss for lr, loss in held_after.items()}
+        if held_after[best[0]] > held_before:
+            # A submodel already (nearly) at its target: AdamW's first steps overshoot what little error
+            # is left, and the held-out windows say so. Training it would only degrade the model.
+            trainable.restore(start)
+            record["kept_untrained"] = True
+        return record
 
 
 class Reconstructor:
