@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from prunelab.errors import PrunelabError
-from prunelab.study import plan, run_study
+from prunelab.study import plan, plotted_rows, run_study
 
 
 def write_grid(path, spec):
@@ -49,3 +49,10 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     again = run_study(grid, out, progress=False)  # resumes: nothing is run twice
     assert (out / "runs" / "granularity-none.json").stat().st_mtime_ns == first
     assert json.loads((out / "study.json").read_text())[1]["perplexity"] == again[1]["perplexity"]
+
+
+def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
+    row = lambda g, prop, loss: {"granularity": g, "propagation": prop, "loss": loss}
+    results = [row("none", "–", "–"), row("attn-mlp", "mixed", "mse"), row("block", "mixed", "mse"),
+               row("attn-mlp", "dense", "mse"), row("attn-mlp", "mixed", "cosine")]
+    assert plotted_rows(results) == results[:3]

@@ -124,6 +124,15 @@ def write_table(results: list[dict], out: Path) -> None:
     _plot(results, out / "study.png", dense)
 
 
+def plotted_rows(results: list[dict]) -> list[dict]:
+    """The rows the plot draws as one line per criterion across granularities: prune-only rows and
+    the reconstructions at the grid's own propagation and loss (the most common pair; extra single
+    runs vary them)."""
+    pairs = [(r["propagation"], r["loss"]) for r in results if r["propagation"] != "–"]
+    common = max(set(pairs), key=pairs.count) if pairs else None
+    return [r for r in results if r["propagation"] == "–" or (r["propagation"], r["loss"]) == common]
+
+
 def _plot(results: list[dict], path: Path, dense: float | None) -> None:
     try:
         import matplotlib
@@ -135,7 +144,7 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
     patterns = list(dict.fromkeys(r["pattern"] for r in results))
     fig, axes = plt.subplots(1, len(patterns), figsize=(5 * len(patterns), 3.8), squeeze=False)
     for ax, pattern in zip(axes[0], patterns):
-        rows = [r for r in results if r["pattern"] == pattern and r["propagation"] in ("–", "sparse") and r["loss"] in ("–", "mse")]
+        rows = [r for r in plotted_rows(results) if r["pattern"] == pattern]
         granularities = list(dict.fromkeys(r["granularity"] for r in rows))
         for method in dict.fromkeys(r["method"] for r in rows):
             points = {r["granularity"]: r["perplexity"] for r in rows if r["method"] == method}
