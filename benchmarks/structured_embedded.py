@@ -27,7 +27,7 @@ PPL_SAMPLES = 8  # the ppl metric runs the blocks after each candidate for every
 
 
 def runs() -> dict[str, list[str]]:
-    """Every configuration, cheapest first; the ppl metric (by far the slowest) last."""
+    """Every configuration: pruning alone (the ppl metric, by far the slowest, last), then with reconstruction."""
     found = {}
 
     def layers(metric: str, blocks: int, comp: bool, one_shot: bool = False) -> None:
@@ -46,12 +46,14 @@ def runs() -> dict[str, list[str]]:
         for bias in (True, False):
             found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
                 "--method", "flap", "--ratio", str(ratio / 100), "--bias-compensation" if bias else "--no-bias-compensation"]
-    # attn-mlp reconstruction after the compensated variants: the blocks next to each cut, every narrowed block
-    for name in ("bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias"):
-        found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
     for blocks in (6, 3):
         for comp in (True, False):
             layers("ppl", blocks, comp)
+    # attn-mlp reconstruction after the compensated variants (the blocks next to each cut, every narrowed
+    # block), cheapest pruning first
+    for name in ("bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias", "cl-3-comp", "cl-6-comp",
+                 "mag-3-comp", "mag-6-comp", "taylor-3-comp", "ppl-3-comp", "ppl-6-comp"):
+        found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
     return found
 
 
