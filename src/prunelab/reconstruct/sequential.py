@@ -268,13 +268,11 @@ class Trainer:
             result = fit(trainable, problem, lr, **kwargs)
             held_after[lr] = self.evaluate(problem, "heldout")
             if best is None or held_after[lr] < held_after[best[0]]:
-                best = (lr, trainable.snapshot() if len(candidates) > 1 else None)
-        if best[1] is not None:
-            trainable.restore(best[1])
-        if len(candidates) > 1:
-            self.lr.tried(held_before, held_after)
+                best = (lr, trainable.snapshot())
+        trainable.restore(best[1])
         record = {"lr": best[0], "steps": result["steps"], "trainable": trainable.count()}
         if len(candidates) > 1:
+            self.lr.tried(held_before, held_after)
             record["lr_probe"] = {f"{lr:g}": loss for lr, loss in held_after.items()}
         if held_after[best[0]] > held_before:
             # A submodel already (nearly) at its target: AdamW's first steps overshoot what little error
