@@ -293,11 +293,12 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
         rounds = 1 if dc.one_shot else dc.remove
         # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
         # into earlier blocks' writers would inflate their scores without making them more important,
-        # so the weights are scored once, as given
-        static = score_blocks("mag", model, adapter, ids, attention_mask, batch)[0] if dc.metric == "mag" else None
+        # so the weights are scored once, as given (kept by dense block index)
+        static = (dict(zip(origin, score_blocks("mag", model, adapter, ids, attention_mask, batch)[0].tolist()))
+                  if dc.metric == "mag" else None)
         for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
             if static is not None:
-                scores, found = static.clone(), None
+                scores, found = torch.tensor([static[o] for o in origin]), None
             else:
                 scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
             ranked = scores.clone()
@@ -311,8 +312,6 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
                 for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
                     fold_compensation(model, adapter, victim, float(scale[victim]))
             remove_blocks(model, adapter, victims)
-            if static is not None:
-                static = torch.tensor([v for i, v in enumerate(static.tolist()) if i not in victims])
             report["steps"].append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
                                     "removed": [origin[i] for i in victims],
                                     "scale": None if scale is None else [float(scale[i]) for i in victims]})
