@@ -51,6 +51,19 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     assert json.loads((out / "study.json").read_text())[1]["perplexity"] == again[1]["perplexity"]
 
 
+def test_a_failed_run_stops_the_study_with_the_table_of_the_runs_before_it(tmp_path, tiny_dir, texts):
+    base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": str(texts[1]), "samples": 6, "seqlen": 16,
+            "eval_windows": 2, "eval_seqlen": 16, "threads": 1, "reconstruct": {"granularity": "none"}}
+    grid = write_grid(tmp_path / "g.yaml", {"base": base, "runs": [{"method": "magnitude"},
+                                                                    {"model": str(tmp_path / "no-such-model")}]})
+    out = tmp_path / "study"
+    with pytest.raises(PrunelabError, match="study run model-.* failed"):
+        run_study(grid, out, progress=False)
+    table = (out / "STUDY.md").read_text()
+    assert table.count("| magnitude | 50% | none |") == 1 and "wanda" not in table
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["method-magnitude.json"]
+
+
 def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
     row = lambda g, prop, loss: {"granularity": g, "propagation": prop, "loss": loss}
     results = [row("none", "–", "–"), row("attn-mlp", "mixed", "mse"), row("block", "mixed", "mse"),

@@ -12,7 +12,8 @@ The grid file:
       - {method: wanda, reconstruct.propagation: dense}
 
 Each run is a separate process (so that its peak memory is its own) and writes its report to
-`<out>/runs/<name>.json` as soon as it ends; an interrupted study resumes where it stopped.
+`<out>/runs/<name>.json` as soon as it ends, and the table is rewritten after every run; an
+interrupted study resumes where it stopped.
 The dense model is evaluated once. Models are not saved.
 """
 
@@ -87,9 +88,10 @@ def run_study(grid_file: Path, out: Path, progress: bool = True) -> list[dict]:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
             done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
             if done.returncode != 0:
-                raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}")
+                raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}"
+                                    f" and tabled in {out / 'STUDY.md'}")
         results.append({"name": name, **json.loads(path.read_text())})
-    write_table(results, out)
+        write_table(results, out)  # a study stopped part-way (hours in) still has its table so far
     return results
 
 
