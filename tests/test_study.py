@@ -69,3 +69,15 @@ def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
     results = [row("none", "–", "–"), row("attn-mlp", "mixed", "mse"), row("block", "mixed", "mse"),
                row("attn-mlp", "dense", "mse"), row("attn-mlp", "mixed", "cosine")]
     assert plotted_rows(results) == results[:3]
+
+
+def test_a_grid_at_one_granularity_is_plotted_as_one_bar_per_run(tmp_path):
+    from prunelab.study import write_table
+
+    row = lambda prop, loss, ppl: {"method": "wanda", "pattern": "50%", "granularity": "attn-mlp", "propagation": prop,
+                                   "loss": loss, "lr": 3e-3, "perplexity": ppl, "dense_perplexity": None,
+                                   "seconds": 60.0, "peak_rss_gb": 1.0}
+    results = [dict(row("dense", "mse", 31.4), dense_perplexity=19.25), row("mixed", "cosine", 30.4)]
+    write_table(results, tmp_path)
+    assert (tmp_path / "study.png").stat().st_size > 0
+    assert "| wanda | 50% | attn-mlp | mixed | cosine | 0.003 | 30.40 |" in (tmp_path / "STUDY.md").read_text()

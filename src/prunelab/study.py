@@ -148,16 +148,30 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
     for ax, pattern in zip(axes[0], patterns):
         rows = [r for r in plotted_rows(results) if r["pattern"] == pattern]
         granularities = list(dict.fromkeys(r["granularity"] for r in rows))
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = {r["granularity"]: r["perplexity"] for r in rows if r["method"] == method}
-            ax.plot([g for g in granularities if g in points], [points[g] for g in granularities if g in points],
-                    marker="o", label=method)
-        if dense:
-            ax.axhline(dense, color="grey", linestyle="--", label="dense")
-        ax.set_yscale("log")
+        if len(granularities) < 2:
+            # a grid over propagation and loss at one granularity: one bar per run
+            every = [r for r in results if r["pattern"] == pattern]
+            labels = [f"{r['method']} {r['granularity']}\n{r['propagation']} / {r['loss']}" for r in every]
+            values = [r["perplexity"] for r in every]
+            bars = ax.barh(labels, values)
+            ax.bar_label(bars, fmt="%.2f", padding=2)
+            if dense:
+                ax.axvline(dense, color="grey", linestyle="--", label="dense")
+            # the runs differ by a few percent: start the axis near the dense model, not at 0
+            ax.set_xlim(0.9 * min(values + ([dense] if dense else [])), 1.08 * max(values))
+            ax.set_xlabel("perplexity")
+            ax.invert_yaxis()
+        else:
+            for method in dict.fromkeys(r["method"] for r in rows):
+                points = {r["granularity"]: r["perplexity"] for r in rows if r["method"] == method}
+                ax.plot([g for g in granularities if g in points], [points[g] for g in granularities if g in points],
+                        marker="o", label=method)
+            if dense:
+                ax.axhline(dense, color="grey", linestyle="--", label="dense")
+            ax.set_yscale("log")
+            ax.set_xlabel("reconstruction")
+            ax.set_ylabel("perplexity")
         ax.set_title(f"{pattern}")
-        ax.set_xlabel("reconstruction")
-        ax.set_ylabel("perplexity")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
