@@ -49,6 +49,10 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     again = run_study(grid, out, progress=False)  # resumes: nothing is run twice
     assert (out / "runs" / "granularity-none.json").stat().st_mtime_ns == first
     assert json.loads((out / "study.json").read_text())[1]["perplexity"] == again[1]["perplexity"]
+    (out / "runs" / "granularity-none.json").unlink()
+    tabled = run_study(grid, out, progress=False, run_missing=False)  # tables what is there, runs nothing
+    assert [r["granularity"] for r in tabled] == ["attn-mlp"] and not (out / "runs" / "granularity-none.json").exists()
+    assert (out / "STUDY.md").read_text().count("| wanda | 50% |") == 1
 
 
 def test_a_failed_run_stops_the_study_with_the_table_of_the_runs_before_it(tmp_path, tiny_dir, texts):
@@ -81,3 +85,18 @@ def test_a_grid_at_one_granularity_is_plotted_as_one_bar_per_run(tmp_path):
     write_table(results, tmp_path)
     assert (tmp_path / "study.png").stat().st_size > 0
     assert "| wanda | 50% | attn-mlp | mixed | cosine | 0.003 | 30.40 |" in (tmp_path / "STUDY.md").read_text()
+
+
+def test_a_grid_over_criteria_and_granularities_gets_the_papers_table(tmp_path):
+    from prunelab.study import write_table
+
+    row = lambda method, g, ppl: {"method": method, "pattern": "50%", "granularity": g, "lr": None if g == "none" else 3e-3,
+                                  "propagation": "–" if g == "none" else "sparse", "loss": "–" if g == "none" else "mse",
+                                  "perplexity": ppl, "dense_perplexity": None, "seconds": 60.0, "peak_rss_gb": 1.5}
+    results = [row("wanda", "none", 41.18), row("magnitude", "none", 294.64), row("wanda", "attn-mlp", 31.67),
+               dict(row("wanda", "block", 31.47), propagation="mixed")]  # an extra run, not in the grid's table
+    write_table(results, tmp_path)
+    table = (tmp_path / "STUDY.md").read_text()
+    assert "| criterion | prune only | attn-mlp |\n" in table
+    assert "| wanda | 41.18 (60 s, 1.50 GB) | 31.67 (60 s, 1.50 GB) |" in table
+    assert "| magnitude | 294.64 (60 s, 1.50 GB) | – |" in table

@@ -180,12 +180,13 @@ def eval_command(
 def study(
     grid: Path = typer.Argument(..., help="YAML or TOML file with base, grid and runs (see prunelab.study)"),
     out: Path = typer.Option(Path("runs/study"), help="folder for runs/*.json, STUDY.md, study.json, study.png"),
+    table_only: bool = typer.Option(False, "--table-only", help="run nothing: rewrite the table and plots from the runs already finished"),
 ) -> None:
     """Run a grid of prune(+reconstruct) runs and write one table and plots; resumes an interrupted study."""
     from .study import run_study
 
     try:
-        results = run_study(grid, out)
+        results = run_study(grid, out, run_missing=not table_only)
     except PrunelabError as exc:
         _fail(exc)
     console.print(f"{len(results)} runs; table in {out / 'STUDY.md'}")

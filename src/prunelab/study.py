@@ -13,7 +13,9 @@ The grid file:
 
 Each run is a separate process (so that its peak memory is its own) and writes its report to
 `<out>/runs/<name>.json` as soon as it ends, and the table is rewritten after every run; an
-interrupted study resumes where it stopped.
+interrupted study resumes where it stopped. `--table-only` tables the finished runs and runs nothing.
+A grid over criteria and granularities also gets the seed paper's layout: criterion × granularity,
+one table per pattern.
 The dense model is evaluated once. Models are not saved.
 """
 
@@ -71,7 +73,9 @@ def plan(grid_file: Path) -> list[tuple[str, dict]]:
     return runs
 
 
-def run_study(grid_file: Path, out: Path, progress: bool = True) -> list[dict]:
+def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bool = True) -> list[dict]:
+    """Run the grid's unfinished runs in order (or, with `run_missing=False`, none: table the
+    finished ones, e.g. while another process is still running the study)."""
     runs = plan(grid_file)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -82,16 +86,24 @@ def run_study(grid_file: Path, out: Path, progress: bool = True) -> list[dict]:
     results = []
     for number, (name, values) in enumerate(runs):
         path = out / "runs" / f"{name}.json"
-        if not path.exists():
+        finished = path.exists()
+        if not finished and not run_missing:
+            continue
+        if not finished:
             values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
             done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
             if done.returncode != 0:
+                if results:
+                    write_table(results, out)
                 raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}"
                                     f" and tabled in {out / 'STUDY.md'}")
         results.append({"name": name, **json.loads(path.read_text())})
-        write_table(results, out)  # a study stopped part-way (hours in) still has its table so far
+        if not finished:
+            write_table(results, out)  # a study stopped part-way (hours in) still has its table so far
+    if results:
+        write_table(results, out)
     return results
 
 
@@ -121,9 +133,30 @@ def write_table(results: list[dict], out: Path) -> None:
         lr = f"{r['lr']:g}" if r["lr"] is not None else "–"
         lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
                      f"| {r['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
+    lines += pivot(results)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps(results, indent=1))
     _plot(results, out / "study.png", dense)
+
+
+def pivot(results: list[dict]) -> list[str]:
+    """Criterion × reconstruction granularity, one table per pattern (the seed paper's layout), when
+    the grid spans two granularities or more; a cell is "perplexity (seconds, peak GB)", "–" not run."""
+    rows = plotted_rows(results)
+    granularities = list(dict.fromkeys(r["granularity"] for r in rows))
+    if len(granularities) < 2:
+        return []
+    lines = []
+    for pattern in dict.fromkeys(r["pattern"] for r in rows):
+        cells = {(r["method"], r["granularity"]): r for r in rows if r["pattern"] == pattern}
+        lines += ["", f"## {pattern}: perplexity (time s, peak RSS GB)", "",
+                  "| criterion | " + " | ".join("prune only" if g == "none" else g for g in granularities) + " |",
+                  "|---|" + "---|" * len(granularities)]
+        for method in dict.fromkeys(m for m, _ in cells):
+            row = [cells.get((method, g)) for g in granularities]
+            lines.append(f"| {method} | " + " | ".join(
+                f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)" if r else "–" for r in row) + " |")
+    return lines
 
 
 def plotted_rows(results: list[dict]) -> list[dict]:
@@ -131,7 +164,7 @@ def plotted_rows(results: list[dict]) -> list[dict]:
     the reconstructions at the grid's own propagation and loss (the most common pair; extra single
     runs vary them)."""
     pairs = [(r["propagation"], r["loss"]) for r in results if r["propagation"] != "–"]
-    common = max(set(pairs), key=pairs.count) if pairs else None
+    common = max(dict.fromkeys(pairs), key=pairs.count) if pairs else None  # a tie goes to the first
     return [r for r in results if r["propagation"] == "–" or (r["propagation"], r["loss"]) == common]
 
 
@@ -172,7 +205,8 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
             ax.set_xlabel("reconstruction")
             ax.set_ylabel("perplexity")
         ax.set_title(f"{pattern}")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
