@@ -48,7 +48,8 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     first = (out / "runs" / "granularity-none.json").stat().st_mtime_ns
     again = run_study(grid, out, progress=False)  # resumes: nothing is run twice
     assert (out / "runs" / "granularity-none.json").stat().st_mtime_ns == first
-    assert json.loads((out / "study.json").read_text())[1]["perplexity"] == again[1]["perplexity"]
+    summary = json.loads((out / "study.json").read_text())
+    assert summary[1]["perplexity"] == again[1]["perplexity"] and "report" not in summary[1] and "report" in again[1]
     (out / "runs" / "granularity-none.json").unlink()
     tabled = run_study(grid, out, progress=False, run_missing=False)  # tables what is there, runs nothing
     assert [r["granularity"] for r in tabled] == ["attn-mlp"] and not (out / "runs" / "granularity-none.json").exists()

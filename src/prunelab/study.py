@@ -135,7 +135,8 @@ def write_table(results: list[dict], out: Path) -> None:
                      f"| {r['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
     lines += pivot(results)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
-    (out / "study.json").write_text(json.dumps(results, indent=1))
+    # the summary rows; each run's full report stays in runs/<name>.json only
+    (out / "study.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1))
     _plot(results, out / "study.png", dense)
 
 
