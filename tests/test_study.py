@@ -54,6 +54,9 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     tabled = run_study(grid, out, progress=False, run_missing=False)  # tables what is there, runs nothing
     assert [r["granularity"] for r in tabled] == ["attn-mlp"] and not (out / "runs" / "granularity-none.json").exists()
     assert (out / "STUDY.md").read_text().count("| wanda | 50% |") == 1
+    with pytest.raises(PrunelabError, match="no finished run"):
+        run_study(grid, tmp_path / "elsewhere", progress=False, run_missing=False)
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_failed_run_stops_the_study_with_the_table_of_the_runs_before_it(tmp_path, tiny_dir, texts):

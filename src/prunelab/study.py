@@ -77,6 +77,8 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
     """Run the grid's unfinished runs in order (or, with `run_missing=False`, none: table the
     finished ones, e.g. while another process is still running the study)."""
     runs = plan(grid_file)
+    if not run_missing and not any((out / "runs" / f"{name}.json").exists() for name, _ in runs):
+        raise PrunelabError(f"no finished run of {grid_file} in {out / 'runs'} to table")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if not env.get("PRUNELAB_NO_MALLOC_TUNING"):
