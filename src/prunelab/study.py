@@ -12,8 +12,8 @@ The grid file:
       - {method: wanda, reconstruct.propagation: dense}
 
 Each run is a separate process (so that its peak memory is its own) and writes its report to
-`<out>/runs/<name>.json` as soon as it ends, and the table is rewritten after every run; an
-interrupted study resumes where it stopped. `--table-only` tables the finished runs and runs nothing.
+`<out>/runs/<name>.json` as soon as it ends; the table is rewritten before every run and at the
+end, and an interrupted study resumes where it stopped. `--table-only` tables the finished runs and runs nothing.
 A grid over criteria and granularities also gets the seed paper's layout: criterion × granularity,
 one table per pattern.
 The dense model is evaluated once. Models are not saved.
@@ -92,18 +92,16 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
         if not finished and not run_missing:
             continue
         if not finished:
+            if results:
+                write_table(results, out)  # a study stopped in the run below (hours long) still has its table so far
             values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
             done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
             if done.returncode != 0:
-                if results:
-                    write_table(results, out)
                 raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}"
                                     f" and tabled in {out / 'STUDY.md'}")
         results.append({"name": name, **json.loads(path.read_text())})
-        if not finished:
-            write_table(results, out)  # a study stopped part-way (hours in) still has its table so far
     if results:
         write_table(results, out)
     return results
