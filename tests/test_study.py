@@ -72,6 +72,15 @@ def test_a_failed_run_stops_the_study_with_the_table_of_the_runs_before_it(tmp_p
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["method-magnitude.json"]
 
 
+def test_a_failed_first_run_does_not_point_at_a_table_that_is_not_there(tmp_path, texts):
+    base = {"model": str(tmp_path / "no-such-model"), "calib": str(texts[0]), "eval": str(texts[1]), "threads": 1}
+    grid = write_grid(tmp_path / "g.yaml", {"base": base, "runs": [{"method": "magnitude"}]})
+    out = tmp_path / "study"
+    with pytest.raises(PrunelabError, match="no run of this study has finished yet"):
+        run_study(grid, out, progress=False)
+    assert not (out / "STUDY.md").exists() and not any((out / "runs").iterdir())
+
+
 def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
     row = lambda g, prop, loss: {"granularity": g, "propagation": prop, "loss": loss}
     results = [row("none", "–", "–"), row("attn-mlp", "mixed", "mse"), row("block", "mixed", "mse"),

@@ -99,8 +99,9 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
             done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
             if done.returncode != 0:
-                raise PrunelabError(f"study run {name} failed (exit {done.returncode}); finished runs are kept in {out / 'runs'}"
-                                    f" and tabled in {out / 'STUDY.md'}")
+                kept = (f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}" if results
+                        else "no run of this study has finished yet")
+                raise PrunelabError(f"study run {name} failed (exit {done.returncode}); {kept}")
         results.append({"name": name, **json.loads(path.read_text())})
     if results:
         write_table(results, out)
