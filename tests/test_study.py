@@ -54,6 +54,7 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     tabled = run_study(grid, out, progress=False, run_missing=False)  # tables what is there, runs nothing
     assert [r["granularity"] for r in tabled] == ["attn-mlp"] and not (out / "runs" / "granularity-none.json").exists()
     assert (out / "STUDY.md").read_text().count("| wanda | 50% |") == 1
+    assert "| 50% | wanda | – | " in (out / "STUDY.md").read_text()  # the planned prune-only column stays, empty
     with pytest.raises(PrunelabError, match="no finished run"):
         run_study(grid, tmp_path / "elsewhere", progress=False, run_missing=False)
     assert not (tmp_path / "elsewhere").exists()
@@ -110,6 +111,11 @@ def test_a_grid_over_criteria_and_granularities_gets_the_papers_table(tmp_path):
                dict(row("wanda", "block", 31.47), propagation="mixed")]  # an extra run, not in the grid's table
     write_table(results, tmp_path)
     table = (tmp_path / "STUDY.md").read_text()
-    assert "| criterion | prune only | attn-mlp |\n" in table
-    assert "| wanda | 41.18 (60 s, 1.50 GB) | 31.67 (60 s, 1.50 GB) |" in table
-    assert "| magnitude | 294.64 (60 s, 1.50 GB) | – |" in table
+    assert "| pattern | criterion | prune only | attn-mlp |\n" in table
+    assert "| 50% | wanda | 41.18 (60 s, 1.50 GB) | 31.67 (60 s, 1.50 GB) |" in table
+    assert "| 50% | magnitude | 294.64 (60 s, 1.50 GB) | – |" in table
+    # a partial study shows the columns its grid still has to run
+    write_table(results, tmp_path, ["none", "attn-mlp", "matrix", "blocks:2"])
+    table = (tmp_path / "STUDY.md").read_text()
+    assert "| pattern | criterion | prune only | attn-mlp | matrix | blocks:2 |\n" in table
+    assert "| 50% | wanda | 41.18 (60 s, 1.50 GB) | 31.67 (60 s, 1.50 GB) | – | – |" in table

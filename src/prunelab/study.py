@@ -14,8 +14,9 @@ The grid file:
 Each run is a separate process (so that its peak memory is its own) and writes its report to
 `<out>/runs/<name>.json` as soon as it ends; the table is rewritten before every run and at the
 end, and an interrupted study resumes where it stopped. `--table-only` tables the finished runs and runs nothing.
-A grid over criteria and granularities also gets the seed paper's layout: criterion × granularity,
-one table per pattern.
+A grid over criteria and granularities also gets the seed paper's layout: pattern and criterion ×
+granularity, with a column for every granularity the grid plans ("–" until its run has finished), the
+table docs/RESULTS.md copies.
 The dense model is evaluated once. Models are not saved.
 """
 
@@ -85,6 +86,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
         from .cli import MALLOC_TUNABLES
 
         env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    granularities = list(dict.fromkeys(RunConfig.from_dict(values).reconstruct.granularity for _, values in runs))
     results = []
     for number, (name, values) in enumerate(runs):
         path = out / "runs" / f"{name}.json"
@@ -93,7 +95,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
             continue
         if not finished:
             if results:
-                write_table(results, out)  # a study stopped in the run below (hours long) still has its table so far
+                write_table(results, out, granularities)  # a study stopped in the run below (hours long) still has its table so far
             values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
@@ -104,7 +106,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
                 raise PrunelabError(f"study run {name} failed (exit {done.returncode}); {kept}")
         results.append({"name": name, **json.loads(path.read_text())})
     if results:
-        write_table(results, out)
+        write_table(results, out, granularities)
     return results
 
 
@@ -123,7 +125,7 @@ def summarise(report: dict) -> dict:
     }
 
 
-def write_table(results: list[dict], out: Path) -> None:
+def write_table(results: list[dict], out: Path, granularities: list[str] | None = None) -> None:
     dense = next((r["dense_perplexity"] for r in results if r.get("dense_perplexity")), None)
     lines = ["# prunelab study", ""]
     if dense:
@@ -134,30 +136,29 @@ def write_table(results: list[dict], out: Path) -> None:
         lr = f"{r['lr']:g}" if r["lr"] is not None else "–"
         lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
                      f"| {r['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
-    lines += pivot(results)
+    lines += pivot(results, granularities)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
     # the summary rows; each run's full report stays in runs/<name>.json only
     (out / "study.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1))
     _plot(results, out / "study.png", dense)
 
 
-def pivot(results: list[dict]) -> list[str]:
-    """Criterion × reconstruction granularity, one table per pattern (the seed paper's layout), when
-    the grid spans two granularities or more; a cell is "perplexity (seconds, peak GB)", "–" not run."""
+def pivot(results: list[dict], granularities: list[str] | None = None) -> list[str]:
+    """Pattern and criterion × reconstruction granularity (the seed paper's layout), when the grid
+    spans two granularities or more; a cell is "perplexity (seconds, peak GB)", "–" not run yet.
+    `granularities` are the grid's planned columns, in order; the finished runs' own are added."""
     rows = plotted_rows(results)
-    granularities = list(dict.fromkeys(r["granularity"] for r in rows))
+    granularities = list(dict.fromkeys([*(granularities or []), *(r["granularity"] for r in rows)]))
     if len(granularities) < 2:
         return []
-    lines = []
-    for pattern in dict.fromkeys(r["pattern"] for r in rows):
-        cells = {(r["method"], r["granularity"]): r for r in rows if r["pattern"] == pattern}
-        lines += ["", f"## {pattern}: perplexity (time s, peak RSS GB)", "",
-                  "| criterion | " + " | ".join("prune only" if g == "none" else g for g in granularities) + " |",
-                  "|---|" + "---|" * len(granularities)]
-        for method in dict.fromkeys(m for m, _ in cells):
-            row = [cells.get((method, g)) for g in granularities]
-            lines.append(f"| {method} | " + " | ".join(
-                f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)" if r else "–" for r in row) + " |")
+    cells = {(r["pattern"], r["method"], r["granularity"]): r for r in rows}
+    lines = ["", "## Criterion × granularity: perplexity (time s, peak RSS GB)", "",
+             "| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in granularities) + " |",
+             "|---|---|" + "---|" * len(granularities)]
+    for pattern, method in dict.fromkeys((p, m) for p, m, _ in cells):
+        row = [cells.get((pattern, method, g)) for g in granularities]
+        lines.append(f"| {pattern} | {method} | " + " | ".join(
+            f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)" if r else "–" for r in row) + " |")
     return lines
 
 
