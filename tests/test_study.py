@@ -119,3 +119,16 @@ def test_a_grid_over_criteria_and_granularities_gets_the_papers_table(tmp_path):
     table = (tmp_path / "STUDY.md").read_text()
     assert "| pattern | criterion | prune only | attn-mlp | matrix | blocks:2 |\n" in table
     assert "| 50% | wanda | 41.18 (60 s, 1.50 GB) | 31.67 (60 s, 1.50 GB) | – | – |" in table
+
+
+def test_the_papers_table_also_gives_time_in_dense_forward_passes(tmp_path):
+    from prunelab.study import write_table
+
+    row = lambda g, seconds, forward: {"method": "wanda", "pattern": "50%", "granularity": g, "lr": None if g == "none" else 3e-3,
+                                       "propagation": "–" if g == "none" else "sparse", "loss": "–" if g == "none" else "mse",
+                                       "perplexity": 31.0, "dense_perplexity": None, "seconds": seconds, "peak_rss_gb": 1.5,
+                                       "forward_pass_seconds": forward}
+    # the block run's machine was twice as slow: 2000 s there is 8 passes, less than attn-mlp's 9
+    write_table([row("none", 176.0, None), row("attn-mlp", 1080.0, 120.0), row("block", 2000.0, 250.0)], tmp_path)
+    table = (tmp_path / "STUDY.md").read_text()
+    assert "| pattern | criterion | attn-mlp | block |\n|---|---|---|---|\n| 50% | wanda | 9.0 | 8.0 |" in table

@@ -104,7 +104,8 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
                 kept = (f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}" if results
                         else "no run of this study has finished yet")
                 raise PrunelabError(f"study run {name} failed (exit {done.returncode}); {kept}")
-        results.append({"name": name, **json.loads(path.read_text())})
+        run = json.loads(path.read_text())
+        results.append({"name": name, **run, **summarise(run["report"])})  # runs saved before a summary field existed get it
     if results:
         write_table(results, out, granularities)
     return results
@@ -121,6 +122,9 @@ def summarise(report: dict) -> dict:
         "perplexity": report["metrics"]["pruned"]["perplexity"],
         "dense_perplexity": report["metrics"].get("dense", {}).get("perplexity"),
         "seconds": stage.get("seconds"), "peak_rss_gb": stage.get("peak_rss_gb"), "cuda_peak_gb": stage.get("cuda_peak_gb"),
+        # one dense forward pass over the calibration windows: the same work at every granularity,
+        # so stage seconds / this compare runs made on machines (or sessions) of different speed
+        "forward_pass_seconds": recon["seconds"]["targets"] if recon else None,
         "sparsity": report["sparsity"]["sparsity"] if report["sparsity"] else None,
     }
 
@@ -155,10 +159,22 @@ def pivot(results: list[dict], granularities: list[str] | None = None) -> list[s
     lines = ["", "## Criterion × granularity: perplexity (time s, peak RSS GB)", "",
              "| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in granularities) + " |",
              "|---|---|" + "---|" * len(granularities)]
-    for pattern, method in dict.fromkeys((p, m) for p, m, _ in cells):
+    keys = list(dict.fromkeys((p, m) for p, m, _ in cells))
+    for pattern, method in keys:
         row = [cells.get((pattern, method, g)) for g in granularities]
         lines.append(f"| {pattern} | {method} | " + " | ".join(
             f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)" if r else "–" for r in row) + " |")
+    trained = [g for g in granularities if any((cells.get((p, m, g)) or {}).get("forward_pass_seconds") for p, m in keys)]
+    if trained:
+        lines += ["", "Time of the prune+reconstruct stage in dense forward passes (its seconds over the run's own "
+                  "targets phase, one dense pass over the calibration windows): comparable across machines and sessions, "
+                  "which the seconds above are not.", "",
+                  "| pattern | criterion | " + " | ".join(trained) + " |", "|---|---|" + "---|" * len(trained)]
+        for pattern, method in keys:
+            row = [cells.get((pattern, method, g)) for g in trained]
+            lines.append(f"| {pattern} | {method} | " + " | ".join(
+                f"{r['seconds'] / r['forward_pass_seconds']:.1f}" if r and r.get("forward_pass_seconds") else "–"
+                for r in row) + " |")
     return lines
 
 
