@@ -15,8 +15,9 @@ Each run is a separate process (so that its peak memory is its own) and writes i
 `<out>/runs/<name>.json` as soon as it ends; the table is rewritten before every run and at the
 end, and an interrupted study resumes where it stopped. `--table-only` tables the finished runs and runs nothing.
 A grid over criteria and granularities also gets the seed paper's layout: pattern and criterion ×
-granularity, with a column for every granularity the grid plans ("–" until its run has finished), the
-table docs/RESULTS.md copies.
+granularity, with a column for every granularity the grid plans ("–" until its run has finished), and
+the same cells' time in dense forward passes (stage seconds over the run's own targets phase), which
+compares runs made on machines of different speed; docs/RESULTS.md copies both tables.
 The dense model is evaluated once. Models are not saved.
 """
 
