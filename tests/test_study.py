@@ -50,6 +50,11 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     assert (out / "runs" / "granularity-none.json").stat().st_mtime_ns == first
     summary = json.loads((out / "study.json").read_text())
     assert summary[1]["perplexity"] == again[1]["perplexity"] and "report" not in summary[1] and "report" in again[1]
+    assert again[1]["forward_pass_seconds"] > 0 and again[0]["forward_pass_seconds"] is None
+    saved = out / "runs" / "granularity-attn-mlp.json"  # a run saved before the field existed gets it from its report
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "forward_pass_seconds"}))
+    assert run_study(grid, out, progress=False, run_missing=False)[1]["forward_pass_seconds"] > 0
+    assert "in dense forward passes" in (out / "STUDY.md").read_text()
     (out / "runs" / "granularity-none.json").unlink()
     tabled = run_study(grid, out, progress=False, run_missing=False)  # tables what is there, runs nothing
     assert [r["granularity"] for r in tabled] == ["attn-mlp"] and not (out / "runs" / "granularity-none.json").exists()

@@ -125,7 +125,7 @@ def summarise(report: dict) -> dict:
         "seconds": stage.get("seconds"), "peak_rss_gb": stage.get("peak_rss_gb"), "cuda_peak_gb": stage.get("cuda_peak_gb"),
         # one dense forward pass over the calibration windows: the same work at every granularity,
         # so stage seconds / this compare runs made on machines (or sessions) of different speed
-        "forward_pass_seconds": recon["seconds"]["targets"] if recon else None,
+        "forward_pass_seconds": (recon.get("seconds") or {}).get("targets") if recon else None,  # depth runs' reconstruction has no phases
         "sparsity": report["sparsity"]["sparsity"] if report["sparsity"] else None,
     }
 
