@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .config import RunConfig, load_config_file
 from .errors import PrunelabError
@@ -157,25 +158,24 @@ def pivot(results: list[dict], granularities: list[str] | None = None) -> list[s
     if len(granularities) < 2:
         return []
     cells = {(r["pattern"], r["method"], r["granularity"]): r for r in rows}
-    lines = ["", "## Criterion × granularity: perplexity (time s, peak RSS GB)", "",
-             "| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in granularities) + " |",
-             "|---|---|" + "---|" * len(granularities)]
     keys = list(dict.fromkeys((p, m) for p, m, _ in cells))
-    for pattern, method in keys:
-        row = [cells.get((pattern, method, g)) for g in granularities]
-        lines.append(f"| {pattern} | {method} | " + " | ".join(
-            f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)" if r else "–" for r in row) + " |")
+
+    def table(columns: list[str], cell: Callable[[dict], str]) -> list[str]:
+        lines = ["| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in columns) + " |",
+                 "|---|---|" + "---|" * len(columns)]
+        for pattern, method in keys:
+            row = [cells.get((pattern, method, g)) for g in columns]
+            lines.append(f"| {pattern} | {method} | " + " | ".join(cell(r) if r else "–" for r in row) + " |")
+        return lines
+
+    lines = ["", "## Criterion × granularity: perplexity (time s, peak RSS GB)", "",
+             *table(granularities, lambda r: f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)")]
     trained = [g for g in granularities if any((cells.get((p, m, g)) or {}).get("forward_pass_seconds") for p, m in keys)]
     if trained:
         lines += ["", "Time of the prune+reconstruct stage in dense forward passes (its seconds over the run's own "
                   "targets phase, one dense pass over the calibration windows): comparable across machines and sessions, "
                   "which the seconds above are not.", "",
-                  "| pattern | criterion | " + " | ".join(trained) + " |", "|---|---|" + "---|" * len(trained)]
-        for pattern, method in keys:
-            row = [cells.get((pattern, method, g)) for g in trained]
-            lines.append(f"| {pattern} | {method} | " + " | ".join(
-                f"{r['seconds'] / r['forward_pass_seconds']:.1f}" if r and r.get("forward_pass_seconds") else "–"
-                for r in row) + " |")
+                  *table(trained, lambda r: f"{r['seconds'] / r['forward_pass_seconds']:.1f}" if r.get("forward_pass_seconds") else "–")]
     return lines
 
 
