@@ -45,7 +45,9 @@ def main() -> None:
 
     rows = []
     if not only or "dense" in only:
-        dense = prunelab("eval", "--model", "smollm2", "--eval", "wiki", "--eval-windows", "40", "--eval-seqlen", "512", *common)
+        dense = prunelab(
+            "eval", "--model", "smollm2", "--eval", "wiki", "--eval-windows", "40", "--eval-seqlen", "512", *common
+        )
         rows.append(("dense", "–", "–", "–", f"{dense['perplexity']:.2f}"))
         print(f"dense: ppl {dense['perplexity']:.2f}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
@@ -54,14 +56,43 @@ def main() -> None:
             if only and name not in only:
                 continue
             shape = ["--pattern", target] if ":" in target else ["--sparsity", str(float(target.rstrip("%")) / 100)]
-            report = prunelab("run", "--model", "smollm2", "--method", method, *shape, "--calib", "web",
-                              "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--eval", "wiki",
-                              "--eval-windows", "40", "--eval-seqlen", "512", "--no-eval-dense", "--dtype", dtype, "--reconstruct", "none",
-                              "--out", str(Path(scratch) / f"{name}-{dtype}".replace(":", "of")), *common)
+            report = prunelab(
+                "run",
+                "--model",
+                "smollm2",
+                "--method",
+                method,
+                *shape,
+                "--calib",
+                "web",
+                "--samples",
+                str(args.samples),
+                "--seqlen",
+                str(args.seqlen),
+                "--eval",
+                "wiki",
+                "--eval-windows",
+                "40",
+                "--eval-seqlen",
+                "512",
+                "--no-eval-dense",
+                "--dtype",
+                dtype,
+                "--reconstruct",
+                "none",
+                "--out",
+                str(Path(scratch) / f"{name}-{dtype}".replace(":", "of")),
+                *common,
+            )
             prune = report["stages"]["prune"]
             ppl = report["metrics"]["pruned"]["perplexity"]
-            rows.append((f"{method} {target}", dtype, f"{prune['seconds']:.0f}", f"{prune['peak_rss_gb']:.2f}", f"{ppl:.2f}"))
-            print(f"{name} {dtype}: {prune['seconds']:.0f} s, {prune['peak_rss_gb']:.2f} GB, ppl {ppl:.2f}", file=sys.stderr)
+            rows.append(
+                (f"{method} {target}", dtype, f"{prune['seconds']:.0f}", f"{prune['peak_rss_gb']:.2f}", f"{ppl:.2f}")
+            )
+            print(
+                f"{name} {dtype}: {prune['seconds']:.0f} s, {prune['peak_rss_gb']:.2f} GB, ppl {ppl:.2f}",
+                file=sys.stderr,
+            )
 
     print("| run | forward dtype | pruning wall time (s) | peak RSS while pruning (GB) | perplexity |")
     print("|---|---|---|---|---|")

@@ -45,14 +45,31 @@ def runs() -> dict[str, list[str]]:
     for ratio in (20, 30):
         for bias in (True, False):
             found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
-                "--method", "flap", "--ratio", str(ratio / 100), "--bias-compensation" if bias else "--no-bias-compensation"]
+                "--method",
+                "flap",
+                "--ratio",
+                str(ratio / 100),
+                "--bias-compensation" if bias else "--no-bias-compensation",
+            ]
     for blocks in (6, 3):
         for comp in (True, False):
             layers("ppl", blocks, comp)
     # attn-mlp reconstruction after the compensated variants (the blocks next to each cut, every narrowed
     # block), cheapest pruning first
-    for name in ("bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias", "cl-3-comp", "cl-6-comp",
-                 "mag-3-comp", "mag-6-comp", "taylor-3-comp", "ppl-3-comp", "ppl-6-comp"):
+    for name in (
+        "bi-3-comp",
+        "bi-6-comp",
+        "taylor-6-comp",
+        "flap-20-bias",
+        "flap-30-bias",
+        "cl-3-comp",
+        "cl-6-comp",
+        "mag-3-comp",
+        "mag-6-comp",
+        "taylor-3-comp",
+        "ppl-3-comp",
+        "ppl-6-comp",
+    ):
         found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
     return found
 
@@ -61,8 +78,24 @@ def run(name: str, flags: list[str], out: Path, common: list[str]) -> dict:
     folder = out / name
     if (folder / "prunelab.json").is_file():
         return json.loads((folder / "prunelab.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "prunelab.cli", "run", *common, "--reconstruct", "none", *flags,
-                             "--no-eval-dense", "--out", str(folder), "--overwrite"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prunelab.cli",
+            "run",
+            *common,
+            "--reconstruct",
+            "none",
+            *flags,
+            "--no-eval-dense",
+            "--out",
+            str(folder),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
     return json.loads((folder / "prunelab.json").read_text())
@@ -76,10 +109,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/structured"))
     args = parser.parse_args()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    common = ["--model", "smollm2", "--calib", "web", "--samples", str(args.samples), "--seqlen", "512",
-              "--eval", "wiki", "--eval-windows", "40", "--eval-seqlen", "512", "--threads", str(args.threads)]
-    print("| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) "
-          "| reconstruction time (s) |")
+    common = [
+        "--model",
+        "smollm2",
+        "--calib",
+        "web",
+        "--samples",
+        str(args.samples),
+        "--seqlen",
+        "512",
+        "--eval",
+        "wiki",
+        "--eval-windows",
+        "40",
+        "--eval-seqlen",
+        "512",
+        "--threads",
+        str(args.threads),
+    ]
+    print(
+        "| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) "
+        "| reconstruction time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, flags in runs().items():
         if only and name not in only:
@@ -88,9 +139,12 @@ def main() -> None:
         structure, metrics = report["structure"], report["metrics"]
         before, after = metrics["speed_dense"]["tokens_per_second"], metrics["speed"]["tokens_per_second"]
         removed = ", ".join(map(str, structure["removed"])) if "removed" in structure else "–"
-        print(f"| {name} | {removed} | {metrics['pruned']['perplexity']:.2f} | {structure['parameters_after']:,} "
-              f"| {before:.1f} → {after:.1f} | {after / before:.2f}× | {report['stages']['prune']['seconds']:.0f} "
-              f"| {report['stages'].get('reconstruct', {}).get('seconds', 0):.0f} |", flush=True)
+        print(
+            f"| {name} | {removed} | {metrics['pruned']['perplexity']:.2f} | {structure['parameters_after']:,} "
+            f"| {before:.1f} → {after:.1f} | {after / before:.2f}× | {report['stages']['prune']['seconds']:.0f} "
+            f"| {report['stages'].get('reconstruct', {}).get('seconds', 0):.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

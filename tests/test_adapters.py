@@ -1,13 +1,18 @@
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import UnfusedExperts, find_adapter
-from tiny import FAMILIES, tiny_model
 
 EXPECTED = {  # family -> (adapter family, prunable tensors per block)
-    "llama": ("llama", 7), "mistral": ("llama", 7), "qwen2": ("llama", 7), "qwen3": ("llama", 7), "gemma3": ("llama", 7), "opt": ("opt", 6),
+    "llama": ("llama", 7),
+    "mistral": ("llama", 7),
+    "qwen2": ("llama", 7),
+    "qwen3": ("llama", 7),
+    "gemma3": ("llama", 7),
+    "opt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
 }
@@ -25,7 +30,9 @@ def test_adapter_finds_blocks_and_prunable_weights(family):
     state = model.state_dict()
     for key, tensor in weights.items():  # names are the saved tensors' names
         assert key in state and state[key].shape == tensor.shape
-    assert not any("embed" in k or "lm_head" in k or k.endswith("gate.weight") or "shared_expert_gate" in k for k in weights)
+    assert not any(
+        "embed" in k or "lm_head" in k or k.endswith("gate.weight") or "shared_expert_gate" in k for k in weights
+    )
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])

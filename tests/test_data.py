@@ -12,7 +12,9 @@ from prunelab.errors import PrunelabError
 
 def test_local_text_formats(tmp_path):
     (tmp_path / "a.txt").write_text("one two\nthree")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["alpha", "beta"]}), tmp_path / "c.parquet")
     assert load_text(str(tmp_path / "a.txt")) == "one two\nthree"
     assert load_text(str(tmp_path / "b.jsonl")) == "first doc\n\nsecond"
@@ -26,7 +28,7 @@ def test_bad_sources_get_clear_errors(tmp_path):
     with pytest.raises(PrunelabError, match="is empty"):
         load_text(str(tmp_path / "empty.txt"))
     (tmp_path / "bad.jsonl").write_text('{"content": 1}\n')
-    with pytest.raises(PrunelabError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+    with pytest.raises(PrunelabError, match=r"bad.jsonl:1: expected a JSON object with a 'text' string"):
         load_text(str(tmp_path / "bad.jsonl"))
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(PrunelabError, match="unsupported text file type"):
@@ -34,10 +36,12 @@ def test_bad_sources_get_clear_errors(tmp_path):
 
 
 def test_embedded_extractors_on_files_of_the_same_format(tmp_path):
-    task = {"examples": [
-        {"input": "The cat sat on the mat.\nIt was a sunny day in the town of Bath."},
-        {"input": "Der Hund schläft im Garten.\nEr ist sehr müde."},
-    ]}
+    task = {
+        "examples": [
+            {"input": "The cat sat on the mat.\nIt was a sunny day in the town of Bath."},
+            {"input": "Der Hund schläft im Garten.\nEr ist sehr müde."},
+        ]
+    }
     (tmp_path / "task.json").write_text(json.dumps(task))
     assert english_articles(tmp_path / "task.json") == task["examples"][0]["input"]
     squad = {"data": [{"paragraphs": [{"context": " First passage. "}, {"context": "Second."}]}]}
@@ -53,7 +57,7 @@ def test_calibration_windows_are_seeded_and_recorded(tokenizer):
     assert a.shape == (5, 16) and a.equal(b) and info_a == info_b and not a.equal(c)
     ids = tokenize(tokenizer, text)
     for row, start in zip(a, info_a["starts"]):
-        assert row.equal(ids[start:start + 16])
+        assert row.equal(ids[start : start + 16])
 
 
 @pytest.mark.parametrize("repeat", [60, 2000])  # short text (drawn among free starts) and long text

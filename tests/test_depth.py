@@ -5,20 +5,19 @@ import json
 
 import pytest
 import torch
+from tiny import random_ids, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import prunelab
-from prunelab.calibration import StandIn
+from prunelab.activations import StandIn
 from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
-from prunelab.reconstruct.structured import spans_after_removal
-from prunelab.structured.depth import (fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses,
-                                      survey)
-from tiny import random_ids, tiny_model
+from prunelab.recover.structured import spans_after_removal
+from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses, survey
 
 DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]
 
@@ -101,7 +100,9 @@ def test_survey_scale_is_the_ratio_of_mean_magnitudes():
 def test_iterative_removal_bookkeeping(metric):
     model = tiny_model("gemma3", layers=6)
     types = list(model.config.layer_types)
-    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=2, metric=metric), progress=False)
+    report = prune_depth(
+        model, find_adapter(model), random_ids(4, 16), depth_config(remove=2, metric=metric), progress=False
+    )
     assert len(report["steps"]) == 2 and len(report["removed"]) == 2
     assert sorted(report["removed"] + report["kept"]) == list(range(6))
     if metric in ("taylor", "mag"):
@@ -134,8 +135,10 @@ def test_ppl_metric_is_the_loss_of_the_model_without_each_block(family):
             block, blocks[i] = blocks[i], Identity(blocks[i])  # the whole model, block i passing its input on
             total = 0.0
             for start in range(0, 5, 2):
-                x, m = ids[start:start + 2], mask[start:start + 2]
-                total += float(model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss) * x.shape[0]
+                x, m = ids[start : start + 2], mask[start : start + 2]
+                total += (
+                    float(model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss) * x.shape[0]
+                )
             expected.append(total / 5)
             blocks[i] = block
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
@@ -155,10 +158,14 @@ def test_bi_removes_the_block_that_changes_its_input_least():
 
 def test_one_shot_scores_once_and_cl_removes_a_contiguous_span():
     model = tiny_model("llama", layers=6)
-    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, one_shot=True), progress=False)
+    report = prune_depth(
+        model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, one_shot=True), progress=False
+    )
     assert len(report["steps"]) == 1 and len(report["removed"]) == 3
     model = tiny_model("llama", layers=6)
-    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, metric="cl"), progress=False)
+    report = prune_depth(
+        model, find_adapter(model), random_ids(4, 16), depth_config(remove=3, metric="cl"), progress=False
+    )
     first = report["removed"][0]
     assert report["removed"] == [first, first + 1, first + 2] and len(report["steps"]) == 1
     assert model.config.num_hidden_layers == 3
@@ -167,7 +174,9 @@ def test_one_shot_scores_once_and_cl_removes_a_contiguous_span():
 def test_no_compensation_leaves_the_remaining_weights_alone():
     model = tiny_model("llama", layers=4)
     kept = {k: v.clone() for k, v in model.state_dict().items()}
-    report = prune_depth(model, find_adapter(model), random_ids(4, 16), depth_config(remove=1, compensation=False), progress=False)
+    report = prune_depth(
+        model, find_adapter(model), random_ids(4, 16), depth_config(remove=1, compensation=False), progress=False
+    )
     gone = report["removed"][0]
     for name, tensor in model.state_dict().items():
         if ".layers." in name:
@@ -180,8 +189,13 @@ def test_no_compensation_leaves_the_remaining_weights_alone():
 @pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
 def test_saved_model_reloads_and_generates_with_plain_transformers(family, tmp_path):
     model = tiny_model(family, layers=5)
-    prunelab.prune(model, method="layers", depth={"remove": 2, "protect_first": 1, "protect_last": 1},
-                   calibration=random_ids(4, 16), progress=False)
+    prunelab.prune(
+        model,
+        method="layers",
+        depth={"remove": 2, "protect_first": 1, "protect_last": 1},
+        calibration=random_ids(4, 16),
+        progress=False,
+    )
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == 3
@@ -195,9 +209,34 @@ def test_saved_model_reloads_and_generates_with_plain_transformers(family, tmp_p
 def test_layers_job_reports_parameters_speed_and_saves(tiny_dir, texts, tmp_path):
     calib, evaluation = texts
     out = tmp_path / "depth"
-    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
-                                      "--samples", "4", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
-                                      "--method", "layers", "--remove", "1", "--metric", "bi", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            str(evaluation),
+            "--samples",
+            "4",
+            "--seqlen",
+            "16",
+            "--eval-seqlen",
+            "16",
+            "--eval-windows",
+            "2",
+            "--method",
+            "layers",
+            "--remove",
+            "1",
+            "--metric",
+            "bi",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "prunelab.json").read_text())
     structure = report["structure"]
@@ -205,23 +244,50 @@ def test_layers_job_reports_parameters_speed_and_saves(tiny_dir, texts, tmp_path
     assert structure["parameters_after"] < structure["parameters_before"]
     assert structure["parameters_saved"] == structure["parameters_after"]
     assert report["config"]["reconstruct"]["granularity"] == "none"
-    assert report["metrics"]["speed"]["tokens_per_second"] > 0 and report["metrics"]["speed_dense"]["tokens_per_second"] > 0
+    assert (
+        report["metrics"]["speed"]["tokens_per_second"] > 0
+        and report["metrics"]["speed_dense"]["tokens_per_second"] > 0
+    )
     assert "## Layer removal" in (out / "REPORT.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--remove", "2"], "cannot remove 2 of 2 blocks"),
-    (["--remove", "0"], "needs depth.remove >= 1"),
-    (["--remove", "1", "--metric", "entropy"], "unknown depth metric 'entropy'"),
-    (["--remove", "1", "--metric", "mag"], "never removes the first 4 or last 2 blocks"),
-    (["--remove", "1", "--reconstruct", "matrix"], "reconstruction trains halves or blocks (attn-mlp | block)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--remove", "2"], "cannot remove 2 of 2 blocks"),
+        (["--remove", "0"], "needs depth.remove >= 1"),
+        (
+            ["--remove", "1", "--metric", "entropy"],
+            "depth.metric must be one of bi, cl, taylor, mag, ppl, got 'entropy'",
+        ),
+        (["--remove", "1", "--metric", "mag"], "never removes the first 4 or last 2 blocks"),
+        (["--remove", "1", "--reconstruct", "matrix"], "reconstruction trains halves or blocks (attn-mlp | block)"),
+    ],
+)
 def test_bad_depth_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts
-    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
-                                      "--samples", "4", "--seqlen", "16", "--method", "layers", "--out", str(tmp_path / "o")]
-                                + args)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            str(evaluation),
+            "--samples",
+            "4",
+            "--seqlen",
+            "16",
+            "--method",
+            "layers",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+        + args,
+    )
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "o").exists()
@@ -232,7 +298,9 @@ def test_compensation_needs_a_residual_stream_it_understands():
     with pytest.raises(PrunelabError, match="routes tokens to experts"):
         prune_depth(moe, find_adapter(moe), random_ids(2, 8), depth_config(remove=1), progress=False)
     assert moe.config.num_hidden_layers == 3  # refused before anything changed
-    report = prune_depth(moe, find_adapter(moe), random_ids(2, 8), depth_config(remove=1, compensation=False), progress=False)
+    report = prune_depth(
+        moe, find_adapter(moe), random_ids(2, 8), depth_config(remove=1, compensation=False), progress=False
+    )
     assert report["blocks_after"] == 2
     post_ln = tiny_model("opt", layers=3, do_layer_norm_before=False)
     with pytest.raises(PrunelabError, match="post-LN"):
@@ -242,9 +310,15 @@ def test_compensation_needs_a_residual_stream_it_understands():
 def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lowers_its_loss():
     model = tiny_model("llama", layers=5)
     ids, held = random_ids(8, 16), random_ids(4, 16, seed=1)
-    result = prunelab.prune(model, method="layers", depth={"remove": 2, "protect_first": 1, "protect_last": 1},
-                            calibration=ids, heldout=held, reconstruct={"granularity": "attn-mlp", "lr": 1e-3},
-                            progress=False)
+    result = prunelab.prune(
+        model,
+        method="layers",
+        depth={"remove": 2, "protect_first": 1, "protect_last": 1},
+        calibration=ids,
+        heldout=held,
+        reconstruct={"granularity": "attn-mlp", "lr": 1e-3},
+        progress=False,
+    )
     kept = result["structure"]["kept"]
     records = result["reconstruction"]["submodels"]
     spans = spans_after_removal(kept, 5)
@@ -260,9 +334,15 @@ def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lower
 @pytest.mark.parametrize("mode", ["sparse", "mixed", "dense"])
 def test_reconstruction_after_flap_trains_every_half(mode):
     model = tiny_model("qwen3", layers=2)
-    result = prunelab.prune(model, method="flap", width={"ratio": 0.5, "structure": "uniform"}, calibration=random_ids(8, 16),
-                            heldout=random_ids(4, 16, seed=1), progress=False,
-                            reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": mode})
+    result = prunelab.prune(
+        model,
+        method="flap",
+        width={"ratio": 0.5, "structure": "uniform"},
+        calibration=random_ids(8, 16),
+        heldout=random_ids(4, 16, seed=1),
+        progress=False,
+        reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": mode},
+    )
     assert result["reconstruction"]["propagation"] == mode
     records = result["reconstruction"]["submodels"]
     assert [r["submodel"] for r in records] == ["block 0 attention", "block 0 mlp", "block 1 attention", "block 1 mlp"]
@@ -275,10 +355,41 @@ def test_reconstruction_after_flap_trains_every_half(mode):
 def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):
     calib, evaluation = texts
     out = tmp_path / "depth-recon"
-    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
-                                      "--samples", "6", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
-                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp", "--reconstruct-scope", "all",
-                                      "--lr", "1e-3", "--no-speed", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            str(evaluation),
+            "--samples",
+            "6",
+            "--seqlen",
+            "16",
+            "--eval-seqlen",
+            "16",
+            "--eval-windows",
+            "2",
+            "--heldout",
+            "2",
+            "--method",
+            "layers",
+            "--remove",
+            "1",
+            "--reconstruct",
+            "attn-mlp",
+            "--reconstruct-scope",
+            "all",
+            "--lr",
+            "1e-3",
+            "--no-speed",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "prunelab.json").read_text())
     assert [r["submodel"] for r in report["reconstruction"]["submodels"]] == ["block 0"]
@@ -292,10 +403,39 @@ def test_auto_lr_with_fewer_submodels_than_its_probe_reports_the_best(tiny_dir, 
     """Reconstructing only the block next to one cut trains fewer submodels than lr auto probes."""
     calib, evaluation = texts
     out = tmp_path / "depth-auto"
-    result = CliRunner().invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
-                                      "--samples", "6", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "2",
-                                      "--heldout", "2", "--method", "layers", "--remove", "1", "--reconstruct", "attn-mlp",
-                                      "--lr", "auto", "--no-speed", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            str(evaluation),
+            "--samples",
+            "6",
+            "--seqlen",
+            "16",
+            "--eval-seqlen",
+            "16",
+            "--eval-windows",
+            "2",
+            "--heldout",
+            "2",
+            "--method",
+            "layers",
+            "--remove",
+            "1",
+            "--reconstruct",
+            "attn-mlp",
+            "--lr",
+            "auto",
+            "--no-speed",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lr = json.loads((out / "prunelab.json").read_text())["reconstruction"]["lr"]
     assert lr["probed_problems"] == 1 < 4 and lr["every_problem_probed"]
@@ -308,11 +448,18 @@ def test_mag_scores_are_not_inflated_by_the_compensation_folded_into_earlier_blo
     removed = {}
     for comp in (True, False):
         model = tiny_model("llama", layers=8)
-        report = prune_depth(model, find_adapter(model), random_ids(4, 16),
-                             depth_config(remove=3, metric="mag", compensation=comp), progress=False)
+        report = prune_depth(
+            model,
+            find_adapter(model),
+            random_ids(4, 16),
+            depth_config(remove=3, metric="mag", compensation=comp),
+            progress=False,
+        )
         removed[comp] = report["removed"]
-        assert all(step["scores"][str(step["removed"][0])] == report["steps"][0]["scores"][str(step["removed"][0])]
-                   for step in report["steps"])  # the same score in every round
+        assert all(
+            step["scores"][str(step["removed"][0])] == report["steps"][0]["scores"][str(step["removed"][0])]
+            for step in report["steps"]
+        )  # the same score in every round
     assert removed[True] == removed[False]
 
 
@@ -320,11 +467,19 @@ def test_reconstruction_compares_in_the_compensated_frame():
     """Block 0 sits before the cut: compensation makes it compute s × its dense output exactly,
     so in the right frame its loss is zero before any training."""
     model = exact_norms(tiny_model("llama", layers=4))
-    result = prunelab.prune(model, method="layers", depth={"remove": 1, "metric": "mag", "protect_first": 2, "protect_last": 0},
-                            calibration=random_ids(6, 16), heldout=random_ids(2, 16, seed=1), progress=False,
-                            reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "scope": "all", "propagation": "mixed"})
+    result = prunelab.prune(
+        model,
+        method="layers",
+        depth={"remove": 1, "metric": "mag", "protect_first": 2, "protect_last": 0},
+        calibration=random_ids(6, 16),
+        heldout=random_ids(2, 16, seed=1),
+        progress=False,
+        reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "scope": "all", "propagation": "mixed"},
+    )
     s = result["structure"]["steps"][0]["scale"][0]
     assert abs(s - 1) > 0.02  # the frames really differ
     first = {r["submodel"]: r for r in result["reconstruction"]["submodels"] if r["submodel"].startswith("block 0")}
     attention = first["block 0 attention"]
-    assert attention["loss_train_before"] < 1e-12 and attention["loss_heldout_before"] < 1e-12  # 3e-5 in the dense frame
+    assert (
+        attention["loss_train_before"] < 1e-12 and attention["loss_heldout_before"] < 1e-12
+    )  # 3e-5 in the dense frame

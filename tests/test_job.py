@@ -19,7 +19,7 @@ runner = CliRunner()
 def job(tiny_dir, texts, out, **overrides):
     calib, evaluation = texts
     values = dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
-                  eval_seqlen=32, eval_windows=4, batch_size=4, out=str(out))
+                  eval_seqlen=32, eval_windows=4, forward_batch=4, out=str(out))
     values.update(overrides)
     return prunelab.run(values, progress=False)
 
@@ -27,7 +27,9 @@ def job(tiny_dir, texts, out, **overrides):
 def test_saved_model_reloads_with_same_logits_and_mask(tiny_dir, texts, tmp_path):
     out = tmp_path / "pruned"
     report = job(tiny_dir, texts, out, method="sparsegpt")
-    assert {"REPORT.md", "config.json", "model.safetensors", "prunelab.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {"REPORT.md", "config.json", "model.safetensors", "prunelab.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 200, (2, 24))
     saved = json.loads((out / "prunelab.json").read_text())
@@ -61,7 +63,9 @@ def test_reload_gives_identical_logits(tiny_dir, texts, tmp_path, monkeypatch):
     ids = torch.randint(0, 200, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    for (name, a), b in zip(find_adapter(model).prunable_weights().items(), find_adapter(reloaded).prunable_weights().values()):
+    for (name, a), b in zip(
+        find_adapter(model).prunable_weights().items(), find_adapter(reloaded).prunable_weights().values()
+    ):
         assert torch.equal(a == 0, b == 0), name
 
 
@@ -72,8 +76,14 @@ def test_existing_output_folder_is_refused_and_untouched(tiny_dir, texts, tmp_pa
     with pytest.raises(PrunelabError, match="output folder already exists"):
         job(tiny_dir, texts, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    job(tiny_dir, texts, out, overwrite=True, eval="none")
-    assert (out / "prunelab.json").exists() and not (out / "keep.txt").exists()
+    with pytest.raises(PrunelabError, match="not a prunelab output folder"):  # --overwrite replaces only our runs
+        job(tiny_dir, texts, out, overwrite=True, eval="none")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    run = tmp_path / "run"
+    job(tiny_dir, texts, run, eval="none")
+    (run / "extra.txt").write_text("old")
+    job(tiny_dir, texts, run, overwrite=True, eval="none")
+    assert (run / "prunelab.json").exists() and not (run / "extra.txt").exists()
 
 
 def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, monkeypatch):
@@ -88,21 +98,37 @@ def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, m
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))] == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sparsity", "1.0"], "sparsity must be in [0, 1), got 1.0"),
-    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
-    (["--pattern", "4:2"], "pattern N:M needs 0 < N < M"),
-    (["--pattern", "2-4"], "pattern must look like N:M"),
-    (["--method", "random"], "unknown method 'random'"),
-    (["--model", "/no/such/model"], "not a model folder (no config.json): /no/such/model"),
-    (["--model", "/no/such/model.gguf"], "model file not found"),
-    (["--calib", "missing.txt"], "unknown text source"),
-    (["--samples", "0"], "samples must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1), got 1.0"),
+        (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+        (["--pattern", "4:2"], "pattern N:M needs 0 < N < M"),
+        (["--pattern", "2-4"], "pattern must look like N:M"),
+        (["--method", "random"], "method must be one of magnitude, wanda, sparsegpt, layers, flap, got 'random'"),
+        (["--model", "/no/such/model"], "not a model folder (no config.json): /no/such/model"),
+        (["--model", "/no/such/model.gguf"], "model file not found"),
+        (["--calib", "missing.txt"], "unknown text source"),
+        (["--samples", "0"], "samples must be a positive integer"),
+    ],
+)
 def test_cli_bad_input_gives_one_line_error(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts
-    base = ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "4",
-            "--seqlen", "16", "--out", str(tmp_path / "o")]
+    base = [
+        "run",
+        "--model",
+        str(tiny_dir),
+        "--calib",
+        str(calib),
+        "--eval",
+        str(evaluation),
+        "--samples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     result = runner.invoke(app, base + args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
@@ -115,18 +141,43 @@ def test_cli_too_short_calibration_and_empty_text(tiny_dir, texts, tmp_path):
     short.write_text("a few words only")
     empty.write_text("")
     for calib, message in [(short, "calibration text too short"), (empty, "is empty")]:
-        result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(texts[1]),
-                                     "--seqlen", "64", "--out", str(tmp_path / "o")])
+        result = runner.invoke(
+            app,
+            [
+                "run",
+                "--model",
+                str(tiny_dir),
+                "--calib",
+                str(calib),
+                "--eval",
+                str(texts[1]),
+                "--seqlen",
+                "64",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+        )
         assert result.exit_code == 2 and message in result.output
         assert not (tmp_path / "o").exists()
 
 
 def test_config_file_yaml_and_toml_with_cli_override(tiny_dir, texts, tmp_path):
     calib, evaluation = texts
-    settings = dict(model=str(tiny_dir), calib=str(calib), eval="none", samples=4, seqlen=16, method="magnitude",
-                    sparsity=0.3, sparsegpt={"damp": 0.05})
+    settings = dict(
+        model=str(tiny_dir),
+        calib=str(calib),
+        eval="none",
+        samples=4,
+        seqlen=16,
+        method="magnitude",
+        sparsity=0.3,
+        sparsegpt={"damp": 0.05},
+    )
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
-    toml = "\n".join(f'{k} = {json.dumps(v)}' for k, v in settings.items() if k != "sparsegpt") + "\n[sparsegpt]\ndamp = 0.05\n"
+    toml = (
+        "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items() if k != "sparsegpt")
+        + "\n[sparsegpt]\ndamp = 0.05\n"
+    )
     (tmp_path / "run.toml").write_text(toml)
     for name in ("run.yaml", "run.toml"):
         out = tmp_path / f"out-{name}"
@@ -145,17 +196,30 @@ def test_config_file_with_unknown_key_is_rejected(tmp_path):
 
 
 def test_eval_command_reports_perplexity_and_sparsity(tiny_dir, texts):
-    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--eval", str(texts[1]), "--eval-seqlen", "32",
-                                 "--eval-windows", "3", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--eval",
+            str(texts[1]),
+            "--eval-seqlen",
+            "32",
+            "--eval-windows",
+            "3",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    payload = json.loads(result.stdout[result.stdout.index("{") :])
     assert payload["windows"] == 3 and payload["perplexity"] > 1 and payload["sparsity"] < 0.01
 
 
 def test_report_records_every_stage_with_time_and_memory(tiny_dir, texts, tmp_path):
     job(tiny_dir, texts, tmp_path / "o", method="wanda")
     saved = json.loads((tmp_path / "o" / "prunelab.json").read_text())
-    assert list(saved["stages"]) == ["load", "data", "eval_dense", "prune+reconstruct", "eval", "save"]
+    assert list(saved["stages"]) == ["data", "load", "windows", "eval_dense", "prune+reconstruct", "eval", "save"]
     for entry in saved["stages"].values():
         assert entry["seconds"] >= 0 and entry["peak_rss_gb"] > 0.1
     assert saved["versions"]["torch"] != "not installed" and "GLIBC_TUNABLES" in saved["versions"]
@@ -165,15 +229,51 @@ def test_reconstruction_flags_and_config_section_reach_the_run(tiny_dir, texts, 
     calib, _ = texts
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"reconstruct": {"granularity": "block", "loss": "cosine"}}))
     out = tmp_path / "o"
-    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--model", str(tiny_dir),
-                                 "--calib", str(calib), "--eval", "none", "--samples", "6", "--seqlen", "16",
-                                 "--heldout", "2", "--lr", "0.002", "--batch-size", "3", "--epochs", "2",
-                                 "--propagation", "mixed", "--freeze-norms", "--forward-batch", "4", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            "none",
+            "--samples",
+            "6",
+            "--seqlen",
+            "16",
+            "--heldout",
+            "2",
+            "--lr",
+            "0.002",
+            "--batch-size",
+            "3",
+            "--epochs",
+            "2",
+            "--propagation",
+            "mixed",
+            "--freeze-norms",
+            "--forward-batch",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "prunelab.json").read_text())
     rc = saved["config"]["reconstruct"]
-    assert (rc["granularity"], rc["loss"], rc["lr"], rc["batch_size"], rc["epochs"], rc["propagation"], rc["freeze_norms"]) \
-        == ("block", "cosine", 0.002, 3, 2, "mixed", True)
-    assert saved["config"]["batch_size"] == 4
+    assert (
+        rc["granularity"],
+        rc["loss"],
+        rc["lr"],
+        rc["batch_size"],
+        rc["epochs"],
+        rc["propagation"],
+        rc["freeze_norms"],
+    ) == ("block", "cosine", 0.002, 3, 2, "mixed", True)
+    assert saved["config"]["forward_batch"] == 4
     assert [r["steps"] for r in saved["reconstruction"]["submodels"]] == [4, 4]  # 2 blocks; 2 epochs × ceil(6 / 3)
     assert (out / "reconstruction_loss.png").exists()

@@ -1,11 +1,11 @@
 import pytest
 import torch
+from tiny import FAMILIES, random_ids, tiny_model
 
 import prunelab
-from prunelab.calibration import capture_block_inputs, propagate
+from prunelab.activations import capture_block_inputs, propagate
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
-from tiny import FAMILIES, random_ids, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,7 +40,15 @@ def test_halves_partition_the_prunable_linears(family):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
     model = tiny_model(family)
-    result = prunelab.prune(model, calibration=random_ids(8, 32), method=method, sparsity=0.5, batch_size=4, reconstruct="none", progress=False)
+    result = prunelab.prune(
+        model,
+        calibration=random_ids(8, 32),
+        method=method,
+        sparsity=0.5,
+        forward_batch=4,
+        reconstruct="none",
+        progress=False,
+    )
     for name, entry in result["sparsity"]["layers"].items():
         assert entry["sparsity"] == pytest.approx(0.5, abs=1e-9), name
     if method != "magnitude":
@@ -52,7 +60,9 @@ def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_two_four_pattern_holds_in_every_row_group(method):
     model = tiny_model("qwen2_moe")
-    prunelab.prune(model, calibration=random_ids(8, 32), method=method, pattern="2:4", reconstruct="none", progress=False)
+    prunelab.prune(
+        model, calibration=random_ids(8, 32), method=method, pattern="2:4", reconstruct="none", progress=False
+    )
     for name, w in find_adapter(model).prunable_weights().items():
         groups = (w != 0).reshape(*w.shape[:-1], w.shape[-1] // 4, 4).sum(-1)
         assert (groups <= 2).all(), name
@@ -86,13 +96,17 @@ def test_pad_tokens_are_excluded_from_statistics():
     ids = random_ids(4, 16)
     mask = torch.ones_like(ids)
     mask[:, :6] = 0  # left padding
-    result = prunelab.prune(model, calibration=ids, attention_mask=mask, method="wanda", reconstruct="none", progress=False)
+    result = prunelab.prune(
+        model, calibration=ids, attention_mask=mask, method="wanda", reconstruct="none", progress=False
+    )
     assert {r["tokens"] for r in result["layers"]} == {4 * 10}
 
 
 def test_bfloat16_forward_passes_keep_float32_weights_and_exact_sparsity():
     model = tiny_model("llama")
-    result = prunelab.prune(model, calibration=random_ids(), method="sparsegpt", dtype="bfloat16", reconstruct="none", progress=False)
+    result = prunelab.prune(
+        model, calibration=random_ids(), method="sparsegpt", dtype="bfloat16", reconstruct="none", progress=False
+    )
     assert next(model.parameters()).dtype == torch.float32
     assert result["sparsity"]["sparsity"] == pytest.approx(0.5)
 
@@ -109,7 +123,9 @@ def test_pattern_that_does_not_divide_a_layer_fails_before_touching_weights():
     model = tiny_model("llama")  # hidden 64, intermediate 128: 7 divides neither
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrunelabError, match=r"3:7 does not divide layer 0\.self_attn\.q_proj: 64 inputs"):
-        prunelab.prune(model, calibration=random_ids(), method="wanda", pattern="3:7", reconstruct="none", progress=False)
+        prunelab.prune(
+            model, calibration=random_ids(), method="wanda", pattern="3:7", reconstruct="none", progress=False
+        )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

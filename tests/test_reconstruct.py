@@ -6,23 +6,23 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILIES, random_ids, tiny_model
 from torch import nn
 
 import prunelab
-from prunelab.calibration import capture_block_inputs
+from prunelab.activations import capture_block_inputs, run_halves
+from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
-from prunelab.reconstruct import Trainable, fit, schedule, submodels, token_loss
-from prunelab.reconstruct.sequential import prune_and_reconstruct, run_halves
-from prunelab.config import RunConfig
-from tiny import FAMILIES, random_ids, tiny_model
+from prunelab.recover import Trainable, fit, schedule, submodels, token_loss
+from prunelab.recover.reconstruct import prune_and_reconstruct
 
 TRAIN, HELD = random_ids(12, 16, seed=1), random_ids(4, 16, seed=2)
 
 
 def reconstruct(model, observer=None, **options):
     recon = {"lr": 5e-4, "epochs": 2, "heldout": 4, **options.pop("reconstruct", {})}
-    config = RunConfig(method=options.pop("method", "wanda"), batch_size=4, reconstruct=recon, **options)
+    config = RunConfig(method=options.pop("method", "wanda"), forward_batch=4, reconstruct=recon, **options)
     return prune_and_reconstruct(model, find_adapter(model), TRAIN, HELD, config, progress=False, observer=observer)
 
 
@@ -72,7 +72,7 @@ def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
 def test_saved_model_has_exactly_the_mask_pruning_chose(tiny_dir, texts, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from prunelab.pipeline import HalfPruner
+    from prunelab.prune.sequential import HalfPruner
 
     chosen = {}
     real = HalfPruner.prune_group
@@ -97,9 +97,11 @@ def test_saved_model_has_exactly_the_mask_pruning_chose(tiny_dir, texts, tmp_pat
     assert "## Reconstruction" in (out / "REPORT.md").read_text()
 
 
-@pytest.mark.parametrize("granularity, count", [("attn-mlp", 4), ("block", 2), ("blocks:2", 1), ("blocks:4", 1), ("model", 1)])
+@pytest.mark.parametrize(
+    "granularity, count", [("attn-mlp", 4), ("block", 2), ("blocks:2", 1), ("blocks:4", 1), ("model", 1)]
+)
 def test_granularities_cover_every_half_once_and_train_every_parameter_once(granularity, count):
-    plan = submodels(2, granularity)
+    plan = submodels(2, RunConfig(reconstruct=granularity))
     assert len(plan) == count and [u for units in plan for u in units] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     model = tiny_model("llama")
     adapter = find_adapter(model)
@@ -125,9 +127,15 @@ def test_matrix_granularity_trains_each_linear_alone_once():
     model = tiny_model("llama")
     _, report = reconstruct(model, reconstruct={"granularity": "matrix"})
     layers = [(r["blocks"][0], m["layer"]) for r in report["submodels"] for m in r["matrices"]]
-    expected = [(i, f"{part}.{n}") for i in range(2) for part, names in
-                (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-                for n in names]
+    expected = [
+        (i, f"{part}.{n}")
+        for i in range(2)
+        for part, names in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        )
+        for n in names
+    ]
     assert sorted(layers) == sorted(expected) and len(layers) == len(set(layers))
     for r in report["submodels"]:
         assert all(m["loss_train_after"] < m["loss_train_before"] for m in r["matrices"])
@@ -145,7 +153,7 @@ def dense_boundaries(model):
     out = [stream.hidden.clone()]
     for i, block in enumerate(adapter.blocks):
         for half in adapter.halves(block):
-            out.append(run_halves([half], [(i, 0)], stream.with_hidden(out[-1]), torch.empty_like(out[-1])))
+            out.append(run_halves([half], [i], stream.with_hidden(out[-1]), torch.empty_like(out[-1]), "half"))
     return out
 
 
@@ -156,13 +164,18 @@ def test_propagation_modes_feed_what_the_spec_says(mode):
     reference = dense_boundaries(dense_model)
     dense_adapter = find_adapter(dense_model)
     seen = []
-    reconstruct(model, observer=lambda e: seen.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()}),
-                reconstruct={"propagation": mode})
+    reconstruct(
+        model,
+        observer=lambda e: seen.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()}),
+        reconstruct={"propagation": mode},
+    )
     for k, event in enumerate(seen):
-        (i, part), = event["units"]
+        ((i, part),) = event["units"]
         dense_half = dense_adapter.halves(dense_adapter.blocks[i])[part]
         stream = capture_block_inputs(dense_model, dense_adapter.blocks, TRAIN, None, 4, torch.float32)
-        dense_of_input = run_halves([dense_half], [(i, 0)], stream.with_hidden(event["inputs"]), torch.empty_like(event["inputs"]))
+        dense_of_input = run_halves(
+            [dense_half], [i], stream.with_hidden(event["inputs"]), torch.empty_like(event["inputs"]), "dense half"
+        )
         if mode == "dense":
             torch.testing.assert_close(event["inputs"], reference[k])
             torch.testing.assert_close(event["targets"], reference[k + 1])
@@ -248,15 +261,18 @@ def test_exploding_learning_rate_gives_a_clear_error():
         reconstruct(tiny_model("llama"), reconstruct={"lr": 1e12})
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"granularity": "blocks:0"}, "reconstruct granularity must be one of"),
-    ({"granularity": "layers"}, "reconstruct granularity must be one of"),
-    ({"propagation": "both"}, "propagation must be one of"),
-    ({"loss": "l1"}, "loss must be one of"),
-    ({"lr": "fast"}, "lr must be a positive number or 'auto'"),
-    ({"lr": -1.0}, "learning rates must be positive"),
-    ({"epochs": 0}, "reconstruct.epochs must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"granularity": "blocks:0"}, "reconstruct.granularity must be one of"),
+        ({"granularity": "layers"}, "reconstruct.granularity must be one of"),
+        ({"propagation": "both"}, "propagation must be one of"),
+        ({"loss": "l1"}, "loss must be one of"),
+        ({"lr": "fast"}, "lr must be a positive number or 'auto'"),
+        ({"lr": -1.0}, "learning rates must be positive"),
+        ({"epochs": 0}, "reconstruct.epochs must be a positive integer"),
+    ],
+)
 def test_bad_reconstruction_options_are_refused(options, message):
     with pytest.raises(PrunelabError, match=message):
         RunConfig(reconstruct=options)
@@ -270,8 +286,9 @@ def test_reconstruction_refuses_low_precision_activations():
 
 def test_api_splits_heldout_windows_off_a_given_tensor():
     model = tiny_model("llama")
-    result = prunelab.prune(model, calibration=random_ids(10, 16), batch_size=4, reconstruct={"heldout": 3, "lr": 1e-3},
-                            progress=False)
+    result = prunelab.prune(
+        model, calibration=random_ids(10, 16), forward_batch=4, reconstruct={"heldout": 3, "lr": 1e-3}, progress=False
+    )
     assert result["reconstruction"]["submodels"][0]["loss_heldout_before"] > 0
     with pytest.raises(PrunelabError, match="leave none for training"):
         prunelab.prune(tiny_model("llama"), calibration=random_ids(3, 16), reconstruct={"heldout": 3}, progress=False)

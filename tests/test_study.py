@@ -28,7 +28,7 @@ def test_grid_expands_every_combination_plus_single_runs(tmp_path):
 
 def test_bad_grid_is_refused_before_any_run(tmp_path):
     grid = write_grid(tmp_path / "g.yaml", {"grid": {"reconstruct.granularity": ["attn-mlp", "rows"]}})
-    with pytest.raises(PrunelabError, match="reconstruct granularity must be one of"):
+    with pytest.raises(PrunelabError, match="reconstruct.granularity must be one of"):
         plan(grid)
     with pytest.raises(PrunelabError, match="unknown study key"):
         plan(write_grid(tmp_path / "h.yaml", {"grids": {}}))
@@ -52,7 +52,9 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
     assert summary[1]["perplexity"] == again[1]["perplexity"] and "report" not in summary[1] and "report" in again[1]
     assert again[1]["forward_pass_seconds"] > 0 and again[0]["forward_pass_seconds"] is None
     saved = out / "runs" / "granularity-attn-mlp.json"  # a run saved before the field existed gets it from its report
-    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "forward_pass_seconds"}))
+    saved.write_text(
+        json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "forward_pass_seconds"})
+    )
     assert run_study(grid, out, progress=False, run_missing=False)[1]["forward_pass_seconds"] > 0
     assert "in dense forward passes" in (out / "STUDY.md").read_text()
     (out / "runs" / "granularity-none.json").unlink()
@@ -66,10 +68,21 @@ def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, tex
 
 
 def test_a_failed_run_stops_the_study_with_the_table_of_the_runs_before_it(tmp_path, tiny_dir, texts):
-    base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": str(texts[1]), "samples": 6, "seqlen": 16,
-            "eval_windows": 2, "eval_seqlen": 16, "threads": 1, "reconstruct": {"granularity": "none"}}
-    grid = write_grid(tmp_path / "g.yaml", {"base": base, "runs": [{"method": "magnitude"},
-                                                                    {"model": str(tmp_path / "no-such-model")}]})
+    base = {
+        "model": str(tiny_dir),
+        "calib": str(texts[0]),
+        "eval": str(texts[1]),
+        "samples": 6,
+        "seqlen": 16,
+        "eval_windows": 2,
+        "eval_seqlen": 16,
+        "threads": 1,
+        "reconstruct": {"granularity": "none"},
+    }
+    grid = write_grid(
+        tmp_path / "g.yaml",
+        {"base": base, "runs": [{"method": "magnitude"}, {"model": str(tmp_path / "no-such-model")}]},
+    )
     out = tmp_path / "study"
     with pytest.raises(PrunelabError, match="study run model-.* failed"):
         run_study(grid, out, progress=False)
@@ -88,18 +101,34 @@ def test_a_failed_first_run_does_not_point_at_a_table_that_is_not_there(tmp_path
 
 
 def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
-    row = lambda g, prop, loss: {"granularity": g, "propagation": prop, "loss": loss}
-    results = [row("none", "–", "–"), row("attn-mlp", "mixed", "mse"), row("block", "mixed", "mse"),
-               row("attn-mlp", "dense", "mse"), row("attn-mlp", "mixed", "cosine")]
+    def row(g, prop, loss):
+        return {"granularity": g, "propagation": prop, "loss": loss}
+    results = [
+        row("none", "–", "–"),
+        row("attn-mlp", "mixed", "mse"),
+        row("block", "mixed", "mse"),
+        row("attn-mlp", "dense", "mse"),
+        row("attn-mlp", "mixed", "cosine"),
+    ]
     assert plotted_rows(results) == results[:3]
 
 
 def test_a_grid_at_one_granularity_is_plotted_as_one_bar_per_run(tmp_path):
     from prunelab.study import write_table
 
-    row = lambda prop, loss, ppl: {"method": "wanda", "pattern": "50%", "granularity": "attn-mlp", "propagation": prop,
-                                   "loss": loss, "lr": 3e-3, "perplexity": ppl, "dense_perplexity": None,
-                                   "seconds": 60.0, "peak_rss_gb": 1.0}
+    def row(prop, loss, ppl):
+        return {
+            "method": "wanda",
+            "pattern": "50%",
+            "granularity": "attn-mlp",
+            "propagation": prop,
+            "loss": loss,
+            "lr": 3e-3,
+            "perplexity": ppl,
+            "dense_perplexity": None,
+            "seconds": 60.0,
+            "peak_rss_gb": 1.0,
+        }
     results = [dict(row("dense", "mse", 31.4), dense_perplexity=19.25), row("mixed", "cosine", 30.4)]
     write_table(results, tmp_path)
     assert (tmp_path / "study.png").stat().st_size > 0
@@ -109,11 +138,25 @@ def test_a_grid_at_one_granularity_is_plotted_as_one_bar_per_run(tmp_path):
 def test_a_grid_over_criteria_and_granularities_gets_the_papers_table(tmp_path):
     from prunelab.study import write_table
 
-    row = lambda method, g, ppl: {"method": method, "pattern": "50%", "granularity": g, "lr": None if g == "none" else 3e-3,
-                                  "propagation": "–" if g == "none" else "sparse", "loss": "–" if g == "none" else "mse",
-                                  "perplexity": ppl, "dense_perplexity": None, "seconds": 60.0, "peak_rss_gb": 1.5}
-    results = [row("wanda", "none", 41.18), row("magnitude", "none", 294.64), row("wanda", "attn-mlp", 31.67),
-               dict(row("wanda", "block", 31.47), propagation="mixed")]  # an extra run, not in the grid's table
+    def row(method, g, ppl):
+        return {
+            "method": method,
+            "pattern": "50%",
+            "granularity": g,
+            "lr": None if g == "none" else 3e-3,
+            "propagation": "–" if g == "none" else "sparse",
+            "loss": "–" if g == "none" else "mse",
+            "perplexity": ppl,
+            "dense_perplexity": None,
+            "seconds": 60.0,
+            "peak_rss_gb": 1.5,
+        }
+    results = [
+        row("wanda", "none", 41.18),
+        row("magnitude", "none", 294.64),
+        row("wanda", "attn-mlp", 31.67),
+        dict(row("wanda", "block", 31.47), propagation="mixed"),
+    ]  # an extra run, not in the grid's table
     write_table(results, tmp_path)
     table = (tmp_path / "STUDY.md").read_text()
     assert "| pattern | criterion | prune only | attn-mlp |\n" in table
@@ -129,10 +172,20 @@ def test_a_grid_over_criteria_and_granularities_gets_the_papers_table(tmp_path):
 def test_the_papers_table_also_gives_time_in_dense_forward_passes(tmp_path):
     from prunelab.study import write_table
 
-    row = lambda g, seconds, forward: {"method": "wanda", "pattern": "50%", "granularity": g, "lr": None if g == "none" else 3e-3,
-                                       "propagation": "–" if g == "none" else "sparse", "loss": "–" if g == "none" else "mse",
-                                       "perplexity": 31.0, "dense_perplexity": None, "seconds": seconds, "peak_rss_gb": 1.5,
-                                       "forward_pass_seconds": forward}
+    def row(g, seconds, forward):
+        return {
+            "method": "wanda",
+            "pattern": "50%",
+            "granularity": g,
+            "lr": None if g == "none" else 3e-3,
+            "propagation": "–" if g == "none" else "sparse",
+            "loss": "–" if g == "none" else "mse",
+            "perplexity": 31.0,
+            "dense_perplexity": None,
+            "seconds": seconds,
+            "peak_rss_gb": 1.5,
+            "forward_pass_seconds": forward,
+        }
     # the block run's machine was twice as slow: 2000 s there is 8 passes, less than attn-mlp's 9
     write_table([row("none", 176.0, None), row("attn-mlp", 1080.0, 120.0), row("block", 2000.0, 250.0)], tmp_path)
     table = (tmp_path / "STUDY.md").read_text()

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -13,8 +14,8 @@ from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 from prunelab.models.loading import load_model
-from prunelab.structured.width import collect, export_masked, flap_layers, prune_width, score, write_structure
-from tiny import random_ids, tiny_model
+from prunelab.models.narrow import export_masked, write_structure
+from prunelab.structured.width import collect, flap_layers, prune_width, score
 
 runner = CliRunner()
 
@@ -169,22 +170,49 @@ def test_flap_job_saves_a_smaller_model_with_its_structure(tiny_dir, texts, tmp_
     assert "## Width removal (FLAP)" in (out / "REPORT.md").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratio", "0"], "width.ratio must be in (0, 1)"),
-    (["--ratio", "1"], "width.ratio must be in (0, 1)"),
-    (["--ratio", "0.2", "--structure", "random"], "width.structure must be one of adaptive, uniform"),
-    (["--ratio", "0.2", "--reconstruct", "blocks:2"], "reconstruction trains halves or blocks (attn-mlp | block), not blocks:2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "0"], "width.ratio must be in (0, 1)"),
+        (["--ratio", "1"], "width.ratio must be in (0, 1)"),
+        (["--ratio", "0.2", "--structure", "random"], "width.structure must be one of adaptive, uniform"),
+        (
+            ["--ratio", "0.2", "--reconstruct", "blocks:2"],
+            "reconstruction trains halves or blocks (attn-mlp | block), not blocks:2",
+        ),
+    ],
+)
 def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts
-    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
-                                 "--samples", "4", "--seqlen", "16", "--method", "flap", "--out", str(tmp_path / "o")] + args)
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            str(calib),
+            "--eval",
+            str(evaluation),
+            "--samples",
+            "4",
+            "--seqlen",
+            "16",
+            "--method",
+            "flap",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+        + args,
+    )
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family")])
+@pytest.mark.parametrize(
+    "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family")]
+)
 def test_flap_refuses_layouts_it_does_not_know(family, message):
     model = tiny_model(family, layers=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}

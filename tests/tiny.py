@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 VOCAB = 256
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 
 CONFIGS = {
     "llama": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True)),
@@ -18,7 +18,7 @@ CONFIGS = {
     "gemma3": ("Gemma3TextConfig", dict(_COMMON, head_dim=16, sliding_window=8,
                                          layer_types=["sliding_attention", "full_attention"])),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)),
+                              num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                          num_experts=4, num_experts_per_tok=2)),
     "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),

@@ -9,23 +9,51 @@ import torch
 
 from .config import RunConfig
 from .data.sources import load_text
-from .data.windows import calibration_windows
+from .data.windows import calibration_windows, check_token_ids
 from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
+from .job import run_job
 from .models.adapters import find_adapter
-from .pipeline import prune_model
-from .reconstruct import prune_and_reconstruct
-from .reconstruct.structured import reconstruct_structured
+from .prune.sequential import prune_model
+from .recover import prune_and_reconstruct, reconstruct_structured
 from .structured import prune_structured
 
 
 def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunConfig:
     if isinstance(config, RunConfig):
         values = config.to_dict()
-    else:
+    elif config is None or isinstance(config, dict):
         values = dict(config or {})
+    else:
+        raise PrunelabError(f"config must be a RunConfig or a dict, got {type(config).__name__}")
     values.update(overrides)
     return RunConfig.from_dict(values)
+
+
+def _calibration(model, tokenizer, cfg: RunConfig, calibration, attention_mask, heldout):
+    """(training ids, their attention mask, held-out ids) from given ids or from a text source."""
+    if not cfg.needs_calibration:
+        return None, None, None
+    if calibration is None or isinstance(calibration, str):
+        if tokenizer is None:
+            raise PrunelabError("a tokenizer is needed to draw calibration windows from text")
+        text = load_text(calibration or cfg.calib, role="calib")
+        held = cfg.reconstruct.heldout if cfg.reconstruct.enabled else 0
+        ids, _, drawn = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed, held)
+        return ids, None, drawn if heldout is None else heldout
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    check_token_ids(calibration, vocab, "calibration", attention_mask)
+    ids = calibration
+    if cfg.reconstruct.enabled and heldout is None:
+        keep = ids.shape[0] - cfg.reconstruct.heldout
+        if keep < 1:
+            raise PrunelabError(f"{ids.shape[0]} calibration windows leave none for training beside "
+                                f"reconstruct.heldout={cfg.reconstruct.heldout} held-out ones")
+        ids, heldout = ids[:keep], ids[keep:]
+        attention_mask = None if attention_mask is None else attention_mask[:keep]
+    if heldout is not None:
+        check_token_ids(heldout, vocab, "heldout")
+    return ids, attention_mask, heldout
 
 
 def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibration: torch.Tensor | str | None = None,
@@ -36,33 +64,16 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     channels (`width={"ratio": 0.2}`).
 
     Returns {"layers": per-layer pruning records, "sparsity": measured sparsity, "reconstruction":
-    per-submodel report or None} (layer removal: {"structure": what was removed and folded}). `calibration` is a [samples, seqlen] tensor of token ids (with an
-    optional `attention_mask` marking pad tokens as 0), or the name of a text source (default:
-    `config.calib`), in which case windows are drawn with `tokenizer`. Reconstruction chooses its
-    learning rate and reports its losses on held-out windows: `heldout` ids, drawn from the text
-    alongside the training windows, or else the last `reconstruct.heldout` rows of a given tensor.
+    per-submodel report or None} (layer removal: {"structure": what was removed and folded}).
+    `calibration` is a [samples, seqlen] tensor of token ids (with an optional `attention_mask`
+    marking pad tokens as 0), or the name of a text source (default: `config.calib`), in which case
+    windows are drawn with `tokenizer`. Reconstruction chooses its learning rate and reports its
+    losses on held-out windows: `heldout` ids, drawn from the text alongside the training windows, or
+    else the last `reconstruct.heldout` rows of a given tensor.
     """
     cfg = as_config(config, **overrides)
     adapter = find_adapter(model)
-    ids = None
-    if cfg.needs_calibration:
-        if isinstance(calibration, torch.Tensor):
-            ids = calibration
-            if cfg.reconstruct.enabled and heldout is None:
-                keep = ids.shape[0] - cfg.reconstruct.heldout
-                if keep < 1:
-                    raise PrunelabError(f"{ids.shape[0]} calibration windows leave none for training beside "
-                                        f"reconstruct.heldout={cfg.reconstruct.heldout} held-out ones")
-                ids, heldout = ids[:keep], ids[keep:]
-                if attention_mask is not None:
-                    attention_mask = attention_mask[:keep]
-        else:
-            if tokenizer is None:
-                raise PrunelabError("a tokenizer is needed to draw calibration windows from text")
-            text = load_text(calibration or cfg.calib, role="calib")
-            ids, _, drawn = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed,
-                                                cfg.reconstruct.heldout if cfg.reconstruct.enabled else 0)
-            heldout = drawn if heldout is None else heldout
+    ids, attention_mask, heldout = _calibration(model, tokenizer, cfg, calibration, attention_mask, heldout)
     if cfg.structured:
         dense = copy.deepcopy(model) if cfg.reconstruct.enabled else None
         structure = prune_structured(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
@@ -82,6 +93,4 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:
     """Run a whole job (load, prune, evaluate, save) as `prunelab run` does; returns its report."""
-    from .job import run as run_job
-
     return run_job(as_config(config, **overrides), progress=progress)

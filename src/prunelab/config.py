@@ -1,222 +1,287 @@
-"""The typed run configuration: the one source of defaults, dumped into every report."""
+"""The typed run configuration: the one source of options, defaults, help texts and checks.
+
+Every field is an option of `prunelab run` (the CLI is generated from these dataclasses: the flag is
+the field's name, or its `flag` metadata), a key of a YAML/TOML config file (nested sections for
+`sparsegpt`, `reconstruct`, `depth`, `width`) and a keyword of the Python API. Values are checked
+for their type as given: `overwrite: "false"` is a string, not false, and is refused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import PrunelabError
+from .prune import CRITERIA
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "layers", "flap")
+STRUCTURED_METHODS = ("layers", "flap")
+METHODS = (*CRITERIA, *STRUCTURED_METHODS)
 STRUCTURES = ("adaptive", "uniform")
 DEPTH_METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 DTYPES = ("float32", "bfloat16", "float16")
-GRANULARITIES = ("none", "matrix", "attn-mlp", "block", "blocks:K", "model")
+# granularity -> half-blocks per submodel (None: every half of the model; blocks:K is 2K)
+GRANULARITIES = {"none": 0, "matrix": 1, "attn-mlp": 1, "block": 2, "blocks:K": None, "model": None}
 PROPAGATIONS = ("dense", "sparse", "mixed")
 LOSSES = ("mse", "nmse", "cosine")
 OFFLOAD = ("auto", "on", "off")
+SCOPES = ("adjacent", "all")
+RENAMED = {"batch_size": "forward_batch"}  # top-level keys of earlier versions
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None):
+    """A config field with its command-line help (and flag, when it differs from the field name)."""
+    metadata = {"help": help, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def one_of(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise PrunelabError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def positive(owner: Any, *names: str, prefix: str = "", minimum: int = 1) -> None:
+    for name in names:
+        if getattr(owner, name) < minimum:
+            what = "a positive integer" if minimum == 1 else f">= {minimum}"
+            raise PrunelabError(f"{prefix}{name} must be {what}, got {getattr(owner, name)}")
+
+
+class Checked:
+    """Dataclass base: every field's value is checked against its annotation, then `validate()` runs."""
+
+    section: ClassVar[str] = ""  # the key of this section in a config file ("" at the top level)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_type(getattr(self, f.name), hints[f.name], self.key(f.name)))
+        self.resolve()
+        self.validate()
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        return f"{cls.section}.{name}" if cls.section else name
+
+    def resolve(self) -> None:
+        """Fill in defaults that depend on other fields."""
+
+    def validate(self) -> None:
+        """Ranges and choices; types are already checked."""
 
 
 @dataclass
-class SparseGPTConfig:
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    blocksize: int = 128  # columns processed together in the OBS sweep
+class SparseGPTConfig(Checked):
+    section: ClassVar[str] = "sparsegpt"
+
+    damp: float = option(0.01, "SparseGPT dampening: fraction of mean(diag H) added to the diagonal")
+    blocksize: int = option(128, "SparseGPT: columns processed together in the OBS sweep")
+
+    def validate(self) -> None:
+        if self.damp < 0:
+            raise PrunelabError(f"sparsegpt.damp must be >= 0, got {self.damp}")
+        positive(self, "blocksize", prefix="sparsegpt.")
 
 
 @dataclass
-class ReconstructConfig:
-    """Local reconstruction after pruning (SPEC §3); `granularity: none` turns it off."""
+class ReconstructConfig(Checked):
+    """Local reconstruction after pruning (docs/DESIGN.md); `granularity: none` turns it off."""
 
-    granularity: str = "attn-mlp"  # none | matrix | attn-mlp | block | blocks:K | model
-    # what each submodel's inputs and targets are: dense | sparse | mixed (measured best on SmolLM2:
-    # the dense model's own activations as targets let every submodel correct the error upstream)
-    propagation: str = "mixed"
-    loss: str = "mse"  # mse | nmse (per-token normalised) | cosine
-    lr: float | str = "auto"  # a number, or "auto": chosen from `lr_grid` on held-out calibration windows
-    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-    lr_probe: int = 4  # submodels on which `lr: auto` tries the grid; the winner serves the rest
-    epochs: int = 1
-    batch_size: int = 2  # windows per optimiser step
-    warmup: float = 0.1  # fraction of steps with linear warm-up; then linear decay to 0
-    weight_decay: float = 0.0
-    freeze_norms: bool = False  # train only the linears (and their biases)
-    heldout: int = 16  # extra calibration windows, disjoint from the training ones, for lr choice and reporting
-    offload: str = "auto"  # keep cached activations in memory-mapped files: on | off | auto (when RAM is short)
-    scope: str = "adjacent"  # after layer removal: train the blocks next to each cut | all blocks
+    section: ClassVar[str] = "reconstruct"
+
+    granularity: str | None = option(None, "local reconstruction: attn-mlp | matrix | block | blocks:K | model | none "
+                                           "(default: attn-mlp after zeroing weights, none after layers and flap)",
+                                     flag="reconstruct")
+    # mixed measured best on SmolLM2: the dense model's own activations as targets let every
+    # submodel correct the error that reaches it from upstream
+    propagation: str = option("mixed", "what each submodel reads and is trained to produce: dense | sparse | mixed")
+    loss: str = option("mse", "reconstruction loss: mse | nmse (per-token normalised) | cosine")
+    lr: float | str = option("auto", "reconstruction learning rate, or 'auto' (chosen from --lr-grid on held-out "
+                                     "calibration windows)")
+    lr_grid: tuple[float, ...] = option((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "learning rates 'auto' tries (comma-separated)")
+    lr_probe: int = option(4, "submodels on which 'auto' tries the grid; the winner serves the rest")
+    epochs: int = option(1, "reconstruction epochs over the calibration windows")
+    batch_size: int = option(2, "windows per reconstruction optimiser step")
+    warmup: float = option(0.1, "fraction of steps with linear warm-up (then linear decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay of the reconstruction")
+    freeze_norms: bool = option(False, "train only the linears and their biases")
+    heldout: int = option(16, "extra calibration windows, disjoint from the training ones, for the lr choice and "
+                              "the loss report")
+    offload: str = option("auto", "cached activations in memory-mapped files: auto (when RAM is short) | on | off")
+    scope: str = option("adjacent", "after layer removal: train the blocks next to each cut (adjacent) or all",
+                        flag="reconstruct-scope")
 
     @property
     def enabled(self) -> bool:
         return self.granularity != "none"
 
     @property
-    def blocks_per_submodel(self) -> int | None:
-        """Blocks per submodel for block / blocks:K; None for finer or coarser granularities."""
-        if self.granularity == "block":
-            return 1
+    def halves_per_submodel(self) -> int | None:
+        """Half-blocks per submodel; None for the whole model."""
         if self.granularity.startswith("blocks:"):
-            return int(self.granularity.split(":", 1)[1])
-        return None
+            return 2 * int(self.granularity.split(":", 1)[1])
+        return GRANULARITIES[self.granularity]
 
     def validate(self) -> None:
         g = self.granularity
-        if (g not in GRANULARITIES or g == "blocks:K") and not re.fullmatch(r"blocks:[1-9]\d*", g):
-            raise PrunelabError(f"reconstruct granularity must be one of none, matrix, attn-mlp, block, blocks:K "
+        if g is not None and (g not in GRANULARITIES or g == "blocks:K") and not re.fullmatch(r"blocks:[1-9]\d*", g):
+            raise PrunelabError("reconstruct.granularity must be one of none, matrix, attn-mlp, block, blocks:K "
                                 f"(K a positive integer) or model; got {g!r}")
-        if self.propagation not in PROPAGATIONS:
-            raise PrunelabError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {self.propagation!r}")
-        if self.loss not in LOSSES:
-            raise PrunelabError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.scope not in ("adjacent", "all"):
-            raise PrunelabError(f"reconstruct.scope must be adjacent or all, got {self.scope!r}")
-        if self.offload not in OFFLOAD:
-            raise PrunelabError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
-        if isinstance(self.lr, str):
-            if self.lr != "auto":
-                try:
-                    self.lr = float(self.lr)
-                except ValueError:
-                    raise PrunelabError(f"lr must be a positive number or 'auto', got {self.lr!r}") from None
-        self.lr_grid = tuple(float(v) for v in self.lr_grid)
+        one_of("reconstruct.propagation", self.propagation, PROPAGATIONS)
+        one_of("reconstruct.loss", self.loss, LOSSES)
+        one_of("reconstruct.scope", self.scope, SCOPES)
+        one_of("reconstruct.offload", self.offload, OFFLOAD)
+        if isinstance(self.lr, str) and self.lr != "auto":
+            raise PrunelabError(f"reconstruct.lr must be a positive number or 'auto', got {self.lr!r}")
         if (not isinstance(self.lr, str) and not self.lr > 0) or not self.lr_grid or min(self.lr_grid) <= 0:
-            raise PrunelabError(f"learning rates must be positive (lr {self.lr!r}, lr_grid {list(self.lr_grid)})")
-        for name in ("epochs", "batch_size", "lr_probe", "heldout"):
-            if getattr(self, name) < 1:
-                raise PrunelabError(f"reconstruct.{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1 or self.weight_decay < 0:
-            raise PrunelabError("reconstruct.warmup must be in [0, 1) and reconstruct.weight_decay >= 0")
+            raise PrunelabError(f"learning rates must be positive (reconstruct.lr {self.lr!r}, "
+                                f"reconstruct.lr_grid {list(self.lr_grid)})")
+        positive(self, "epochs", "batch_size", "lr_probe", prefix="reconstruct.")
+        positive(self, "heldout", prefix="reconstruct.", minimum=0)
+        if not 0 <= self.warmup < 1:
+            raise PrunelabError(f"reconstruct.warmup must be in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise PrunelabError(f"reconstruct.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
-class DepthConfig:
-    """Prune&Comp layer removal (SPEC §5), used by `method: layers`."""
+class DepthConfig(Checked):
+    """Prune&Comp layer removal, used by `method: layers`."""
 
-    remove: int = 0  # blocks to remove
-    metric: str = "bi"  # bi | cl | taylor | mag | ppl
-    compensation: bool = True  # fold the residual-magnitude scalar into earlier weights
-    one_shot: bool = False  # score once and remove every block at once (cl always does)
-    protect_first: int = 4  # taylor and mag never remove these first blocks ...
-    protect_last: int = 2  # ... nor these last ones (the reference's "+")
+    section: ClassVar[str] = "depth"
 
-    def validate(self, method: str) -> None:
-        if self.metric not in DEPTH_METRICS:
-            raise PrunelabError(f"unknown depth metric {self.metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
-        if method == "layers" and self.remove < 1:
-            raise PrunelabError(f"method layers needs depth.remove >= 1 (blocks to remove), got {self.remove}")
-        if self.remove < 0 or self.protect_first < 0 or self.protect_last < 0:
-            raise PrunelabError("depth.remove, depth.protect_first and depth.protect_last must be >= 0")
+    remove: int = option(0, "layers: blocks to remove")
+    metric: str = option("bi", "layers: block importance bi | cl | taylor | mag | ppl")
+    compensation: bool = option(True, "layers: fold the residual-magnitude scalar into earlier weights (Prune&Comp)")
+    one_shot: bool = option(False, "layers: score once and remove every block at once (cl always does)")
+    protect_first: int = option(4, "layers: taylor and mag never remove these first blocks ...")
+    protect_last: int = option(2, "layers: ... nor these last ones (the reference's '+')")
+
+    def validate(self) -> None:
+        one_of("depth.metric", self.metric, DEPTH_METRICS)
+        positive(self, "remove", "protect_first", "protect_last", prefix="depth.", minimum=0)
 
 
 @dataclass
-class WidthConfig:
-    """FLAP head and channel removal (SPEC §4), used by `method: flap`."""
+class WidthConfig(Checked):
+    """FLAP head and channel removal, used by `method: flap`."""
 
-    ratio: float = 0.2  # fraction of the attention and MLP parameters to remove
-    structure: str = "adaptive"  # adaptive (global, standardised scores) | uniform (the same fraction per layer)
-    bias_compensation: bool = True  # fold the removed channels' mean output into a bias
+    section: ClassVar[str] = "width"
+
+    ratio: float = option(0.2, "flap: fraction of the attention and MLP parameters to remove")
+    structure: str = option("adaptive", "flap: adaptive (global, standardised scores) | uniform (the same fraction "
+                                        "per layer)")
+    bias_compensation: bool = option(True, "flap: fold the removed channels' mean output into biases")
 
     def validate(self) -> None:
         if not 0 < self.ratio < 1:
             raise PrunelabError(f"width.ratio must be in (0, 1), got {self.ratio}")
-        if self.structure not in STRUCTURES:
-            raise PrunelabError(f"width.structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        one_of("width.structure", self.structure, STRUCTURES)
 
 
 @dataclass
-class RunConfig:
-    model: str = "smollm2"  # hub id, local folder, .gguf file, or "smollm2" (embedded)
-    method: str = "wanda"
-    sparsity: float = 0.5  # unstructured ratio; ignored when `pattern` is set
-    pattern: str | None = None  # "N:M", e.g. "2:4"
-    calib: str = "web"  # see prunelab.data.sources
-    samples: int = 128
-    seqlen: int = 512
-    eval: str = "wiki"  # "none" skips evaluation
-    eval_seqlen: int = 512
-    eval_windows: int = 40  # 0 = every full window of the text
-    eval_dense: bool = True  # also evaluate the model before pruning
-    batch_size: int = 8
-    seed: int = 0
-    dtype: str = "float32"  # dtype of the calibration forward passes when pruning alone (reconstruction: float32)
-    model_dtype: str = "float32"  # dtype the model is loaded, evaluated and saved in
-    device: str = "auto"
-    threads: int | None = None
-    speed: bool = True  # tokens/s of generation before and after structured pruning
-    out: str | None = None
-    overwrite: bool = False
-    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
-    # None = the method's default: attn-mlp after unstructured pruning, none after layer removal
-    reconstruct: ReconstructConfig | dict | str | None = None
-    depth: DepthConfig = field(default_factory=DepthConfig)
-    width: WidthConfig = field(default_factory=WidthConfig)
+class RunConfig(Checked):
+    model: str = option("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (embedded)")
+    method: str = option("wanda", "magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks) | "
+                                  "flap (remove heads, channels)")
+    sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
+    pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
+    calib: str = option("web", "calibration text: web | wiki | new-wiki | wikitext2 | c4 | a .txt/.jsonl/.parquet file")
+    samples: int = option(128, "calibration windows")
+    seqlen: int = option(512, "tokens per calibration window")
+    eval: str = option("wiki", "evaluation text (same sources) or 'none'")
+    eval_seqlen: int = option(512, "tokens per evaluation window")
+    eval_windows: int = option(40, "evaluation windows (0 = every full window of the text)")
+    eval_dense: bool = option(True, "also evaluate the model before pruning")
+    forward_batch: int = option(8, "windows per calibration forward pass")
+    eval_batch: int = option(2, "windows per evaluation forward pass (each window's logits take seqlen × vocab floats)")
+    seed: int = option(0, "seed of the calibration windows and of the reconstruction's window order")
+    dtype: str = option("float32", "dtype of the calibration forward passes when pruning alone (--reconstruct none): "
+                                   "float32 | bfloat16 | float16")
+    model_dtype: str = option("float32", "dtype the model is loaded, evaluated and saved in")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    speed: bool = option(True, "layers, flap: generation tokens/s before and after")
+    out: str | None = option(None, "output folder (default runs/<model>-<method>-<target>-<reconstruction>)")
+    overwrite: bool = option(False, "replace an existing output folder (only one that holds a prunelab run)")
+    sparsegpt: SparseGPTConfig = option(factory=SparseGPTConfig)
+    reconstruct: ReconstructConfig = option(factory=ReconstructConfig)
+    depth: DepthConfig = option(factory=DepthConfig)
+    width: WidthConfig = option(factory=WidthConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsegpt, dict):
-            self.sparsegpt = _build(SparseGPTConfig, self.sparsegpt, "sparsegpt")
-        if isinstance(self.depth, dict):
-            self.depth = _build(DepthConfig, self.depth, "depth")
-        if isinstance(self.width, dict):
-            self.width = _build(WidthConfig, self.width, "width")
         if self.reconstruct is None:
             self.reconstruct = {}
         if isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
             self.reconstruct = {"granularity": self.reconstruct}
-        if isinstance(self.reconstruct, dict):
-            values = dict(self.reconstruct)
-            values.setdefault("granularity", "none" if self.structured else "attn-mlp")
-            self.reconstruct = _build(ReconstructConfig, values, "reconstruct")
-        self.validate()
+        super().__post_init__()
+
+    def resolve(self) -> None:
+        if self.reconstruct.granularity is None:
+            self.reconstruct.granularity = "none" if self.structured else "attn-mlp"
 
     @property
     def structured(self) -> bool:
         """Whether the method removes structure (blocks, heads, channels) rather than zeroing weights."""
-        return self.method in ("layers", "flap")
+        return self.method in STRUCTURED_METHODS
 
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern) if self.pattern else None
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise PrunelabError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        one_of("method", self.method, METHODS)
         if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
             raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
-        for name in ("samples", "seqlen", "eval_seqlen", "batch_size"):
-            if getattr(self, name) < 1:
-                raise PrunelabError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.eval_windows < 0:
-            raise PrunelabError(f"eval_windows must be >= 0, got {self.eval_windows}")
+        positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch")
+        positive(self, "eval_windows", minimum=0)
+        if self.threads is not None:
+            positive(self, "threads")
         for name in ("dtype", "model_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise PrunelabError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
-        if self.sparsegpt.damp < 0 or self.sparsegpt.blocksize < 1:
-            raise PrunelabError("sparsegpt.damp must be >= 0 and sparsegpt.blocksize >= 1")
-        self.reconstruct.validate()
-        self.depth.validate(self.method)
-        if self.method == "flap":
-            self.width.validate()
-        if self.structured and self.reconstruct.enabled and self.reconstruct.granularity not in ("attn-mlp", "block"):
-            raise PrunelabError(f"after {self.method} pruning, reconstruction trains halves or blocks (attn-mlp | block), "
-                                f"not {self.reconstruct.granularity}")
-        if self.reconstruct.enabled and self.dtype != "float32":
-            # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
-            # than the errors being reconstructed, and the attention halves' losses rose in training.
-            raise PrunelabError(f"reconstruction computes in float32 (dtype {self.dtype} activations are too coarse "
-                                "for its targets); use --dtype float32, or --reconstruct none to prune alone")
+            one_of(name, getattr(self, name), DTYPES)
+        for name in ("model", "calib", "eval", "device"):
+            if not getattr(self, name).strip():
+                raise PrunelabError(f"{name} must not be empty")
+        if self.out is not None and not self.out.strip():
+            raise PrunelabError("out must not be empty (leave it out for the default folder)")
+        recon = self.reconstruct
+        if self.method == "layers" and self.depth.remove < 1:
+            raise PrunelabError(f"method layers needs depth.remove >= 1 (blocks to remove), got {self.depth.remove}")
+        if self.structured and recon.granularity not in ("none", "attn-mlp", "block"):
+            raise PrunelabError(
+                f"after {self.method} pruning, reconstruction trains halves or blocks (attn-mlp | block), "
+                f"not {recon.granularity}"
+            )
+        if recon.enabled:
+            if recon.heldout < 1:
+                raise PrunelabError(
+                    "reconstruct.heldout must be >= 1: reconstruction chooses its learning rate and "
+                    "reports its losses on held-out windows (or --reconstruct none)"
+                )
+            if self.dtype != "float32":
+                # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
+                # than the errors being reconstructed, and the attention halves' losses rose in training.
+                raise PrunelabError(
+                    f"reconstruction computes in float32 (dtype {self.dtype} activations are too "
+                    "coarse for its targets); use --dtype float32, or --reconstruct none to prune alone"
+                )
 
     @property
     def needs_calibration(self) -> bool:
-        from .prune import CRITERIA
-
         if self.method == "flap" or self.reconstruct.enabled:
             return True
         if self.structured:
             return self.depth.metric != "mag" or self.depth.compensation
-        return CRITERIA[self.method][0] is not None or self.reconstruct.enabled
+        return CRITERIA[self.method][0] is not None
 
     @property
     def target_label(self) -> str:
@@ -233,13 +298,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        return _build(cls, values, "config")
+        return build(cls, values)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> RunConfig:
         values = load_config_file(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
+
+
+SECTIONS = {cls.section: cls for cls in (SparseGPTConfig, ReconstructConfig, DepthConfig, WidthConfig)}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -252,12 +320,82 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def check_type(value: Any, hint: Any, key: str) -> Any:
+    """`value` if it has the type `hint` says (numbers may widen: 2 for 2.0), else a one-line error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return check_type(value, arg, key)
+            except PrunelabError:
+                continue
+        raise PrunelabError(f"{key} must be {_describe(hint)}, got {value!r}")
+    if isinstance(hint, type) and issubclass(hint, Checked):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return build(hint, value)
+        raise PrunelabError(f"{key} must be a mapping of {hint.section} options, got {value!r}")
+    if origin is tuple:
+        try:
+            if isinstance(value, (list, tuple)):
+                return tuple(check_type(v, args[0], key) for v in value)
+        except PrunelabError:
+            pass
+        raise PrunelabError(f"{key} must be a list of numbers, got {value!r}")
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML reads 1e-3 as a string
+            return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise PrunelabError(
+        f"{key} must be {_describe(hint)}, got {value!r}"
+        + (f" (a {type(value).__name__})" if isinstance(value, str) else "")
+    )
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def build(cls, values: Any):
+    """An instance of the config dataclass `cls` from a mapping, refusing unknown keys."""
+    where = cls.section or "config"
+    if not isinstance(values, dict):
+        raise PrunelabError(f"{where} must be a mapping of option names to values, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [f"{k} is now {RENAMED[k]}" for k in unknown if not cls.section and k in RENAMED]
+        raise PrunelabError(
+            f"unknown {where} key(s): {', '.join(unknown)}"
+            + (f" ({'; '.join(hints)})" if hints else f"; known: {', '.join(sorted(known))}")
+        )
+    return cls(**values)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Option values from a .yaml/.yml/.toml file, or from a run's prunelab.json (its `config`)."""
     path = Path(path)
     if not path.is_file():
         raise PrunelabError(f"config file not found: {path}")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -268,8 +406,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+            if isinstance(values, dict) and isinstance(values.get("config"), dict) and "versions" in values:
+                values = values["config"]  # a run's prunelab.json: redo that run
         else:
-            raise PrunelabError(f"config file must be .yaml, .yml or .toml: {path}")
+            raise PrunelabError(f"config file must be .yaml, .yml, .toml or a run's prunelab.json: {path}")
     except PrunelabError:
         raise
     except Exception as exc:  # the parsers' own exception types differ
@@ -277,14 +419,3 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise PrunelabError(f"config file {path} must hold a mapping of option names to values")
     return values
-
-
-def _build(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PrunelabError(f"unknown {where} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise PrunelabError(f"bad {where}: {exc}") from exc

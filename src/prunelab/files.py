@@ -1,7 +1,13 @@
-"""Folders written all at once: built in a temporary sibling, renamed into place on success."""
+"""Folders written all at once: built in a temporary sibling, renamed into place on success.
+
+Every folder prunelab writes holds a `.prunelab` marker with the writer's process id. It marks the
+folder as prunelab's, so that `--overwrite` never replaces anything else, and it tells whether a
+leftover temporary sibling belongs to a process that died (kill -9, power cut) and can be removed.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,6 +15,79 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import PrunelabError
+
+MARKER = ".prunelab"
+RUN_FILES = ("prunelab.json",)  # folders written before the marker existed
+
+
+def is_ours(folder: Path) -> bool:
+    return (folder / MARKER).is_file() or any((folder / name).is_file() for name in RUN_FILES)
+
+
+def check_output(final: Path, overwrite: bool) -> None:
+    """Refuse an output folder before any work: one that exists (without `overwrite`), one that is not
+    prunelab's to replace, the current directory or one holding it, or a place that cannot be written."""
+    final = Path(final)
+    if not str(final).strip():
+        raise PrunelabError("the output folder name is empty")
+    if final.exists():
+        if not final.is_dir():
+            raise PrunelabError(f"output path exists and is not a folder: {final}")
+        if not overwrite:
+            raise PrunelabError(f"output folder already exists: {final} (choose another --out or pass --overwrite)")
+        resolved, here = final.resolve(), Path.cwd().resolve()
+        if resolved == here or resolved in here.parents:
+            raise PrunelabError(f"cannot overwrite {final}: it is (or holds) the current directory")
+        if any(final.iterdir()) and not is_ours(final):
+            raise PrunelabError(f"refusing to overwrite {final}: it is not a prunelab output folder "
+                                f"(no {MARKER} or prunelab.json in it)")
+    parent = final.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PrunelabError(f"cannot write the output folder {final}: {parent} is not a writable folder")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the device is full (safetensors reports it in its own exception type)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "StorageFull" in str(exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove temporary siblings of `final` left by processes that no longer run; returns them."""
+    removed = []
+    for tmp in final.parent.glob(f".{final.name}.*-*"):
+        if not (tmp.is_dir() and (".tmp-" in tmp.name or ".old-" in tmp.name)):
+            continue
+        try:
+            pid = int((tmp / MARKER).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or from a version without markers: left alone
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _new_temporary(final: Path, kind: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a shared result must be readable as any folder is
+    (tmp / MARKER).write_text(str(os.getpid()))
+    return tmp
 
 
 @contextmanager
@@ -18,14 +97,20 @@ def atomic_dir(final: Path, overwrite: bool = False):
     On any error the temporary folder is removed and `final` (if it existed) is untouched.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise PrunelabError(f"output folder already exists: {final} (choose another --out or pass --overwrite)")
+    check_output(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = _new_temporary(final, "tmp")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if disk_full(exc):
+                raise PrunelabError(f"no space left on the device while writing {final}; "
+                                    "nothing was replaced (free some space and run again)") from exc
+            raise
         if final.exists():  # overwrite: swap, then drop the old folder
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = _new_temporary(final, "old")
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

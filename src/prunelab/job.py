@@ -1,45 +1,75 @@
-"""A whole prunelab job: load → calibration and evaluation data → prune → evaluate → save."""
+"""A whole prunelab job: check → read the texts → load → windows → prune (+ recover) → evaluate → save.
+
+Everything that can be checked without the model (options, output folder, text files) is checked
+before the model is loaded; what needs the model's config (window lengths, weights) right after.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 
 import torch
 
+from . import report as reporting
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
+from .errors import PrunelabError
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, saved_parameter_count, sparsity_of_saved
 from .evaluate.speed import generation_speed
-from .files import atomic_dir
-from .errors import PrunelabError
-from .measure import release_memory, stage
+from .files import atomic_dir, check_output
+from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import load_model
-from .pipeline import prune_model
-from .reconstruct import prune_and_reconstruct
-from .reconstruct.structured import reconstruct_structured
+from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
+from .prune.sequential import prune_model
+from .recover import prune_and_reconstruct, reconstruct_structured
+from .report import Report
 from .structured import prune_structured
-from .structured.width import write_structure
-from . import report as reporting
 
 
 def prepare(config: RunConfig) -> None:
     """Checks that cost nothing, done before minutes of work."""
-    if config.out and Path(config.out).exists() and not config.overwrite:
-        raise PrunelabError(f"output folder already exists: {config.out} (choose another --out or pass --overwrite)")
+    if config.out:
+        check_output(Path(config.out), config.overwrite)
     check_disjoint(config.calib, config.eval)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
 
-def calibration_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def read_texts(config: RunConfig) -> dict[str, str]:
+    """The calibration and evaluation texts (those the run needs), read and checked before the model loads."""
+    texts = {}
+    if config.needs_calibration:
+        texts["calib"] = load_text(config.calib, role="calib")
+    if config.eval != "none":
+        texts["eval"] = load_text(config.eval, role="eval")
+    if len(texts) == 2 and texts["calib"] == texts["eval"]:
+        raise PrunelabError(f"calibration and evaluation text must be disjoint; {config.calib} and {config.eval} "
+                            "hold the same text")
+    return texts
+
+
+def check_model(model, config: RunConfig) -> None:
+    """What the model's own config and weights allow: window lengths, finite weights."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    lengths = {"seqlen": config.seqlen if config.needs_calibration else 0,
+               "eval_seqlen": config.eval_seqlen if config.eval != "none" else 0}
+    for name, length in lengths.items():
+        if limit is not None and length > limit:
+            raise PrunelabError(f"{name} {length} exceeds the model's max_position_embeddings {limit}")
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise PrunelabError(f"the model's weights are broken: {name} holds NaN or inf values")
+
+
+def calibration_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Training windows, held-out windows (for reconstruction; None without), and their record."""
-    text = load_text(config.calib, role="calib")
     heldout = config.reconstruct.heldout if config.reconstruct.enabled else 0
     ids, windows, held = calibration_windows(tokenizer, text, config.samples, config.seqlen, config.seed, heldout)
     return ids, held, {"source": config.calib, "description": describe(config.calib), "samples": config.samples,
@@ -47,87 +77,112 @@ def calibration_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.
                        "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **windows}
 
 
-def evaluation_data(config: RunConfig, tokenizer) -> tuple[torch.Tensor, dict]:
-    text = load_text(config.eval, role="eval")
+def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, dict]:
     windows = evaluation_windows(tokenizer, text, config.eval_seqlen, config.eval_windows)
     return windows, {"source": config.eval, "description": describe(config.eval), "windows": windows.shape[0],
                      "seqlen": config.eval_seqlen, "tokens": windows.numel(), "bos": False,
-                     "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+                     "batch": config.eval_batch, "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def run(config: RunConfig, progress: bool = True) -> dict:
-    prepare(config)
-    stages: dict = {}
-    with stage("load", stages):
-        model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
-    adapter = find_adapter(model)
-    data: dict = {}
-    with stage("data", stages):
-        calib_ids = heldout_ids = None
-        if config.needs_calibration:
-            calib_ids, heldout_ids, data["calibration"] = calibration_data(config, tokenizer)
-        if config.eval != "none":
-            eval_ids, data["evaluation"] = evaluation_data(config, tokenizer)
+class Job:
+    """One run's state as it moves through the stages; `run_job` reads as the procedure."""
+
+    def __init__(self, config: RunConfig, progress: bool):
+        self.config, self.progress = config, progress
+        self.stages: dict[str, StageRecord] = {}
+        self.data: dict = {}
+        self.metrics: dict = {}
+        self.layers: list = []
+        self.reconstruction = self.structure = None
+        self.calib_ids = self.heldout_ids = self.eval_ids = None
+
+    def windows(self, texts: dict[str, str]) -> None:
+        if "calib" in texts:
+            self.calib_ids, self.heldout_ids, self.data["calibration"] = calibration_data(
+                self.config, self.tokenizer, texts["calib"])
+        if "eval" in texts:
+            self.eval_ids, self.data["evaluation"] = evaluation_data(self.config, self.tokenizer, texts["eval"])
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
 
-    weights = adapter.prunable_weights()
-    zeros_before = count_zeros(weights)
-    metrics: dict = {}
-    if config.eval != "none" and config.eval_dense:
-        with stage("eval_dense", stages):
-            metrics["dense"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (dense)")
-    reconstruction = structure = None
-    layers: list = []
-    if config.structured:
-        structure = {"parameters_before": parameter_count(model)}
+    def evaluate(self, key: str, desc: str) -> None:
+        with stage(f"eval_{key}" if key == "dense" else "eval", self.stages):
+            self.metrics[key] = perplexity(self.model, self.eval_ids, batch_size=self.config.eval_batch,
+                                           progress=self.progress, desc=desc)
+
+    def prune_structured(self) -> None:
+        config, model = self.config, self.model
+        self.structure = {"parameters_before": parameter_count(model)}
         if config.speed:
-            with stage("speed_dense", stages):
-                metrics["speed_dense"] = generation_speed(model, tokenizer)
+            with stage("speed_dense", self.stages):
+                self.metrics["speed_dense"] = generation_speed(model, self.tokenizer)
         dense = copy.deepcopy(model) if config.reconstruct.enabled else None
-        with stage("prune", stages):
-            structure.update(prune_structured(model, adapter, calib_ids, config, progress=progress))
-        structure["parameters_after"] = parameter_count(model)
+        with stage("prune", self.stages):
+            self.structure.update(prune_structured(model, self.adapter, self.calib_ids, config, progress=self.progress))
+        self.structure["parameters_after"] = parameter_count(model)
         if dense is not None:
-            with stage("reconstruct", stages):
-                reconstruction = reconstruct_structured(model, dense, structure, calib_ids,
-                                                        heldout_ids, config, progress=progress)
+            with stage("reconstruct", self.stages):
+                self.reconstruction = reconstruct_structured(model, dense, self.structure, self.calib_ids,
+                                                             self.heldout_ids, config, progress=self.progress)
             del dense
             release_memory()
         if config.speed:
-            with stage("speed", stages):
-                metrics["speed"] = generation_speed(model, tokenizer)
-    elif config.reconstruct.enabled:
-        with stage("prune+reconstruct", stages):
-            layers, reconstruction = prune_and_reconstruct(model, adapter, calib_ids, heldout_ids, config, progress=progress)
-    else:
-        with stage("prune", stages):
-            layers = prune_model(model, adapter, calib_ids, config, progress=progress)
-    if config.eval != "none":
-        with stage("eval", stages):
-            metrics["pruned"] = perplexity(model, eval_ids, progress=progress, desc="perplexity (pruned)")
+            with stage("speed", self.stages):
+                self.metrics["speed"] = generation_speed(model, self.tokenizer)
 
-    report = {
-        "config": config.to_dict(),
-        "model": {"source": source, "family": adapter.family, "class": type(model).__name__,
-                  "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(adapter.blocks)},
-        "data": data,
-        "metrics": metrics,
-        "sparsity": None if config.structured else measure_sparsity(weights, zeros_before),
-        "stages": stages,
-        "layers": layers,
-        "reconstruction": reconstruction,
-        "structure": structure,
-        "versions": reporting.versions(),
-        "output": None,
-    }
-    narrowed = structure.pop("linears", None) if structure else None  # FLAP: the reload record, saved beside the weights
+    def prune(self) -> None:
+        config = self.config
+        if config.reconstruct.enabled:
+            with stage("prune+reconstruct", self.stages):
+                self.layers, self.reconstruction = prune_and_reconstruct(
+                    self.model, self.adapter, self.calib_ids, self.heldout_ids, config, progress=self.progress)
+        else:
+            with stage("prune", self.stages):
+                self.layers = prune_model(self.model, self.adapter, self.calib_ids, config, progress=self.progress)
+
+    def report(self, zeros_before: dict[str, int] | None) -> Report:
+        model, config = self.model, self.config
+        return Report(
+            config=config.to_dict(),
+            model={"source": self.source, "family": self.adapter.family, "class": type(model).__name__,
+                   "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(self.adapter.blocks)},
+            data=self.data, metrics=self.metrics,
+            sparsity=None if config.structured else measure_sparsity(self.weights, zeros_before),
+            stages=self.stages, layers=self.layers, reconstruction=self.reconstruction, structure=self.structure,
+            versions=reporting.versions(), output=None)
+
+
+def run_job(config: RunConfig, progress: bool = True) -> Report:
+    prepare(config)
+    job = Job(config, progress)
+    with stage("data", job.stages):
+        texts = read_texts(config)
+    with stage("load", job.stages):
+        job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
+        check_model(job.model, config)
+    job.adapter = find_adapter(job.model)
+    with stage("windows", job.stages):
+        job.windows(texts)
+    del texts
+    job.weights = job.adapter.prunable_weights()
+    zeros_before = count_zeros(job.weights)
+    if config.eval != "none" and config.eval_dense:
+        job.evaluate("dense", "perplexity (dense)")
+    if config.structured:
+        job.prune_structured()
+    else:
+        job.prune()
+    if config.eval != "none":
+        job.evaluate("pruned", "perplexity (pruned)")
+    report = job.report(zeros_before)
+    narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out:
-        save(model, tokenizer, report, Path(config.out), list(weights), config.overwrite, stages, narrowed)
+        save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite, job.stages,
+             narrowed)
     return report
 
 
-def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], overwrite: bool, stages: dict,
-         narrowed: dict | None = None) -> None:
+def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], overwrite: bool,
+         stages: dict[str, StageRecord], narrowed: dict | None = None) -> None:
     """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with stage("save", stages):  # ends before the report is written, so that it is in it
@@ -144,6 +199,36 @@ def save(model, tokenizer, report: dict, out: Path, weight_names: list[str], ove
             for name, entry in saved["layers"].items():
                 entry["zeros_before"] = report["sparsity"]["layers"][name].get("zeros_before", 0)
             report["sparsity"] = {**saved, "zeros_before": report["sparsity"]["zeros_before"],
-                                  "sparsity_before": report["sparsity"]["sparsity_before"], "measured_on": "saved safetensors"}
+                                  "sparsity_before": report["sparsity"]["sparsity_before"],
+                                  "measured_on": "saved safetensors"}
         report["output"] = str(out)
         reporting.write(report, tmp)
+
+
+def evaluate_model(config: RunConfig) -> dict:
+    """`prunelab eval`: perplexity and sparsity of any model, with the evaluation protocol of `run`."""
+    if config.eval == "none":
+        raise PrunelabError("prunelab eval needs an evaluation text (--eval), not 'none'")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    text = load_text(config.eval, role="eval")
+    model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
+    check_model(model, RunConfig.from_dict({**config.to_dict(), "reconstruct": "none", "method": "magnitude"}))
+    windows, protocol = evaluation_data(config, tokenizer, text)
+    sparsity = measure_sparsity(find_adapter(model).prunable_weights())
+    result = perplexity(model, windows, batch_size=config.eval_batch)
+    return {**result, "model": source, "eval": config.eval, **{k: v for k, v in protocol.items() if k != "source"},
+            "sparsity": sparsity["sparsity"]}
+
+
+def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """`prunelab export`: a FLAP-narrowed folder written at its original shapes for stock loaders."""
+    if not (model_dir / STRUCTURE_FILE).is_file():
+        raise PrunelabError(f"{model_dir} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
+    check_output(out, overwrite)
+    model, tokenizer, _ = load_model(str(model_dir), device="cpu")
+    linears = json.loads((model_dir / STRUCTURE_FILE).read_text())["linears"]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        with torch.no_grad():
+            export_masked(model, linears, tmp)
+        tokenizer.save_pretrained(tmp)

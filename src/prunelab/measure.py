@@ -1,13 +1,17 @@
-"""Wall time and peak memory of each stage of a run."""
+"""Wall time and peak memory of each stage of a run, and the allocator settings that keep memory low."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import platform
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -43,9 +47,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process lifetime peak
 
 
+class StageRecord(TypedDict, total=False):
+    """What `stage` writes for each stage of a run (the report and the study read these keys)."""
+
+    seconds: float
+    peak_rss_gb: float
+    peak_rss_scope: str  # "stage" (the high-water mark was reset at its start) or "process"
+    cuda_peak_gb: float  # max CUDA memory allocated during the stage; only where CUDA is available
+
+
 @contextmanager
-def stage(name: str, log: dict):
-    """Record `seconds`, `peak_rss_gb` (and CUDA peak where used) of the enclosed block in log[name]."""
+def stage(name: str, log: dict[str, StageRecord]):
+    """Record the wall time and peak memory of the enclosed block in log[name]."""
     per_stage = reset_peak_rss()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -54,9 +67,29 @@ def stage(name: str, log: dict):
     try:
         yield
     finally:
-        entry = {"seconds": round(time.perf_counter() - start, 2),
-                 "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),
-                 "peak_rss_scope": "stage" if per_stage else "process"}
+        entry = StageRecord(seconds=round(time.perf_counter() - start, 2), peak_rss_gb=round(peak_rss_bytes() / 1e9, 3),
+                            peak_rss_scope="stage" if per_stage else "process")
         if cuda:
-            entry["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+            entry["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         log[name] = entry
+
+
+# Activations of ~10 MB freed in between larger ones fragment glibc's heap: with the default
+# dynamic mmap threshold, peak RSS while pruning SmolLM2 grows from 1.66 to 1.91 GB. Serving
+# blocks above 4 MB by mmap (backed by transparent huge pages, which keeps page faults cheap)
+# returns them to the OS when freed. Tunables are read at process start, hence a new process.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+
+
+def malloc_tuning_env() -> dict[str, str] | None:
+    """The environment for a process with the tuned allocator; None where it does not apply or is set."""
+    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "GLIBC_TUNABLES" in os.environ
+            or os.environ.get("PRUNELAB_NO_MALLOC_TUNING")):
+        return None
+    return dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+
+
+def python_argv(code: str) -> list[str]:
+    """A Python command line running `code` with the current directory off `sys.path`: a file there named
+    like a module prunelab imports (typer.py, torch.py) must not be executed in its place."""
+    return [sys.executable, "-c", f"import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; {code}"]

@@ -7,8 +7,27 @@ import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TypedDict
 
 import torch
+
+from .measure import StageRecord
+
+
+class Report(TypedDict):
+    """Everything a run decided and measured: `prunelab.json`, and the source of REPORT.md and study tables."""
+
+    config: dict  # RunConfig.to_dict(): pass the file back as --config to redo the run
+    model: dict  # source, family, class, parameters, blocks
+    data: dict  # "calibration" / "evaluation": source, sha256 of the text, windows, seed, window starts
+    metrics: dict  # "dense" / "pruned": perplexity, nll, predicted_tokens; "speed_dense" / "speed"
+    sparsity: dict | None  # measured on the tensors (after a save: read back from the files); None if structured
+    stages: dict[str, StageRecord]
+    layers: list[dict]  # one pruning record per layer
+    reconstruction: dict | None
+    structure: dict | None  # layer removal or FLAP
+    versions: dict[str, str]
+    output: str | None
 
 
 def versions() -> dict[str, str]:
@@ -27,7 +46,7 @@ def _ppl(metrics: dict, key: str) -> str:
     return f"{metrics[key]['perplexity']:.2f}" if key in metrics else "–"
 
 
-def summary_rows(report: dict) -> list[tuple[str, str]]:
+def summary_rows(report: Report) -> list[tuple[str, str]]:
     cfg, metrics, stages = report["config"], report["metrics"], report["stages"]
     sparsity = report["sparsity"]
     recon = report.get("reconstruction")
@@ -36,16 +55,28 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows = [("model", report["model"]["source"]), ("method", method_label(cfg)),
             ("reconstruction", _recon_label(cfg["reconstruct"], recon))]
     if sparsity is not None:
-        rows.append(("sparsity (pruned linears)", f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})"))
+        rows.append(
+            (
+                "sparsity (pruned linears)",
+                f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})",
+            )
+        )
     structure = report.get("structure")
     if structure:
         if "blocks_before" in structure:
-            rows.append(("blocks removed", f"{', '.join(map(str, structure['removed']))} "
-                                           f"({structure['blocks_before']} → {structure['blocks_after']} blocks)"))
+            rows.append(
+                (
+                    "blocks removed",
+                    f"{', '.join(map(str, structure['removed']))} "
+                    f"({structure['blocks_before']} → {structure['blocks_after']} blocks)",
+                )
+            )
         rows.append(("parameters", f"{structure['parameters_before']:,} → {structure['parameters_after']:,}"))
         if "speed" in metrics:
             before = metrics.get("speed_dense", {}).get("tokens_per_second")
-            rows.append(("generation tokens/s", f"{before} → {metrics['speed']['tokens_per_second']} (batch 1, greedy)"))
+            rows.append(
+                ("generation tokens/s", f"{before} → {metrics['speed']['tokens_per_second']} (batch 1, greedy)")
+            )
     rows += [
         ("perplexity dense", _ppl(metrics, "dense")),
         ("perplexity pruned" + (" + reconstructed" if recon else ""), _ppl(metrics, "pruned")),
@@ -64,12 +95,15 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 def method_label(cfg: dict) -> str:
     if cfg["method"] == "flap":
         width = cfg["width"]
-        return (f"flap {width['ratio']:.0%} ({width['structure']}, bias compensation "
-                f"{'on' if width['bias_compensation'] else 'off'})")
+        return (
+            f"flap {width['ratio']:.0%} ({width['structure']}, bias compensation "
+            f"{'on' if width['bias_compensation'] else 'off'})"
+        )
     if cfg["method"] == "layers":
         depth = cfg["depth"]
         comp = "with" if depth["compensation"] else "without"
-        return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{', one shot' if depth['one_shot'] else ''})"
+        shot = ", one shot" if depth["one_shot"] else ""
+        return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{shot})"
     return f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}"
 
 
@@ -83,55 +117,74 @@ def _recon_label(rc: dict, recon: dict | None) -> str:
     return f"{rc['granularity']}, {rc['propagation']} propagation, {rc['loss']}, {chosen}, {rc['epochs']} epoch(s)"
 
 
-def _reconstruction_markdown(report: dict, plot: str | None) -> list[str]:
+def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
     recon, rc = report["reconstruction"], report["config"]["reconstruct"]
+    targets = ("targets: the dense blocks each remaining block stands for (after structured pruning). "
+               if report.get("structure") else "pruned weights held at exactly zero. ")
     lines = ["", "## Reconstruction", "",
              f"Granularity `{rc['granularity']}`, propagation `{rc['propagation']}`, loss `{rc['loss']}`, AdamW "
-             f"(weight decay {rc['weight_decay']:g}), batch {rc['batch_size']} windows, {rc['epochs']} epoch(s), linear "
-             f"warm-up over {rc['warmup']:.0%} of steps then linear decay to 0; norms "
-             f"{'frozen' if rc['freeze_norms'] else 'trained'}; "
-             + ("targets: the dense blocks each remaining block stands for (after structured pruning). "
-                if report.get("structure") else "pruned weights held at exactly zero. ") + "Losses are on the "
-             f"training windows and on {report['data']['calibration']['heldout']} held-out calibration windows "
-             "(never the evaluation text)."]
-    lr = recon["lr"]
-    if lr["mode"] == "auto" and lr["lr"] is not None:
-        scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
-        if lr.get("every_problem_probed"):
-            lines += ["", f"Learning rate `auto`: only {lr['probed_problems']} submodels, each tried with every lr of "
-                          f"the grid and kept at its best; held-out loss after/before (geometric mean) {scores}; "
-                          f"best overall **{lr['lr']:g}**."]
-        else:
-            lines += ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; "
-                          f"held-out loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
+             f"(weight decay {rc['weight_decay']:g}), batch {rc['batch_size']} windows, {rc['epochs']} epoch(s), "
+             f"linear warm-up over {rc['warmup']:.0%} of steps then linear decay to 0; norms "
+             f"{'frozen' if rc['freeze_norms'] else 'trained'}; {targets}Losses are on the training windows and on "
+             f"{report['data']['calibration']['heldout']} held-out calibration windows (never the evaluation text)."]
+    lines += _learning_rate_markdown(recon["lr"])
     untrained = [r["submodel"] for r in recon["submodels"] if r.get("kept_untrained")]
-    untrained += [f"{r['submodel']}.{m['layer']}" for r in recon["submodels"] for m in r.get("matrices", []) if m.get("kept_untrained")]
+    untrained += [f"{r['submodel']}.{m['layer']}" for r in recon["submodels"] for m in r.get("matrices", [])
+                  if m.get("kept_untrained")]
     if untrained:
-        lines += ["", f"Kept untrained (training raised their held-out loss at every lr tried): {', '.join(untrained)}."]
+        lines += ["", "Kept untrained (training raised their held-out loss at every lr tried): "
+                      f"{', '.join(untrained)}."]
     if "seconds" in recon:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
-        lines += ["", f"Time by phase: {seconds}. Cached activations {'in memory-mapped files' if recon['offload'] else 'in memory'}."]
+        where = "in memory-mapped files" if recon["offload"] else "in memory"
+        lines += ["", f"Time by phase: {seconds}. Cached activations {where}."]
     if plot:
         lines += ["", f"![reconstruction loss per submodel]({plot})"]
-    lines += ["", "| submodel | lr | trainable | train loss before → after | held-out loss before → after | seconds |",
-              "|---|---|---|---|---|---|"]
-    for r in recon["submodels"]:
-        lr_text = "kept untrained" if r.get("kept_untrained") else f"{r['lr']:g}" if r.get("lr") is not None else "per matrix"
+    return lines + _submodel_table(recon["submodels"])
+
+
+def _learning_rate_markdown(lr: dict) -> list[str]:
+    if lr["mode"] != "auto" or lr["lr"] is None:
+        return []
+    scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
+    if lr.get("every_problem_probed"):
+        return ["", f"Learning rate `auto`: only {lr['probed_problems']} submodels, each tried with every lr of the "
+                    f"grid and kept at its best; held-out loss after/before (geometric mean) {scores}; best overall "
+                    f"**{lr['lr']:g}**."]
+    return ["", f"Learning rate `auto`: the grid was tried on the first {lr['probed_problems']} submodels; held-out "
+                f"loss after/before (geometric mean) {scores}; chosen **{lr['lr']:g}**."]
+
+
+def _submodel_table(records: list[dict]) -> list[str]:
+    lines = ["", "| submodel | lr | trainable | train loss before → after | held-out loss before → after | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        lr = "kept untrained" if r.get("kept_untrained") else "per matrix" if r.get("lr") is None else f"{r['lr']:g}"
         trainable = r.get("trainable", sum(m["trainable"] for m in r.get("matrices", [])))
-        lines.append(f"| {r['submodel']} | {lr_text} | {trainable} | {r['loss_train_before']:.4g} → {r['loss_train_after']:.4g} "
-                     f"| {r['loss_heldout_before']:.4g} → {r['loss_heldout_after']:.4g} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['submodel']} | {lr} | {trainable} | {r['loss_train_before']:.4g} → "
+                     f"{r['loss_train_after']:.4g} | {r['loss_heldout_before']:.4g} → {r['loss_heldout_after']:.4g} "
+                     f"| {r['seconds']:.1f} |")
     return lines
 
 
 def _depth_markdown(structure: dict) -> list[str]:
-    lines = ["", "## Layer removal", "",
-             f"Metric `{structure['metric']}`, {'one shot' if structure['one_shot'] else 'iterative (re-scored after each removal)'}, "
-             f"magnitude compensation {'on' if structure['compensation'] else 'off'}"
-             + (f" (LM head: {structure['head']})" if structure.get("head") else "") + ". "
-             "Blocks are numbered as in the dense model; lower scores are removed first.",
-             f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
-             + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "") + ".",
-             "", "| round | removed | compensation s | scores |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Layer removal",
+        "",
+        f"Metric `{structure['metric']}`, "
+        f"{'one shot' if structure['one_shot'] else 'iterative (re-scored after each removal)'}, "
+        f"magnitude compensation {'on' if structure['compensation'] else 'off'}"
+        + (f" (LM head: {structure['head']})" if structure.get("head") else "")
+        + ". "
+        "Blocks are numbered as in the dense model; lower scores are removed first.",
+        f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
+        + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "")
+        + ".",
+        "",
+        "| round | removed | compensation s | scores |",
+        "|---|---|---|---|",
+    ]
     for number, step in enumerate(structure["steps"], 1):
         scale = step["scale"]
         scale = "–" if scale is None else ", ".join(f"{v:.4f}" for v in (scale if isinstance(scale, list) else [scale]))
@@ -141,14 +194,23 @@ def _depth_markdown(structure: dict) -> list[str]:
 
 
 def _width_markdown(structure: dict) -> list[str]:
-    lines = ["", "## Width removal (FLAP)", "",
-             f"Structure `{structure['structure']}`, ratio {structure['ratio']:.0%} of the attention and MLP parameters, "
-             f"bias compensation {'on' if structure['bias_compensation'] else 'off'}. Attention is pruned by whole KV "
-             "groups (a KV head with its query heads).",
-             f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
-             + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "") + ".",
-             "", "| layer | units kept / total | unit |", "|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['units'] - r['removed']} / {r['units']} | {r['unit']} |" for r in structure["layers"]]
+    lines = [
+        "",
+        "## Width removal (FLAP)",
+        "",
+        f"Structure `{structure['structure']}`, ratio {structure['ratio']:.0%} of the attention and MLP parameters, "
+        f"bias compensation {'on' if structure['bias_compensation'] else 'off'}. Attention is pruned by whole KV "
+        "groups (a KV head with its query heads).",
+        f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
+        + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "")
+        + ".",
+        "",
+        "| layer | units kept / total | unit |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['layer']} | {r['units'] - r['removed']} / {r['units']} | {r['unit']} |" for r in structure["layers"]
+    ]
     return lines
 
 
@@ -177,43 +239,65 @@ def plot_reconstruction(report: dict, path: Path) -> bool:
     return True
 
 
-def to_markdown(report: dict, plot: str | None = None) -> str:
-    lines = ["# prunelab run", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
-    ev = report["data"].get("evaluation")
+def _data_markdown(data: dict) -> list[str]:
+    lines = []
+    ev, cal = data.get("evaluation"), data.get("calibration")
     if ev:
         lines += ["", "## Evaluation protocol", "",
                   f"{ev['windows']} non-overlapping windows of {ev['seqlen']} tokens ({ev['tokens']} tokens) from "
-                  f"`{ev['source']}` ({ev['description']}), no BOS, perplexity = exp(mean NLL of every predicted token)."]
-    cal = report["data"].get("calibration")
+                  f"`{ev['source']}` ({ev['description']}), no BOS, perplexity = exp(mean NLL of every predicted "
+                  "token)."]
     if cal:
         lines += ["", "## Calibration", "",
-                  f"{cal['samples']} windows × {cal['seqlen']} tokens drawn with seed {cal['seed']} from `{cal['source']}` "
-                  f"({cal['description']}, {cal['text_tokens']} tokens); window starts are in prunelab.json."]
-    if report.get("reconstruction"):
-        lines += _reconstruction_markdown(report, plot)
-    lines += ["", "## Stages", "", "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
-    lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |" for name, s in report["stages"].items()]
-    if report.get("structure"):
-        structure = report["structure"]
-        lines += _depth_markdown(structure) if "blocks_before" in structure else _width_markdown(structure)
-    if report["sparsity"] is not None:
-        lines += ["", "## Sparsity per layer (measured on the saved tensors)", "",
-                  "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]
-        for name, entry in report["sparsity"]["layers"].items():
-            shape = "×".join(map(str, entry["shape"]))
-            lines.append(f"| {name} | {shape} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
+                  f"{cal['samples']} windows × {cal['seqlen']} tokens drawn with seed {cal['seed']} from "
+                  f"`{cal['source']}` ({cal['description']}, {cal['text_tokens']} tokens); window starts are in "
+                  "prunelab.json."]
+    return lines
+
+
+def _stages_markdown(stages: dict[str, StageRecord]) -> list[str]:
+    cuda = any("cuda_peak_gb" in s for s in stages.values())
+    lines = ["", "## Stages", "", "| stage | seconds | peak RSS (GB) |" + (" peak CUDA (GB) |" if cuda else ""),
+             "|---|---|---|" + ("---|" if cuda else "")]
+    for name, s in stages.items():
+        cuda_cell = f" {s.get('cuda_peak_gb', 0):.2f} |" if cuda else ""
+        lines.append(f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |{cuda_cell}")
+    return lines
+
+
+def _sparsity_markdown(report: Report) -> list[str]:
+    lines = ["", "## Sparsity per layer (measured on the saved tensors)", "",
+             "| tensor | shape | sparsity | zeros before pruning |", "|---|---|---|---|"]
+    for name, entry in report["sparsity"]["layers"].items():
+        shape = "×".join(map(str, entry["shape"]))
+        lines.append(f"| {name} | {shape} | {entry['sparsity']:.2%} | {entry.get('zeros_before', 0)} |")
     retries = [r for r in report["layers"] if r.get("damp_retries")]
     fallbacks = [r for r in report["layers"] if r.get("fallback")]
     if retries or fallbacks:
         lines += ["", "## Notes", ""]
-        lines += [f"- block {r['block']} {r['layer']}: Cholesky needed damping {r['damp']:g} ({r['damp_retries']} retries)" for r in retries]
+        lines += [f"- block {r['block']} {r['layer']}: Cholesky needed damping {r['damp']:g} "
+                  f"({r['damp_retries']} retries)" for r in retries]
         lines += [f"- block {r['block']} {r['layer']}: {r['fallback']}" for r in fallbacks]
+    return lines
+
+
+def to_markdown(report: Report, plot: str | None = None) -> str:
+    lines = ["# prunelab run", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    lines += _data_markdown(report["data"])
+    if report.get("reconstruction"):
+        lines += _reconstruction_markdown(report, plot)
+    lines += _stages_markdown(report["stages"])
+    if report.get("structure"):
+        structure = report["structure"]
+        lines += _depth_markdown(structure) if "blocks_before" in structure else _width_markdown(structure)
+    if report["sparsity"] is not None:
+        lines += _sparsity_markdown(report)
     lines += ["", "## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     return "\n".join(lines)
 
 
-def write(report: dict, folder: Path) -> None:
+def write(report: Report, folder: Path) -> None:
     plot = None
     if report.get("reconstruction") and plot_reconstruction(report, folder / "reconstruction_loss.png"):
         plot = "reconstruction_loss.png"

@@ -33,6 +33,8 @@ from typing import Callable
 
 from .config import RunConfig, load_config_file
 from .errors import PrunelabError
+from .job import run_job
+from .measure import malloc_tuning_env, python_argv
 
 COLUMNS = ("method", "pattern", "granularity", "propagation", "loss", "lr")
 
@@ -62,6 +64,14 @@ def plan(grid_file: Path) -> list[tuple[str, dict]]:
         raise PrunelabError(f"unknown study key(s) {sorted(unknown)} in {grid_file}; expected base, grid, runs")
     base = spec.get("base") or {}
     grid = spec.get("grid") or {}
+    if not isinstance(base, dict) or not isinstance(grid, dict):
+        raise PrunelabError(f"{grid_file}: base and grid must be mappings of option names to values")
+    scalars = [key for key, values in grid.items() if not isinstance(values, list) or not values]
+    if scalars:
+        raise PrunelabError(f"{grid_file}: grid values must be non-empty lists of values to try; "
+                            f"{', '.join(scalars)} is not (a single value belongs in base)")
+    if not isinstance(spec.get("runs") or [], list) or not all(isinstance(r, dict) for r in spec.get("runs") or []):
+        raise PrunelabError(f"{grid_file}: runs must be a list of mappings of option overrides")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
     runs = []
     for overrides in combos + list(spec.get("runs") or []):
@@ -83,11 +93,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
     if not run_missing and not any((out / "runs" / f"{name}.json").exists() for name, _ in runs):
         raise PrunelabError(f"no finished run of {grid_file} in {out / 'runs'} to table")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if not env.get("PRUNELAB_NO_MALLOC_TUNING"):
-        from .cli import MALLOC_TUNABLES
-
-        env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    env = malloc_tuning_env() or dict(os.environ)
     granularities = list(dict.fromkeys(RunConfig.from_dict(values).reconstruct.granularity for _, values in runs))
     results = []
     for number, (name, values) in enumerate(runs):
@@ -97,17 +103,24 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
             continue
         if not finished:
             if results:
-                write_table(results, out, granularities)  # a study stopped in the run below (hours long) still has its table so far
+                # a study stopped in the run below (hours long) still has its table so far
+                write_table(results, out, granularities)
             values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
-            done = subprocess.run([sys.executable, "-m", "prunelab.study", json.dumps(values), str(path)], env=env)
+            worker = python_argv("from prunelab.study import _worker; _worker(sys.argv[1], sys.argv[2])")
+            done = subprocess.run([*worker, json.dumps(values), str(path)], env=env)
             if done.returncode != 0:
-                kept = (f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}" if results
-                        else "no run of this study has finished yet")
+                kept = (
+                    f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}"
+                    if results
+                    else "no run of this study has finished yet"
+                )
                 raise PrunelabError(f"study run {name} failed (exit {done.returncode}); {kept}")
         run = json.loads(path.read_text())
-        results.append({"name": name, **run, **summarise(run["report"])})  # runs saved before a summary field existed get it
+        results.append(
+            {"name": name, **run, **summarise(run["report"])}
+        )  # runs saved before a summary field existed get it
     if results:
         write_table(results, out, granularities)
     return results
@@ -118,15 +131,22 @@ def summarise(report: dict) -> dict:
     stage = report["stages"].get("prune+reconstruct") or report["stages"].get("prune") or {}
     recon = report.get("reconstruction")
     return {
-        "method": cfg["method"], "pattern": cfg["pattern"] or f"{cfg['sparsity']:.0%}",
-        "granularity": rc["granularity"], "propagation": rc["propagation"] if recon else "–",
-        "loss": rc["loss"] if recon else "–", "lr": recon["lr"]["lr"] if recon else None,
-        "perplexity": report["metrics"]["pruned"]["perplexity"],
+        "method": cfg["method"],
+        "pattern": cfg["pattern"] or f"{cfg['sparsity']:.0%}",
+        "granularity": rc["granularity"],
+        "propagation": rc["propagation"] if recon else "–",
+        "loss": rc["loss"] if recon else "–",
+        "lr": recon["lr"]["lr"] if recon else None,
+        "perplexity": report["metrics"].get("pruned", {}).get("perplexity"),  # None with eval: none
         "dense_perplexity": report["metrics"].get("dense", {}).get("perplexity"),
-        "seconds": stage.get("seconds"), "peak_rss_gb": stage.get("peak_rss_gb"), "cuda_peak_gb": stage.get("cuda_peak_gb"),
+        "seconds": stage.get("seconds"),
+        "peak_rss_gb": stage.get("peak_rss_gb"),
+        "cuda_peak_gb": stage.get("cuda_peak_gb"),
         # one dense forward pass over the calibration windows: the same work at every granularity,
         # so stage seconds / this compare runs made on machines (or sessions) of different speed
-        "forward_pass_seconds": (recon.get("seconds") or {}).get("targets") if recon else None,  # depth runs' reconstruction has no phases
+        "forward_pass_seconds": (recon.get("seconds") or {}).get("targets")
+        if recon
+        else None,  # depth runs' reconstruction has no phases
         "sparsity": report["sparsity"]["sparsity"] if report["sparsity"] else None,
     }
 
@@ -136,17 +156,27 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
     lines = ["# prunelab study", ""]
     if dense:
         lines += [f"Dense perplexity: {dense:.2f}", ""]
-    lines += ["| method | pattern | reconstruction | propagation | loss | lr | perplexity | time (s) | peak RSS (GB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| method | pattern | reconstruction | propagation | loss | lr | perplexity | time (s) | peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lr = f"{r['lr']:g}" if r["lr"] is not None else "–"
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
-                     f"| {r['perplexity']:.2f} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
+            f"| {_ppl(r)} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |"
+        )
     lines += pivot(results, granularities)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
     # the summary rows; each run's full report stays in runs/<name>.json only
-    (out / "study.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1))
+    (out / "study.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1)
+    )
     _plot(results, out / "study.png", dense)
+
+
+def _ppl(row: dict) -> str:
+    return "–" if row["perplexity"] is None else f"{row['perplexity']:.2f}"
 
 
 def pivot(results: list[dict], granularities: list[str] | None = None) -> list[str]:
@@ -161,21 +191,36 @@ def pivot(results: list[dict], granularities: list[str] | None = None) -> list[s
     keys = list(dict.fromkeys((p, m) for p, m, _ in cells))
 
     def table(columns: list[str], cell: Callable[[dict], str]) -> list[str]:
-        lines = ["| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in columns) + " |",
-                 "|---|---|" + "---|" * len(columns)]
+        lines = [
+            "| pattern | criterion | " + " | ".join("prune only" if g == "none" else g for g in columns) + " |",
+            "|---|---|" + "---|" * len(columns),
+        ]
         for pattern, method in keys:
             row = [cells.get((pattern, method, g)) for g in columns]
             lines.append(f"| {pattern} | {method} | " + " | ".join(cell(r) if r else "–" for r in row) + " |")
         return lines
 
-    lines = ["", "## Criterion × granularity: perplexity (time s, peak RSS GB)", "",
-             *table(granularities, lambda r: f"{r['perplexity']:.2f} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)")]
-    trained = [g for g in granularities if any((cells.get((p, m, g)) or {}).get("forward_pass_seconds") for p, m in keys)]
+    lines = [
+        "",
+        "## Criterion × granularity: perplexity (time s, peak RSS GB)",
+        "",
+        *table(granularities, lambda r: f"{_ppl(r)} ({r['seconds']:.0f} s, {r['peak_rss_gb']:.2f} GB)"),
+    ]
+    trained = [
+        g for g in granularities if any((cells.get((p, m, g)) or {}).get("forward_pass_seconds") for p, m in keys)
+    ]
     if trained:
-        lines += ["", "Time of the prune+reconstruct stage in dense forward passes (its seconds over the run's own "
-                  "targets phase, one dense pass over the calibration windows): comparable across machines and sessions, "
-                  "which the seconds above are not.", "",
-                  *table(trained, lambda r: f"{r['seconds'] / r['forward_pass_seconds']:.1f}" if r.get("forward_pass_seconds") else "–")]
+        lines += [
+            "",
+            "Time of the prune+reconstruct stage in dense forward passes (its seconds over the run's own "
+            "targets phase, one dense pass over the calibration windows): comparable across machines and sessions, "
+            "which the seconds above are not.",
+            "",
+            *table(
+                trained,
+                lambda r: f"{r['seconds'] / r['forward_pass_seconds']:.1f}" if r.get("forward_pass_seconds") else "–",
+            ),
+        ]
     return lines
 
 
@@ -195,6 +240,9 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return
+    results = [r for r in results if r["perplexity"] is not None]  # runs without evaluation have nothing to draw
+    if not results:
         return
     patterns = list(dict.fromkeys(r["pattern"] for r in results))
     fig, axes = plt.subplots(1, len(patterns), figsize=(5 * len(patterns), 3.8), squeeze=False)
@@ -217,8 +265,12 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
         else:
             for method in dict.fromkeys(r["method"] for r in rows):
                 points = {r["granularity"]: r["perplexity"] for r in rows if r["method"] == method}
-                ax.plot([g for g in granularities if g in points], [points[g] for g in granularities if g in points],
-                        marker="o", label=method)
+                ax.plot(
+                    [g for g in granularities if g in points],
+                    [points[g] for g in granularities if g in points],
+                    marker="o",
+                    label=method,
+                )
             if dense:
                 ax.axhline(dense, color="grey", linestyle="--", label="dense")
             ax.set_yscale("log")
@@ -233,9 +285,7 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
 
 
 def _worker(values_json: str, result_path: str) -> None:
-    from .job import run
-
-    report = run(RunConfig.from_dict(json.loads(values_json)), progress=False)
+    report = run_job(RunConfig.from_dict(json.loads(values_json)), progress=False)
     report.pop("layers", None)
     if report["sparsity"]:
         report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "layers"}
@@ -243,7 +293,3 @@ def _worker(values_json: str, result_path: str) -> None:
     tmp = Path(result_path + ".tmp")
     tmp.write_text(json.dumps({**summary, "report": report}, indent=1))
     tmp.replace(result_path)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])

@@ -21,6 +21,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..assets import bigbench_task_dir, cache_dir
 from ..errors import PrunelabError
 
 EMBEDDED = ("web", "wiki", "new-wiki")
@@ -67,8 +68,6 @@ def _embedded(source: str) -> str:
 
     Later runs read the plain file instead of parsing a 50 MB JSON (seconds of the data stage).
     """
-    from ..assets import bigbench_task_dir, cache_dir
-
     extracted = cache_dir() / "text" / f"{source}.txt"
     if extracted.exists():
         return extracted.read_text(encoding="utf-8")
@@ -116,26 +115,43 @@ def _hub(source: str, role: str) -> str:
                             "offline machines can use the embedded sources 'web' and 'wiki' or a local file") from exc
 
 
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrunelabError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded): a binary file?") from None
+    if "\x00" in text:
+        raise PrunelabError(f"{path} is not UTF-8 text (it holds NUL bytes): a binary file?")
+    return text
+
+
 def _local(path: Path) -> str:
     if not path.is_file():
         raise PrunelabError(f"unknown text source {str(path)!r}: not a file, nor one of {', '.join(EMBEDDED + HUB)}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     if suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise PrunelabError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
+                doc = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                doc = None
+            if not isinstance(doc, str):
+                raise PrunelabError(f"{path}:{number}: expected a JSON object with a 'text' string")
+            docs.append(doc)
         return "\n\n".join(docs)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # an optional reader: only for Parquet sources
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError) vary by version
+            raise PrunelabError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
         if "text" not in table.column_names:
             raise PrunelabError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
         return "\n\n".join(str(t) for t in table.column("text").to_pylist() if t)

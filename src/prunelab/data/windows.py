@@ -6,7 +6,6 @@ import torch
 
 from ..errors import PrunelabError
 
-
 PIECE_CHARS = 1 << 20
 
 
@@ -21,7 +20,9 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
         while start < len(text):
             cut = text.find("\n\n", start + PIECE_CHARS)
             cut = len(text) if cut < 0 else cut
-            pieces.append(torch.tensor(tokenizer(text[start:cut], add_special_tokens=False)["input_ids"], dtype=torch.long))
+            pieces.append(
+                torch.tensor(tokenizer(text[start:cut], add_special_tokens=False)["input_ids"], dtype=torch.long)
+            )
             start = cut
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     chars = max_tokens * 6
@@ -46,15 +47,19 @@ def calibration_windows(tokenizer, text: str, samples: int, seqlen: int, seed: i
         raise PrunelabError(f"calibration text too short: {len(ids)} tokens, need more than seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=generator)
-    windows = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
     info = {"text_tokens": len(ids), "starts": starts.tolist()}
     if not heldout:
         return windows, info, None
     covered = torch.zeros(len(ids) + seqlen, dtype=torch.int32)  # windows covering each position
     for s in starts.tolist():
-        covered[s:s + seqlen] += 1
+        covered[s : s + seqlen] += 1
     prefix = torch.cat([torch.zeros(1, dtype=torch.int64), covered.cumsum(0)])
-    free = [s for s in range(len(ids) - seqlen) if prefix[s + seqlen] == prefix[s]] if len(ids) < 4 * seqlen * (samples + heldout) else None
+    free = (
+        [s for s in range(len(ids) - seqlen) if prefix[s + seqlen] == prefix[s]]
+        if len(ids) < 4 * seqlen * (samples + heldout)
+        else None
+    )
     held: list[int] = []
     for _ in range(100 * heldout):
         if len(held) == heldout:
@@ -67,15 +72,17 @@ def calibration_windows(tokenizer, text: str, samples: int, seqlen: int, seed: i
             s = int(torch.randint(0, len(ids) - seqlen, (1,), generator=generator))
         if prefix[s + seqlen] == prefix[s]:
             held.append(s)
-            covered[s:s + seqlen] += 1
+            covered[s : s + seqlen] += 1
             prefix = torch.cat([torch.zeros(1, dtype=torch.int64), covered.cumsum(0)])
             if free is not None:
                 free = [f for f in free if prefix[f + seqlen] == prefix[f]]
     if len(held) < heldout:
-        raise PrunelabError(f"calibration text too short: {len(ids)} tokens leave room for only {len(held)} of "
-                            f"{heldout} held-out windows of {seqlen} tokens beside the {samples} training windows")
+        raise PrunelabError(
+            f"calibration text too short: {len(ids)} tokens leave room for only {len(held)} of "
+            f"{heldout} held-out windows of {seqlen} tokens beside the {samples} training windows"
+        )
     info["heldout_starts"] = held
-    return windows, info, torch.stack([ids[s:s + seqlen] for s in held])
+    return windows, info, torch.stack([ids[s : s + seqlen] for s in held])
 
 
 def evaluation_windows(tokenizer, text: str, seqlen: int, max_windows: int = 0) -> torch.Tensor:
@@ -85,3 +92,34 @@ def evaluation_windows(tokenizer, text: str, seqlen: int, max_windows: int = 0) 
     if count == 0:
         raise PrunelabError(f"evaluation text too short: {len(ids)} tokens, need at least one window of {seqlen}")
     return ids[: count * seqlen].view(count, seqlen)
+
+
+def check_token_ids(ids, vocab_size: int | None, name: str = "calibration", attention_mask=None) -> None:
+    """Token ids given through the API: a [windows, seqlen] integer tensor of ids the model knows, with
+    an optional attention mask of the same shape, 1 at real tokens and 0 at padding."""
+    if not isinstance(ids, torch.Tensor):
+        raise PrunelabError(
+            f"{name} must be a tensor of token ids (or the name of a text source), got {type(ids).__name__}"
+        )
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise PrunelabError(f"{name} must be [windows, seqlen] token ids, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise PrunelabError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise PrunelabError(f"{name} holds token ids outside the model's vocabulary [0, {vocab_size}): {low}..{high}")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
+        raise PrunelabError(f"attention_mask must have the shape of {name} {tuple(ids.shape)}, got {shape}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise PrunelabError("attention_mask must hold 1 at real tokens and 0 at padding, nothing else")
+    empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise PrunelabError(
+            f"attention_mask marks every token of window(s) {empty[:5]} as padding: "
+            "no statistics or losses could come from them"
+        )

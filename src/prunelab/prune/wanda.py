@@ -8,7 +8,9 @@ from .patterns import prune_mask
 from .stats import InputNorms
 
 
-def wanda(weights: list[torch.Tensor], stats: InputNorms, sparsity: float, nm: tuple[int, int] | None, **_) -> tuple[list[torch.Tensor], dict]:
+def wanda(
+    weights: list[torch.Tensor], stats: InputNorms, sparsity: float, nm: tuple[int, int] | None, **_
+) -> tuple[list[torch.Tensor], dict]:
     input_norms = stats.sq_norms.sqrt()
     pruned = []
     for w in weights:

@@ -1,5 +1,5 @@
-"""Depth pruning with Prune&Comp (SPEC §5): remove whole decoder blocks, one at a time, and fold a
-magnitude-compensation scalar into the weights that write the residual stream before each cut.
+"""Depth pruning with Prune&Comp (arXiv 2507.18212; docs/DESIGN.md): remove whole decoder blocks, one at a
+time, and fold a magnitude-compensation scalar into the weights that write the residual stream before each cut.
 
     repeat `remove` times (all at once with one_shot):
         score every remaining block on the calibration windows     (bi | taylor | mag | ppl)
@@ -30,12 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import StandIn, run_blocks
-from ..config import RunConfig
+from ..activations import StandIn, run_blocks
+from ..config import DEPTH_METRICS, RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, scale_output
-
-METRICS = ("bi", "cl", "taylor", "mag", "ppl")
 
 
 @dataclass
@@ -47,8 +45,14 @@ class Survey:
 
 
 @torch.no_grad()
-def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-           batch_size: int, span: int = 1) -> Survey:
+def survey(
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    span: int = 1,
+) -> Survey:
     """One pass through the blocks (no LM head), keeping only the last `span` + 1 residual states."""
     blocks = adapter.blocks
     starts = len(blocks) - span + 1
@@ -70,7 +74,9 @@ def survey(model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask
             ratio = ((last.abs() * weights).sum(1) / count) / ((first.abs() * weights).sum(1) / count).clamp_min(1e-12)
             scale[i + 1 - span] += float(ratio.mean(-1).sum())
     if not torch.isfinite(distance).all() or not torch.isfinite(scale).all():
-        raise PrunelabError("non-finite activations (NaN/inf) in the decoder blocks; the model's weights or inputs are broken")
+        raise PrunelabError(
+            "non-finite activations (NaN/inf) in the decoder blocks; the model's weights or inputs are broken"
+        )
     return Survey(distance / max(tokens, 1), scale / max(windows, 1))
 
 
@@ -78,13 +84,14 @@ def _labelled_batches(model: nn.Module, ids: torch.Tensor, attention_mask: torch
     """(input ids, attention mask, labels with pads ignored) per batch, on the model's device."""
     device = next(model.parameters()).device
     for start in range(0, ids.shape[0], batch_size):
-        x = ids[start:start + batch_size].to(device)
-        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        x = ids[start : start + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
         yield x, mask, (x if mask is None else x.masked_fill(mask == 0, -100))
 
 
-def language_model_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
-                        backward: bool = False) -> float:
+def language_model_loss(
+    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int, backward: bool = False
+) -> float:
     """Mean next-token loss over the calibration windows (pads excluded); with `backward`,
     gradients accumulate in whatever requires them, weighted as that mean."""
     total, windows = 0.0, ids.shape[0]
@@ -124,8 +131,14 @@ class _Replay(StandIn):
 
 
 @torch.no_grad()
-def skip_losses(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                batch_size: int, progress: bool = False) -> torch.Tensor:
+def skip_losses(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    progress: bool = False,
+) -> torch.Tensor:
     """For every block i, the mean next-token loss with block i skipped (pads excluded).
 
     Skipping block i feeds block i+1 the input of block i, so each batch runs once with every block's
@@ -134,8 +147,13 @@ def skip_losses(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, atte
     count, windows = len(blocks), ids.shape[0]
     losses = torch.zeros(count, dtype=torch.float64)
     originals = list(blocks)
-    bar = tqdm(total=-(-windows // batch_size) * count, desc="ppl metric: loss without each block", unit="block",
-               leave=False, disable=not progress)
+    bar = tqdm(
+        total=-(-windows // batch_size) * count,
+        desc="ppl metric: loss without each block",
+        unit="block",
+        leave=False,
+        disable=not progress,
+    )
     try:
         for x, mask, labels in _labelled_batches(model, ids, attention_mask, batch_size):
             for i, block in enumerate(originals):
@@ -163,8 +181,15 @@ def _weights(block: nn.Module) -> list[nn.Parameter]:
     return [p for p in block.parameters() if p.dim() >= 2]
 
 
-def score_blocks(metric: str, model: nn.Module, adapter: Adapter, ids: torch.Tensor, attention_mask, batch_size: int,
-                 progress: bool = False) -> tuple[torch.Tensor, Survey | None]:
+def score_blocks(
+    metric: str,
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    attention_mask,
+    batch_size: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, Survey | None]:
     """Importance of every block (lower = removed first), and the survey if one was taken."""
     blocks = adapter.blocks
     if metric == "bi":
@@ -191,7 +216,7 @@ def score_blocks(metric: str, model: nn.Module, adapter: Adapter, ids: torch.Ten
         return scores, None
     if metric == "ppl":
         return skip_losses(model, blocks, ids, attention_mask, batch_size, progress), None
-    raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(METRICS)}")
+    raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
 
 
 def _tied(model: nn.Module) -> bool:
@@ -258,8 +283,10 @@ def check_depth(adapter: Adapter, config: RunConfig) -> None:
     if dc.metric in ("taylor", "mag"):
         eligible = count - dc.protect_first - dc.protect_last
         if eligible < dc.remove:
-            raise PrunelabError(f"{dc.metric} never removes the first {dc.protect_first} or last {dc.protect_last} blocks: "
-                                f"only {max(eligible, 0)} of {count} may go, {dc.remove} asked (lower depth.protect_first/last)")
+            raise PrunelabError(
+                f"{dc.metric} never removes the first {dc.protect_first} or last {dc.protect_last} blocks: "
+                f"only {max(eligible, 0)} of {count} may go, {dc.remove} asked (lower depth.protect_first/last)"
+            )
     if dc.compensation:
         adapter.residual_sources()
         for block in adapter.blocks:
@@ -276,48 +303,59 @@ def prune_depth(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, co
                             "needs calibration windows")
     origin = list(range(len(adapter.blocks)))  # original index of each remaining block
     report = {"metric": dc.metric, "compensation": dc.compensation, "one_shot": dc.one_shot or dc.metric == "cl",
-              "blocks_before": len(origin), "head": prepare_head(model, adapter) if dc.compensation else None, "steps": []}
-    batch = config.batch_size
-    if dc.metric == "cl":
-        found = survey(model, adapter, ids, attention_mask, batch, span=dc.remove)
-        start = int(torch.argmin(found.distance))
-        span = list(range(start, start + dc.remove))
-        s = float(found.scale[start]) if dc.compensation else None
-        if s is not None:
-            fold_compensation(model, adapter, start, s)
-        remove_blocks(model, adapter, span)
-        report["steps"].append({"scores": {f"{i}-{i + dc.remove - 1}": float(v) for i, v in enumerate(found.distance)},
-                                "removed": [origin[i] for i in span], "scale": s})
-        del origin[start:start + dc.remove]
-    else:
-        rounds = 1 if dc.one_shot else dc.remove
-        # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
-        # into earlier blocks' writers would inflate their scores without making them more important,
-        # so the weights are scored once, as given (kept by dense block index)
-        static = (dict(zip(origin, score_blocks("mag", model, adapter, ids, attention_mask, batch)[0].tolist()))
-                  if dc.metric == "mag" else None)
-        for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
-            if static is not None:
-                scores, found = torch.tensor([static[o] for o in origin]), None
-            else:
-                scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
-            ranked = scores.clone()
-            if dc.metric in ("taylor", "mag"):
-                ranked[:dc.protect_first] = float("inf")
-                ranked[len(ranked) - dc.protect_last:] = float("inf")
-            victims = sorted(torch.argsort(ranked)[:dc.remove if dc.one_shot else 1].tolist())
-            scale = None
-            if dc.compensation:
-                scale = (found or survey(model, adapter, ids, attention_mask, batch)).scale
-                for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
-                    fold_compensation(model, adapter, victim, float(scale[victim]))
-            remove_blocks(model, adapter, victims)
-            report["steps"].append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
-                                    "removed": [origin[i] for i in victims],
-                                    "scale": None if scale is None else [float(scale[i]) for i in victims]})
-            for victim in reversed(victims):
-                del origin[victim]
+              "blocks_before": len(origin), "head": prepare_head(model, adapter) if dc.compensation else None,
+              "steps": []}
+    removal = _remove_span if dc.metric == "cl" else _remove_in_rounds
+    removal(model, adapter, ids, attention_mask, config, origin, report["steps"], progress)
     report["removed"] = sorted(set(range(report["blocks_before"])) - set(origin))
     report["kept"] = origin
     report["blocks_after"] = len(origin)
     return report
+
+
+def _remove_span(model, adapter, ids, attention_mask, config, origin: list[int], steps: list, progress: bool) -> None:
+    """CL: the contiguous span whose input and output agree most, removed at once."""
+    dc = config.depth
+    found = survey(model, adapter, ids, attention_mask, config.forward_batch, span=dc.remove)
+    start = int(torch.argmin(found.distance))
+    span = list(range(start, start + dc.remove))
+    s = float(found.scale[start]) if dc.compensation else None
+    if s is not None:
+        fold_compensation(model, adapter, start, s)
+    remove_blocks(model, adapter, span)
+    steps.append({"scores": {f"{i}-{i + dc.remove - 1}": float(v) for i, v in enumerate(found.distance)},
+                  "removed": [origin[i] for i in span], "scale": s})
+    del origin[start:start + dc.remove]
+
+
+def _remove_in_rounds(model, adapter, ids, attention_mask, config, origin: list[int], steps: list,
+                      progress: bool) -> None:
+    """Score, remove the least important block, fold its compensation, re-score (all at once with one_shot)."""
+    dc, batch = config.depth, config.forward_batch
+    # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
+    # into earlier blocks' writers would inflate their scores without making them more important,
+    # so the weights are scored once, as given (kept by dense block index)
+    static = (dict(zip(origin, score_blocks("mag", model, adapter, ids, attention_mask, batch)[0].tolist()))
+              if dc.metric == "mag" else None)
+    rounds = 1 if dc.one_shot else dc.remove
+    for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
+        if static is not None:
+            scores, found = torch.tensor([static[o] for o in origin]), None
+        else:
+            scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
+        ranked = scores.clone()
+        if dc.metric in ("taylor", "mag"):
+            ranked[:dc.protect_first] = float("inf")
+            ranked[len(ranked) - dc.protect_last:] = float("inf")
+        victims = sorted(torch.argsort(ranked)[:dc.remove if dc.one_shot else 1].tolist())
+        scale = None
+        if dc.compensation:
+            scale = (found or survey(model, adapter, ids, attention_mask, batch)).scale
+            for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
+                fold_compensation(model, adapter, victim, float(scale[victim]))
+        remove_blocks(model, adapter, victims)
+        steps.append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
+                      "removed": [origin[i] for i in victims],
+                      "scale": None if scale is None else [float(scale[i]) for i in victims]})
+        for victim in reversed(victims):
+            del origin[victim]

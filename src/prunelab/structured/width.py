@@ -1,4 +1,5 @@
-"""Width pruning with FLAP (SPEC §4): remove attention heads and MLP channels, physically.
+"""Width pruning with FLAP (An et al., AAAI 2024; docs/DESIGN.md): remove attention heads and MLP channels,
+physically.
 
 For the writer W (o_proj, down_proj) of each half-block and its input x over the calibration tokens:
 
@@ -18,21 +19,16 @@ Whole KV groups go together, so every layer keeps the model's query-per-KV-head 
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..activations import run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..calibration import run_blocks
 from ..models.adapters import Adapter, Width
-
-STRUCTURE_FILE = "prunelab_structure.json"
 
 
 @dataclass
@@ -213,7 +209,7 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
     """FLAP in place; returns the report (units kept per layer) with the reload record under "linears"."""
     wc = config.width
     layers = flap_layers(adapter)
-    collect(model, adapter, layers, ids, attention_mask, config.batch_size, progress)
+    collect(model, adapter, layers, ids, attention_mask, config.forward_batch, progress)
     score(layers)
     choose(layers, wc.ratio, wc.structure)
     linears = apply(layers, wc.bias_compensation, adapter.blocks_prefix)
@@ -223,95 +219,3 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
                     "unit": layer.width.unit} for layer in layers],
         "linears": linears,
     }
-
-
-def write_structure(folder: Path, linears: dict[str, dict]) -> None:
-    """What a loader needs to rebuild the narrower layers (shapes, biases, kept rows/columns)."""
-    (folder / STRUCTURE_FILE).write_text(json.dumps({"format": "prunelab-width/1", "linears": linears}))
-
-
-def load_narrow(folder: Path, dtype: torch.dtype):
-    """A model saved after width pruning: built from its config, narrowed as recorded, then loaded."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    record = json.loads((folder / STRUCTURE_FILE).read_text())
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    modules = dict(model.named_modules())
-    for name, entry in record["linears"].items():
-        parent, _, child = name.rpartition(".")
-        old = modules[name]
-        rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
-        cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
-        setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype))
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = set(missing) - _tied_head_keys(model)
-    if missing or unexpected:
-        raise PrunelabError(f"{folder} does not match its {STRUCTURE_FILE}: missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}")
-    model.tie_weights()
-    return model.eval()
-
-
-def _expand(linear: nn.Linear, entry: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out_features, in_features = entry["dense_shape"]
-    weight = torch.zeros(out_features, in_features, dtype=linear.weight.dtype)
-    rows = torch.arange(out_features) if entry["rows"] is None else torch.tensor(entry["rows"])
-    cols = torch.arange(in_features) if entry["cols"] is None else torch.tensor(entry["cols"])
-    weight[rows.unsqueeze(1), cols.unsqueeze(0)] = linear.weight.detach().cpu()
-    bias = None
-    if linear.bias is not None:
-        bias = torch.zeros(out_features, dtype=linear.weight.dtype)
-        bias[rows] = linear.bias.detach().cpu()
-    return weight, bias
-
-
-def masked_state(model: nn.Module, linears: dict[str, dict]) -> tuple[dict[str, torch.Tensor], bool]:
-    """The dense-shaped state dict (removed rows and columns as zeros), and whether any bias was added."""
-    modules = dict(model.named_modules())
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    added_bias = False
-    for name, entry in linears.items():
-        weight, bias = _expand(modules[name], entry)
-        state[f"{name}.weight"] = weight
-        if bias is not None:
-            state[f"{name}.bias"] = bias
-            added_bias = True
-    return state, added_bias
-
-
-
-def export_masked(model: nn.Module, linears: dict[str, dict], folder: Path) -> None:
-    """Save a same-shape model that plain transformers loads: removed rows and columns are zeros,
-    compensation biases sit in bias slots switched on in the config (others zero)."""
-    from transformers import AutoModelForCausalLM
-
-    state, added_bias = masked_state(model, linears)
-    config = copy.deepcopy(model.config)
-    if added_bias:
-        for flag in ("attention_bias", "mlp_bias"):  # Llama-style configs switch all biases of a half at once
-            if hasattr(config, flag):
-                setattr(config, flag, True)
-    dense = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    for key, value in dense.state_dict().items():
-        if key not in state and key.endswith(".bias"):
-            state[key] = torch.zeros_like(value)
-    missing, unexpected = dense.load_state_dict(state, strict=False)
-    missing = set(missing) - _tied_head_keys(dense)
-    if unexpected or missing:
-        raise PrunelabError(f"{type(model).__name__}'s config cannot hold the bias compensation ({sorted(unexpected)[:2]}); "
-                            "prune with --no-bias-compensation for a plain-transformers export")
-    dense.tie_weights()
-    dense.save_pretrained(folder)
-
-
-def _tied_head_keys(model: nn.Module) -> set[str]:
-    """The LM head's weight key when it is tied to the input embeddings (saved once, under the embeddings)."""
-    head = model.get_output_embeddings()
-    if head is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        return set()
-    return {f"{name}.weight" for name, m in model.named_modules() if m is head}

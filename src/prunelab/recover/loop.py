@@ -28,16 +28,17 @@ from torch import nn
 
 from ..errors import PrunelabError
 
+PER_TOKEN_LOSS = {  # the names are config.LOSSES
+    "mse": lambda pred, target: (pred - target).pow(2).mean(-1),
+    "nmse": lambda pred, target: (pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12),
+    "cosine": lambda pred, target: 1 - nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8),
+}
+
 
 def _per_token(loss: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    pred, target = pred.float(), target.float()
-    if loss == "mse":
-        return (pred - target).pow(2).mean(-1)
-    if loss == "nmse":
-        return (pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
-    if loss == "cosine":
-        return 1 - nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8)
-    raise PrunelabError(f"unknown reconstruction loss {loss!r}")
+    if loss not in PER_TOKEN_LOSS:
+        raise PrunelabError(f"unknown reconstruction loss {loss!r}")
+    return PER_TOKEN_LOSS[loss](pred.float(), target.float())
 
 
 def token_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,15 +1,20 @@
-"""Activations flowing through the decoder blocks during sequential calibration.
+"""Activations flowing through the decoder blocks: capture, streams, propagation, hooks on linears.
 
 Only the current block's inputs are resident: `BlockStream.hidden` holds them for every
 calibration window, and is overwritten in place by the block's outputs when the stream moves on.
+Everything that runs a half-block over the calibration windows (to accumulate statistics, to keep a
+linear's inputs, to propagate) lives here; what is done with the results lives in `prune/`,
+`structured/` and `recover/`.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import greenlet
 import torch
 from torch import nn
 
@@ -17,7 +22,7 @@ from .errors import PrunelabError
 from .models.adapters import Half, first_output
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by a hook to end a forward pass early once what it needs has been seen."""
 
 
@@ -46,7 +51,7 @@ class _Recorder(StandIn):
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((self.index, hidden_states, args, kwargs))
         if self.last:  # the final norm and LM head would only cost time and memory
-            raise _Stop
+            raise Stop
         return hidden_states
 
 
@@ -128,18 +133,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             sink.clear()
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
+            except Stop:
                 pass
             seen = {index for index, *_ in sink}
             if seen != set(range(len(originals))):
                 raise PrunelabError(f"the model's forward did not call every decoder block (called {sorted(seen)})")
             for index, h, args, kwargs in sink:
                 if args:
-                    raise PrunelabError(f"unsupported model: it passes positional arguments to its decoder blocks ({len(args)})")
+                    raise PrunelabError("unsupported model: it passes positional arguments to its decoder blocks "
+                                        f"({len(args)})")
                 if index == 0:
                     if hidden is None:
                         hidden = torch.empty((input_ids.shape[0], *h.shape[1:]), dtype=dtype, device=h.device)
-                    hidden[start:start + h.shape[0]] = h
+                    hidden[start : start + h.shape[0]] = h
                 block_kwargs[index].append(_cast(kwargs, dtype))
             token_masks.append(None if mask is None or bool(mask.all()) else mask.bool())
     finally:
@@ -149,8 +155,13 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
 
 
 @torch.no_grad()
-def run_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               batch_size: int):
+def run_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+):
     """Every calibration batch through every block in turn, without the LM head. Yields
     (block index, token mask of the batch or None, block input, block output), inputs in float32."""
     stream = capture_block_inputs(model, blocks, input_ids, attention_mask, batch_size, torch.float32)
@@ -181,17 +192,21 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
-def _check_finite(stats: dict[str, Any], index: int) -> None:
+def check_finite_stats(stats: dict[str, Any], index: int) -> None:
     for name, st in stats.items():
         if not st.is_finite():
-            raise PrunelabError(f"non-finite activations (NaN/inf) reach {name} of block {index}; "
-                                "the model's weights or inputs are broken")
+            raise PrunelabError(
+                f"non-finite activations (NaN/inf) reach {name} of block {index}; "
+                "the model's weights or inputs are broken"
+            )
 
 
 def _check_stream_finite(stream: BlockStream, half: Half, index: int) -> None:
     if not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
-                            "the model's weights or inputs are broken")
+        raise PrunelabError(
+            f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
+            "the model's weights or inputs are broken"
+        )
 
 
 @torch.no_grad()
@@ -217,13 +232,14 @@ def share_inputs(half: Half, linears: dict[str, nn.Linear], stream: BlockStream,
             leader_of.setdefault(name, last[1] if last[0] is x else name)
             last[:] = [x, leader_of[name]]
             if module is half.writer:
-                raise _Stop
+                raise Stop
+
         return hook
 
     handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
     try:
         half.run(stream.hidden[: stream.batch_size], stream.block_kwargs[index][0])
-    except _Stop:
+    except Stop:
         pass
     finally:
         for handle in handles:
@@ -234,8 +250,9 @@ def share_inputs(half: Half, linears: dict[str, nn.Linear], stream: BlockStream,
 
 
 @torch.no_grad()
-def collect_statistics(half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int,
-                       stats_cls) -> tuple[dict[str, Any], dict[str, str]]:
+def collect_statistics(
+    half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int, stats_cls
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Run the half over the whole stream, accumulating `stats_cls` of every linear's input.
 
     Used where routing decides which linears run (experts), so batches cannot advance in
@@ -256,6 +273,7 @@ def collect_statistics(half: Half, linears: dict[str, nn.Linear], stream: BlockS
                     stats[name] = stats_cls(x.shape[-1], x.device)
                 stats[name].add(_rows(x, state["mask"]))
             state["last"] = (x, leader)
+
         return hook
 
     handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
@@ -267,89 +285,88 @@ def collect_statistics(half: Half, linears: dict[str, nn.Linear], stream: BlockS
     finally:
         for handle in handles:
             handle.remove()
-    _check_finite(stats, index)
+    check_finite_stats(stats, index)
     for name in linears:
         leader_of.setdefault(name, name)
     return stats, leader_of
 
 
 @torch.no_grad()
-def prune_half_in_lockstep(half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int, stats_cls,
-                           leader_of: dict[str, str], prune_group: Callable[[list[str], Any], None],
-                           need_output: bool = True) -> None:
-    """Statistics, pruning and propagation of one half-block in a single forward pass.
+def linear_inputs(
+    half: Half, linear: nn.Module, stream: BlockStream, index: int, stats=None, keep: Arena | None = None
+) -> torch.Tensor | None:
+    """Run every batch of `stream` through `half` up to `linear` and stop there.
 
-    Every calibration batch runs the half in a greenlet. At the first linear of each group a batch
-    adds its input to the group's statistics and pauses; once all batches wait there, the
-    statistics are complete, `prune_group` prunes the group, and the batches resume, so it
-    computes with its pruned weights and later linears see pruned inputs ("true sequential").
-    At the residual-writing linear (o_proj, down_proj) each batch leaves its input and stops,
-    which frees everything else the batch held; once that linear is pruned it is applied to the
-    kept inputs and the results are added to the residual stream. Each matmul runs once.
+    The inputs reaching `linear` are added to `stats` (pad tokens left out) and, with `keep`, kept
+    for every window in one tensor allocated from that arena (returned). Earlier linears compute with
+    whatever weights they have now, so a pass after pruning them sees pruned inputs.
     """
-    main = greenlet.getcurrent()
-    writer = next(n for n, m in linears.items() if m is half.writer)
-    stop_at = leader_of[writer]
-    stats: dict[str, Any] = {}
-    # Inputs of the writer for all windows, in one block of memory: kept per batch, the many
-    # freed smaller tensors around them fragment the heap and raise peak memory by hundreds of MB.
-    writer_inputs: list[torch.Tensor | None] = [None]
+    kept: list[torch.Tensor] = []
     windows = stream.hidden.shape[0]
-    batch_of: dict[Any, tuple[int, slice]] = {}
 
-    def keep_writer_input(x: torch.Tensor, rows: slice) -> None:
-        count = min(rows.stop, windows) - rows.start
-        per_window = x.shape[0] // count
-        if writer_inputs[0] is None:
-            writer_inputs[0] = torch.empty((windows * per_window, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        writer_inputs[0][rows.start * per_window: rows.start * per_window + x.shape[0]] = x
+    def hook(module, args):
+        x = args[0]
+        if stats is not None:
+            stats.add(_rows(x, stream.token_masks[b]))
+        if keep is not None:
+            if not kept:
+                kept.append(keep.empty((windows, *x.shape[1:]), x.dtype, x.device))
+            kept[0][rows] = x
+        raise Stop
 
-    def writer_input(rows: slice) -> torch.Tensor:
-        per_window = writer_inputs[0].shape[0] // windows
-        return writer_inputs[0][rows.start * per_window: min(rows.stop, windows) * per_window]
-
-    def hook_for(name: str):
-        def hook(module, args):
-            if leader_of[name] != name:
-                return  # pruned with its leader, which read the same tensor
-            x, (b, rows) = args[0], batch_of[greenlet.getcurrent()]
-            if name not in stats:
-                stats[name] = stats_cls(x.shape[-1], x.device)
-            stats[name].add(_rows(x, stream.token_masks[b]))
-            if name == stop_at:
-                keep_writer_input(x, rows)
-                raise _Stop
-            main.switch(name)
-        return hook
-
-    def run_batch(b: int, rows: slice) -> str:
-        batch_of[greenlet.getcurrent()] = (b, rows)
-        try:
-            half.run(stream.hidden[rows], stream.block_kwargs[index][b])
-        except _Stop:
-            return "stopped"
-        raise PrunelabError(f"the {half.name} of block {index} returned without running its output projection {writer}")
-
-    def prune(name: str) -> None:
-        _check_finite({name: stats[name]}, index)
-        prune_group([n for n in linears if leader_of[n] == name], stats[name])
-
-    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in linears]
+    handle = linear.register_forward_pre_hook(hook)
     try:
-        workers = [greenlet.greenlet(run_batch) for _ in stream.batches()]
-        waiting = [worker.switch(b, rows) for worker, (b, rows) in zip(workers, stream.batches())]
-        while waiting[0] != "stopped":
-            if len(set(waiting)) != 1:
-                raise PrunelabError(f"block {index}: calibration batches ran different layers ({sorted(set(waiting))})")
-            prune(waiting[0])
-            waiting = [worker.switch() for worker in workers]
+        for b, rows in stream.batches():
+            try:
+                half.run(stream.hidden[rows], stream.block_kwargs[index][b])
+            except Stop:
+                continue
+            raise PrunelabError(
+                f"the {half.name} of block {index} returned without running one of its linears "
+                f"({type(linear).__name__} {tuple(linear.weight.shape)})"
+            )
     finally:
-        for handle in handles:
-            handle.remove()
-    prune(stop_at)
-    if need_output:
-        for _, rows in stream.batches():
-            stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_input(rows)))
-    writer_inputs.clear()
-    if need_output:
-        _check_stream_finite(stream, half, index)
+        handle.remove()
+    return kept[0] if kept else None
+
+
+class Arena:
+    """Where cached activations live: ordinary memory, or memory-mapped files (unlinked at once,
+    so nothing is left on disk whatever happens)."""
+
+    def __init__(self, on_disk: bool = False, folder: str | None = None):
+        self.on_disk, self.folder = on_disk, folder
+
+    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if not self.on_disk or device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        fd, path = tempfile.mkstemp(prefix="prunelab-activations-", dir=self.folder)
+        try:
+            os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return tensor.view(shape)
+
+    def clone(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = self.empty(tensor.shape, tensor.dtype, tensor.device)
+        out.copy_(tensor)
+        return out
+
+
+@torch.no_grad()
+def run_halves(
+    halves: list[Half], blocks: list[int], stream: BlockStream, out: torch.Tensor, name: str
+) -> torch.Tensor:
+    """The halves (of decoder blocks `blocks`, one index per half) applied in order to every window
+    of `stream`, batch by batch, written to `out`; `name` says which submodel in errors."""
+    for b, rows in stream.batches():
+        h = stream.hidden[rows]
+        for index, half in zip(blocks, halves):
+            h = half(h, stream.block_kwargs[index][b])
+        out[rows] = h
+    if not torch.isfinite(out).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave {name}; the model's weights or inputs are broken")
+    return out

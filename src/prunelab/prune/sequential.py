@@ -1,16 +1,18 @@
-"""The sequential pass, read top to bottom like the papers' procedure:
+"""The sequential pruning pass, read top to bottom like the papers' procedure:
 
     capture the inputs of block 0
     for each decoder block, for its attention half then its MLP half,
-        for each linear in the order the half runs them:
-            accumulate the statistics of the linear's inputs (hooks, pad tokens excluded)
-            prune it with the criterion and the pattern
-            let it compute with its pruned weights, feeding the next linear
-        the half's outputs (residual stream) are the next half's inputs
+        for each group of linears reading one input (q/k/v, o; gate/up, down), in the order the half runs them:
+            run every calibration batch through the half up to the group's first linear and stop there,
+            accumulating the statistics of that input (pad tokens excluded)
+            prune the group with the criterion and the pattern
+        the writer's inputs (o_proj, down_proj), kept from its statistics pass, give the half's outputs
+        (residual stream), which are the next half's inputs
 
-All calibration batches advance through a half in lockstep (`calibration.prune_half_in_lockstep`),
-so a block costs one forward pass. Halves with routed experts take two: statistics of the
-unpruned half, then the pruned half's outputs.
+Later groups see the inputs of already-pruned groups ("true sequential", as in the SparseGPT
+reference). Each pass stops at its group, so a half costs one forward pass plus its pre-norm once
+more per group. Halves with routed experts take two passes: statistics of the unpruned half (routing
+decides which expert linears a batch runs), then the pruned half's outputs.
 
 Data-free criteria (magnitude) skip the calibration entirely.
 """
@@ -24,13 +26,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_block_inputs, collect_statistics, propagate, prune_half_in_lockstep, share_inputs
-from .config import RunConfig
-from .errors import PrunelabError
-from .models.adapters import Adapter
-from .measure import release_memory
-from .models.loading import torch_dtype
-from .prune import CRITERIA, magnitude
+from ..activations import (
+    Arena,
+    BlockStream,
+    capture_block_inputs,
+    check_finite_stats,
+    collect_statistics,
+    linear_inputs,
+    propagate,
+    share_inputs,
+)
+from ..config import RunConfig
+from ..errors import PrunelabError
+from ..measure import release_memory
+from ..models.adapters import Adapter, Half
+from ..models.loading import torch_dtype
+from . import CRITERIA, magnitude
 
 
 def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
@@ -43,6 +54,12 @@ def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
                 if linear.in_features % nm[1]:
                     raise PrunelabError(f"pattern {nm[0]}:{nm[1]} does not divide layer {i}.{name}: "
                                         f"{linear.in_features} inputs is not a multiple of {nm[1]}")
+
+
+def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
+    orphans = [n for n, m in linears.items() if not any(h.owns(m) for h in halves)]
+    if orphans:
+        raise PrunelabError(f"{adapter.family} adapter: block {index} has linears in neither half: {orphans}")
 
 
 class HalfPruner:
@@ -60,8 +77,8 @@ class HalfPruner:
         """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
         (a lower-precision running copy) receive the same pruned weights."""
         weights = [linears[name].weight.data for name in names]
-        if stats is None and self.stats_cls is not None:
-            # No calibration token reached these layers (an expert never routed to).
+        if self.stats_cls is not None and (stats is None or stats.tokens == 0):
+            # No calibration token reached these layers (an expert never routed to, or only pad tokens).
             pruned, _ = magnitude(weights, None, self.sparsity, self.nm)
             info = {"fallback": "magnitude: no calibration tokens reached this layer"}
         else:
@@ -71,10 +88,17 @@ class HalfPruner:
             if mirrors is not None:
                 mirrors[name].weight.data.copy_(new_weight)
             self.records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
-                                 "tokens": stats.tokens if stats is not None else 0, **info})
+                                 "tokens": 0 if stats is None else stats.tokens, **info})
 
-    def prune_half(self, index: int, half, linears: dict[str, nn.Linear], stream, need_output: bool,
-                   originals: dict[str, nn.Linear] | None = None) -> None:
+    def groups(self, half: Half, members: dict[str, nn.Linear], stream: BlockStream, index: int) -> dict[str, str]:
+        """{linear: the first linear of its group}, in the order the half runs them (cached per structure)."""
+        key = tuple(members)
+        if key not in self.group_cache:
+            self.group_cache[key] = share_inputs(half, members, stream, index)
+        return self.group_cache[key]
+
+    def prune_half(self, index: int, half: Half, linears: dict[str, nn.Linear], stream: BlockStream,
+                   need_output: bool, originals: dict[str, nn.Linear] | None = None) -> None:
         """Statistics from `stream` (the half's inputs), pruning, and, if needed, the half's outputs
         written over `stream`. `linears` are the ones the half runs; where the half runs on a copy,
         `originals` are the model's own linears, which are the ones pruned (in their own precision)."""
@@ -92,10 +116,7 @@ class HalfPruner:
             if need_output:
                 propagate(half, stream, index)
         elif half.writer is not None:
-            groups = self.group_cache.get(tuple(members)) or share_inputs(half, members, stream, index)
-            self.group_cache[tuple(members)] = groups
-            prune_half_in_lockstep(half, members, stream, index, self.stats_cls, groups, prune_group,
-                                   need_output=need_output)
+            self._prune_in_order(half, members, stream, index, prune_group, need_output)
         else:  # routing decides which experts run: all statistics first, then prune, then propagate
             stats, leader_of = collect_statistics(half, members, stream, index, self.stats_cls)
             for leader in dict.fromkeys(leader_of.values()):
@@ -103,11 +124,28 @@ class HalfPruner:
             if need_output:
                 propagate(half, stream, index)
 
-
-def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
-    orphans = [n for n, m in linears.items() if not any(h.owns(m) for h in halves)]
-    if orphans:
-        raise PrunelabError(f"{adapter.family} adapter: block {index} has linears in neither half: {orphans}")
+    @torch.no_grad()
+    def _prune_in_order(self, half: Half, members: dict[str, nn.Linear], stream: BlockStream, index: int,
+                        prune_group, need_output: bool) -> None:
+        """One statistics pass per group, each stopping at the group's first linear; the last group is
+        the writer's, whose inputs are kept to compute the half's outputs once it is pruned."""
+        leader_of = self.groups(half, members, stream, index)
+        writer = next(n for n, m in members.items() if m is half.writer)
+        writer_inputs = None
+        for leader in dict.fromkeys(leader_of.values()):
+            linear = members[leader]
+            stats = self.stats_cls(linear.in_features, linear.weight.device)
+            keep = Arena() if leader == leader_of[writer] and need_output else None
+            kept = linear_inputs(half, linear, stream, index, stats, keep)
+            writer_inputs = kept if keep is not None else writer_inputs
+            check_finite_stats({leader: stats}, index)
+            prune_group([n for n in members if leader_of[n] == leader], stats)
+        if need_output:
+            for _, rows in stream.batches():
+                stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_inputs[rows]))
+            if not torch.isfinite(stream.hidden).all():
+                raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
+                                    "the model's weights or inputs are broken")
 
 
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,
@@ -121,7 +159,8 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     if pruner.stats_cls is not None:
         if input_ids is None:
             raise PrunelabError(f"{config.method} needs calibration data")
-        stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.batch_size, compute_dtype)
+        stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.forward_batch,
+                                      compute_dtype)
 
     for index, block in enumerate(tqdm(adapter.blocks, desc=f"{config.method} {config.target_label}", unit="block",
                                        disable=not progress)):

@@ -1,0 +1,184 @@
+"""One submodel's recovery step, shared by every reconstruction (after zeroing weights and after
+removing structure):
+
+    fit:      losses before (on training and held-out windows), then train its parameters at the
+              learning rate(s) the `LearningRate` policy says, keeping the best on held-out windows
+    outputs:  its outputs on both window sets (the next submodel's inputs) and its losses after
+
+`Trainer` holds what carries from one submodel to the next: the learning-rate choice and the seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..activations import BlockStream, run_halves
+from ..config import RunConfig
+from ..models.adapters import Half
+from .loop import Trainable, evaluate, fit, token_loss
+
+SPLITS = ("train", "heldout")
+
+
+def trainable_parameters(half: Half, freeze_norms: bool) -> list[nn.Parameter]:
+    if not freeze_norms:
+        return half.parameters()
+    # Only the linears (and their biases): every norm is frozen, also those inside attention (q/k norms).
+    linear = {id(p) for module in half.modules for m in module.modules() if isinstance(m, nn.Linear)
+              for p in m.parameters()}
+    return [p for p in half.parameters() if id(p) in linear]
+
+
+def stream_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream) -> float:
+    """The loss over every non-pad token of the stream's windows, from outputs already computed."""
+    total, tokens = 0.0, 0
+    for b, rows in stream.batches():
+        mask = stream.token_masks[b]
+        count = int(mask.sum()) if mask is not None else pred[rows].shape[0] * pred[rows].shape[1]
+        total += token_loss(loss, pred[rows], target[rows], mask).item() * count
+        tokens += count
+    return total / max(tokens, 1)
+
+
+@dataclass
+class SubmodelProblem:
+    """A submodel (half-blocks of the decoder blocks `blocks`) against its targets on each window set
+    (see loop.Problem)."""
+
+    halves: list[Half]
+    blocks: list[int]  # the decoder block of each half
+    inputs: dict[str, BlockStream]
+    targets: dict[str, torch.Tensor]
+
+    def windows(self, split: str) -> int:
+        return self.inputs[split].hidden.shape[0]
+
+    def batch(self, split, windows):
+        stream, rows = self.inputs[split], windows.tolist()
+        h = stream.hidden[windows]
+        for index, half in zip(self.blocks, self.halves):
+            h = half(h, stream.window_kwargs(index, rows))
+        return h, self.targets[split][windows], stream.window_token_mask(rows)
+
+
+@dataclass
+class LinearProblem:
+    """One linear layer's outputs against its dense outputs (`matrix` granularity)."""
+
+    linear: nn.Module
+    inputs: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    streams: dict[str, BlockStream]  # for the windows' pad masks
+
+    def windows(self, split: str) -> int:
+        return self.inputs[split].shape[0]
+
+    def batch(self, split, windows):
+        return (self.linear(self.inputs[split][windows]), self.targets[split][windows],
+                self.streams[split].window_token_mask(windows.tolist()))
+
+
+def _log_mean(ratios: list[float]) -> float:
+    return sum(math.log(r) for r in ratios) / len(ratios)
+
+
+@dataclass
+class LearningRate:
+    """A fixed lr, or `auto`: each lr of the grid is tried on the first `probe` problems (each keeps
+    its best), and the one with the lowest geometric-mean held-out loss ratio serves the rest."""
+
+    fixed: float | None
+    grid: tuple[float, ...]
+    probe: int
+    ratios: dict[float, list[float]] = field(default_factory=dict)
+    chosen: float | None = None
+
+    def candidates(self) -> tuple[float, ...]:
+        if self.fixed is not None:
+            return (self.fixed,)
+        return (self.chosen,) if self.chosen is not None else self.grid
+
+    def tried(self, held_before: float, held_after: dict[float, float]) -> None:
+        for lr, loss in held_after.items():
+            self.ratios.setdefault(lr, []).append(max(loss, 1e-30) / max(held_before, 1e-30))
+        if len(next(iter(self.ratios.values()))) >= self.probe:
+            self.chosen = min(self.ratios, key=lambda lr: _log_mean(self.ratios[lr]))
+
+    def summary(self) -> dict:
+        if self.fixed is not None:
+            return {"mode": "fixed", "lr": self.fixed}
+        scores = {f"{lr:g}": math.exp(_log_mean(rs)) for lr, rs in self.ratios.items()}
+        # fewer problems than `probe` (a few blocks next to layer cuts): every one was probed and kept its
+        # own best; the lr reported is the best over them
+        best = self.chosen
+        if best is None and self.ratios:
+            best = min(self.ratios, key=lambda lr: _log_mean(self.ratios[lr]))
+        return {"mode": "auto", "grid": list(self.grid), "probed_problems": len(next(iter(self.ratios.values()), [])),
+                "heldout_loss_ratio_geomean": scores, "lr": best, "every_problem_probed": self.chosen is None}
+
+
+class Trainer:
+    """Trains one problem after another at a fixed learning rate or the one `auto` settles on."""
+
+    def __init__(self, config: RunConfig):
+        self.rc, self.seed = config.reconstruct, config.seed
+        rc = self.rc
+        self.lr = LearningRate(None if rc.lr == "auto" else float(rc.lr), tuple(rc.lr_grid), rc.lr_probe)
+        self.forward_batch = config.forward_batch
+        self.problems = 0
+
+    def evaluate(self, problem, split: str) -> float:
+        return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
+
+    def train(self, problem, trainable: Trainable, held_before: float) -> dict:
+        """Train at each candidate lr from the same start and keep the best on the held-out windows;
+        keep the start instead when every candidate made the held-out loss worse."""
+        rc = self.rc
+        seed = self.seed * 100_003 + self.problems
+        self.problems += 1
+        candidates = self.lr.candidates()
+        kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
+                      weight_decay=rc.weight_decay, seed=seed)
+        start, best, held_after = trainable.snapshot(), None, {}
+        for lr in candidates:
+            trainable.restore(start)
+            result = fit(trainable, problem, lr, **kwargs)
+            held_after[lr] = self.evaluate(problem, "heldout")
+            if best is None or held_after[lr] < held_after[best[0]]:
+                best = (lr, trainable.snapshot())
+        trainable.restore(best[1])
+        record = {"lr": best[0], "steps": result["steps"], "trainable": trainable.count()}
+        if len(candidates) > 1:
+            self.lr.tried(held_before, held_after)
+            record["lr_probe"] = {f"{lr:g}": loss for lr, loss in held_after.items()}
+        if held_after[best[0]] > held_before:
+            # A submodel already (nearly) at its target: AdamW's first steps overshoot what little error
+            # is left, and the held-out windows say so. Training it would only degrade the model.
+            trainable.restore(start)
+            record["kept_untrained"] = True
+        return record
+
+    def fit(self, problem: SubmodelProblem, trainable: Trainable, before: dict[str, float] | None = None) -> dict:
+        """Losses before (unless a pass already made gave them: pruning computes the outputs anyway),
+        then training; returns the submodel's record so far."""
+        if before is None:
+            before = {s: self.evaluate(problem, s) for s in SPLITS}
+        record = self.train(problem, trainable, before["heldout"])
+        record.update({f"loss_{s}_before": before[s] for s in SPLITS})
+        return record
+
+    def outputs(self, problem: SubmodelProblem, record: dict, name: str,
+                buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trained submodel's outputs on both window sets (into `buffers` if given), and its losses
+        after training added to `record`."""
+        out = {}
+        for s in SPLITS:
+            stream = problem.inputs[s]
+            buffer = buffers[s] if buffers is not None else torch.empty_like(stream.hidden)
+            out[s] = run_halves(problem.halves, problem.blocks, stream, buffer, name)
+            record[f"loss_{s}_after"] = stream_loss(self.rc.loss, out[s], problem.targets[s], stream)
+        return out

@@ -1,0 +1,272 @@
+"""Bad input never corrupts anything: each class of bad input gets a one-line error naming the key or
+file, before the expensive work where it can be checked, and nothing is lost or left behind."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from tiny import random_ids, tiny_model
+from typer.testing import CliRunner
+
+import prunelab
+from prunelab.cli import app
+from prunelab.config import RunConfig
+from prunelab.errors import PrunelabError
+from prunelab.files import MARKER, atomic_dir
+from prunelab.measure import python_argv
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    text = " ".join(result.output.split())
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit), \
+        result.output
+    return result.exit_code, text
+
+
+def base_args(tiny_dir, texts, out):
+    calib, evaluation = texts
+    return ["run", "--model", tiny_dir, "--calib", calib, "--eval", evaluation, "--samples", "4", "--seqlen", "16",
+            "--eval-seqlen", "16", "--eval-windows", "2", "--out", out]
+
+
+# --- 1. config values are type-checked, in files and in the API alike --------------------------------
+
+@pytest.mark.parametrize("values, key", [
+    ({"overwrite": "false"}, "overwrite must be true or false, got 'false'"),
+    ({"sparsegpt": 5}, "sparsegpt must be a mapping"),
+    ({"reconstruct": 5}, "reconstruct must be a mapping"),
+    ({"reconstruct": {"lr_grid": "1e-3"}}, "reconstruct.lr_grid must be a list of numbers"),
+    ({"model": 123}, "model must be a string, got 123"),
+    ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
+    ({"threads": "2"}, "threads must be an integer or null, got '2'"),
+    ({"samples": 4.5}, "samples must be an integer, got 4.5"),
+    ({"eval_windows": 2.5}, "eval_windows must be an integer, got 2.5"),
+    ({"threads": -1}, "threads must be a positive integer"),
+    ({"out": ""}, "out must not be empty"),
+    ({"reconstruct": {"freeze_norms": "no"}}, "reconstruct.freeze_norms must be true or false"),
+    ({"depth": {"remove": True}}, "depth.remove must be an integer, got True"),
+])
+def test_config_values_of_the_wrong_type_are_refused_naming_the_key(values, key):
+    with pytest.raises(PrunelabError) as raised:
+        RunConfig.from_dict(values)
+    assert key in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers():
+    # PyYAML reads 1e-3 (no dot) as a string; a float option takes it as the number it spells
+    cfg = RunConfig.from_dict(yaml.safe_load("reconstruct: {lr: 1e-3, lr_grid: [1e-4, 1e-3]}\nsparsity: 0.6"))
+    assert cfg.reconstruct.lr == 1e-3 and cfg.reconstruct.lr_grid == (1e-4, 1e-3) and cfg.sparsity == 0.6
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", 'overwrite: "false"\n'), (".toml", 'overwrite = "false"\n')])
+def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_dir, texts, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*base_args(tiny_dir, texts, out), "--reconstruct", "none")[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    config = tmp_path / f"run{suffix}"
+    config.write_text(text)
+    code, output = cli(*base_args(tiny_dir, texts, out), "--config", config)
+    assert code == 2 and "overwrite must be true or false, got 'false' (a str)" in output
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr-grid", "abc"], "--lr-grid must be a list of numbers"),
+    (["--threads", "-1"], "threads must be a positive integer"),
+    (["--out", ""], "out must not be empty"),
+    (["--lr", "fast"], "reconstruct.lr must be a positive number or 'auto', got 'fast'"),
+])
+def test_bad_flags_give_one_line_errors(args, message, tiny_dir, texts, tmp_path):
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), *args)
+    assert code == 2 and message in output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_runs_prunelab_json_redoes_the_run(tiny_dir, texts, tmp_path):
+    first = tmp_path / "first"
+    assert cli(*base_args(tiny_dir, texts, first), "--method", "magnitude", "--sparsity", "0.3", "--reconstruct",
+               "none")[0] == 0
+    again = tmp_path / "again"
+    code, output = cli("run", "--config", first / "prunelab.json", "--out", again)
+    assert code == 0, output
+    one, two = (json.loads((d / "prunelab.json").read_text()) for d in (first, again))
+    assert {k: v for k, v in one["config"].items() if k != "out"} == {
+        k: v for k, v in two["config"].items() if k != "out"
+    }
+    assert one["metrics"]["pruned"]["perplexity"] == pytest.approx(two["metrics"]["pruned"]["perplexity"], rel=1e-6)
+
+
+# --- 2. token ids through the API ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda ids: (ids, torch.zeros_like(ids)), "marks every token of window(s) [0, 1, 2, 3, 4] as padding"),
+        (lambda ids: (ids + 1000, None), "outside the model's vocabulary [0, 256)"),
+        (lambda ids: (ids.float(), None), "must hold integer token ids"),
+        (lambda ids: (ids[0], None), "must be [windows, seqlen] token ids"),
+        (lambda ids: (ids, torch.ones(8, 31, dtype=torch.long)), "attention_mask must have the shape of calibration"),
+        (lambda ids: (ids, torch.full_like(ids, 2)), "1 at real tokens and 0 at padding"),
+    ],
+)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bad_token_ids_are_refused_and_the_model_is_untouched(make, message, method):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = make(random_ids(8, 32))
+    with pytest.raises(PrunelabError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        prunelab.prune(model, calibration=ids, attention_mask=mask, method=method, reconstruct="none", progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# --- 3–7, 12. the output folder ----------------------------------------------------------------------
+
+
+def test_overwrite_refuses_the_current_directory(tiny_dir, texts, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert cli(*base_args(tiny_dir, texts, run), "--reconstruct", "none")[0] == 0
+    monkeypatch.chdir(run)
+    code, output = cli(*base_args(tiny_dir, texts, "."), "--reconstruct", "none", "--overwrite")
+    assert code == 2 and "it is (or holds) the current directory" in output
+    assert (run / "prunelab.json").exists() and not list(tmp_path.glob(".*old-*"))
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tiny_dir, texts, tmp_path, monkeypatch):
+    import prunelab.job
+
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "file"), "--overwrite")
+    assert code == 2 and "exists and is not a folder" in output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        code, output = cli(*base_args(tiny_dir, texts, locked / "out"))
+        assert code == 2 and "is not a writable folder" in output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_old_run(tiny_dir, texts, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert cli(*base_args(tiny_dir, texts, run), "--reconstruct", "none")[0] == 0
+    before = (run / "model.safetensors").read_bytes()
+
+    def full(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
+    code, output = cli(*base_args(tiny_dir, texts, run), "--reconstruct", "none", "--overwrite")
+    assert code == 2 and "no space left on the device while writing" in output
+    assert (run / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_temporaries_of_dead_runs_are_cleaned_and_outputs_are_readable(tmp_path):
+    final = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".out.tmp-abc"
+    stale.mkdir()
+    (stale / MARKER).write_text(str(dead.pid))
+    (stale / "model.safetensors").write_text("half")
+    alive = tmp_path / ".out.tmp-live"  # a run still going (this process) is left alone
+    alive.mkdir()
+    (alive / MARKER).write_text(str(os.getpid()))
+    old_umask = os.umask(0o022)
+    try:
+        with atomic_dir(final) as tmp:
+            (tmp / "x").write_text("y")
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists() and alive.exists()
+    assert (final.stat().st_mode & 0o777) == 0o755
+
+
+def test_empty_out_refused_by_the_api():
+    with pytest.raises(PrunelabError, match="out must not be empty"):
+        prunelab.run(out="")
+
+
+# --- 5. the allocator re-exec does not run files of the current directory -----------------------------
+
+
+def test_relaunch_ignores_modules_in_the_current_directory(tmp_path):
+    (tmp_path / "typer.py").write_text("open('executed', 'w').write('yes')\n")
+    done = subprocess.run(
+        [*python_argv("import typer; print(typer.__file__)")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and not (tmp_path / "executed").exists()
+    assert str(tmp_path) not in done.stdout
+
+
+# --- 8, 10. data and model files, checked before the expensive work -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("binary.txt", b"\x00\x01\xff\xfe" * 100, "is not UTF-8 text"),
+        ("numbers.jsonl", b'{"text": 5}\n', "expected a JSON object with a 'text' string"),
+        ("fake.parquet", b"not parquet at all", "is not a readable Parquet file"),
+    ],
+)
+def test_bad_calibration_files_fail_before_the_model_loads(name, content, message, texts, tmp_path):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    # the model path does not exist: an error about the text proves the text was read first
+    code, output = cli(
+        "run", "--model", tmp_path / "no-model", "--calib", bad, "--eval", texts[1], "--out", tmp_path / "o"
+    )
+    assert code == 2 and message in output and str(bad) in output
+
+
+def test_corrupt_safetensors_is_one_line_in_run_and_eval(tiny_dir, texts, tmp_path):
+    weights = tiny_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"))
+    assert code == 2 and "cannot load model" in output and "model.safetensors" in output
+    code, output = cli("eval", "--model", tiny_dir, "--eval", texts[1], "--eval-seqlen", "16")
+    assert code == 2 and "cannot load model" in output
+
+
+def test_windows_longer_than_the_model_allows_are_refused(tiny_dir, texts, tmp_path):
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), "--eval-seqlen", "4096")
+    assert code == 2 and "eval_seqlen 4096 exceeds the model's max_position_embeddings 1024" in output
+
+
+def test_a_copy_of_the_calibration_text_is_not_evaluation_text(tiny_dir, texts, tmp_path):
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(texts[0].read_bytes())
+    code, output = cli(*base_args(tiny_dir, (texts[0], copy), tmp_path / "o"))
+    assert code == 2 and "hold the same text" in output
+
+
+def test_nan_weights_are_refused_even_for_magnitude(tiny_dir, texts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tiny_dir)
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), "--method", "magnitude", "--reconstruct", "none")
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight holds NaN or inf" in output
+    assert not (tmp_path / "o").exists()
+
+
+def test_heldout_zero_is_fine_without_reconstruction():
+    assert RunConfig(reconstruct={"granularity": "none", "heldout": 0}).reconstruct.heldout == 0
+    with pytest.raises(PrunelabError, match="reconstruct.heldout must be >= 1"):
+        RunConfig(reconstruct={"heldout": 0})
