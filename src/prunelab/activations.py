@@ -201,12 +201,11 @@ def check_finite_stats(stats: dict[str, Any], index: int) -> None:
             )
 
 
-def _check_stream_finite(stream: BlockStream, half: Half, index: int) -> None:
-    if not torch.isfinite(stream.hidden).all():
-        raise PrunelabError(
-            f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
-            "the model's weights or inputs are broken"
-        )
+def check_finite(output: torch.Tensor, where: str) -> None:
+    """Called on each batch's outputs: `torch.isfinite` of a whole stream would take about twice the
+    stream's size in temporaries (measured: +0.28 GB on SmolLM2's 128 × 512 windows)."""
+    if not torch.isfinite(output).all():
+        raise PrunelabError(f"non-finite activations (NaN/inf) leave {where}; the model's weights or inputs are broken")
 
 
 @torch.no_grad()
@@ -214,7 +213,7 @@ def propagate(half: Half, stream: BlockStream, index: int) -> None:
     """Replace the stream's hidden states by the half's outputs, batch by batch, in place."""
     for b, rows in stream.batches():
         stream.hidden[rows] = half(stream.hidden[rows], stream.block_kwargs[index][b])
-    _check_stream_finite(stream, half, index)
+        check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
 
 
 @torch.no_grad()
@@ -366,7 +365,6 @@ def run_halves(
         h = stream.hidden[rows]
         for index, half in zip(blocks, halves):
             h = half(h, stream.block_kwargs[index][b])
+        check_finite(h, name)
         out[rows] = h
-    if not torch.isfinite(out).all():
-        raise PrunelabError(f"non-finite activations (NaN/inf) leave {name}; the model's weights or inputs are broken")
     return out

@@ -30,6 +30,7 @@ from ..activations import (
     Arena,
     BlockStream,
     capture_block_inputs,
+    check_finite,
     check_finite_stats,
     collect_statistics,
     linear_inputs,
@@ -143,9 +144,7 @@ class HalfPruner:
         if need_output:
             for _, rows in stream.batches():
                 stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_inputs[rows]))
-            if not torch.isfinite(stream.hidden).all():
-                raise PrunelabError(f"non-finite activations (NaN/inf) leave the {half.name} of block {index}; "
-                                    "the model's weights or inputs are broken")
+                check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
 
 
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,

@@ -1,0 +1,137 @@
+"""GPU check: models built from configs (random weights), no downloads.
+
+1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4) and reconstructed (attn-mlp, fixed lr) on
+   the CPU and on the GPU from the same weights and windows: share of equal mask entries, relative
+   perplexity difference on held-out random windows.
+2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
+   blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction, each stage's seconds and CUDA peak.
+3. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
+   stages carry `cuda_peak_gb`.
+
+    PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
+
+Prints one line per measurement; the results go into docs/RESULTS.md (GPU section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import prunelab  # noqa: E402
+from prunelab.measure import stage  # noqa: E402
+from prunelab.models.adapters import find_adapter  # noqa: E402
+
+
+def llama(hidden: int, inter: int, heads: int, kv: int, layers: int, vocab: int, seed: int = 0):
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                      num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=layers,
+                                      max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def ppl(model, ids: torch.Tensor) -> float:
+    return prunelab.perplexity(model, ids, progress=False)["perplexity"]
+
+
+def agreement(device: str) -> None:
+    base = llama(256, 512, 8, 4, 2, 512)
+    ids = torch.randint(0, 512, (24, 128), generator=torch.Generator().manual_seed(1))
+    test = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(2))
+    targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
+    for method, target in ((m, t) for t in targets for m in ("wanda", "sparsegpt")):
+        for recon in ("none", "attn-mlp"):
+            models = {}
+            for where in ("cpu", device):
+                model = copy.deepcopy(base).to(where)
+                options = dict(method=method, forward_batch=8, progress=False, **target)
+                options["reconstruct"] = "none" if recon == "none" else {"lr": 1e-3, "heldout": 4}
+                prunelab.prune(model, calibration=ids, **options)
+                models[where] = model
+            cpu, gpu = (find_adapter(models[d]).prunable_weights() for d in ("cpu", device))
+            equal = sum(int(((cpu[k] == 0) == (gpu[k].cpu() == 0)).sum()) for k in cpu)
+            same = equal / sum(v.numel() for v in cpu.values())
+            p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
+            print(f"agreement {method} {target} reconstruct={recon}: masks equal {same:.4%}, "
+                  f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
+
+
+def shapes(blocks: int, windows: int, seqlen: int, device: str) -> None:
+    ids = torch.randint(0, 32000, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    for method, recon in (("wanda", "none"), ("sparsegpt", "none"), ("wanda", "attn-mlp")):
+        model = llama(4096, 11008, 32, 32, blocks, 32000).to(device)
+        stages: dict = {}
+        options = {"reconstruct": "none"} if recon == "none" else {"reconstruct": {"lr": 1e-3, "heldout": 8}}
+        with stage("prune", stages):
+            prunelab.prune(model, calibration=ids, method=method, sparsity=0.5, forward_batch=8, progress=False,
+                           **options)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        entry = stages["prune"]
+        per_block = entry["seconds"] / blocks
+        print(f"7B-shaped, {blocks} blocks, {windows} x {seqlen} tokens, {method} 50 % + {recon}: "
+              f"{entry['seconds']:.1f} s ({per_block:.2f} s/block, {32 * per_block:.0f} s for 32 blocks), "
+              f"CUDA peak {entry.get('cuda_peak_gb', math.nan):.2f} GB", flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def whole_job(device: str) -> None:
+    from conftest import TEXT, make_tokenizer
+    from tiny import tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "tiny"
+        tiny_model("llama").save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+        (Path(tmp) / "calib.txt").write_text(TEXT)
+        (Path(tmp) / "eval.txt").write_text(TEXT[::-1])
+        report = prunelab.run(model=str(folder), calib=str(Path(tmp) / "calib.txt"), eval=str(Path(tmp) / "eval.txt"),
+                              samples=16, seqlen=64, eval_seqlen=64, eval_windows=4, device=device,
+                              out=str(Path(tmp) / "out"), progress=False)
+        print(f"whole job on {device}: stages " + json.dumps({k: {"s": v["seconds"], "cuda_gb": v.get("cuda_peak_gb")}
+                                                         for k, v in report["stages"].items()}), flush=True)
+        print(f"whole job on {device}: perplexity {report['metrics']['dense']['perplexity']:.2f} -> "
+              f"{report['metrics']['pruned']['perplexity']:.2f}, sparsity {report['sparsity']['sparsity']:.4f}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["agreement", "shapes", "job"])
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}", flush=True)
+    started = time.perf_counter()
+    if "job" not in args.skip:
+        whole_job(args.device)
+    if "agreement" not in args.skip:
+        agreement(args.device)
+    if "shapes" not in args.skip:
+        shapes(args.blocks, args.windows, args.seqlen, args.device)
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
