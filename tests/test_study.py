@@ -32,6 +32,21 @@ def test_bad_grid_is_refused_before_any_run(tmp_path):
         plan(grid)
     with pytest.raises(PrunelabError, match="unknown study key"):
         plan(write_grid(tmp_path / "h.yaml", {"grids": {}}))
+    with pytest.raises(PrunelabError, match="base and grid must be mappings"):
+        plan(write_grid(tmp_path / "i.yaml", {"grid": [{"method": ["wanda"]}]}))
+    with pytest.raises(PrunelabError, match="grid values must be non-empty lists .* method is not"):
+        plan(write_grid(tmp_path / "j.yaml", {"grid": {"method": "wanda"}}))
+    with pytest.raises(PrunelabError, match="runs must be a list of mappings"):
+        plan(write_grid(tmp_path / "k.yaml", {"runs": {"method": "wanda"}}))
+
+
+def test_a_study_without_evaluation_tables_its_runs(tmp_path, tiny_dir, texts):
+    base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": "none", "samples": 4, "seqlen": 16,
+            "threads": 1, "reconstruct": "none"}
+    grid = write_grid(tmp_path / "g.yaml", {"base": base, "grid": {"method": ["magnitude", "wanda"]}})
+    results = run_study(grid, tmp_path / "study", progress=False)
+    assert [r["perplexity"] for r in results] == [None, None]
+    assert "| magnitude | 50% | none | – | – | – | – |" in (tmp_path / "study" / "STUDY.md").read_text()
 
 
 def test_study_runs_each_point_once_and_writes_one_table(tmp_path, tiny_dir, texts):

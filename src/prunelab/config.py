@@ -307,8 +307,6 @@ class RunConfig(Checked):
         return cls.from_dict(values)
 
 
-SECTIONS = {cls.section: cls for cls in (SparseGPTConfig, ReconstructConfig, DepthConfig, WidthConfig)}
-
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))

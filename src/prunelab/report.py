@@ -167,24 +167,19 @@ def _submodel_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _parameters_line(structure: dict) -> str:
+    saved = f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else ""
+    return f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}{saved}."
+
+
 def _depth_markdown(structure: dict) -> list[str]:
-    lines = [
-        "",
-        "## Layer removal",
-        "",
-        f"Metric `{structure['metric']}`, "
-        f"{'one shot' if structure['one_shot'] else 'iterative (re-scored after each removal)'}, "
-        f"magnitude compensation {'on' if structure['compensation'] else 'off'}"
-        + (f" (LM head: {structure['head']})" if structure.get("head") else "")
-        + ". "
-        "Blocks are numbered as in the dense model; lower scores are removed first.",
-        f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
-        + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "")
-        + ".",
-        "",
-        "| round | removed | compensation s | scores |",
-        "|---|---|---|---|",
-    ]
+    rounds = "one shot" if structure["one_shot"] else "iterative (re-scored after each removal)"
+    head = f" (LM head: {structure['head']})" if structure.get("head") else ""
+    lines = ["", "## Layer removal", "",
+             f"Metric `{structure['metric']}`, {rounds}, magnitude compensation "
+             f"{'on' if structure['compensation'] else 'off'}{head}. Blocks are numbered as in the dense model; "
+             "lower scores are removed first.", _parameters_line(structure),
+             "", "| round | removed | compensation s | scores |", "|---|---|---|---|"]
     for number, step in enumerate(structure["steps"], 1):
         scale = step["scale"]
         scale = "–" if scale is None else ", ".join(f"{v:.4f}" for v in (scale if isinstance(scale, list) else [scale]))
@@ -194,24 +189,13 @@ def _depth_markdown(structure: dict) -> list[str]:
 
 
 def _width_markdown(structure: dict) -> list[str]:
-    lines = [
-        "",
-        "## Width removal (FLAP)",
-        "",
-        f"Structure `{structure['structure']}`, ratio {structure['ratio']:.0%} of the attention and MLP parameters, "
-        f"bias compensation {'on' if structure['bias_compensation'] else 'off'}. Attention is pruned by whole KV "
-        "groups (a KV head with its query heads).",
-        f"Parameters {structure['parameters_before']:,} → {structure['parameters_after']:,}"
-        + (f" ({structure['parameters_saved']:,} in the saved files)" if "parameters_saved" in structure else "")
-        + ".",
-        "",
-        "| layer | units kept / total | unit |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {r['layer']} | {r['units'] - r['removed']} / {r['units']} | {r['unit']} |" for r in structure["layers"]
-    ]
-    return lines
+    compensation = "on" if structure["bias_compensation"] else "off"
+    return ["", "## Width removal (FLAP)", "",
+            f"Structure `{structure['structure']}`, ratio {structure['ratio']:.0%} of the attention and MLP "
+            f"parameters, bias compensation {compensation}. Attention is pruned by whole KV groups (a KV head with "
+            "its query heads).", _parameters_line(structure), "", "| layer | units kept / total | unit |",
+            "|---|---|---|", *(f"| {r['layer']} | {r['units'] - r['removed']} / {r['units']} | {r['unit']} |"
+                               for r in structure["layers"])]
 
 
 def plot_reconstruction(report: dict, path: Path) -> bool:

@@ -36,8 +36,6 @@ from .errors import PrunelabError
 from .job import run_job
 from .measure import malloc_tuning_env, python_argv
 
-COLUMNS = ("method", "pattern", "granularity", "propagation", "loss", "lr")
-
 
 def _nest(flat: dict) -> dict:
     nested: dict = {}

@@ -98,7 +98,7 @@ def schedule(steps: int, warmup: float) -> Callable[[int], float]:
 
 def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: int, batch_size: int,
         warmup: float, weight_decay: float, seed: int, on_step: Callable[[], None] | None = None) -> dict:
-    """Train `trainable` on the problem's training windows; returns {"steps", "loss_last_epoch"}."""
+    """Train `trainable` on the problem's training windows; returns {"steps"}."""
     windows = problem.windows("train")
     steps_per_epoch = math.ceil(windows / batch_size)
     steps = epochs * steps_per_epoch
@@ -107,10 +107,9 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
     optimizer = torch.optim.AdamW(trainable.params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, warmup))
     generator = torch.Generator().manual_seed(seed)
-    last_epoch = 0.0
     try:
         for _ in range(epochs):
-            order, last_epoch = torch.randperm(windows, generator=generator), 0.0
+            order = torch.randperm(windows, generator=generator)
             for start in range(0, windows, batch_size):
                 pred, target, mask = problem.batch("train", order[start:start + batch_size])
                 value = token_loss(loss, pred, target, mask)
@@ -125,14 +124,13 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                 optimizer.step()
                 scheduler.step()
                 trainable.enforce_mask()
-                last_epoch += value.item() / steps_per_epoch
                 if on_step is not None:
                     on_step()
     finally:
         for p in trainable.params:
             p.requires_grad_(False)
             p.grad = None
-    return {"steps": steps, "loss_last_epoch": last_epoch}
+    return {"steps": steps}
 
 
 @torch.no_grad()
