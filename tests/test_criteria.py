@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from prunelab.criteria import Hessian, InputNorms, magnitude, sparsegpt, wanda
+from prunelab.criteria.sparsegpt import inverse_cholesky
 from prunelab.errors import PrunelabError
-from prunelab.prune import Hessian, InputNorms, magnitude, sparsegpt, wanda
-from prunelab.prune.sparsegpt import inverse_cholesky
 
 
 def correlated_inputs(tokens=512, features=64, seed=0):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunelab.prune.patterns import prune_mask
+from prunelab.criteria.patterns import prune_mask
 
 
 def test_unstructured_per_row_prunes_exact_count_in_every_row():

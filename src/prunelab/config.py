@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .criteria import CRITERIA
 from .errors import PrunelabError
-from .prune import CRITERIA
 
 STRUCTURED_METHODS = ("layers", "flap")
 METHODS = (*CRITERIA, *STRUCTURED_METHODS)

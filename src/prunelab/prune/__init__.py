@@ -1,15 +1,5 @@
-"""Pruning criteria. Each is a pure function of a weight and its input statistics."""
+"""The sequential pruning pass over a model's half-blocks; the criteria it applies live in `criteria/`."""
 
-from .magnitude import magnitude
-from .sparsegpt import sparsegpt
-from .stats import Hessian, InputNorms
-from .wanda import wanda
+from .sequential import HalfPruner, prune_model
 
-# name -> (statistics the criterion needs from layer inputs, or None when data-free; the criterion)
-CRITERIA = {
-    "magnitude": (None, magnitude),
-    "wanda": (InputNorms, wanda),
-    "sparsegpt": (Hessian, sparsegpt),
-}
-
-__all__ = ["CRITERIA", "Hessian", "InputNorms", "magnitude", "sparsegpt", "wanda"]
+__all__ = ["HalfPruner", "prune_model"]

@@ -38,11 +38,11 @@ from ..activations import (
     share_inputs,
 )
 from ..config import RunConfig
+from ..criteria import CRITERIA, magnitude
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..models.loading import torch_dtype
-from . import CRITERIA, magnitude
 
 
 def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
