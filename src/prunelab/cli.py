@@ -64,8 +64,8 @@ class Flag:
         return value
 
     def option(self):
-        default = list(self.default) if isinstance(self.default, tuple) else self.default
-        shown = f" [default: {default if default is not None else 'none'}]" if self.name != "reconstruct" else ""
+        default = ",".join(f"{v:g}" for v in self.default) if isinstance(self.default, tuple) else self.default
+        shown = f" (default: {default if default is not None else 'none'})" if self.name != "reconstruct" else ""
         flags = f"--{self.name}/--no-{self.name}" if self.cli_type is bool else f"--{self.name}"
         return typer.Option(None, flags, help=self.help + shown, show_default=False)
 
