@@ -159,6 +159,20 @@ def test_unwritable_output_is_refused_before_the_model_loads(tiny_dir, texts, tm
         locked.chmod(0o700)
 
 
+def test_a_read_only_file_system_is_found_before_the_model_loads(tiny_dir, texts, tmp_path, monkeypatch):
+    import prunelab.files
+    import prunelab.job
+
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(prunelab.files.tempfile, "mkdtemp", read_only)  # what a read-only mount answers, even root
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "out"))
+    assert code == 2 and "cannot write the output folder" in output and "Read-only file system" in output
+
+
 def test_disk_full_while_saving_is_one_line_and_keeps_the_old_run(tiny_dir, texts, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert cli(*base_args(tiny_dir, texts, run), "--reconstruct", "none")[0] == 0

@@ -46,6 +46,10 @@ def check_output(final: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PrunelabError(f"cannot write the output folder {final}: {parent} is not a writable folder")
+    try:  # permissions can say yes where the file system says no (read-only mounts, quotas)
+        os.rmdir(tempfile.mkdtemp(prefix=".prunelab-probe-", dir=parent))
+    except OSError as exc:
+        raise PrunelabError(f"cannot write the output folder {final}: {parent}: {exc.strerror}") from None
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -98,9 +102,12 @@ def atomic_dir(final: Path, overwrite: bool = False):
     """
     final = Path(final)
     check_output(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
-    tmp = _new_temporary(final, "tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
+        tmp = _new_temporary(final, "tmp")
+    except OSError as exc:
+        raise PrunelabError(f"cannot write the output folder {final}: {exc.strerror or exc}") from None
     try:
         try:
             yield tmp
