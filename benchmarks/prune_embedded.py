@@ -57,32 +57,10 @@ def main() -> None:
                 continue
             shape = ["--pattern", target] if ":" in target else ["--sparsity", str(float(target.rstrip("%")) / 100)]
             report = prunelab(
-                "run",
-                "--model",
-                "smollm2",
-                "--method",
-                method,
-                *shape,
-                "--calib",
-                "web",
-                "--samples",
-                str(args.samples),
-                "--seqlen",
-                str(args.seqlen),
-                "--eval",
-                "wiki",
-                "--eval-windows",
-                "40",
-                "--eval-seqlen",
-                "512",
-                "--no-eval-dense",
-                "--dtype",
-                dtype,
-                "--reconstruct",
-                "none",
-                "--out",
-                str(Path(scratch) / f"{name}-{dtype}".replace(":", "of")),
-                *common,
+                "run", "--model", "smollm2", "--method", method, *shape, "--calib", "web", "--samples",
+                str(args.samples), "--seqlen", str(args.seqlen), "--eval", "wiki", "--eval-windows", "40",
+                "--eval-seqlen", "512", "--no-eval-dense", "--dtype", dtype, "--reconstruct", "none", "--out",
+                str(Path(scratch) / f"{name}-{dtype}".replace(":", "of")), *common,
             )
             prune = report["stages"]["prune"]
             ppl = report["metrics"]["pruned"]["perplexity"]

@@ -45,10 +45,7 @@ def runs() -> dict[str, list[str]]:
     for ratio in (20, 30):
         for bias in (True, False):
             found[f"flap-{ratio}-{'bias' if bias else 'nobias'}"] = [
-                "--method",
-                "flap",
-                "--ratio",
-                str(ratio / 100),
+                "--method", "flap", "--ratio", str(ratio / 100),
                 "--bias-compensation" if bias else "--no-bias-compensation",
             ]
     for blocks in (6, 3):
@@ -57,18 +54,8 @@ def runs() -> dict[str, list[str]]:
     # attn-mlp reconstruction after the compensated variants (the blocks next to each cut, every narrowed
     # block), cheapest pruning first
     for name in (
-        "bi-3-comp",
-        "bi-6-comp",
-        "taylor-6-comp",
-        "flap-20-bias",
-        "flap-30-bias",
-        "cl-3-comp",
-        "cl-6-comp",
-        "mag-3-comp",
-        "mag-6-comp",
-        "taylor-3-comp",
-        "ppl-3-comp",
-        "ppl-6-comp",
+        "bi-3-comp", "bi-6-comp", "taylor-6-comp", "flap-20-bias", "flap-30-bias", "cl-3-comp", "cl-6-comp",
+        "mag-3-comp", "mag-6-comp", "taylor-3-comp", "ppl-3-comp", "ppl-6-comp",
     ):
         found[f"{name}-recon"] = [*found[name], "--reconstruct", "attn-mlp"]
     return found
@@ -80,18 +67,8 @@ def run(name: str, flags: list[str], out: Path, common: list[str]) -> dict:
         return json.loads((folder / "prunelab.json").read_text())
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "prunelab.cli",
-            "run",
-            *common,
-            "--reconstruct",
-            "none",
-            *flags,
-            "--no-eval-dense",
-            "--out",
-            str(folder),
-            "--overwrite",
+            sys.executable, "-m", "prunelab.cli", "run", *common, "--reconstruct", "none", *flags, "--no-eval-dense",
+            "--out", str(folder), "--overwrite",
         ],
         capture_output=True,
         text=True,
@@ -110,22 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     common = [
-        "--model",
-        "smollm2",
-        "--calib",
-        "web",
-        "--samples",
-        str(args.samples),
-        "--seqlen",
-        "512",
-        "--eval",
-        "wiki",
-        "--eval-windows",
-        "40",
-        "--eval-seqlen",
-        "512",
-        "--threads",
-        str(args.threads),
+        "--model", "smollm2", "--calib", "web", "--samples", str(args.samples), "--seqlen", "512", "--eval", "wiki",
+        "--eval-windows", "40", "--eval-seqlen", "512", "--threads", str(args.threads),
     ]
     print(
         "| run | removed | perplexity | parameters | tokens/s before → after | speed-up | pruning time (s) "

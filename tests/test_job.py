@@ -115,19 +115,8 @@ def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, m
 def test_cli_bad_input_gives_one_line_error(args, message, tiny_dir, texts, tmp_path):
     calib, evaluation = texts
     base = [
-        "run",
-        "--model",
-        str(tiny_dir),
-        "--calib",
-        str(calib),
-        "--eval",
-        str(evaluation),
-        "--samples",
-        "4",
-        "--seqlen",
-        "16",
-        "--out",
-        str(tmp_path / "o"),
+        "run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "4",
+        "--seqlen", "16", "--out", str(tmp_path / "o"),
     ]
     result = runner.invoke(app, base + args)
     assert result.exit_code == 2, result.output
@@ -144,17 +133,8 @@ def test_cli_too_short_calibration_and_empty_text(tiny_dir, texts, tmp_path):
         result = runner.invoke(
             app,
             [
-                "run",
-                "--model",
-                str(tiny_dir),
-                "--calib",
-                str(calib),
-                "--eval",
-                str(texts[1]),
-                "--seqlen",
-                "64",
-                "--out",
-                str(tmp_path / "o"),
+                "run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(texts[1]), "--seqlen", "64",
+                "--out", str(tmp_path / "o"),
             ],
         )
         assert result.exit_code == 2 and message in result.output
@@ -199,15 +179,7 @@ def test_eval_command_reports_perplexity_and_sparsity(tiny_dir, texts):
     result = runner.invoke(
         app,
         [
-            "eval",
-            "--model",
-            str(tiny_dir),
-            "--eval",
-            str(texts[1]),
-            "--eval-seqlen",
-            "32",
-            "--eval-windows",
-            "3",
+            "eval", "--model", str(tiny_dir), "--eval", str(texts[1]), "--eval-seqlen", "32", "--eval-windows", "3",
             "--json",
         ],
     )
@@ -232,34 +204,9 @@ def test_reconstruction_flags_and_config_section_reach_the_run(tiny_dir, texts, 
     result = runner.invoke(
         app,
         [
-            "run",
-            "--config",
-            str(tmp_path / "run.yaml"),
-            "--model",
-            str(tiny_dir),
-            "--calib",
-            str(calib),
-            "--eval",
-            "none",
-            "--samples",
-            "6",
-            "--seqlen",
-            "16",
-            "--heldout",
-            "2",
-            "--lr",
-            "0.002",
-            "--batch-size",
-            "3",
-            "--epochs",
-            "2",
-            "--propagation",
-            "mixed",
-            "--freeze-norms",
-            "--forward-batch",
-            "4",
-            "--out",
-            str(out),
+            "run", "--config", str(tmp_path / "run.yaml"), "--model", str(tiny_dir), "--calib", str(calib), "--eval",
+            "none", "--samples", "6", "--seqlen", "16", "--heldout", "2", "--lr", "0.002", "--batch-size", "3",
+            "--epochs", "2", "--propagation", "mixed", "--freeze-norms", "--forward-batch", "4", "--out", str(out),
         ],
     )
     assert result.exit_code == 0, result.output

@@ -187,21 +187,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
     result = runner.invoke(
         app,
         [
-            "run",
-            "--model",
-            str(tiny_dir),
-            "--calib",
-            str(calib),
-            "--eval",
-            str(evaluation),
-            "--samples",
-            "4",
-            "--seqlen",
-            "16",
-            "--method",
-            "flap",
-            "--out",
-            str(tmp_path / "o"),
+            "run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "4",
+            "--seqlen", "16", "--method", "flap", "--out", str(tmp_path / "o"),
         ]
         + args,
     )
