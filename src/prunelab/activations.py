@@ -254,8 +254,8 @@ def collect_statistics(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run the half over the whole stream, accumulating `stats_cls` of every linear's input.
 
-    Used where routing decides which linears run (experts), so batches cannot advance in
-    lockstep: all statistics come from the unpruned half, which is then pruned and propagated
+    Used where routing decides which linears run (experts), so a pass cannot be stopped at one
+    linear: all statistics come from the unpruned half, which is then pruned and propagated
     (two passes). Returns ({leader: stats}, {linear: leader}), leaders as in `share_inputs`.
     """
     stats: dict[str, Any] = {}

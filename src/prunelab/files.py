@@ -28,8 +28,6 @@ def check_output(final: Path, overwrite: bool) -> None:
     """Refuse an output folder before any work: one that exists (without `overwrite`), one that is not
     prunelab's to replace, the current directory or one holding it, or a place that cannot be written."""
     final = Path(final)
-    if not str(final).strip():
-        raise PrunelabError("the output folder name is empty")
     if final.exists():
         if not final.is_dir():
             raise PrunelabError(f"output path exists and is not a folder: {final}")

@@ -55,11 +55,15 @@ def read_texts(config: RunConfig) -> dict[str, str]:
     return texts
 
 
-def check_model(model, config: RunConfig) -> None:
-    """What the model's own config and weights allow: window lengths, finite weights."""
+def window_lengths(config: RunConfig) -> dict[str, int]:
+    """The window lengths a run feeds the model, by option name."""
+    lengths = {"seqlen": config.seqlen} if config.needs_calibration else {}
+    return {**lengths, "eval_seqlen": config.eval_seqlen} if config.eval != "none" else lengths
+
+
+def check_model(model, lengths: dict[str, int]) -> None:
+    """What the model's own config and weights allow: the window `lengths`, finite weights."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    lengths = {"seqlen": config.seqlen if config.needs_calibration else 0,
-               "eval_seqlen": config.eval_seqlen if config.eval != "none" else 0}
     for name, length in lengths.items():
         if limit is not None and length > limit:
             raise PrunelabError(f"{name} {length} exceeds the model's max_position_embeddings {limit}")
@@ -158,7 +162,7 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
         texts = read_texts(config)
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
-        check_model(job.model, config)
+        check_model(job.model, window_lengths(config))
     job.adapter = find_adapter(job.model)
     with stage("windows", job.stages):
         job.windows(texts)
@@ -213,7 +217,7 @@ def evaluate_model(config: RunConfig) -> dict:
         torch.set_num_threads(config.threads)
     text = load_text(config.eval, role="eval")
     model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
-    check_model(model, RunConfig.from_dict({**config.to_dict(), "reconstruct": "none", "method": "magnitude"}))
+    check_model(model, {"eval_seqlen": config.eval_seqlen})
     windows, protocol = evaluation_data(config, tokenizer, text)
     sparsity = measure_sparsity(find_adapter(model).prunable_weights())
     result = perplexity(model, windows, batch_size=config.eval_batch)

@@ -138,7 +138,8 @@ class HalfPruner:
             stats = self.stats_cls(linear.in_features, linear.weight.device)
             keep = Arena() if leader == leader_of[writer] and need_output else None
             kept = linear_inputs(half, linear, stream, index, stats, keep)
-            writer_inputs = kept if keep is not None else writer_inputs
+            if keep is not None:
+                writer_inputs = kept
             check_finite_stats({leader: stats}, index)
             prune_group([n for n in members if leader_of[n] == leader], stats)
         if need_output:

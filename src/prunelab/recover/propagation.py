@@ -29,6 +29,16 @@ class Propagation:
         return self.mode != "sparse"
 
     @property
+    def separate_dense(self) -> bool:
+        """Whether the dense activations are a stream of their own (mixed); in `dense` they are the inputs."""
+        return self.mode == "mixed"
+
+    @property
+    def targets_from_pruned(self) -> bool:
+        """Whether the targets are the dense submodel applied to the pruned model's activations (sparse)."""
+        return self.mode == "sparse"
+
+    @property
     def reads_dense(self) -> bool:
         """Whether a submodel reads the dense model's activations rather than the pruned model's."""
         return self.mode == "dense"
@@ -38,10 +48,10 @@ class Propagation:
 
     def target_inputs(self, pruned: Streams, dense: Streams | None) -> Streams:
         """What the dense submodel is applied to for the targets."""
-        return pruned if self.mode == "sparse" else dense
+        return pruned if self.targets_from_pruned else dense
 
     def advance(self, outputs: Streams, targets: Streams) -> tuple[Streams, Streams | None]:
         """The (pruned, dense) streams entering the next submodel."""
         if self.mode == "dense":
             return targets, targets
-        return outputs, (targets if self.mode == "mixed" else None)
+        return outputs, (targets if self.separate_dense else None)

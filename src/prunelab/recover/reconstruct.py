@@ -62,7 +62,7 @@ def choose_offload(config: RunConfig, train_windows: int, held_windows: int, hid
                             f"this run computes on {device}")
     if rc.offload != "auto":
         return rc.offload == "on"
-    copies = 4 if rc.propagation == "mixed" else 3
+    copies = 4 if Propagation(rc.propagation).separate_dense else 3
     size = copies * (train_windows + held_windows) * config.seqlen * hidden * 4  # float32
     return device.type == "cpu" and size > 0.5 * psutil.virtual_memory().available
 
@@ -109,7 +109,7 @@ class Reconstructor:
         pruned = {s: self.streams[s].hidden for s in SPLITS}  # what the current submodel's pruned model sees
         dense = None  # the dense model's activations there
         if self.propagation.keeps_dense:
-            dense = {s: self.arena.clone(pruned[s]) for s in SPLITS} if self.rc.propagation == "mixed" else pruned
+            dense = {s: self.arena.clone(pruned[s]) for s in SPLITS} if self.propagation.separate_dense else pruned
 
         plan = submodels(len(blocks), self.config)
         desc = f"{self.config.method} {self.config.target_label} + {self.rc.granularity} reconstruction"
@@ -230,7 +230,7 @@ class Reconstructor:
                 for s in SPLITS
             }
             x_dense = x
-            if self.rc.propagation == "mixed":
+            if self.propagation.separate_dense:
                 x_dense = {
                     s: linear_inputs(
                         dense_half, dense_linears[leader], self._stream(s, dense[s]), index, keep=self.arena

@@ -152,7 +152,7 @@ class StructuredRun:
         a = self.frames[j][0]
         b = self.frames[j][1] if parts[-1] == 1 else a  # a cut can only follow an MLP half
         inputs = {s: self.dense_h[s] * a for s in SPLITS} if self.propagation.reads_dense else self.h
-        if self.propagation.mode == "sparse":
+        if self.propagation.targets_from_pruned:
             targets = {s: t * b for s, t in self.dense_run(dense_units, {s: self.h[s] / a for s in SPLITS}).items()}
         else:
             targets = {s: next_dense[s] * b for s in SPLITS}
