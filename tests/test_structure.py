@@ -142,7 +142,7 @@ def test_a_cuda_stage_reports_its_peak_memory_where_the_report_and_study_read_it
     assert stages["prune"]["cuda_peak_gb"] == 3.25
     report = {"config": RunConfig(reconstruct="none").to_dict(), "model": {"source": "m"}, "data": {},
               "metrics": {"pruned": {"perplexity": 12.0}}, "sparsity": None, "stages": stages, "layers": [],
-              "reconstruction": None, "structure": None, "versions": {}, "output": None}
+              "reconstruction": None, "structure": None, "retraining": None, "versions": {}, "output": None}
     assert set(report) == set(reporting.Report.__annotations__)
     assert ("peak CUDA memory (prune)", "3.25 GB") in reporting.summary_rows(report)
     assert "| prune |" in reporting.to_markdown(report) and "peak CUDA (GB)" in reporting.to_markdown(report)

@@ -84,14 +84,18 @@ def download(project: str, filename: str) -> Path:
 
 
 def bigbench_task_dir() -> Path:
-    """`benchmark_tasks/` of bigbench 1.0.0 holding only the members prunelab reads."""
-    final = cache_dir() / "text" / "bigbench-1.0.0"
-    if all((final / member).exists() for member in BIGBENCH_MEMBERS):
+    """`benchmark_tasks/` of bigbench 1.0.0 holding only the text prunelab reads."""
+    return bigbench_members(cache_dir() / "text" / "bigbench-1.0.0", BIGBENCH_MEMBERS)
+
+
+def bigbench_members(final: Path, members: set[str]) -> Path:
+    """`final`, holding `members` (paths under `benchmark_tasks/`) extracted once from the bigbench sdist."""
+    if all((final / member).exists() for member in members):
         return final
     sdist = download(BIGBENCH["project"], BIGBENCH["file"])
     with atomic_dir(final) as tmp, tarfile.open(sdist, "r:gz") as archive:
-        wanted = {_BIGBENCH_PREFIX + m for m in BIGBENCH_MEMBERS}
-        for member in tqdm(archive, desc="extract bigbench text", unit=" files"):
+        wanted = {_BIGBENCH_PREFIX + m for m in members}
+        for member in tqdm(archive, desc=f"extract bigbench {final.name}", unit=" files"):
             if member.name in wanted:
                 dest = tmp / member.name[len(_BIGBENCH_PREFIX):]
                 dest.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .assets import bigbench_task_dir
-from .config import RunConfig, check_type, load_config_file
+from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
 from .job import evaluate_model, export_same_shape, run_job
 from .measure import malloc_tuning_env, python_argv
@@ -102,8 +102,8 @@ def apply_flags(values: dict, given: dict[str, Any], flags: list[Flag] = FLAGS) 
         node = values
         for section in flag.path[:-1]:
             current = node.get(section)
-            if isinstance(current, str) and section == "reconstruct":  # shorthand: reconstruct: block
-                current = {"granularity": current}
+            if isinstance(current, str) and section in SHORTHANDS:  # shorthand: reconstruct: block
+                current = {SHORTHANDS[section]: current}
             if current is not None and not isinstance(current, dict):
                 raise PrunelabError(f"{section} must be a mapping of {section} options, got {current!r}")
             node[section] = node = dict(current or {})

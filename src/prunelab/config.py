@@ -31,7 +31,10 @@ PROPAGATIONS = ("dense", "sparse", "mixed")
 LOSSES = ("mse", "nmse", "cosine")
 OFFLOAD = ("auto", "on", "off")
 SCOPES = ("adjacent", "all")
+RETRAIN_METHODS = ("none", "full", "masklora")
+PRECISIONS = ("auto", "float32", "bfloat16")
 RENAMED = {"batch_size": "forward_batch"}  # top-level keys of earlier versions
+SHORTHANDS = {"reconstruct": "granularity", "retrain": "method"}  # `section: value` means {key: value}
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, factory=None):
@@ -152,6 +155,62 @@ class ReconstructConfig(Checked):
 
 
 @dataclass
+class RetrainConfig(Checked):
+    """Retraining after pruning (and reconstruction): next-token cross-entropy on calibration-source text."""
+
+    section: ClassVar[str] = "retrain"
+
+    method: str = option("none", "retraining after pruning and reconstruction: none | full (every weight) | "
+                                 "masklora (LoRA whose update keeps the pruning mask, merged at the end)", flag="retrain")
+    # 4 x the reconstruction's default 128 x 512 tokens: the claim to check is that reconstruction
+    # matches retraining that sees several times its data
+    tokens: int = option(262144, "retraining token budget: calibration-source windows of --seqlen tokens",
+                         flag="retrain-tokens")
+    lr: float | str = option("auto", "retraining peak learning rate, or 'auto' (the grid's best held-out loss after "
+                                     "a --retrain-probe fraction of the steps each)", flag="retrain-lr")
+    lr_grid: tuple[float, ...] | None = option(None, "learning rates 'auto' tries (default: full 1e-5,3e-5,1e-4; "
+                                                     "masklora 1e-4,3e-4,1e-3)", flag="retrain-lr-grid")
+    probe: float = option(0.125, "fraction of the steps each lr of the grid trains for when choosing",
+                          flag="retrain-probe")
+    batch_size: int = option(4, "windows per retraining micro-batch", flag="retrain-batch")
+    accumulate: int = option(2, "micro-batches per optimiser step (gradient accumulation)", flag="retrain-accumulate")
+    warmup: float = option(0.1, "fraction of retraining steps with linear warm-up (then linear decay to 0)",
+                           flag="retrain-warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay of the retraining", flag="retrain-weight-decay")
+    checkpointing: bool = option(False, "gradient checkpointing while retraining (less memory, ~1/3 more time)",
+                                 flag="retrain-checkpointing")
+    precision: str = option("auto", "retraining compute: auto (bfloat16 autocast on a GPU that has it, else "
+                                    "float32) | float32 | bfloat16", flag="retrain-precision")
+    rank: int = option(16, "masklora: LoRA rank r", flag="lora-rank")
+    alpha: float = option(32.0, "masklora: LoRA alpha (the update is scaled by alpha / r)", flag="lora-alpha")
+    heldout: int = option(16, "held-out calibration windows for the lr choice and the loss curve",
+                          flag="retrain-heldout")
+    evals: int = option(8, "held-out evaluations during retraining (points of the loss curve)", flag="retrain-evals")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def validate(self) -> None:
+        one_of("retrain.method", self.method, RETRAIN_METHODS)
+        one_of("retrain.precision", self.precision, PRECISIONS)
+        if isinstance(self.lr, str) and self.lr != "auto":
+            raise PrunelabError(f"retrain.lr must be a positive number or 'auto', got {self.lr!r}")
+        if (not isinstance(self.lr, str) and not self.lr > 0) or (self.lr_grid is not None and (
+                not self.lr_grid or min(self.lr_grid) <= 0)):
+            raise PrunelabError(f"retraining learning rates must be positive (retrain.lr {self.lr!r}, "
+                                f"retrain.lr_grid {self.lr_grid!r})")
+        positive(self, "tokens", "batch_size", "accumulate", "rank", "heldout", "evals", prefix="retrain.")
+        if not 0 < self.probe <= 1:
+            raise PrunelabError(f"retrain.probe must be in (0, 1], got {self.probe}")
+        if not 0 <= self.warmup < 1:
+            raise PrunelabError(f"retrain.warmup must be in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0 or self.alpha <= 0:
+            raise PrunelabError(f"retrain.weight_decay must be >= 0 and retrain.alpha > 0, got {self.weight_decay} "
+                                f"and {self.alpha}")
+
+
+@dataclass
 class DepthConfig(Checked):
     """Prune&Comp layer removal, used by `method: layers`."""
 
@@ -199,7 +258,13 @@ class RunConfig(Checked):
     eval: str = option("wiki", "evaluation text (same sources) or 'none'")
     eval_seqlen: int = option(512, "tokens per evaluation window")
     eval_windows: int = option(40, "evaluation windows (0 = every full window of the text)")
+    eval_bos: bool = option(False, "prepend the BOS token to every evaluation window (every text token is then "
+                                   "predicted; without, a window's first token is context only)")
     eval_dense: bool = option(True, "also evaluate the model before pruning")
+    tasks: str | None = option(None, "zero-shot tasks through lm-eval: bigbench (prunelab's offline set) or "
+                                     "comma-separated task names; needs prunelab[eval]")
+    task_limit: int = option(100, "examples per zero-shot task (0 = all)")
+    task_batch: int = option(16, "sequences per zero-shot forward pass")
     forward_batch: int = option(8, "windows per calibration forward pass")
     eval_batch: int = option(2, "windows per evaluation forward pass (each window's logits take seqlen × vocab floats)")
     seed: int = option(0, "seed of the calibration windows and of the reconstruction's window order")
@@ -215,12 +280,14 @@ class RunConfig(Checked):
     reconstruct: ReconstructConfig = option(factory=ReconstructConfig)
     depth: DepthConfig = option(factory=DepthConfig)
     width: WidthConfig = option(factory=WidthConfig)
+    retrain: RetrainConfig = option(factory=RetrainConfig)
 
     def __post_init__(self) -> None:
-        if self.reconstruct is None:
-            self.reconstruct = {}
-        if isinstance(self.reconstruct, str):  # shorthand: reconstruct: block
-            self.reconstruct = {"granularity": self.reconstruct}
+        for section, key in SHORTHANDS.items():
+            if getattr(self, section) is None:
+                setattr(self, section, {})
+            if isinstance(getattr(self, section), str):  # shorthand: reconstruct: block, retrain: full
+                setattr(self, section, {key: getattr(self, section)})
         super().__post_init__()
 
     def resolve(self) -> None:
@@ -242,8 +309,8 @@ class RunConfig(Checked):
             raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
-        positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch")
-        positive(self, "eval_windows", minimum=0)
+        positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch", "task_batch")
+        positive(self, "eval_windows", "task_limit", minimum=0)
         if self.threads is not None:
             positive(self, "threads")
         for name in ("dtype", "model_dtype"):
@@ -274,10 +341,24 @@ class RunConfig(Checked):
                     f"reconstruction computes in float32 (dtype {self.dtype} activations are too "
                     "coarse for its targets); use --dtype float32, or --reconstruct none to prune alone"
                 )
+        self.validate_retrain()
+
+    def validate_retrain(self) -> None:
+        rt = self.retrain
+        if not rt.enabled:
+            return
+        if rt.method == "masklora" and (self.structured or (self.pattern is None and self.sparsity == 0)):
+            raise PrunelabError(f"--retrain masklora keeps a pruning mask, but {self.method} at this setting zeroes "
+                                "no weights (prune with a sparsity > 0 or a pattern, or use --retrain full)")
+        per_step = rt.batch_size * rt.accumulate * self.seqlen
+        if rt.tokens < per_step:
+            raise PrunelabError(f"retrain.tokens {rt.tokens} is less than one optimiser step: retrain.batch_size "
+                                f"{rt.batch_size} x retrain.accumulate {rt.accumulate} x seqlen {self.seqlen} "
+                                f"= {per_step} tokens")
 
     @property
     def needs_calibration(self) -> bool:
-        if self.method == "flap" or self.reconstruct.enabled:
+        if self.method == "flap" or self.reconstruct.enabled or self.retrain.enabled:
             return True
         if self.structured:
             return self.depth.metric != "mag" or self.depth.compensation
@@ -294,6 +375,8 @@ class RunConfig(Checked):
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["reconstruct"]["lr_grid"] = list(self.reconstruct.lr_grid)
+        if self.retrain.lr_grid is not None:
+            values["retrain"]["lr_grid"] = list(self.retrain.lr_grid)
         return values
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,13 +22,14 @@ from .errors import PrunelabError
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, saved_parameter_count, sparsity_of_saved
 from .evaluate.speed import generation_speed
+from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import load_model
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .prune.sequential import prune_model
-from .recover import prune_and_reconstruct, reconstruct_structured
+from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .structured import prune_structured
 
@@ -37,6 +39,8 @@ def prepare(config: RunConfig) -> None:
     if config.out:
         check_output(Path(config.out), config.overwrite)
     check_disjoint(config.calib, config.eval)
+    if config.tasks:
+        check_tasks(task_names(config.tasks))
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -58,7 +62,7 @@ def read_texts(config: RunConfig) -> dict[str, str]:
 def window_lengths(config: RunConfig) -> dict[str, int]:
     """The window lengths a run feeds the model, by option name."""
     lengths = {"seqlen": config.seqlen} if config.needs_calibration else {}
-    return {**lengths, "eval_seqlen": config.eval_seqlen} if config.eval != "none" else lengths
+    return {**lengths, "eval_seqlen": config.eval_seqlen + config.eval_bos} if config.eval != "none" else lengths
 
 
 def check_model(model, lengths: dict[str, int]) -> None:
@@ -81,11 +85,28 @@ def calibration_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Ten
                        "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **windows}
 
 
+def retraining_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Retraining windows: the budget's worth of calibration-source windows (drawn with the run's seed, so
+    the first ones are the reconstruction's), and held-out windows none of them overlaps."""
+    rt = config.retrain
+    windows = math.ceil(rt.tokens / config.seqlen)
+    ids, info, held = calibration_windows(tokenizer, text, windows, config.seqlen, config.seed, rt.heldout)
+    return ids, held, {"source": config.calib, "windows": windows, "heldout": rt.heldout, "seqlen": config.seqlen,
+                       "seed": config.seed, "text_tokens": info["text_tokens"]}
+
+
 def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, dict]:
+    """Non-overlapping windows of `eval_seqlen` text tokens (with `eval_bos`, each after a BOS token)."""
     windows = evaluation_windows(tokenizer, text, config.eval_seqlen, config.eval_windows)
+    text_tokens = windows.numel()
+    if config.eval_bos:
+        if tokenizer.bos_token_id is None:
+            raise PrunelabError("--eval-bos: the model's tokenizer has no BOS token")
+        windows = torch.cat([torch.full((windows.shape[0], 1), tokenizer.bos_token_id), windows], dim=1)
     return windows, {"source": config.eval, "description": describe(config.eval), "windows": windows.shape[0],
-                     "seqlen": config.eval_seqlen, "tokens": windows.numel(), "bos": False,
-                     "batch": config.eval_batch, "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+                     "seqlen": config.eval_seqlen, "tokens": text_tokens, "bos": config.eval_bos,
+                     "join": "documents joined by a blank line", "batch": config.eval_batch,
+                     "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 class Job:
@@ -97,12 +118,15 @@ class Job:
         self.data: dict = {}
         self.metrics: dict = {}
         self.layers: list = []
-        self.reconstruction = self.structure = None
+        self.reconstruction = self.structure = self.retraining = None
         self.calib_ids = self.heldout_ids = self.eval_ids = None
 
     def windows(self, texts: dict[str, str]) -> None:
         if "calib" in texts:
             self.calib_ids, self.heldout_ids, self.data["calibration"] = calibration_data(
+                self.config, self.tokenizer, texts["calib"])
+        if self.config.retrain.enabled:
+            self.retrain_ids, self.retrain_heldout, self.data["retraining"] = retraining_data(
                 self.config, self.tokenizer, texts["calib"])
         if "eval" in texts:
             self.eval_ids, self.data["evaluation"] = evaluation_data(self.config, self.tokenizer, texts["eval"])
@@ -112,6 +136,25 @@ class Job:
         with stage(f"eval_{key}" if key == "dense" else "eval", self.stages):
             self.metrics[key] = perplexity(self.model, self.eval_ids, batch_size=self.config.eval_batch,
                                            progress=self.progress, desc=desc)
+
+    def zero_shot(self, key: str) -> None:
+        with stage(f"tasks_{key}" if key == "dense" else "tasks", self.stages):
+            self.metrics[f"zeroshot_{key}" if key == "dense" else "zeroshot"] = zero_shot(
+                self.model, self.tokenizer, task_names(self.config.tasks), self.config.task_limit,
+                self.config.task_batch)
+
+    def retrain(self) -> None:
+        """Retrain after pruning (and reconstruction); the pruned weights must still be zero afterwards."""
+        zeros = count_zeros(self.weights)
+        with stage("retrain", self.stages):
+            self.model, self.retraining = retrain(self.model, self.weights, self.config, self.retrain_ids,
+                                                  self.retrain_heldout, progress=self.progress)
+        after = count_zeros(self.weights)
+        moved = [name for name in zeros if after[name] < zeros[name]][:3]
+        if moved:  # cannot happen by construction (masked gradients, re-zeroing, masked LoRA updates)
+            raise PrunelabError(f"retraining changed the pruning mask of {', '.join(moved)}; nothing was saved")
+        self.retraining["mask_kept"] = True
+        release_memory()
 
     def prune_structured(self) -> None:
         config, model = self.config, self.model
@@ -152,6 +195,7 @@ class Job:
             data=self.data, metrics=self.metrics,
             sparsity=None if config.structured else measure_sparsity(self.weights, zeros_before),
             stages=self.stages, layers=self.layers, reconstruction=self.reconstruction, structure=self.structure,
+            retraining=self.retraining,
             versions=reporting.versions(), output=None)
 
 
@@ -171,12 +215,18 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     zeros_before = count_zeros(job.weights)
     if config.eval != "none" and config.eval_dense:
         job.evaluate("dense", "perplexity (dense)")
+    if config.tasks and config.eval_dense:
+        job.zero_shot("dense")
     if config.structured:
         job.prune_structured()
     else:
         job.prune()
+    if config.retrain.enabled:
+        job.retrain()
     if config.eval != "none":
         job.evaluate("pruned", "perplexity (pruned)")
+    if config.tasks:
+        job.zero_shot("pruned")
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out:
@@ -210,19 +260,26 @@ def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], o
 
 
 def evaluate_model(config: RunConfig) -> dict:
-    """`prunelab eval`: perplexity and sparsity of any model, with the evaluation protocol of `run`."""
-    if config.eval == "none":
-        raise PrunelabError("prunelab eval needs an evaluation text (--eval), not 'none'")
+    """`prunelab eval`: perplexity and/or zero-shot accuracy, and sparsity, of any model, with `run`'s protocols."""
+    if config.eval == "none" and not config.tasks:
+        raise PrunelabError("prunelab eval needs an evaluation text (--eval) or zero-shot tasks (--tasks)")
+    if config.tasks:
+        check_tasks(task_names(config.tasks))
     if config.threads:
         torch.set_num_threads(config.threads)
-    text = load_text(config.eval, role="eval")
+    text = load_text(config.eval, role="eval") if config.eval != "none" else None
     model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
-    check_model(model, {"eval_seqlen": config.eval_seqlen})
-    windows, protocol = evaluation_data(config, tokenizer, text)
-    sparsity = measure_sparsity(find_adapter(model).prunable_weights())
-    result = perplexity(model, windows, batch_size=config.eval_batch)
-    return {**result, "model": source, "eval": config.eval, **{k: v for k, v in protocol.items() if k != "source"},
-            "sparsity": sparsity["sparsity"]}
+    if text is not None:
+        check_model(model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+    result = {"model": source, "sparsity": measure_sparsity(find_adapter(model).prunable_weights())["sparsity"]}
+    if text is not None:
+        windows, protocol = evaluation_data(config, tokenizer, text)
+        result.update(perplexity(model, windows, batch_size=config.eval_batch), eval=config.eval,
+                      **{k: v for k, v in protocol.items() if k != "source"})
+    if config.tasks:
+        result["zeroshot"] = zero_shot(model, tokenizer, task_names(config.tasks), config.task_limit,
+                                       config.task_batch)
+    return result
 
 
 def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:

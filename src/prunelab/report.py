@@ -26,13 +26,15 @@ class Report(TypedDict):
     layers: list[dict]  # one pruning record per layer
     reconstruction: dict | None
     structure: dict | None  # layer removal or FLAP
+    retraining: dict | None  # full or MaskLoRA: lr, steps, tokens, loss curve
     versions: dict[str, str]
     output: str | None
 
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("prunelab", "torch", "transformers", "accelerate", "safetensors", "datasets", "matplotlib"):
+    for package in ("prunelab", "torch", "transformers", "accelerate", "safetensors", "datasets", "matplotlib",
+                    "peft", "lm_eval"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -79,17 +81,36 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
             )
     rows += [
         ("perplexity dense", _ppl(metrics, "dense")),
-        ("perplexity pruned" + (" + reconstructed" if recon else ""), _ppl(metrics, "pruned")),
+        ("perplexity pruned" + (" + reconstructed" if recon else "") + (" + retrained" if report.get("retraining")
+                                                                        else ""), _ppl(metrics, "pruned")),
         (f"{name} time", f"{prune.get('seconds', 0):.1f} s"),
         (f"peak RSS ({name})", f"{prune.get('peak_rss_gb', 0):.2f} GB"),
     ]
     if "reconstruct" in stages:
         rows.append(("reconstruct time", f"{stages['reconstruct']['seconds']:.1f} s"))
+    rows += _retraining_rows(report.get("retraining"), stages)
+    for key, label in (("zeroshot_dense", "zero-shot mean acc / acc_norm dense"),
+                       ("zeroshot", "zero-shot mean acc / acc_norm")):
+        if key in metrics:
+            rows.append((label, f"{metrics[key]['mean_acc']:.4f} / {metrics[key]['mean_acc_norm']:.4f}"))
     if prune.get("cuda_peak_gb"):
         rows.append((f"peak CUDA memory ({name})", f"{prune['cuda_peak_gb']:.2f} GB"))
     if report.get("output"):
         rows.append(("saved to", report["output"]))
     return rows
+
+
+def _retraining_rows(retraining: dict | None, stages: dict) -> list[tuple[str, str]]:
+    if not retraining:
+        return []
+    lr = retraining["lr"]
+    stage = stages.get("retrain", {})
+    return [("retraining", f"{retraining['method']}, lr {lr['lr']:g}{' (auto)' if lr['mode'] == 'auto' else ''}, "
+                           f"{retraining['steps']} steps, {retraining['tokens_seen']:,} tokens "
+                           f"({retraining['tokens_seen_with_probes']:,} with the lr probes)"),
+            ("retrain time / peak RSS", f"{stage.get('seconds', 0):.1f} s / {stage.get('peak_rss_gb', 0):.2f} GB"
+                                        + (f" / CUDA {stage['cuda_peak_gb']:.2f} GB" if stage.get("cuda_peak_gb")
+                                           else ""))]
 
 
 def method_label(cfg: dict) -> str:
@@ -223,14 +244,74 @@ def plot_reconstruction(report: dict, path: Path) -> bool:
     return True
 
 
+def plot_retraining(report: dict, path: Path) -> bool:
+    """Retraining loss per optimiser step (train) and at the held-out evaluations; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = report["retraining"]["curve"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot([t for _, t, _ in curve["train"]], [v for _, _, v in curve["train"]], lw=0.8, label="train (per step)")
+    ax.plot([t for _, t, _ in curve["heldout"]], [v for _, _, v in curve["heldout"]], marker="o", label="held-out")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("next-token cross-entropy")
+    ax.set_title(f"{method_label(report['config'])}: {report['retraining']['method']} retraining")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _retraining_markdown(report: Report, plot: str | None) -> list[str]:
+    r, rt = report["retraining"], report["config"]["retrain"]
+    lora = (f" LoRA rank {r['rank']}, alpha {r['alpha']:g}, update multiplied by the pruning mask, merged into the "
+            "weights; biases and norms trained." if r["method"] == "masklora" else " Every remaining weight trained.")
+    lr = r["lr"]
+    chosen = (f"lr `auto`: each of {', '.join(f'{v:g}' for v in lr['grid'])} trained {lr['probe_steps']} steps; "
+              f"held-out loss {', '.join(f'{k}: {v:.4f}' for k, v in lr['heldout_loss'].items())}; chosen "
+              f"**{lr['lr']:g}**." if lr["mode"] == "auto" else f"lr {lr['lr']:g} (fixed).")
+    lines = ["", "## Retraining", "",
+             f"`{r['method']}`: next-token cross-entropy on {r['windows']} calibration-source windows "
+             f"({r['tokens_seen']:,} tokens seen in {r['steps']} steps of {r['batch_size']} × {r['accumulate']} "
+             f"windows), AdamW (weight decay {rt['weight_decay']:g}), linear warm-up {rt['warmup']:.0%} then linear "
+             f"decay, {r['precision']}{', gradient checkpointing' if r['checkpointing'] else ''}.{lora} {chosen} "
+             f"Held-out loss ({r['heldout_windows']} windows) {r['heldout_loss_before']:.4f} → "
+             f"{r['heldout_loss_after']:.4f}; pruned weights still zero: {r.get('mask_kept', False)}."]
+    return lines + (["", f"![retraining loss]({plot})"] if plot else [])
+
+
+def _zeroshot_markdown(metrics: dict) -> list[str]:
+    runs = [(k, label) for k, label in (("zeroshot_dense", "dense"), ("zeroshot", "after")) if k in metrics]
+    if not runs:
+        return []
+    last = metrics[runs[-1][0]]
+    lines = ["", "## Zero-shot accuracy", "",
+             f"{last['harness']} {last['harness_version']}, {last['fewshot']}-shot log-likelihood multiple choice, "
+             f"at most {last['limit'] or 'all'} examples per task.", "",
+             "| task | version | examples | " + " | ".join(f"acc {lb} | acc_norm {lb}" for _, lb in runs) + " |",
+             "|---|---|---|" + "---|---|" * len(runs)]
+    for task, entry in last["tasks"].items():
+        cells = " | ".join(f"{metrics[k]['tasks'][task]['acc']:.4f} | {metrics[k]['tasks'][task]['acc_norm']:.4f}"
+                           for k, _ in runs)
+        lines.append(f"| {task} | {entry['version']} | {entry['examples']} | {cells} |")
+    means = " | ".join(f"{metrics[k]['mean_acc']:.4f} | {metrics[k]['mean_acc_norm']:.4f}" for k, _ in runs)
+    return lines + [f"| mean | | | {means} |"]
+
+
 def _data_markdown(data: dict) -> list[str]:
     lines = []
     ev, cal = data.get("evaluation"), data.get("calibration")
     if ev:
+        bos = "a BOS token before each window (every text token predicted)" if ev.get("bos") else "no BOS"
         lines += ["", "## Evaluation protocol", "",
                   f"{ev['windows']} non-overlapping windows of {ev['seqlen']} tokens ({ev['tokens']} tokens) from "
-                  f"`{ev['source']}` ({ev['description']}), no BOS, perplexity = exp(mean NLL of every predicted "
-                  "token)."]
+                  f"`{ev['source']}` ({ev['description']}, documents joined by a blank line), {bos}, perplexity = "
+                  "exp(mean NLL of every predicted token)."]
     if cal:
         lines += ["", "## Calibration", "",
                   f"{cal['samples']} windows × {cal['seqlen']} tokens drawn with seed {cal['seed']} from "
@@ -265,12 +346,15 @@ def _sparsity_markdown(report: Report) -> list[str]:
     return lines
 
 
-def to_markdown(report: Report, plot: str | None = None) -> str:
+def to_markdown(report: Report, plot: str | None = None, retrain_plot: str | None = None) -> str:
     lines = ["# prunelab run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
     lines += _data_markdown(report["data"])
     if report.get("reconstruction"):
         lines += _reconstruction_markdown(report, plot)
+    if report.get("retraining"):
+        lines += _retraining_markdown(report, retrain_plot)
+    lines += _zeroshot_markdown(report["metrics"])
     lines += _stages_markdown(report["stages"])
     if report.get("structure"):
         structure = report["structure"]
@@ -285,5 +369,8 @@ def write(report: Report, folder: Path) -> None:
     plot = None
     if report.get("reconstruction") and plot_reconstruction(report, folder / "reconstruction_loss.png"):
         plot = "reconstruction_loss.png"
+    retrain_plot = None
+    if report.get("retraining") and plot_retraining(report, folder / "retraining_loss.png"):
+        retrain_plot = "retraining_loss.png"
     (folder / "prunelab.json").write_text(json.dumps(report, indent=1))
-    (folder / "REPORT.md").write_text(to_markdown(report, plot))
+    (folder / "REPORT.md").write_text(to_markdown(report, plot, retrain_plot))

@@ -105,7 +105,7 @@ def _hub(source: str, role: str) -> str:
 
         if source == "wikitext2":
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if role == "calib" else "test")
-            return "".join(rows["text"])
+            return "\n\n".join(rows["text"])  # the literature's protocol (SparseGPT, Wanda): rows joined by blank lines
         shard = ("en/c4-train.00000-of-01024.json.gz" if role == "calib" else "en/c4-validation.00000-of-00008.json.gz")
         split = "train" if role == "calib" else "validation"
         rows = load_dataset("allenai/c4", data_files={split: shard}, split=split)

@@ -1,0 +1,236 @@
+"""Retraining after pruning (or after reconstruction): the baselines local reconstruction is measured against.
+
+Both methods minimise the next-token cross-entropy on calibration-source windows (never the evaluation text),
+
+    L(θ) = − mean over predicted tokens t of  log p_θ(x_{t+1} | x_≤t)
+
+with AdamW, a linear warm-up over the first `warmup` fraction of optimiser steps and a linear decay to 0,
+until the token budget is spent:
+
+    full      θ = every remaining weight; a pruned weight's gradient is zeroed and the weight re-zeroed
+              after every step, so the mask (and an N:M pattern) survives exactly
+    masklora  W' = W + (α / r) · M ⊙ (B A)   on every pruned linear, M = [W ≠ 0], B A of rank r,
+              plus every bias and norm; merged into W at the end: M ⊙ keeps every pruned weight at 0
+
+`lr: auto` trains each learning rate of the grid for a `probe` fraction of the steps from the same start
+and keeps the one with the lowest held-out loss (held-out calibration windows, as reconstruction does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..errors import PrunelabError
+from .loop import Trainable, schedule
+
+# Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
+# model and wants the small rates of fine-tuning; LoRA's B starts at 0 and needs larger ones.
+LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "masklora": (1e-4, 3e-4, 1e-3)}
+
+
+def masked_lora_linear():
+    """PEFT's LoRA linear with its update multiplied by the pruning mask M = [W ≠ 0].
+
+    PEFT computes the update in low rank, x ↦ B(A x); M ⊙ (B A) has no low-rank form, so forward builds
+    the (out × in) update once per call. Merging goes through `get_delta_weight`, hence exactly W + M ⊙ ΔW.
+    """
+    from peft.tuners.lora import layer
+
+    class MaskedLoraLinear(layer.Linear):
+        def update_layer(self, adapter_name, *args, **kwargs):
+            super().update_layer(adapter_name, *args, **kwargs)
+            self.register_buffer("prune_mask", (self.get_base_layer().weight != 0), persistent=False)
+
+        def get_delta_weight(self, adapter) -> torch.Tensor:
+            return super().get_delta_weight(adapter) * self.prune_mask
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            base = self.get_base_layer()
+            if self.disable_adapters or self.merged:
+                return base(x, *args, **kwargs)
+            weight = base.weight
+            for adapter in self.active_adapters:
+                if adapter in self.lora_A:
+                    weight = weight + self.get_delta_weight(adapter)
+            return F.linear(x, weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+
+    return MaskedLoraLinear
+
+
+class MaskLoRA:
+    """LoRA adapters with masked updates on the pruned linears (built on PEFT), biases and norms trainable."""
+
+    def __init__(self, model: nn.Module, linear_names: list[str], rank: int, alpha: float):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise PrunelabError("--retrain masklora needs peft: pip install peft") from None
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear_names, bias="none")
+        config._register_custom_module({nn.Linear: masked_lora_linear()})  # PEFT's hook for custom LoRA layers
+        self.peft = get_peft_model(model, config)
+        lora = [p for n, p in self.peft.named_parameters() if "lora_" in n]
+        # biases and norms: every 1-D parameter outside the adapters (embeddings and matrices stay frozen)
+        vectors = [p for n, p in self.peft.named_parameters() if p.dim() == 1 and "lora_" not in n]
+        self.trainable = Trainable(lora + vectors, [None] * (len(lora) + len(vectors)))
+
+    def merge(self) -> nn.Module:
+        return self.peft.merge_and_unload()
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of the windows `ids` and the number of predicted tokens."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    return nll, ids[:, 1:].numel()
+
+
+def autocast(precision: str, device: torch.device):
+    """bfloat16 autocast where asked for (`auto`: on a GPU that supports it); float32 otherwise."""
+    use = precision == "bfloat16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+class Retraining:
+    """One retraining run: the trainable parameters, the windows, the schedule, the loss curve."""
+
+    def __init__(self, model: nn.Module, masked: list[torch.Tensor], linear_names: list[str], config: RunConfig,
+                 train_ids: torch.Tensor, heldout_ids: torch.Tensor, progress: bool):
+        self.rt, self.seed, self.progress = config.retrain, config.seed, progress
+        self.model, self.lora = model, None
+        self.device = next(model.parameters()).device
+        self.train_ids, self.heldout_ids = train_ids, heldout_ids
+        if self.rt.method == "masklora":
+            self.lora = MaskLoRA(model, linear_names, self.rt.rank, self.rt.alpha)
+            self.trainable = self.lora.trainable
+        else:
+            self.trainable = Trainable.of(list(model.parameters()), {id(p) for p in masked})
+        per_step = self.rt.batch_size * self.rt.accumulate
+        self.steps = math.ceil(train_ids.shape[0] / per_step)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        self.model.eval()
+        total, tokens = 0.0, 0
+        with autocast(self.rt.precision, self.device):
+            for batch in self.heldout_ids.split(self.rt.batch_size):
+                nll, count = token_nll(self.model, batch.to(self.device))
+                total, tokens = total + nll.item(), tokens + count
+        return total / tokens
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        per_step = self.rt.batch_size * self.rt.accumulate
+        windows = self.order[step * per_step:(step + 1) * per_step]
+        return [self.train_ids[w].to(self.device) for w in windows.split(self.rt.batch_size)]
+
+    def step(self, optimizer, scheduler, step: int) -> tuple[float, int]:
+        """One optimiser step over `accumulate` micro-batches; the mean loss and the tokens it saw."""
+        batches = self.micro_batches(step)
+        predicted = sum(b[:, 1:].numel() for b in batches)
+        total = 0.0
+        for batch in batches:
+            with autocast(self.rt.precision, self.device):
+                nll, _ = token_nll(self.model, batch)
+            loss = nll / predicted
+            if not torch.isfinite(loss):
+                raise PrunelabError(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
+            loss.backward()
+            total += loss.item()
+        for p, m in zip(self.trainable.params, self.trainable.pruned):
+            if m is not None and p.grad is not None:
+                p.grad.masked_fill_(m, 0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.trainable.enforce_mask()
+        return total, sum(b.numel() for b in batches)
+
+    def train(self, lr: float, steps: int, curve: dict | None = None) -> dict:
+        """`steps` optimiser steps at peak rate `lr` (warm-up and decay over those steps)."""
+        rt = self.rt
+        params = self.trainable.params
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=rt.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, rt.warmup))
+        self.order = torch.randperm(self.train_ids.shape[0], generator=torch.Generator().manual_seed(self.seed))
+        evals = {round(steps * k / rt.evals) for k in range(1, rt.evals + 1)}
+        tokens = 0
+        bar = tqdm(range(steps), desc=f"retrain {rt.method} lr {lr:g}", unit="step", disable=not self.progress)
+        try:
+            for step in bar:
+                self.model.train()
+                loss, seen = self.step(optimizer, scheduler, step)
+                tokens += seen
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if curve is not None:
+                    curve["train"].append([step + 1, tokens, loss])
+                    if step + 1 in evals:
+                        curve["heldout"].append([step + 1, tokens, self.heldout_loss()])
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            self.model.eval()
+        return {"steps": steps, "tokens": tokens}
+
+    def choose_lr(self) -> tuple[float, dict]:
+        """The fixed lr, or the grid's best held-out loss after a `probe` fraction of the steps each."""
+        rt = self.rt
+        if rt.lr != "auto":
+            return float(rt.lr), {"mode": "fixed", "lr": float(rt.lr)}
+        grid = tuple(rt.lr_grid or LR_GRIDS[rt.method])
+        probe_steps = max(1, round(rt.probe * self.steps))
+        start, losses, tokens = self.trainable.snapshot(), {}, 0
+        for lr in grid:
+            self.trainable.restore(start)
+            tokens += self.train(lr, probe_steps)["tokens"]
+            losses[lr] = self.heldout_loss()
+        self.trainable.restore(start)
+        best = min(losses, key=losses.get)
+        return best, {"mode": "auto", "grid": list(grid), "probe_steps": probe_steps, "probe_tokens": tokens,
+                      "lr": best, "heldout_loss": {f"{lr:g}": loss for lr, loss in losses.items()}}
+
+    def run(self) -> tuple[nn.Module, dict]:
+        """Train; the model to keep (MaskLoRA: merged) and the record for the report."""
+        checkpointing = self.rt.checkpointing and hasattr(self.model, "gradient_checkpointing_enable")
+        if checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        started = time.perf_counter()
+        try:
+            curve = {"train": [], "heldout": [[0, 0, self.heldout_loss()]]}
+            lr, lr_record = self.choose_lr()
+            done = self.train(lr, self.steps, curve)
+        finally:
+            if checkpointing:
+                self.model.gradient_checkpointing_disable()
+        model = self.lora.merge() if self.lora is not None else self.model
+        rt = self.rt
+        return model, {
+            "method": rt.method, "lr": lr_record, "steps": done["steps"], "tokens_seen": done["tokens"],
+            "tokens_seen_with_probes": done["tokens"] + lr_record.get("probe_tokens", 0),
+            "trainable": self.trainable.count(), "windows": self.train_ids.shape[0],
+            "heldout_windows": self.heldout_ids.shape[0], "batch_size": rt.batch_size, "accumulate": rt.accumulate,
+            "precision": "bfloat16" if isinstance(autocast(rt.precision, self.device), torch.autocast) else "float32",
+            "checkpointing": checkpointing, "seconds": round(time.perf_counter() - started, 2),
+            "heldout_loss_before": curve["heldout"][0][2], "heldout_loss_after": curve["heldout"][-1][2],
+            "curve": curve, **({"rank": rt.rank, "alpha": rt.alpha} if rt.method == "masklora" else {})}
+
+
+def retrain(model: nn.Module, masked: dict[str, torch.Tensor], config: RunConfig, train_ids: torch.Tensor,
+            heldout_ids: torch.Tensor, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Retrain the pruned `model` (`masked`: state-dict name → pruned weight tensor) as `config.retrain` says."""
+    if config.retrain.method == "masklora" and not any(bool((w == 0).any()) for w in masked.values()):
+        raise PrunelabError("--retrain masklora keeps a pruning mask, but this model has no pruned weights "
+                            "(use --retrain full, or prune first)")
+    named = dict(model.named_parameters())
+    pruned = [named[name] for name in masked if name in named]
+    linear_names = [name.removesuffix(".weight") for name in masked if name.endswith(".weight")]
+    return Retraining(model, pruned, linear_names, config, train_ids, heldout_ids, progress).run()
