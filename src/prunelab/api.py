@@ -12,10 +12,10 @@ from .data.sources import load_text
 from .data.windows import calibration_windows, check_token_ids
 from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
-from .job import run_job
+from .job import retraining_data, run_job
 from .models.adapters import find_adapter
 from .prune.sequential import prune_model
-from .recover import prune_and_reconstruct, reconstruct_structured
+from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .structured import prune_structured
 
 
@@ -64,7 +64,10 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     channels (`width={"ratio": 0.2}`).
 
     Returns {"layers": per-layer pruning records, "sparsity": measured sparsity, "reconstruction":
-    per-submodel report or None} (layer removal: {"structure": what was removed and folded}).
+    per-submodel report or None, "retraining": its record or None} (layer removal: {"structure": what
+    was removed and folded}). Retraining (`retrain="full"` or `"masklora"`) draws its windows from
+    text (`calibration` if it names a source, else `config.calib`) with `tokenizer`; MaskLoRA's
+    adapters are merged back into `model`, which stays the same object.
     `calibration` is a [samples, seqlen] tensor of token ids (with an optional `attention_mask`
     marking pad tokens as 0), or the name of a text source (default: `config.calib`), in which case
     windows are drawn with `tokenizer`. Reconstruction chooses its learning rate and reports its
@@ -72,6 +75,8 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     else the last `reconstruct.heldout` rows of a given tensor.
     """
     cfg = as_config(config, **overrides)
+    if cfg.retrain.enabled and tokenizer is None:
+        raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
     adapter = find_adapter(model)
     ids, attention_mask, heldout = _calibration(model, tokenizer, cfg, calibration, attention_mask, heldout)
     if cfg.structured:
@@ -79,7 +84,8 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
         structure = prune_structured(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
         reconstruction = None if dense is None else reconstruct_structured(
             model, dense, structure, ids, heldout, cfg, attention_mask, progress)
-        return {"layers": [], "sparsity": None, "reconstruction": reconstruction, "structure": structure}
+        return {"layers": [], "sparsity": None, "reconstruction": reconstruction, "structure": structure,
+                "retraining": _retrain(model, tokenizer, cfg, calibration, adapter.prunable_weights(), progress)}
     weights = adapter.prunable_weights()
     zeros_before = count_zeros(weights)
     reconstruction = None
@@ -88,7 +94,20 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
                                                        progress=progress)
     else:
         layers = prune_model(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
-    return {"layers": layers, "sparsity": measure_sparsity(weights, zeros_before), "reconstruction": reconstruction}
+    retraining = _retrain(model, tokenizer, cfg, calibration, weights, progress)
+    return {"layers": layers, "sparsity": measure_sparsity(weights, zeros_before), "reconstruction": reconstruction,
+            "retraining": retraining}
+
+
+def _retrain(model, tokenizer, cfg: RunConfig, calibration, weights: dict, progress: bool) -> dict | None:
+    if not cfg.retrain.enabled:
+        return None
+    text = load_text(calibration if isinstance(calibration, str) else cfg.calib, role="calib")
+    ids, held, _ = retraining_data(cfg, tokenizer, text)
+    merged, record = retrain(model, weights, cfg, ids, held, progress)
+    if merged is not model:  # PEFT's merge_and_unload hands back the model it wrapped
+        raise PrunelabError("internal error: retraining returned another model object")
+    return record
 
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:

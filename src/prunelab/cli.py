@@ -22,6 +22,7 @@ from . import __version__
 from .assets import bigbench_task_dir
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
+from .evaluate.zeroshot import BIGBENCH_SOURCES
 from .job import evaluate_model, export_same_shape, run_job
 from .measure import malloc_tuning_env, python_argv
 from .models.loading import embedded_model_dir
@@ -204,7 +205,8 @@ def run(config: Optional[Path] = None, json_out: bool = False, **given: Any) -> 
 EVAL_FLAGS = [
     f
     for f in FLAGS
-    if f.path[0] in ("model", "eval", "eval_seqlen", "eval_windows", "eval_batch", "model_dtype", "device", "threads")
+    if f.path[0] in ("model", "eval", "eval_seqlen", "eval_windows", "eval_batch", "eval_bos", "tasks", "task_limit",
+                     "task_batch", "model_dtype", "device", "threads")
 ]
 EVAL_LEADING = [
     inspect.Parameter(
@@ -219,21 +221,25 @@ EVAL_LEADING = [
 @app.command("eval")
 @with_flags(EVAL_FLAGS, EVAL_LEADING)
 def eval_command(json_out: bool = False, **given: Any) -> None:
-    """Perplexity (and sparsity of the prunable layers) of any model, dense or pruned."""
+    """Perplexity (--eval), zero-shot accuracy (--tasks; then perplexity only if --eval is given) and sparsity of
+    the prunable layers of any model."""
     try:
         if given.get("model") is None:
             raise PrunelabError("prunelab eval needs --model (a folder, hub id, .gguf file or 'smollm2')")
+        if given.get("tasks") and given.get("eval") is None:
+            given["eval"] = "none"
         cfg = RunConfig.from_dict(apply_flags({}, given, EVAL_FLAGS))
         result = evaluate_model(cfg)
     except PrunelabError as exc:
         _fail(exc)
-    _print_table(
-        "prunelab eval",
-        [
-            (key, f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
-            for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity")
-        ],
-    )
+    rows = [(key, f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
+            for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity") if key in result]
+    zeroshot = result.get("zeroshot")
+    if zeroshot:
+        rows += [(f"{task} acc / acc_norm", f"{t['acc']:.4f} / {t['acc_norm']:.4f} ({t['examples']} examples)")
+                 for task, t in zeroshot["tasks"].items()]
+        rows.append(("zero-shot mean acc / acc_norm", f"{zeroshot['mean_acc']:.4f} / {zeroshot['mean_acc_norm']:.4f}"))
+    _print_table("prunelab eval", rows)
     if json_out:
         print(json.dumps(result, indent=1))
 
@@ -277,6 +283,15 @@ def fetch() -> None:
             console.print(f"{name}: {path}")
     except PrunelabError as exc:
         _fail(exc)
+
+
+@app.command()
+def tasks() -> None:
+    """List prunelab's offline zero-shot tasks (`--tasks bigbench`); other names go to lm-eval as they are."""
+    rows = [(name, f"BIG-bench {', '.join(sources)}") for name, sources in BIGBENCH_SOURCES.items()]
+    _print_table("offline zero-shot tasks (--tasks bigbench, or by name)", rows)
+    console.print("Any lm-eval task name (hellaswag, arc_easy, piqa, ...) passes through to the harness; it needs "
+                  "the Hugging Face hub for its data.")
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -161,7 +161,8 @@ class RetrainConfig(Checked):
     section: ClassVar[str] = "retrain"
 
     method: str = option("none", "retraining after pruning and reconstruction: none | full (every weight) | "
-                                 "masklora (LoRA whose update keeps the pruning mask, merged at the end)", flag="retrain")
+                                 "masklora (LoRA whose update keeps the pruning mask, merged at the end)",
+                         flag="retrain")
     # 4 x the reconstruction's default 128 x 512 tokens: the claim to check is that reconstruction
     # matches retraining that sees several times its data
     tokens: int = option(262144, "retraining token budget: calibration-source windows of --seqlen tokens",

@@ -3,7 +3,7 @@
 For an example with context c, choices a_1 … a_k and gold index g, the harness scores
 
     acc       = [ argmax_i  log p(a_i | c)             = g ]
-    acc_norm  = [ argmax_i  log p(a_i | c) / bytes(a_i) = g ]     (length-normalised)
+    acc_norm  = [ argmax_i  log p(a_i | c) / len(a_i)  = g ]     (normalised by the choice's characters)
 
 and reports their means over the task's examples. prunelab's offline tasks (`bigbench`) are BIG-bench
 multiple-choice tasks converted once from the cached bigbench sdist into JSON Lines files; their
@@ -13,6 +13,7 @@ lm-eval task YAMLs ship in `evaluate/tasks/`. Any other name is an lm-eval task 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -57,16 +58,18 @@ def check_tasks(names: list[str]) -> None:
         import lm_eval  # noqa: F401
     except ImportError:
         raise PrunelabError(f"zero-shot tasks need lm-eval, which is not installed: {INSTALL}") from None
-    others = [n for n in names if n not in OFFLINE_TASKS]
-    if not others:
-        return
-    from lm_eval.tasks import TaskManager
-
-    known = set(TaskManager().all_tasks)
-    unknown = [n for n in others if n not in known]
+    unknown = [n for n in names if n not in OFFLINE_TASKS and n not in lm_eval_tasks()]
     if unknown:
         raise PrunelabError(f"unknown task(s) {', '.join(unknown)}: neither prunelab's offline tasks "
                             f"({', '.join(OFFLINE_TASKS)}; all: bigbench) nor lm-eval tasks (lm-eval --tasks list)")
+
+
+@functools.lru_cache(maxsize=1)
+def lm_eval_tasks() -> frozenset[str]:
+    """Every task name lm-eval knows (indexing its task folder takes ~10 s, hence once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
 
 
 def bigbench_examples(task: dict) -> list[dict]:
@@ -125,10 +128,10 @@ def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, d
             limit=limit or None, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
         model.train(was_training)
-    return summarise(out, names, limit)
+    return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
 
 
-def summarise(out: dict, names: list[str], limit: int) -> dict:
+def summarise(out: dict, names: list[str], limit: int, version: str) -> dict:
     tasks = {}
     for name in names:
         result, samples = out["results"][name], out.get("n-samples", {}).get(name, {})
@@ -138,8 +141,6 @@ def summarise(out: dict, names: list[str], limit: int) -> dict:
                        "version": out["versions"].get(name), "fewshot": out.get("n-shot", {}).get(name, 0)}
     mean = {key: sum(t[key] for t in tasks.values()) / len(tasks) for key in ("acc", "acc_norm")
             if all(t[key] is not None for t in tasks.values())}
-    import lm_eval
-
     return {"tasks": tasks, **{f"mean_{k}": v for k, v in mean.items()}, "harness": "lm-evaluation-harness",
-            "harness_version": getattr(lm_eval, "__version__", "unknown"), "limit": limit, "fewshot": 0,
+            "harness_version": version, "limit": limit, "fewshot": 0,
             "offline_conversion": CONVERSION}

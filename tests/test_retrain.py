@@ -1,0 +1,145 @@
+"""Retraining baselines: full retraining and MaskLoRA keep the pruning mask exactly, lower the held-out
+loss, save a plain checkpoint; bad settings fail before any work."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tiny import tiny_model
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import prunelab
+from prunelab.cli import app
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import find_adapter
+from prunelab.recover.retrain import MaskLoRA
+
+runner = CliRunner()
+
+
+def job(tiny_dir, texts, out, retrain, **overrides):
+    calib, evaluation = texts
+    values = dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
+                  eval_seqlen=32, eval_windows=4, forward_batch=4, out=str(out), reconstruct="none",
+                  retrain={"tokens": 24 * 32, "heldout": 2, "batch_size": 2, "accumulate": 2, "evals": 2,
+                           **retrain})
+    values.update(overrides)
+    return prunelab.run(values, progress=False)
+
+
+def saved_zeros(folder) -> dict[str, int]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: int((f.get_tensor(k) == 0).sum()) for k in f.keys()}
+
+
+@pytest.mark.parametrize("method", ["full", "masklora"])
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_retraining_keeps_the_mask_exactly_and_lowers_the_heldout_loss(method, target, tiny_dir, texts, tmp_path):
+    pruned = job(tiny_dir, texts, tmp_path / "pruned", {"method": "none"}, **target)
+    report = job(tiny_dir, texts, tmp_path / method, {"method": method, "lr": 3e-3}, **target)
+    rt = report["retraining"]
+    assert rt["heldout_loss_after"] < rt["heldout_loss_before"]
+    assert rt["steps"] == 6 and rt["tokens_seen"] == 24 * 32 and rt["mask_kept"]
+    assert len(rt["curve"]["train"]) == 6 and len(rt["curve"]["heldout"]) == 3  # before + `evals`
+    # the saved files: a plain checkpoint (no adapter tensors) with exactly the pruned zeros
+    before, after = saved_zeros(tmp_path / "pruned"), saved_zeros(tmp_path / method)
+    assert set(after) == set(before) and not any("lora" in k for k in after)
+    for name in report["sparsity"]["layers"]:
+        assert after[name] == before[name] > 0
+    assert report["sparsity"]["sparsity"] == pruned["sparsity"]["sparsity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / method)
+    weights = find_adapter(reloaded).prunable_weights()
+    if "pattern" in target:  # 2 of every 4 consecutive weights of a row are zero
+        for w in weights.values():
+            assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+    assert report["metrics"]["pruned"]["perplexity"] != pruned["metrics"]["pruned"]["perplexity"]
+    assert "## Retraining" in (tmp_path / method / "REPORT.md").read_text()
+    assert (tmp_path / method / "retraining_loss.png").is_file()
+
+
+def test_masklora_forward_and_merge_are_the_masked_update():
+    model = tiny_model("llama")
+    adapter = find_adapter(model)
+    weights = adapter.prunable_weights()
+    for w in weights.values():
+        w.masked_fill_(torch.rand_like(w) < 0.5, 0)
+    zeros = {n: int((w == 0).sum()) for n, w in weights.items()}
+    names = [n.removesuffix(".weight") for n in weights]
+    lora = MaskLoRA(model, names, rank=4, alpha=8)
+    layer = lora.peft.get_submodule("base_model.model." + names[0])
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero; make the update non-zero
+    base = layer.get_base_layer().weight.detach().clone()
+    mask = base != 0
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (8 / 4)
+    x = torch.randn(3, base.shape[1])
+    torch.testing.assert_close(layer(x), F.linear(x, base + mask * delta))
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        unmerged = lora.peft(input_ids=ids).logits
+        merged_model = lora.merge()
+        merged = merged_model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    merged_weight = dict(merged_model.named_parameters())[names[0] + ".weight"]
+    assert not torch.equal(merged_weight, base)  # the update went in ...
+    for name, w in find_adapter(merged_model).prunable_weights().items():
+        assert int((w == 0).sum()) == zeros[name]  # ... and only where the weights were not pruned
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"retrain": {"method": "full", "tokens": 100}}, "less than one optimiser step"),
+    ({"retrain": {"method": "masklora"}, "sparsity": 0.0}, "zeroes no weights"),
+    ({"retrain": {"method": "masklora"}, "method": "flap"}, "zeroes no weights"),
+    ({"retrain": {"method": "lora"}}, "retrain.method must be one of none, full, masklora"),
+    ({"retrain": {"method": "full", "checkpointing": "false"}}, "retrain.checkpointing must be true or false"),
+    ({"retrain": {"method": "full", "lr": -1.0}}, "learning rates must be positive"),
+])
+def test_bad_retraining_settings_fail_before_any_work(overrides, message, tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    values = dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), out=str(tmp_path / "out"))
+    with pytest.raises(PrunelabError, match=message):
+        prunelab.run({**values, **overrides}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_retraining_on_the_evaluation_text_is_refused(tiny_dir, texts, tmp_path):
+    calib, _ = texts
+    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(calib),
+                                 "--retrain", "full", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "disjoint" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_masklora_after_reconstruction_from_the_cli_and_config_shorthand(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    result = runner.invoke(app, [
+        "run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "8",
+        "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "4", "--reconstruct", "attn-mlp", "--heldout", "2",
+        "--lr", "1e-3", "--retrain", "masklora", "--retrain-tokens", "512", "--retrain-batch", "2",
+        "--retrain-accumulate", "1", "--retrain-lr", "1e-3", "--lora-rank", "4", "--retrain-heldout", "2",
+        "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "both" / "prunelab.json").read_text())
+    assert report["reconstruction"] is not None and report["retraining"]["rank"] == 4
+    assert report["retraining"]["steps"] == 8 and report["config"]["retrain"]["method"] == "masklora"
+    assert set(report["stages"]) >= {"prune+reconstruct", "retrain", "save"}
+    again = prunelab.config.RunConfig.from_dict({"retrain": "full"})
+    assert again.retrain.method == "full" and again.needs_calibration
+
+
+def test_api_prune_with_masklora_merges_into_the_same_model(tokenizer, texts):
+    model = tiny_model("llama")
+    calib, _ = texts
+    settings = dict(sparsity=0.5, reconstruct="none", samples=4, seqlen=32, progress=False,
+                    retrain={"method": "masklora", "tokens": 256, "batch_size": 2, "accumulate": 1, "heldout": 2,
+                             "lr": 1e-3})
+    with pytest.raises(PrunelabError, match="pass a tokenizer"):
+        prunelab.prune(model, None, calibration=str(calib), **settings)
+    result = prunelab.prune(model, tokenizer, calibration=str(calib), **settings)
+    assert result["retraining"]["steps"] == 4 and result["retraining"]["heldout_loss_after"] < result[
+        "retraining"]["heldout_loss_before"]
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    for w in find_adapter(model).prunable_weights().values():
+        assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)

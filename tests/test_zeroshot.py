@@ -1,0 +1,140 @@
+"""Zero-shot accuracy comes from lm-evaluation-harness and agrees with a direct log-likelihood computation;
+the offline BIG-bench conversion, task names and their errors."""
+
+import json
+import sys
+
+import pytest
+import torch
+from tiny import tiny_model
+from typer.testing import CliRunner
+
+from prunelab.cli import app
+from prunelab.errors import PrunelabError
+from prunelab.evaluate import zeroshot
+from prunelab.evaluate.zeroshot import OFFLINE_TASKS, bigbench_examples, check_tasks, task_names, zero_shot
+
+runner = CliRunner()
+
+ITEMS = [
+    ("The river flows past the old ", ["mill", "square", "water"], 0),
+    ("In the evening the lights of the town shine on the ", ["water", "bridge", "farmers"], 0),
+    ("Every spring the farmers bring their goods to the ", ["market", "river", "lights of"], 0),
+    ("The children watch the ", ["boats go by", "bridge", "evening"], 1),
+    ("the bridge is ", ["quiet", "old", "the market by the square"], 2),
+]
+
+
+def write_task(folder, name="bb_social_iqa"):
+    with open(folder / f"{name}.jsonl", "w") as out:
+        for context, choices, gold in ITEMS:
+            out.write(json.dumps({"context": context, "choices": choices, "gold": gold}) + "\n")
+
+
+def direct_scores(model, tokenizer) -> tuple[float, float]:
+    """acc and acc_norm by hand: sum of the choice tokens' log-probabilities (the context's trailing space
+    moved to the choice, as the harness does), argmax, and argmax after dividing by the choice's length."""
+    acc = acc_norm = 0
+    for context, choices, gold in ITEMS:
+        lls = []
+        for choice in choices:
+            stripped = context.rstrip()
+            whole = tokenizer(stripped + context[len(stripped):] + choice, add_special_tokens=False)["input_ids"]
+            prefix = len(tokenizer(stripped, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            lls.append(sum(logp[t - 1, whole[t]].item() for t in range(prefix, len(whole))))
+        acc += max(range(len(lls)), key=lambda i: lls[i]) == gold
+        acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == gold
+    return acc / len(ITEMS), acc_norm / len(ITEMS)
+
+
+def test_harness_accuracy_agrees_with_direct_loglikelihood(tokenizer, tmp_path):
+    model = tiny_model("llama", seed=3)
+    write_task(tmp_path)
+    result = zero_shot(model, tokenizer, ["bb_social_iqa"], limit=0, batch_size=2, data_dir=tmp_path)
+    task = result["tasks"]["bb_social_iqa"]
+    acc, acc_norm = direct_scores(model, tokenizer)
+    assert task["examples"] == len(ITEMS) and task["fewshot"] == 0 and task["version"] == 1.0
+    assert task["acc"] == pytest.approx(acc) and task["acc_norm"] == pytest.approx(acc_norm)
+    assert result["mean_acc"] == pytest.approx(acc) and result["harness"] == "lm-evaluation-harness"
+    assert result["harness_version"] == __import__("lm_eval").__version__
+    # a model that prefers other continuations gets other numbers: they are the model's, not constants
+    other = zero_shot(tiny_model("llama", seed=4), tokenizer, ["bb_social_iqa"], 2, 2, data_dir=tmp_path)
+    assert other["tasks"]["bb_social_iqa"]["examples"] == 2
+
+
+def test_bigbench_conversion_builds_prompts_as_the_task_declares():
+    task = {"task_prefix": "Pick one.\n", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
+            "examples": [{"input": "2+2?", "target_scores": {"3": 0, "4": 1}},
+                         {"input": "tie", "target_scores": {"a": 1, "b": 1}},
+                         {"input": "x", "target_scores": {"p": 0.0, "q": 0.5, "r": 1.0}}]}
+    examples = bigbench_examples(task)
+    assert examples == [{"context": "Pick one.\n\nQ: 2+2?\nA: ", "choices": ["3", "4"], "gold": 1},
+                        {"context": "Pick one.\n\nQ: x\nA: ", "choices": ["p", "q", "r"], "gold": 2}]
+    assert bigbench_examples({"examples": [{"input": "The goal is ", "target_scores": {"a": 1, "b": 0}}]})[0][
+        "context"] == "The goal is "
+
+
+def test_task_names_and_their_errors(monkeypatch):
+    assert task_names("bigbench") == list(OFFLINE_TASKS)
+    assert task_names("bb_timedial, hellaswag,bb_timedial") == ["bb_timedial", "hellaswag"]
+    with pytest.raises(PrunelabError, match="at least one task"):
+        task_names(" , ")
+    with pytest.raises(PrunelabError, match="unknown task.*no_such_task"):
+        check_tasks(["bb_timedial", "no_such_task"])
+    check_tasks(["hellaswag"])  # a standard lm-eval task passes through
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(PrunelabError, match=r"need lm-eval.*pip install 'prunelab\[eval\]'"):
+        check_tasks(["bb_timedial"])
+
+
+def test_cli_tasks_eval_and_run_with_tasks(tiny_dir, texts, tmp_path, monkeypatch):
+    result = runner.invoke(app, ["tasks"])
+    assert result.exit_code == 0 and all(name in result.output for name in OFFLINE_TASKS)
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for name in ("bb_timedial", "bb_cause_and_effect"):
+        write_task(data, name)
+    monkeypatch.setattr(zeroshot, "offline_task_dir", lambda: data)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "bb_timedial,bb_cause_and_effect",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{"):])
+    assert set(out["zeroshot"]["tasks"]) == {"bb_timedial", "bb_cause_and_effect"} and "perplexity" not in out
+    calib, evaluation = texts
+    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", str(evaluation),
+                                 "--samples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
+                                 "--reconstruct", "none", "--tasks", "bb_timedial", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "prunelab.json").read_text())
+    assert {"zeroshot_dense", "zeroshot"} <= set(report["metrics"]) and {"tasks_dense", "tasks"} <= set(
+        report["stages"])
+    assert "## Zero-shot accuracy" in (tmp_path / "run" / "REPORT.md").read_text()
+
+
+def test_unknown_task_fails_before_the_model_loads(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    result = runner.invoke(app, ["run", "--model", str(tmp_path / "missing-model"), "--calib", str(calib),
+                                 "--eval", str(evaluation), "--tasks", "no_such_task", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown task(s) no_such_task" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluation_with_bos_predicts_every_text_token(tiny_dir, texts, tokenizer, tmp_path):
+    from prunelab.config import RunConfig
+    from prunelab.job import evaluation_data
+
+    text = texts[1].read_text()
+    cfg = RunConfig(eval_seqlen=16, eval_windows=3, eval_bos=True)
+    with pytest.raises(PrunelabError, match="no BOS token"):
+        evaluation_data(cfg, tokenizer, text)
+    tokenizer.bos_token = "<eos>"
+    try:
+        windows, protocol = evaluation_data(cfg, tokenizer, text)
+    finally:
+        tokenizer.bos_token = None
+    plain, _ = evaluation_data(RunConfig(eval_seqlen=16, eval_windows=3), tokenizer, text)
+    assert windows.shape == (3, 17) and (windows[:, 0] == tokenizer.convert_tokens_to_ids("<eos>")).all()
+    assert torch.equal(windows[:, 1:], plain) and protocol["bos"] and protocol["tokens"] == 48
