@@ -143,3 +143,22 @@ def test_api_prune_with_masklora_merges_into_the_same_model(tokenizer, texts):
     assert not any("lora" in name for name, _ in model.named_parameters())
     for w in find_adapter(model).prunable_weights().values():
         assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_masked_low_rank_gradients_equal_autograd_of_the_plain_expression():
+    from prunelab.recover.retrain import MaskedLowRank
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 8)
+    pruned = torch.rand(6, 8) < 0.5
+    weight[pruned] = 0
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    a, b = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    target = torch.randn(2, 3, 6)
+    (MaskedLowRank.apply(x, weight, pruned, a, b, 1.5) - target).pow(2).sum().backward()
+    ours = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    (F.linear(x, weight + 1.5 * (~pruned) * (b @ a)) - target).pow(2).sum().backward()
+    for mine, reference in zip(ours, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(mine, reference)

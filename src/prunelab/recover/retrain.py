@@ -36,31 +36,58 @@ from .loop import Trainable, schedule
 LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "masklora": (1e-4, 3e-4, 1e-3)}
 
 
+class MaskedLowRank(torch.autograd.Function):
+    """y = x (W + s · M ⊙ (B A))ᵀ with W frozen, keeping only x, A and B for the backward pass.
+
+    Autograd through the plain expression would keep B A, its masked copy and the sum — three dense
+    matrices per linear, more than full retraining's gradients. Here the update is rebuilt in backward:
+
+        ∂L/∂x = g (W + s · M ⊙ (B A)),   G = s · M ⊙ (gᵀ x),   ∂L/∂B = G Aᵀ,   ∂L/∂A = Bᵀ G
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, pruned, a, b, scale):
+        ctx.save_for_backward(x, weight, pruned, a, b)
+        ctx.scale = scale
+        return F.linear(x, weight + (b @ a).masked_fill_(pruned, 0).mul_(scale))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, pruned, a, b = ctx.saved_tensors
+        dtype = grad.dtype
+        full = (weight.to(dtype) + (b.to(dtype) @ a.to(dtype)).masked_fill_(pruned, 0).mul_(ctx.scale))
+        grad_x = grad @ full
+        del full
+        update = (grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dtype))
+        update.masked_fill_(pruned, 0).mul_(ctx.scale)
+        grad_a, grad_b = b.to(dtype).T @ update, update @ a.to(dtype).T
+        return grad_x.to(x.dtype), None, None, grad_a.to(a.dtype), grad_b.to(b.dtype), None
+
+
 def masked_lora_linear():
     """PEFT's LoRA linear with its update multiplied by the pruning mask M = [W ≠ 0].
 
-    PEFT computes the update in low rank, x ↦ B(A x); M ⊙ (B A) has no low-rank form, so forward builds
-    the (out × in) update once per call. Merging goes through `get_delta_weight`, hence exactly W + M ⊙ ΔW.
+    PEFT computes the update in low rank, x ↦ B(A x); M ⊙ (B A) has no low-rank form, so forward goes
+    through `MaskedLowRank`. Merging goes through `get_delta_weight`, hence exactly W + M ⊙ ΔW.
     """
     from peft.tuners.lora import layer
 
     class MaskedLoraLinear(layer.Linear):
         def update_layer(self, adapter_name, *args, **kwargs):
             super().update_layer(adapter_name, *args, **kwargs)
-            self.register_buffer("prune_mask", (self.get_base_layer().weight != 0), persistent=False)
+            self.register_buffer("pruned", self.get_base_layer().weight == 0, persistent=False)
 
         def get_delta_weight(self, adapter) -> torch.Tensor:
-            return super().get_delta_weight(adapter) * self.prune_mask
+            return super().get_delta_weight(adapter).masked_fill_(self.pruned, 0)
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             base = self.get_base_layer()
             if self.disable_adapters or self.merged:
                 return base(x, *args, **kwargs)
-            weight = base.weight
-            for adapter in self.active_adapters:
-                if adapter in self.lora_A:
-                    weight = weight + self.get_delta_weight(adapter)
-            return F.linear(x, weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+            (adapter,) = [a for a in self.active_adapters if a in self.lora_A]  # one adapter: ours
+            y = MaskedLowRank.apply(x, base.weight, self.pruned, self.lora_A[adapter].weight,
+                                    self.lora_B[adapter].weight, self.scaling[adapter])
+            return y if base.bias is None else y + base.bias.to(y.dtype)
 
     return MaskedLoraLinear
 
