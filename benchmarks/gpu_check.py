@@ -5,7 +5,9 @@
    perplexity difference on held-out random windows.
 2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
    blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction, each stage's seconds and CUDA peak.
-3. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
+3. Retraining (full, MaskLoRA) of a tiny pruned Llama on the CPU and on the GPU from the same weights and
+   windows in float32: held-out loss after, masks kept; then on the GPU with bfloat16 autocast (`auto`).
+4. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
    stages carry `cuda_peak_gb`.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
@@ -91,6 +93,31 @@ def shapes(blocks: int, windows: int, seqlen: int, device: str) -> None:
             torch.cuda.empty_cache()
 
 
+def retraining(device: str) -> None:
+    from prunelab.config import RunConfig
+    from prunelab.recover import retrain
+
+    base = llama(256, 512, 8, 4, 2, 512)
+    ids = torch.randint(0, 512, (32, 128), generator=torch.Generator().manual_seed(1))
+    held = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(2))
+    prunelab.prune(base, calibration=ids, method="wanda", sparsity=0.5, reconstruct="none", progress=False)
+    for method, precision in (("full", "float32"), ("masklora", "float32"), ("full", "auto"), ("masklora", "auto")):
+        losses = {}
+        for where in ("cpu", device) if precision == "float32" else (device,):
+            model = copy.deepcopy(base).to(where)
+            cfg = RunConfig(seqlen=128, reconstruct="none", retrain={
+                "method": method, "tokens": ids.numel(), "lr": 1e-4 if method == "full" else 1e-3, "evals": 1,
+                "precision": precision, "heldout": 8})
+            zeros = sum(int((w == 0).sum()) for w in find_adapter(model).prunable_weights().values())
+            model, record = retrain(model, find_adapter(model).prunable_weights(), cfg, ids, held, progress=False)
+            after = sum(int((w == 0).sum()) for w in find_adapter(model).prunable_weights().values())
+            losses[where] = (record["heldout_loss_before"], record["heldout_loss_after"], record["precision"],
+                             after == zeros)
+        print(f"retraining {method} {precision}: " + "; ".join(
+            f"{where} held-out {b:.4f} -> {a:.4f} ({p}, mask kept {kept})" for where, (b, a, p, kept) in
+            losses.items()), flush=True)
+
+
 def whole_job(device: str) -> None:
     from conftest import TEXT, make_tokenizer
     from tiny import tiny_model
@@ -116,7 +143,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["agreement", "shapes", "job"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["agreement", "retraining", "shapes", "job"])
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -128,6 +155,8 @@ def main() -> None:
         whole_job(args.device)
     if "agreement" not in args.skip:
         agreement(args.device)
+    if "retraining" not in args.skip:
+        retraining(args.device)
     if "shapes" not in args.skip:
         shapes(args.blocks, args.windows, args.seqlen, args.device)
     print(f"total {time.perf_counter() - started:.0f} s")

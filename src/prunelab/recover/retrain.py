@@ -135,6 +135,7 @@ class Retraining:
         self.device = next(model.parameters()).device
         self.train_ids, self.heldout_ids = train_ids, heldout_ids
         if self.rt.method == "masklora":
+            torch.manual_seed(self.seed)  # LoRA's A is drawn at random: the run's seed makes it reproducible
             self.lora = MaskLoRA(model, linear_names, self.rt.rank, self.rt.alpha)
             self.trainable = self.lora.trainable
         else:
