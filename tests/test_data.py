@@ -136,7 +136,8 @@ def test_hub_loaders_read_files_of_the_hub_format(tmp_path, monkeypatch):
         return real_load("json", data_files=str(c4), split="train")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert load_text("wikitext2", role="eval") == " = Title = \n The first line . \n The second . \n"
+    # rows joined by blank lines, as SparseGPT and Wanda evaluate WikiText-2
+    assert load_text("wikitext2", role="eval") == "\n\n = Title = \n\n\n\n\n The first line . \n\n\n The second . \n"
     assert load_text("c4", role="calib") == "A web page.\n\nAnother page."
     assert calls[0][:3] == ("wikitext", "wikitext-2-raw-v1", "test")
     assert calls[1][0] == "allenai/c4" and "train" in calls[1][3]

