@@ -162,3 +162,30 @@ def test_masked_low_rank_gradients_equal_autograd_of_the_plain_expression():
     (F.linear(x, weight + 1.5 * (~pruned) * (b @ a)) - target).pow(2).sum().backward()
     for mine, reference in zip(ours, (x.grad, a.grad, b.grad)):
         torch.testing.assert_close(mine, reference)
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_bfloat16_keeps_the_mask():
+    import copy
+
+    from prunelab.config import RunConfig
+    from prunelab.recover import retrain
+
+    base = tiny_model("llama")
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(1))
+    prunelab.prune(base, calibration=ids, sparsity=0.5, reconstruct="none", progress=False)
+    records = {}
+    for name, extra in (("plain", {}), ("checkpointing", {"checkpointing": True}),
+                        ("bfloat16", {"precision": "bfloat16"})):
+        model = copy.deepcopy(base)
+        cfg = RunConfig(seqlen=32, reconstruct="none", retrain={"method": "full", "tokens": 256, "lr": 1e-3,
+                                                                "batch_size": 2, "accumulate": 2, "heldout": 2,
+                                                                **extra})
+        model, records[name] = retrain(model, find_adapter(model).prunable_weights(), cfg, ids, held, progress=False)
+        for w in find_adapter(model).prunable_weights().values():
+            assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    assert records["checkpointing"]["checkpointing"] and not records["plain"]["checkpointing"]
+    assert records["checkpointing"]["heldout_loss_after"] == pytest.approx(records["plain"]["heldout_loss_after"],
+                                                                          rel=1e-5)
+    assert records["bfloat16"]["precision"] == "bfloat16" and records["plain"]["precision"] == "float32"
+    assert records["bfloat16"]["heldout_loss_after"] < records["bfloat16"]["heldout_loss_before"]

@@ -119,10 +119,15 @@ def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return nll, ids[:, 1:].numel()
 
 
-def autocast(precision: str, device: torch.device):
+def computes_in_bfloat16(precision: str, device: torch.device) -> bool:
     """bfloat16 autocast where asked for (`auto`: on a GPU that supports it); float32 otherwise."""
-    use = precision == "bfloat16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def autocast(precision: str, device: torch.device):
+    if computes_in_bfloat16(precision, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Retraining:
@@ -246,7 +251,7 @@ class Retraining:
             "tokens_seen_with_probes": done["tokens"] + lr_record.get("probe_tokens", 0),
             "trainable": self.trainable.count(), "windows": self.train_ids.shape[0],
             "heldout_windows": self.heldout_ids.shape[0], "batch_size": rt.batch_size, "accumulate": rt.accumulate,
-            "precision": "bfloat16" if isinstance(autocast(rt.precision, self.device), torch.autocast) else "float32",
+            "precision": "bfloat16" if computes_in_bfloat16(rt.precision, self.device) else "float32",
             "checkpointing": checkpointing, "seconds": round(time.perf_counter() - started, 2),
             "heldout_loss_before": curve["heldout"][0][2], "heldout_loss_after": curve["heldout"][-1][2],
             "curve": curve, **({"rank": rt.rank, "alpha": rt.alpha} if rt.method == "masklora" else {})}
