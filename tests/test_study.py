@@ -205,3 +205,16 @@ def test_the_papers_table_also_gives_time_in_dense_forward_passes(tmp_path):
     write_table([row("none", 176.0, None), row("attn-mlp", 1080.0, 120.0), row("block", 2000.0, 250.0)], tmp_path)
     table = (tmp_path / "STUDY.md").read_text()
     assert "| pattern | criterion | attn-mlp | block |\n|---|---|---|---|\n| 50% | wanda | 9.0 | 8.0 |" in table
+
+
+def test_a_study_with_retraining_gets_the_recovery_table(tmp_path, tiny_dir, texts):
+    base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": str(texts[1]), "samples": 4, "seqlen": 16,
+            "eval_windows": 2, "eval_seqlen": 16, "threads": 1, "reconstruct": "none",
+            "retrain": {"tokens": 128, "batch_size": 2, "accumulate": 1, "heldout": 2, "lr": 1e-3}}
+    grid = write_grid(tmp_path / "g.yaml", {"base": base, "grid": {"retrain.method": ["none", "masklora"]}})
+    results = run_study(grid, tmp_path / "study", progress=False)
+    assert [r["retrain"] for r in results] == ["none", "masklora"]
+    assert results[0]["recovery_tokens"] == 0 and results[1]["recovery_tokens"] == 128
+    assert results[1]["retrain_seconds"] > 0 and results[0]["retrain_seconds"] is None
+    table = (tmp_path / "study" / "STUDY.md").read_text()
+    assert "## Recovery: reconstruction and retraining" in table and "| masklora | 128 |" in table

@@ -146,7 +146,20 @@ def summarise(report: dict) -> dict:
         if recon
         else None,  # depth runs' reconstruction has no phases
         "sparsity": report["sparsity"]["sparsity"] if report["sparsity"] else None,
+        **recovery_summary(report),
     }
+
+
+def recovery_summary(report: dict) -> dict:
+    """Retraining and zero-shot columns: what recovered the model, on how many tokens, at what cost."""
+    cfg, retraining = report["config"], report.get("retraining")
+    calibration = cfg["samples"] * cfg["seqlen"] * cfg["reconstruct"]["epochs"] if report.get("reconstruction") else 0
+    retrain_stage = report["stages"].get("retrain", {})
+    zeroshot = report["metrics"].get("zeroshot") or {}
+    return {"retrain": retraining["method"] if retraining else "none",
+            "recovery_tokens": calibration + (retraining["tokens_seen"] if retraining else 0),
+            "retrain_seconds": retrain_stage.get("seconds"), "retrain_peak_rss_gb": retrain_stage.get("peak_rss_gb"),
+            "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_acc_norm": zeroshot.get("mean_acc_norm")}
 
 
 def write_table(results: list[dict], out: Path, granularities: list[str] | None = None) -> None:
@@ -164,6 +177,7 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
             f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
             f"| {_ppl(r)} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |"
         )
+    lines += recovery_table(results)
     lines += pivot(results, granularities)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
     # the summary rows; each run's full report stays in runs/<name>.json only
@@ -171,6 +185,23 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
         json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1)
     )
     _plot(results, out / "study.png", dense)
+
+
+def recovery_table(results: list[dict]) -> list[str]:
+    """Reconstruction against retraining (when the study retrains or scores zero-shot tasks)."""
+    if not any(r.get("retrain", "none") != "none" or r.get("zeroshot_acc") is not None for r in results):
+        return []
+    lines = ["", "## Recovery: reconstruction and retraining", "",
+             "| method | pattern | reconstruction | retraining | recovery tokens | perplexity "
+             "| zero-shot acc / acc_norm | prune(+reconstruct) s, GB | retrain s, GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        zs = "–" if r.get("zeroshot_acc") is None else f"{r['zeroshot_acc']:.4f} / {r['zeroshot_acc_norm']:.4f}"
+        rt = "–" if r.get("retrain_seconds") is None else f"{r['retrain_seconds']:.0f}, {r['retrain_peak_rss_gb']:.2f}"
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r.get('retrain', 'none')} | "
+                     f"{r.get('recovery_tokens', 0):,} | {_ppl(r)} | {zs} | {r['seconds']:.0f}, "
+                     f"{r['peak_rss_gb']:.2f} | {rt} |")
+    return lines
 
 
 def _ppl(row: dict) -> str:
