@@ -189,3 +189,11 @@ def test_gradient_checkpointing_gives_the_same_training_and_bfloat16_keeps_the_m
                                                                           rel=1e-5)
     assert records["bfloat16"]["precision"] == "bfloat16" and records["plain"]["precision"] == "float32"
     assert records["bfloat16"]["heldout_loss_after"] < records["bfloat16"]["heldout_loss_before"]
+
+
+def test_auto_lr_follows_a_best_rate_at_the_grids_edge(tiny_dir, texts, tmp_path):
+    report = job(tiny_dir, texts, tmp_path / "auto", {"method": "full", "lr": "auto", "lr_grid": [1e-6, 3e-6]})
+    lr = report["retraining"]["lr"]
+    # on a random tiny model larger rates learn faster: the edge is followed twice, each a factor of 3
+    assert lr["grid"] == pytest.approx([1e-6, 3e-6, 9e-6, 2.7e-5]) and lr["lr"] == pytest.approx(2.7e-5)
+    assert len(lr["heldout_loss"]) == 4 and lr["probe_tokens"] == 4 * lr["probe_steps"] * 4 * 32

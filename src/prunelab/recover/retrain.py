@@ -34,6 +34,7 @@ from .loop import Trainable, schedule
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
 # model and wants the small rates of fine-tuning; LoRA's B starts at 0 and needs larger ones.
 LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "masklora": (1e-4, 3e-4, 1e-3)}
+EXTEND = 2  # probes beyond the grid's edge when its best rate lies there
 
 
 class MaskedLowRank(torch.autograd.Function):
@@ -215,21 +216,27 @@ class Retraining:
         return {"steps": steps, "tokens": tokens}
 
     def choose_lr(self) -> tuple[float, dict]:
-        """The fixed lr, or the grid's best held-out loss after a `probe` fraction of the steps each."""
+        """The fixed lr, or the grid's best held-out loss after a `probe` fraction of the steps each; a best
+        rate at the grid's edge is followed one factor of 3 further, at most `EXTEND` times."""
         rt = self.rt
         if rt.lr != "auto":
             return float(rt.lr), {"mode": "fixed", "lr": float(rt.lr)}
-        grid = tuple(rt.lr_grid or LR_GRIDS[rt.method])
+        grid = sorted(rt.lr_grid or LR_GRIDS[rt.method])
         probe_steps = max(1, round(rt.probe * self.steps))
         start, losses, tokens = self.trainable.snapshot(), {}, 0
-        for lr in grid:
-            self.trainable.restore(start)
-            tokens += self.train(lr, probe_steps)["tokens"]
-            losses[lr] = self.heldout_loss()
+        for extended in range(EXTEND + 1):
+            for lr in (lr for lr in grid if lr not in losses):
+                self.trainable.restore(start)
+                tokens += self.train(lr, probe_steps)["tokens"]
+                losses[lr] = self.heldout_loss()
+            best = min(losses, key=losses.get)
+            if extended == EXTEND or best not in (grid[0], grid[-1]):
+                break
+            grid = sorted({*grid, best * 3 if best == grid[-1] else best / 3})
         self.trainable.restore(start)
         best = min(losses, key=losses.get)
-        return best, {"mode": "auto", "grid": list(grid), "probe_steps": probe_steps, "probe_tokens": tokens,
-                      "lr": best, "heldout_loss": {f"{lr:g}": loss for lr, loss in losses.items()}}
+        return best, {"mode": "auto", "grid": grid, "probe_steps": probe_steps, "probe_tokens": tokens,
+                      "lr": best, "heldout_loss": {f"{lr:g}": loss for lr, loss in sorted(losses.items())}}
 
     def run(self) -> tuple[nn.Module, dict]:
         """Train; the model to keep (MaskLoRA: merged) and the record for the report."""
