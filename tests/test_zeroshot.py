@@ -57,6 +57,7 @@ def test_harness_accuracy_agrees_with_direct_loglikelihood(tokenizer, tmp_path):
     task = result["tasks"]["bb_social_iqa"]
     acc, acc_norm = direct_scores(model, tokenizer)
     assert task["examples"] == len(ITEMS) and task["fewshot"] == 0 and task["version"] == 1.0
+    assert task["chance"] == pytest.approx(1 / 3)  # every item has three choices
     assert task["acc"] == pytest.approx(acc) and task["acc_norm"] == pytest.approx(acc_norm)
     assert result["mean_acc"] == pytest.approx(acc) and result["harness"] == "lm-evaluation-harness"
     assert result["harness_version"] == __import__("lm_eval").__version__

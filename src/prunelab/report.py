@@ -293,14 +293,16 @@ def _zeroshot_markdown(metrics: dict) -> list[str]:
     lines = ["", "## Zero-shot accuracy", "",
              f"{last['harness']} {last['harness_version']}, {last['fewshot']}-shot log-likelihood multiple choice, "
              f"at most {last['limit'] or 'all'} examples per task.", "",
-             "| task | version | examples | " + " | ".join(f"acc {lb} | acc_norm {lb}" for _, lb in runs) + " |",
-             "|---|---|---|" + "---|---|" * len(runs)]
+             "| task | version | examples | chance | "
+             + " | ".join(f"acc {lb} | acc_norm {lb}" for _, lb in runs) + " |",
+             "|---|---|---|---|" + "---|---|" * len(runs)]
     for task, entry in last["tasks"].items():
         cells = " | ".join(f"{metrics[k]['tasks'][task]['acc']:.4f} | {metrics[k]['tasks'][task]['acc_norm']:.4f}"
                            for k, _ in runs)
-        lines.append(f"| {task} | {entry['version']} | {entry['examples']} | {cells} |")
+        guess = f"{entry['chance']:.3f}" if entry.get("chance") is not None else "–"
+        lines.append(f"| {task} | {entry['version']} | {entry['examples']} | {guess} | {cells} |")
     means = " | ".join(f"{metrics[k]['mean_acc']:.4f} | {metrics[k]['mean_acc_norm']:.4f}" for k, _ in runs)
-    return lines + [f"| mean | | | {means} |"]
+    return lines + [f"| mean | | | | {means} |"]
 
 
 def _data_markdown(data: dict) -> list[str]:

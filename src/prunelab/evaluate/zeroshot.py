@@ -128,7 +128,17 @@ def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, d
             limit=limit or None, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
         model.train(was_training)
-    return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
+    result = summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
+    for name in (n for n in names if n in OFFLINE_TASKS):
+        result["tasks"][name]["chance"] = chance(data_dir / f"{name}.jsonl", limit)
+    return result
+
+
+def chance(path: Path, limit: int) -> float:
+    """The accuracy of guessing: mean of 1 / choices over the examples scored (the file's first `limit`)."""
+    with open(path, encoding="utf-8") as lines:
+        counts = [len(json.loads(line)["choices"]) for number, line in enumerate(lines) if not limit or number < limit]
+    return sum(1 / c for c in counts) / len(counts)
 
 
 def summarise(out: dict, names: list[str], limit: int, version: str) -> dict:
