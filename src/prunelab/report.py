@@ -219,8 +219,8 @@ def _width_markdown(structure: dict) -> list[str]:
                                for r in structure["layers"])]
 
 
-def plot_reconstruction(report: dict, path: Path) -> bool:
-    """Per-submodel held-out loss before and after reconstruction (log scale); False without matplotlib."""
+def _figure(path: Path, draw) -> bool:
+    """One 8 × 3.5 in plot drawn by `draw(ax)`, with its legend, saved to `path`; False without matplotlib."""
     try:
         import matplotlib
 
@@ -228,43 +228,42 @@ def plot_reconstruction(report: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    records = report["reconstruction"]["submodels"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    x = range(len(records))
-    for key, label in (("loss_heldout_before", "pruned"), ("loss_heldout_after", "reconstructed")):
-        ax.plot(x, [r[key] for r in records], marker=".", label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("submodel (model order)")
-    ax.set_ylabel(f"held-out {report['config']['reconstruct']['loss']} loss")
-    ax.set_title(f"{method_label(report['config'])} + {report['config']['reconstruct']['granularity']} reconstruction")
+    draw(ax)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_reconstruction(report: dict, path: Path) -> bool:
+    """Per-submodel held-out loss before and after reconstruction (log scale); False without matplotlib."""
+    records, rc = report["reconstruction"]["submodels"], report["config"]["reconstruct"]
+
+    def draw(ax) -> None:
+        for key, label in (("loss_heldout_before", "pruned"), ("loss_heldout_after", "reconstructed")):
+            ax.plot(range(len(records)), [r[key] for r in records], marker=".", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("submodel (model order)")
+        ax.set_ylabel(f"held-out {rc['loss']} loss")
+        ax.set_title(f"{method_label(report['config'])} + {rc['granularity']} reconstruction")
+
+    return _figure(path, draw)
 
 
 def plot_retraining(report: dict, path: Path) -> bool:
     """Retraining loss per optimiser step (train) and at the held-out evaluations; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     curve = report["retraining"]["curve"]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot([t for _, t, _ in curve["train"]], [v for _, _, v in curve["train"]], lw=0.8, label="train (per step)")
-    ax.plot([t for _, t, _ in curve["heldout"]], [v for _, _, v in curve["heldout"]], marker="o", label="held-out")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("next-token cross-entropy")
-    ax.set_title(f"{method_label(report['config'])}: {report['retraining']['method']} retraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+
+    def draw(ax) -> None:
+        ax.plot([t for _, t, _ in curve["train"]], [v for _, _, v in curve["train"]], lw=0.8, label="train (per step)")
+        ax.plot([t for _, t, _ in curve["heldout"]], [v for _, _, v in curve["heldout"]], marker="o", label="held-out")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("next-token cross-entropy")
+        ax.set_title(f"{method_label(report['config'])}: {report['retraining']['method']} retraining")
+
+    return _figure(path, draw)
 
 
 def _retraining_markdown(report: Report, plot: str | None) -> list[str]:

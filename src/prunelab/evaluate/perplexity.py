@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(ids[t+1] | ids[≤t]) over every predicted token of the windows."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
 @torch.no_grad()
 def perplexity(
     model, windows: torch.Tensor, batch_size: int = 2, progress: bool = True, desc: str = "perplexity"
@@ -18,8 +23,7 @@ def perplexity(
     nll, predicted = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch).item()
         predicted += batch[:, 1:].numel()
     mean_nll = nll / predicted
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted}

@@ -70,6 +70,12 @@ class Trainable:
     def count(self) -> int:
         return sum(p.numel() - (int(m.sum()) if m is not None else 0) for p, m in zip(self.params, self.pruned))
 
+    def mask_gradients(self) -> None:
+        """A pruned weight gets no gradient (AdamW's update of it is then zero as well)."""
+        for p, m in zip(self.params, self.pruned):
+            if m is not None and p.grad is not None:
+                p.grad.masked_fill_(m, 0)
+
     def enforce_mask(self) -> None:
         with torch.no_grad():
             for p, m in zip(self.params, self.pruned):
@@ -118,9 +124,7 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                                         "choose a smaller --lr or --lr auto")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
-                for p, m in zip(trainable.params, trainable.pruned):
-                    if m is not None and p.grad is not None:
-                        p.grad.masked_fill_(m, 0)
+                trainable.mask_gradients()
                 optimizer.step()
                 scheduler.step()
                 trainable.enforce_mask()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..errors import PrunelabError
+from ..evaluate.perplexity import summed_nll
 from .loop import Trainable, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
@@ -115,9 +116,7 @@ class MaskLoRA:
 
 def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of the windows `ids` and the number of predicted tokens."""
-    logits = model(input_ids=ids, use_cache=False).logits
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-    return nll, ids[:, 1:].numel()
+    return summed_nll(model(input_ids=ids, use_cache=False).logits, ids), ids[:, 1:].numel()
 
 
 def computes_in_bfloat16(precision: str, device: torch.device) -> bool:
@@ -177,9 +176,7 @@ class Retraining:
                 raise PrunelabError(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
             loss.backward()
             total += loss.item()
-        for p, m in zip(self.trainable.params, self.trainable.pruned):
-            if m is not None and p.grad is not None:
-                p.grad.masked_fill_(m, 0)
+        self.trainable.mask_gradients()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
