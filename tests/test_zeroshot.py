@@ -89,6 +89,9 @@ def test_task_names_and_their_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(PrunelabError, match=r"need lm-eval.*pip install 'prunelab\[eval\]'"):
         check_tasks(["bb_timedial"])
+    result = runner.invoke(app, ["eval", "--model", "smollm2", "--tasks", "bb_timedial"])
+    # the console prints the install command as written: rich must not read "[eval]" as markup
+    assert result.exit_code == 2 and "pip install 'prunelab[eval]'" in " ".join(result.output.split())
 
 
 def test_cli_tasks_eval_and_run_with_tasks(tiny_dir, texts, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -34,7 +35,8 @@ console = Console(stderr=True)
 
 
 def _fail(exc: PrunelabError) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: messages hold brackets (prunelab[eval], [0, 1)) that rich would take for markup
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -263,7 +263,7 @@ class RunConfig(Checked):
                                    "predicted; without, a window's first token is context only)")
     eval_dense: bool = option(True, "also evaluate the model before pruning")
     tasks: str | None = option(None, "zero-shot tasks through lm-eval: bigbench (prunelab's offline set) or "
-                                     "comma-separated task names; needs prunelab[eval]")
+                                     "comma-separated task names; needs lm-eval (the eval extra)")
     task_limit: int = option(100, "examples per zero-shot task (0 = all)")
     task_batch: int = option(16, "sequences per zero-shot forward pass")
     forward_batch: int = option(8, "windows per calibration forward pass")
