@@ -21,7 +21,8 @@ TRAIN, HELD = random_ids(12, 16, seed=1), random_ids(4, 16, seed=2)
 
 
 def reconstruct(model, observer=None, **options):
-    recon = {"lr": 5e-4, "epochs": 2, "heldout": 4, **options.pop("reconstruct", {})}
+    # float32: on hardware with native bfloat16, `auto` would round these tiny models' small losses
+    recon = {"lr": 5e-4, "epochs": 2, "heldout": 4, "precision": "float32", **options.pop("reconstruct", {})}
     config = RunConfig(method=options.pop("method", "wanda"), forward_batch=4, reconstruct=recon, **options)
     return prune_and_reconstruct(model, find_adapter(model), TRAIN, HELD, config, progress=False, observer=observer)
 
@@ -279,7 +280,7 @@ def test_bad_reconstruction_options_are_refused(options, message):
 
 
 def test_reconstruction_refuses_low_precision_activations():
-    with pytest.raises(PrunelabError, match="reconstruction computes in float32"):
+    with pytest.raises(PrunelabError, match="reconstruction keeps activations in float32"):
         RunConfig(dtype="bfloat16")
     assert RunConfig(dtype="bfloat16", reconstruct="none").dtype == "bfloat16"
 
@@ -292,3 +293,49 @@ def test_api_splits_heldout_windows_off_a_given_tensor():
     assert result["reconstruction"]["submodels"][0]["loss_heldout_before"] > 0
     with pytest.raises(PrunelabError, match="leave none for training"):
         prunelab.prune(tiny_model("llama"), calibration=random_ids(3, 16), reconstruct={"heldout": 3}, progress=False)
+
+
+def test_bfloat16_precision_runs_the_matmuls_in_bfloat16_and_keeps_the_rest_float32():
+    model = tiny_model("llama")
+    seen, dtypes = [], set()
+    q_proj = find_adapter(model).blocks[0].self_attn.q_proj
+    handle = q_proj.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    _, report = reconstruct(model, observer=seen.append, reconstruct={"precision": "bfloat16"})
+    handle.remove()
+    assert report["precision"] == "bfloat16" and dtypes == {torch.bfloat16}
+    assert all(s[k].dtype == torch.float32 for s in seen for k in ("inputs", "targets", "outputs"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for name, weight in find_adapter(model).prunable_weights().items():  # Wanda 50 %: half of every row, exactly
+        assert torch.equal((weight == 0).sum(-1), torch.full((weight.shape[0],), weight.shape[1] // 2)), name
+    _, report = reconstruct(tiny_model("llama"))
+    assert report["precision"] == "float32"
+
+
+def test_pruning_inside_autocast_solves_in_float32():
+    from prunelab.criteria.stats import Hessian
+    from prunelab.prune.sequential import HalfPruner
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(512, 300), torch.randn(16, 300)  # > 128 columns: SparseGPT multiplies across blocks
+    pruned = {}
+    for bf16 in (False, True):
+        linear = nn.Linear(300, 16, bias=False)
+        linear.weight.data.copy_(weight)
+        stats = Hessian(300, torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            stats.add(x)
+            HalfPruner(RunConfig(method="sparsegpt")).prune_group(0, {"l": linear}, ["l"], stats)
+        pruned[bf16] = linear.weight.detach().clone()
+    assert torch.equal(pruned[False], pruned[True])
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from prunelab.precision import uses_bfloat16
+
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda native=native: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        assert uses_bfloat16("auto", cpu) is native
+        assert uses_bfloat16("auto", cpu, auto_on_cpu=False) is False
+        assert uses_bfloat16("bfloat16", cpu) and not uses_bfloat16("float32", cpu)

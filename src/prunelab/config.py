@@ -118,6 +118,9 @@ class ReconstructConfig(Checked):
     heldout: int = option(16, "extra calibration windows, disjoint from the training ones, for the lr choice and "
                               "the loss report")
     offload: str = option("auto", "cached activations in memory-mapped files: auto (when RAM is short) | on | off")
+    precision: str = option("float32", "reconstruction matmuls: auto (bfloat16 autocast where the hardware has native "
+                                    "bfloat16: a GPU, a CPU with AMX or AVX-512 BF16; else float32) | float32 | "
+                                    "bfloat16 (weights, residual stream, targets and losses stay float32)")
     scope: str = option("adjacent", "after layer removal: train the blocks next to each cut (adjacent) or all",
                         flag="reconstruct-scope")
 
@@ -141,6 +144,7 @@ class ReconstructConfig(Checked):
         one_of("reconstruct.loss", self.loss, LOSSES)
         one_of("reconstruct.scope", self.scope, SCOPES)
         one_of("reconstruct.offload", self.offload, OFFLOAD)
+        one_of("reconstruct.precision", self.precision, PRECISIONS)
         if isinstance(self.lr, str) and self.lr != "auto":
             raise PrunelabError(f"reconstruct.lr must be a positive number or 'auto', got {self.lr!r}")
         if (not isinstance(self.lr, str) and not self.lr > 0) or not self.lr_grid or min(self.lr_grid) <= 0:
@@ -339,8 +343,9 @@ class RunConfig(Checked):
                 # Measured on SmolLM2: with bfloat16 activations the targets carry rounding noise larger
                 # than the errors being reconstructed, and the attention halves' losses rose in training.
                 raise PrunelabError(
-                    f"reconstruction computes in float32 (dtype {self.dtype} activations are too "
-                    "coarse for its targets); use --dtype float32, or --reconstruct none to prune alone"
+                    f"reconstruction keeps activations in float32 (dtype {self.dtype} activations are too coarse "
+                    "for its targets; --precision bfloat16 runs only its matmuls in bfloat16); use --dtype float32, "
+                    "or --reconstruct none to prune alone"
                 )
         self.validate_retrain()
 

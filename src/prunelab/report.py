@@ -158,7 +158,9 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
     if "seconds" in recon:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
         where = "in memory-mapped files" if recon["offload"] else "in memory"
-        lines += ["", f"Time by phase: {seconds}. Cached activations {where}."]
+        matmuls = ("bfloat16 (autocast; weights, residual stream, targets and losses float32)"
+                   if recon.get("precision") == "bfloat16" else "float32")
+        lines += ["", f"Time by phase: {seconds}. Cached activations {where}. Matmuls in {matmuls}."]
     if plot:
         lines += ["", f"![reconstruction loss per submodel]({plot})"]
     return lines + _submodel_table(recon["submodels"])

@@ -43,6 +43,7 @@ from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..models.loading import torch_dtype
+from ..precision import full_precision
 
 
 def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
@@ -78,12 +79,13 @@ class HalfPruner:
         """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
         (a lower-precision running copy) receive the same pruned weights."""
         weights = [linears[name].weight.data for name in names]
-        if self.stats_cls is not None and (stats is None or stats.tokens == 0):
-            # No calibration token reached these layers (an expert never routed to, or only pad tokens).
-            pruned, _ = magnitude(weights, None, self.sparsity, self.nm)
-            info = {"fallback": "magnitude: no calibration tokens reached this layer"}
-        else:
-            pruned, info = self.criterion(weights, stats, self.sparsity, self.nm, **self.options)
+        with full_precision(weights[0].device):  # inside reconstruction's autocast: SparseGPT's solves stay float32
+            if self.stats_cls is not None and (stats is None or stats.tokens == 0):
+                # No calibration token reached these layers (an expert never routed to, or only pad tokens).
+                pruned, _ = magnitude(weights, None, self.sparsity, self.nm)
+                info = {"fallback": "magnitude: no calibration tokens reached this layer"}
+            else:
+                pruned, info = self.criterion(weights, stats, self.sparsity, self.nm, **self.options)
         for name, new_weight in zip(names, pruned):
             linears[name].weight.data.copy_(new_weight)
             if mirrors is not None:

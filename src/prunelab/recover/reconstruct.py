@@ -31,6 +31,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
+from ..precision import autocast, uses_bfloat16
 from ..prune.sequential import HalfPruner, check_halves_cover, check_pattern_fits
 from .loop import Trainable
 from .propagation import Propagation
@@ -112,13 +113,16 @@ class Reconstructor:
             dense = {s: self.arena.clone(pruned[s]) for s in SPLITS} if self.propagation.separate_dense else pruned
 
         plan = submodels(len(blocks), self.config)
+        bfloat16 = uses_bfloat16(self.rc.precision, device)
         desc = f"{self.config.method} {self.config.target_label} + {self.rc.granularity} reconstruction"
         for units in tqdm(plan, desc=desc, unit="submodel", disable=not self.progress):
-            pruned, dense = self._submodel(units, pruned, dense)
+            with autocast(bfloat16, device):  # every pass of the submodel: targets, pruning, training, outputs
+                pruned, dense = self._submodel(units, pruned, dense)
             self.streams = {s: self.streams[s].with_hidden(pruned[s]) for s in SPLITS}  # drop the old activations
             release_memory()
         return {"submodels": self.records, "lr": self.trainer.lr.summary(),
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "offload": offload,
+                "precision": "bfloat16" if bfloat16 else "float32",
                 "problems": self.trainer.problems}
 
     def _stream(self, split: str, hidden: torch.Tensor):

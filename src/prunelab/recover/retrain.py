@@ -18,7 +18,6 @@ and keeps the one with the lowest held-out loss (held-out calibration windows, a
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
+from ..precision import autocast, uses_bfloat16
 from .loop import Trainable, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
@@ -119,17 +119,6 @@ def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return summed_nll(model(input_ids=ids, use_cache=False).logits, ids), ids[:, 1:].numel()
 
 
-def computes_in_bfloat16(precision: str, device: torch.device) -> bool:
-    """bfloat16 autocast where asked for (`auto`: on a GPU that supports it); float32 otherwise."""
-    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-
-def autocast(precision: str, device: torch.device):
-    if computes_in_bfloat16(precision, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Retraining:
     """One retraining run: the trainable parameters, the windows, the schedule, the loss curve."""
 
@@ -138,6 +127,8 @@ class Retraining:
         self.rt, self.seed, self.progress = config.retrain, config.seed, progress
         self.model, self.lora = model, None
         self.device = next(model.parameters()).device
+        # auto: bfloat16 on GPUs only; on CPUs with native bfloat16 its effect on retraining is unmeasured
+        self.bfloat16 = uses_bfloat16(self.rt.precision, self.device, auto_on_cpu=False)
         self.train_ids, self.heldout_ids = train_ids, heldout_ids
         if self.rt.method == "masklora":
             torch.manual_seed(self.seed)  # LoRA's A is drawn at random: the run's seed makes it reproducible
@@ -152,7 +143,7 @@ class Retraining:
     def heldout_loss(self) -> float:
         self.model.eval()
         total, tokens = 0.0, 0
-        with autocast(self.rt.precision, self.device):
+        with autocast(self.bfloat16, self.device):
             for batch in self.heldout_ids.split(self.rt.batch_size):
                 nll, count = token_nll(self.model, batch.to(self.device))
                 total, tokens = total + nll.item(), tokens + count
@@ -169,7 +160,7 @@ class Retraining:
         predicted = sum(b[:, 1:].numel() for b in batches)
         total = 0.0
         for batch in batches:
-            with autocast(self.rt.precision, self.device):
+            with autocast(self.bfloat16, self.device):
                 nll, _ = token_nll(self.model, batch)
             loss = nll / predicted
             if not torch.isfinite(loss):
@@ -255,7 +246,7 @@ class Retraining:
             "tokens_seen_with_probes": done["tokens"] + lr_record.get("probe_tokens", 0),
             "trainable": self.trainable.count(), "windows": self.train_ids.shape[0],
             "heldout_windows": self.heldout_ids.shape[0], "batch_size": rt.batch_size, "accumulate": rt.accumulate,
-            "precision": "bfloat16" if computes_in_bfloat16(rt.precision, self.device) else "float32",
+            "precision": "bfloat16" if self.bfloat16 else "float32",
             "checkpointing": checkpointing, "seconds": round(time.perf_counter() - started, 2),
             "heldout_loss_before": curve["heldout"][0][2], "heldout_loss_after": curve["heldout"][-1][2],
             "curve": curve, **({"rank": rt.rank, "alpha": rt.alpha} if rt.method == "masklora" else {})}
