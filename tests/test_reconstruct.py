@@ -339,3 +339,17 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         assert uses_bfloat16("auto", cpu) is native
         assert uses_bfloat16("auto", cpu, auto_on_cpu=False) is False
         assert uses_bfloat16("bfloat16", cpu) and not uses_bfloat16("float32", cpu)
+
+
+def test_autocast_sees_every_optimiser_step():
+    # autocast's default weight cache would keep the first bfloat16 copy of a trainable weight for the
+    # whole region: a reconstruction trains many steps inside one and must see each update
+    from prunelab.precision import autocast
+
+    linear, x = nn.Linear(8, 8), torch.randn(4, 8)
+    linear.requires_grad_(True)
+    with autocast(True, torch.device("cpu")):
+        before = linear(x)
+        with torch.no_grad():
+            linear.weight.add_(1.0)
+        assert not torch.equal(linear(x), before)

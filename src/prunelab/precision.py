@@ -35,8 +35,13 @@ def uses_bfloat16(precision: str, device: torch.device, auto_on_cpu: bool = True
 
 
 def autocast(bfloat16: bool, device: torch.device):
-    """Matmuls in bfloat16 if `bfloat16`; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bfloat16 else contextlib.nullcontext()
+    """Matmuls in bfloat16 if `bfloat16`; a no-op context otherwise.
+
+    Autocast's weight cache is off: it keeps the first bfloat16 copy of every trainable weight for the
+    whole region, so optimiser steps taken inside one region would train against stale weights."""
+    if not bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def full_precision(device: torch.device):
