@@ -118,7 +118,7 @@ class ReconstructConfig(Checked):
     heldout: int = option(16, "extra calibration windows, disjoint from the training ones, for the lr choice and "
                               "the loss report")
     offload: str = option("auto", "cached activations in memory-mapped files: auto (when RAM is short) | on | off")
-    precision: str = option("float32", "reconstruction matmuls: auto (bfloat16 autocast where the hardware has native "
+    precision: str = option("auto", "reconstruction matmuls: auto (bfloat16 autocast where the hardware has native "
                                     "bfloat16: a GPU, a CPU with AMX or AVX-512 BF16; else float32) | float32 | "
                                     "bfloat16 (weights, residual stream, targets and losses stay float32)")
     scope: str = option("adjacent", "after layer removal: train the blocks next to each cut (adjacent) or all",
