@@ -33,6 +33,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import find_adapter
+from ..precision import autocast, uses_bfloat16
 from .loop import Trainable
 from .propagation import Propagation
 from .step import SPLITS, SubmodelProblem, Trainer, trainable_parameters
@@ -82,15 +83,18 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, structure: dict, 
     run = StructuredRun(model, dense, config, compensation_frames(structure, spans))
     run.capture(input_ids, heldout_ids, attention_mask)
     rc = config.reconstruct
+    device = next(model.parameters()).device
+    bfloat16 = uses_bfloat16(rc.precision, device)
     for j, span in enumerate(tqdm(spans, desc=f"{config.method} + {rc.granularity} reconstruction", unit="block",
                                   disable=not progress)):
-        if rc.scope == "all" or len(span) > 1 or config.method == "flap":
-            run.train_block(j, span)
-        else:
-            run.skip_block(j, span)
+        with autocast(bfloat16, device):
+            if rc.scope == "all" or len(span) > 1 or config.method == "flap":
+                run.train_block(j, span)
+            else:
+                run.skip_block(j, span)
         release_memory()
     return {"submodels": run.records, "lr": run.trainer.lr.summary(), "problems": run.trainer.problems,
-            "scope": rc.scope, "propagation": rc.propagation}
+            "scope": rc.scope, "propagation": rc.propagation, "precision": "bfloat16" if bfloat16 else "float32"}
 
 
 class StructuredRun:
