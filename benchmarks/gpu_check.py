@@ -1,10 +1,11 @@
 """GPU check: models built from configs (random weights), no downloads.
 
-1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4) and reconstructed (attn-mlp, fixed lr) on
-   the CPU and on the GPU from the same weights and windows: share of equal mask entries, relative
-   perplexity difference on held-out random windows.
+1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4) and reconstructed (attn-mlp, fixed lr;
+   float32 matmuls, and for Wanda also bfloat16) on the CPU and on the GPU from the same weights and
+   windows: share of equal mask entries, relative perplexity difference on held-out random windows.
 2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
-   blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction, each stage's seconds and CUDA peak.
+   blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction (float32 and bfloat16 matmuls), each
+   stage's seconds and CUDA peak.
 3. Retraining (full, MaskLoRA) of a tiny pruned Llama on the CPU and on the GPU from the same weights and
    windows in float32: held-out loss after, masks kept; then on the GPU with bfloat16 autocast (`auto`).
 4. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
@@ -56,28 +57,33 @@ def agreement(device: str) -> None:
     test = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(2))
     targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
     for method, target in ((m, t) for t in targets for m in ("wanda", "sparsegpt")):
-        for recon in ("none", "attn-mlp"):
+        # float32 for the exact comparison; bfloat16 matmuls (the default on both devices here) once
+        recons = [("none", None), ("attn-mlp", "float32")] + [("attn-mlp", "bfloat16")] * (method == "wanda")
+        for recon, precision in recons:
             models = {}
             for where in ("cpu", device):
                 model = copy.deepcopy(base).to(where)
                 options = dict(method=method, forward_batch=8, progress=False, **target)
-                options["reconstruct"] = "none" if recon == "none" else {"lr": 1e-3, "heldout": 4}
+                options["reconstruct"] = ("none" if recon == "none" else
+                                          {"lr": 1e-3, "heldout": 4, "precision": precision})
                 prunelab.prune(model, calibration=ids, **options)
                 models[where] = model
             cpu, gpu = (find_adapter(models[d]).prunable_weights() for d in ("cpu", device))
             equal = sum(int(((cpu[k] == 0) == (gpu[k].cpu() == 0)).sum()) for k in cpu)
             same = equal / sum(v.numel() for v in cpu.values())
             p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
-            print(f"agreement {method} {target} reconstruct={recon}: masks equal {same:.4%}, "
+            print(f"agreement {method} {target} reconstruct={recon} {precision or ''}: masks equal {same:.4%}, "
                   f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
 
 
 def shapes(blocks: int, windows: int, seqlen: int, device: str) -> None:
     ids = torch.randint(0, 32000, (windows, seqlen), generator=torch.Generator().manual_seed(0))
-    for method, recon in (("wanda", "none"), ("sparsegpt", "none"), ("wanda", "attn-mlp")):
+    runs = (("wanda", "none"), ("sparsegpt", "none"), ("wanda", "float32"), ("wanda", "bfloat16"))
+    for method, recon in runs:  # recon: none, or attn-mlp reconstruction with matmuls in that precision
         model = llama(4096, 11008, 32, 32, blocks, 32000).to(device)
         stages: dict = {}
-        options = {"reconstruct": "none"} if recon == "none" else {"reconstruct": {"lr": 1e-3, "heldout": 8}}
+        options = ({"reconstruct": "none"} if recon == "none" else
+                   {"reconstruct": {"lr": 1e-3, "heldout": 8, "precision": recon}})
         with stage("prune", stages):
             prunelab.prune(model, calibration=ids, method=method, sparsity=0.5, forward_batch=8, progress=False,
                            **options)
@@ -85,7 +91,8 @@ def shapes(blocks: int, windows: int, seqlen: int, device: str) -> None:
                 torch.cuda.synchronize()
         entry = stages["prune"]
         per_block = entry["seconds"] / blocks
-        print(f"7B-shaped, {blocks} blocks, {windows} x {seqlen} tokens, {method} 50 % + {recon}: "
+        label = "none" if recon == "none" else f"attn-mlp ({recon} matmuls)"
+        print(f"7B-shaped, {blocks} blocks, {windows} x {seqlen} tokens, {method} 50 % + {label}: "
               f"{entry['seconds']:.1f} s ({per_block:.2f} s/block, {32 * per_block:.0f} s for 32 blocks), "
               f"CUDA peak {entry.get('cuda_peak_gb', math.nan):.2f} GB", flush=True)
         del model
