@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import re
 import sys
 import typing
@@ -25,7 +24,6 @@ from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
 from .evaluate.zeroshot import BIGBENCH_SOURCES, offline_task_dir
 from .job import evaluate_model, export_same_shape, run_job
-from .measure import malloc_tuning_env, python_argv
 from .models.loading import embedded_model_dir
 from .report import summary_rows
 from .study import run_study
@@ -306,17 +304,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-# The allocator tuning keeps the pruning pass's peak RSS down (measure.py) but makes lm-eval's many
-# short-lived mid-sized tensors page-fault afresh: `prunelab eval --tasks bigbench` took 12.5 min tuned,
-# 4.8 min untuned. Only the commands that prune start again with it.
-TUNED_COMMANDS = ("run", "study")
-
-
 def main() -> None:  # pragma: no cover - exercised by the benchmark and by users
-    env = malloc_tuning_env() if len(sys.argv) > 1 and sys.argv[1] in TUNED_COMMANDS else None
-    if env is not None:  # the allocator's tunables are read at process start: start again with them
-        argv = python_argv("from prunelab.cli import app; app(prog_name='prunelab')")
-        os.execve(sys.executable, [*argv, *sys.argv[1:]], env)
     app(prog_name="prunelab")
 
 

@@ -1,11 +1,9 @@
-"""Wall time and peak memory of each stage of a run, and the allocator settings that keep memory low."""
+"""Wall time and peak memory of each stage of a run."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import os
-import platform
 import resource
 import sys
 import time
@@ -72,21 +70,6 @@ def stage(name: str, log: dict[str, StageRecord]):
         if cuda:
             entry["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         log[name] = entry
-
-
-# Activations of ~10 MB freed in between larger ones fragment glibc's heap: with the default
-# dynamic mmap threshold, peak RSS while pruning SmolLM2 grows from 1.66 to 1.91 GB. Serving
-# blocks above 4 MB by mmap (backed by transparent huge pages, which keeps page faults cheap)
-# returns them to the OS when freed. Tunables are read at process start, hence a new process.
-MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
-
-
-def malloc_tuning_env() -> dict[str, str] | None:
-    """The environment for a process with the tuned allocator; None where it does not apply or is set."""
-    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "GLIBC_TUNABLES" in os.environ
-            or os.environ.get("PRUNELAB_NO_MALLOC_TUNING")):
-        return None
-    return dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
 
 
 def python_argv(code: str) -> list[str]:

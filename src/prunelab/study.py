@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable
 from .config import RunConfig, load_config_file
 from .errors import PrunelabError
 from .job import run_job
-from .measure import malloc_tuning_env, python_argv
+from .measure import python_argv
 
 
 def _nest(flat: dict) -> dict:
@@ -91,7 +90,6 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
     if not run_missing and not any((out / "runs" / f"{name}.json").exists() for name, _ in runs):
         raise PrunelabError(f"no finished run of {grid_file} in {out / 'runs'} to table")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    env = malloc_tuning_env() or dict(os.environ)
     granularities = list(dict.fromkeys(RunConfig.from_dict(values).reconstruct.granularity for _, values in runs))
     results = []
     for number, (name, values) in enumerate(runs):
@@ -107,7 +105,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
             worker = python_argv("from prunelab.study import _worker; _worker(sys.argv[1], sys.argv[2])")
-            done = subprocess.run([*worker, json.dumps(values), str(path)], env=env)
+            done = subprocess.run([*worker, json.dumps(values), str(path)])
             if done.returncode != 0:
                 kept = (
                     f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}"
