@@ -45,5 +45,6 @@ def autocast(bfloat16: bool, device: torch.device):
 
 
 def full_precision(device: torch.device):
-    """Float32 inside an autocast region: pruning criteria (SparseGPT's solves) and input statistics."""
+    """Float32 inside an autocast region, for the pruning criteria (SparseGPT's cross-block update is a
+    matmul). The input statistics need none: they accumulate in place (`addmm_`), which autocast leaves alone."""
     return torch.autocast(device.type, enabled=False)
