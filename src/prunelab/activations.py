@@ -202,9 +202,10 @@ def check_finite_stats(stats: dict[str, Any], index: int) -> None:
 
 
 def check_finite(output: torch.Tensor, where: str) -> None:
-    """Called on each batch's outputs: `torch.isfinite` of a whole stream would take about twice the
-    stream's size in temporaries (measured: +0.28 GB on SmolLM2's 128 × 512 windows)."""
-    if not torch.isfinite(output).all():
+    """Called on each batch's outputs. A NaN or inf anywhere makes the float32 sum non-finite, and the sum
+    needs no temporaries: `torch.isfinite(output).all()` took 20x longer (9.3 ms per 16 windows of
+    SmolLM2) and, on a whole stream, +0.28 GB."""
+    if not output.sum(dtype=torch.float32).isfinite():
         raise PrunelabError(f"non-finite activations (NaN/inf) leave {where}; the model's weights or inputs are broken")
 
 

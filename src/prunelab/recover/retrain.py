@@ -30,7 +30,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
 from ..precision import autocast, uses_bfloat16
-from .loop import Trainable, schedule
+from .loop import Trainable, adamw, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
 # model and wants the small rates of fine-tuning; LoRA's B starts at 0 and needs larger ones.
@@ -180,7 +180,7 @@ class Retraining:
         params = self.trainable.params
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=rt.weight_decay)
+        optimizer = adamw(params, lr, rt.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, rt.warmup))
         self.order = torch.randperm(self.train_ids.shape[0], generator=torch.Generator().manual_seed(self.seed))
         evals = {round(steps * k / rt.evals) for k in range(1, rt.evals + 1)}
