@@ -14,7 +14,9 @@ and the loop minimises, over the submodel's trainable parameters θ,
     cosine  ℓ = 1 − cos(p, y)
 
 with AdamW, a linear warm-up over the first `warmup` fraction of steps and a linear decay to 0.
-Pruned weights have zero gradient and are zeroed again after every step, so the mask is exact.
+Pruned weights are zeroed again after every step, so the mask is exact; AdamW is elementwise, so
+whatever it computes for a pruned weight never reaches a surviving one (masking the gradients as
+well would leave every surviving weight bit for bit the same, at the cost of one more pass).
 """
 
 from __future__ import annotations
@@ -70,15 +72,9 @@ class Trainable:
     def count(self) -> int:
         return sum(int(k.sum()) if k is not None else p.numel() for p, k in zip(self.params, self.kept))
 
-    # Multiplying by the bool mask rather than masked_fill_: 4x faster on CPU (measured, 1.3 M weights:
-    # 1.5 ms against 6.2 ms), which matters at two calls per optimiser step.
-    def mask_gradients(self) -> None:
-        """A pruned weight gets no gradient (AdamW's update of it is then zero as well)."""
-        for p, k in zip(self.params, self.kept):
-            if k is not None and p.grad is not None:
-                p.grad.mul_(k)
-
     def enforce_mask(self) -> None:
+        """Zero the pruned weights again. Multiplying by the bool mask: 4x faster on CPU than masked_fill_
+        (1.5 ms against 6.2 ms for one MLP half of SmolLM2), and it runs after every optimiser step."""
         with torch.no_grad():
             for p, k in zip(self.params, self.kept):
                 if k is not None:
@@ -133,7 +129,6 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                                         "choose a smaller --lr or --lr auto")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
-                trainable.mask_gradients()
                 optimizer.step()
                 scheduler.step()
                 trainable.enforce_mask()

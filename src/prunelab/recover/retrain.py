@@ -167,7 +167,6 @@ class Retraining:
                 raise PrunelabError(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
             loss.backward()
             total += loss.item()
-        self.trainable.mask_gradients()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
