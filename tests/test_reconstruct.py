@@ -16,6 +16,7 @@ from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 from prunelab.recover import Trainable, fit, schedule, submodels, token_loss
 from prunelab.recover.reconstruct import prune_and_reconstruct
+from prunelab.recover.step import LearningRate
 
 TRAIN, HELD = random_ids(12, 16, seed=1), random_ids(4, 16, seed=2)
 
@@ -260,6 +261,34 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_exploding_learning_rate_gives_a_clear_error():
     with pytest.raises(PrunelabError, match="reconstruction loss became"):
         reconstruct(tiny_model("llama"), reconstruct={"lr": 1e12})
+
+
+def test_a_probe_that_diverges_loses_and_the_run_goes_on():
+    _, report = reconstruct(tiny_model("llama"), reconstruct={"lr": "auto", "lr_grid": [5e-4, 1e12], "lr_probe": 2})
+    assert report["submodels"][0]["lr_probe"]["1e+12"] is None
+    assert report["lr"]["heldout_loss_ratio_geomean"]["1e+12"] is None and report["lr"]["lr"] == 5e-4
+    json.dumps(report, allow_nan=False)  # the report stays strict JSON
+    with pytest.raises(PrunelabError, match="diverged at every lr of the grid"):
+        reconstruct(tiny_model("llama"), reconstruct={"lr": "auto", "lr_grid": [1e12, 1e13]})
+
+
+def test_lr_probe_drops_an_edge_that_loses_to_its_neighbour_by_more_than_a_tenth():
+    policy = LearningRate(None, (1e-2, 1e-4, 3e-4, 1e-3, 3e-3), probe=4)
+    # held-out losses after training (before: 1) of SmolLM2's first four halves, batch 1
+    policy.tried(1.0, {1e-4: 0.152, 3e-4: 0.121, 1e-3: 0.101, 3e-3: 0.127, 1e-2: 0.559})
+    assert policy.candidates() == (3e-4, 1e-3, 3e-3)  # both ends lost by > 10 %; 3e-3 is only an end now
+    policy.tried(1.0, {3e-4: 0.541, 1e-3: 0.398, 3e-3: 0.292})
+    assert policy.candidates() == (1e-3, 3e-3)
+    policy.tried(1.0, {1e-3: 0.834, 3e-3: 0.811})
+    assert policy.candidates() == (1e-3, 3e-3) and policy.chosen is None  # never fewer than two
+    policy.tried(1.0, {1e-3: 0.759, 3e-3: 0.696})
+    assert policy.candidates() == (3e-3,)
+    summary = policy.summary()
+    assert summary["dropped_after"] == {"0.0001": 1, "0.01": 1, "0.0003": 2} and summary["probed_problems"] == 4
+    assert set(summary["heldout_loss_ratio_geomean"]) == {"0.001", "0.003"}  # those probed on every submodel
+    close = LearningRate(None, (1e-3, 3e-3, 1e-2), probe=2)
+    close.tried(1.0, {1e-3: 0.43, 3e-3: 0.4, 1e-2: 0.43})  # within 10 % of the neighbour: kept
+    assert close.candidates() == (1e-3, 3e-3, 1e-2)
 
 
 @pytest.mark.parametrize(

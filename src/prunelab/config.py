@@ -111,7 +111,8 @@ class ReconstructConfig(Checked):
     lr_grid: tuple[float, ...] = option((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "learning rates 'auto' tries (comma-separated)")
     lr_probe: int = option(4, "submodels on which 'auto' tries the grid; the winner serves the rest")
     epochs: int = option(1, "reconstruction epochs over the calibration windows")
-    batch_size: int = option(2, "windows per reconstruction optimiser step")
+    # 1 rather than 2: twice the steps for 1.2x the time per window; 29.8 against 30.5 on the default job
+    batch_size: int = option(1, "windows per reconstruction optimiser step")
     warmup: float = option(0.1, "fraction of steps with linear warm-up (then linear decay to 0)")
     weight_decay: float = option(0.0, "AdamW weight decay of the reconstruction")
     freeze_norms: bool = option(False, "train only the linears and their biases")

@@ -169,7 +169,10 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
 def _learning_rate_markdown(lr: dict) -> list[str]:
     if lr["mode"] != "auto" or lr["lr"] is None:
         return []
-    scores = ", ".join(f"{k}: {v:.3f}" for k, v in lr["heldout_loss_ratio_geomean"].items())
+    geomeans = lr["heldout_loss_ratio_geomean"].items()
+    scores = ", ".join(f"{k}: {'diverged' if v is None else f'{v:.3f}'}" for k, v in geomeans)
+    if lr.get("dropped_after"):
+        scores += " (" + ", ".join(f"{k} dropped after submodel {n}" for k, n in lr["dropped_after"].items()) + ")"
     if lr.get("every_problem_probed"):
         return ["", f"Learning rate `auto`: only {lr['probed_problems']} submodels, each tried with every lr of the "
                     f"grid and kept at its best; held-out loss after/before (geometric mean) {scores}; best overall "

@@ -51,6 +51,10 @@ def token_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, token_mask: 
     return per_token.mean()
 
 
+class Diverged(PrunelabError):
+    """The training loss became NaN or infinite."""
+
+
 class Problem(Protocol):
     def windows(self, split: str) -> int: ...
 
@@ -125,8 +129,8 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                 pred, target, mask = problem.batch("train", order[start:start + batch_size])
                 value = token_loss(loss, pred, target, mask)
                 if not torch.isfinite(value):
-                    raise PrunelabError(f"reconstruction loss became {value.item()} (lr {lr:g}); "
-                                        "choose a smaller --lr or --lr auto")
+                    raise Diverged(f"reconstruction loss became {value.item()} (lr {lr:g}); "
+                                   "choose a smaller --lr or --lr auto")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
