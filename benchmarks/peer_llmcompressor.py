@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cli_runs import prunelab  # benchmarks/cli_runs.py (a script's folder is on its path)
+
 PEER = "llmcompressor==0.14.0"
 ROWS = ("peer-wanda", "peer-sparsegpt", "wanda", "sparsegpt", "wanda+recon")
 
@@ -56,13 +58,6 @@ import llmcompressor
 print("PEER " + json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                             "version": llmcompressor.__version__, "torch": torch.__version__}))
 """
-
-
-def prunelab(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "prunelab.cli", *args, "--json"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"prunelab {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout[result.stdout.index("{"):])
 
 
 def peer_python(venv: Path) -> Path:

@@ -10,23 +10,16 @@ Each configuration runs `prunelab run` in a fresh process (so peak memory is its
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from cli_runs import prunelab  # benchmarks/cli_runs.py (a script's folder is on its path)
 
 RUNS = [
     ("magnitude", "50%"), ("wanda", "50%"), ("sparsegpt", "50%"),
     ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
 ]
-
-
-def prunelab(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "prunelab.cli", *args, "--json"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"prunelab {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout[result.stdout.index("{"):])
 
 
 def main() -> None:

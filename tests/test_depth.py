@@ -338,7 +338,9 @@ def test_layers_job_with_reconstruction_reports_it(tiny_dir, texts, tmp_path):
     assert report["reconstruction"]["submodels"][0]["dense_blocks"] == [0, 1]
     assert "reconstruct" in report["stages"] and "speed" not in report["metrics"]
     assert report["config"]["reconstruct"]["scope"] == "all"
-    assert "## Reconstruction" in (out / "REPORT.md").read_text()
+    markdown = (out / "REPORT.md").read_text()
+    assert "## Reconstruction" in markdown
+    assert f"Matmuls in {report['reconstruction']['precision']}" in markdown  # structured runs say it too
 
 
 def test_auto_lr_with_fewer_submodels_than_its_probe_reports_the_best(tiny_dir, texts, tmp_path):

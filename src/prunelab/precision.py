@@ -34,6 +34,11 @@ def uses_bfloat16(precision: str, device: torch.device, auto_on_cpu: bool = True
     return precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
 
 
+def matmul_precision(bfloat16: bool) -> str:
+    """The precision of the matmuls, as reports give it."""
+    return "bfloat16" if bfloat16 else "float32"
+
+
 def autocast(bfloat16: bool, device: torch.device):
     """Matmuls in bfloat16 if `bfloat16`; a no-op context otherwise.
 

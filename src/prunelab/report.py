@@ -158,9 +158,10 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
     if "seconds" in recon:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
         where = "in memory-mapped files" if recon["offload"] else "in memory"
-        matmuls = ("bfloat16 (autocast; weights, residual stream, targets and losses float32)"
-                   if recon.get("precision") == "bfloat16" else "float32")
-        lines += ["", f"Time by phase: {seconds}. Cached activations {where}. Matmuls in {matmuls}."]
+        lines += ["", f"Time by phase: {seconds}. Cached activations {where}."]
+    if "precision" in recon:
+        lines += ["", "Matmuls in " + ("bfloat16 (autocast; weights, residual stream, targets and losses float32)."
+                                      if recon["precision"] == "bfloat16" else "float32.")]
     if plot:
         lines += ["", f"![reconstruction loss per submodel]({plot})"]
     return lines + _submodel_table(recon["submodels"])

@@ -31,7 +31,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
-from ..precision import autocast, uses_bfloat16
+from ..precision import autocast, matmul_precision, uses_bfloat16
 from ..prune.sequential import HalfPruner, check_halves_cover, check_pattern_fits
 from .loop import Trainable
 from .propagation import Propagation
@@ -122,7 +122,7 @@ class Reconstructor:
             release_memory()
         return {"submodels": self.records, "lr": self.trainer.lr.summary(),
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "offload": offload,
-                "precision": "bfloat16" if bfloat16 else "float32",
+                "precision": matmul_precision(bfloat16),
                 "problems": self.trainer.problems}
 
     def _stream(self, split: str, hidden: torch.Tensor):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
-from ..precision import autocast, uses_bfloat16
+from ..precision import autocast, matmul_precision, uses_bfloat16
 from .loop import Trainable, adamw, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
@@ -245,7 +245,7 @@ class Retraining:
             "tokens_seen_with_probes": done["tokens"] + lr_record.get("probe_tokens", 0),
             "trainable": self.trainable.count(), "windows": self.train_ids.shape[0],
             "heldout_windows": self.heldout_ids.shape[0], "batch_size": rt.batch_size, "accumulate": rt.accumulate,
-            "precision": "bfloat16" if self.bfloat16 else "float32",
+            "precision": matmul_precision(self.bfloat16),
             "checkpointing": checkpointing, "seconds": round(time.perf_counter() - started, 2),
             "heldout_loss_before": curve["heldout"][0][2], "heldout_loss_after": curve["heldout"][-1][2],
             "curve": curve, **({"rank": rt.rank, "alpha": rt.alpha} if rt.method == "masklora" else {})}

@@ -33,7 +33,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import find_adapter
-from ..precision import autocast, uses_bfloat16
+from ..precision import autocast, matmul_precision, uses_bfloat16
 from .loop import Trainable
 from .propagation import Propagation
 from .step import SPLITS, SubmodelProblem, Trainer, trainable_parameters
@@ -94,7 +94,7 @@ def reconstruct_structured(model: nn.Module, dense: nn.Module, structure: dict, 
                 run.skip_block(j, span)
         release_memory()
     return {"submodels": run.records, "lr": run.trainer.lr.summary(), "problems": run.trainer.problems,
-            "scope": rc.scope, "propagation": rc.propagation, "precision": "bfloat16" if bfloat16 else "float32"}
+            "scope": rc.scope, "propagation": rc.propagation, "precision": matmul_precision(bfloat16)}
 
 
 class StructuredRun:
