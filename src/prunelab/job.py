@@ -151,7 +151,7 @@ class Job:
                                                   self.retrain_heldout, progress=self.progress)
         after = count_zeros(self.weights)
         moved = [name for name in zeros if after[name] < zeros[name]][:3]
-        if moved:  # cannot happen by construction (masked gradients, re-zeroing, masked LoRA updates)
+        if moved:  # cannot happen by construction (re-zeroing after every step, masked LoRA updates)
             raise PrunelabError(f"retraining changed the pruning mask of {', '.join(moved)}; nothing was saved")
         self.retraining["mask_kept"] = True
         release_memory()
