@@ -197,3 +197,25 @@ def test_auto_lr_follows_a_best_rate_at_the_grids_edge(tiny_dir, texts, tmp_path
     # on a random tiny model larger rates learn faster: the edge is followed twice, each a factor of 3
     assert lr["grid"] == pytest.approx([1e-6, 3e-6, 9e-6, 2.7e-5]) and lr["lr"] == pytest.approx(2.7e-5)
     assert len(lr["heldout_loss"]) == 4 and lr["probe_tokens"] == 4 * lr["probe_steps"] * 4 * 32
+
+
+def test_a_retraining_probe_that_diverges_loses_and_the_run_goes_on(tiny_dir, texts, tmp_path, monkeypatch):
+    from prunelab.recover.loop import Diverged
+    from prunelab.recover.retrain import Retraining
+
+    train = Retraining.train
+
+    def exploding(self, lr, steps, curve=None):  # with norms in every block a real blow-up is hard to force
+        if lr > 1:
+            raise Diverged("retraining loss became nan")
+        return train(self, lr, steps, curve)
+
+    monkeypatch.setattr(Retraining, "train", exploding)
+    report = job(tiny_dir, texts, tmp_path / "auto", {"method": "full", "lr": "auto", "lr_grid": [1e-4, 10.0]})
+    lr = report["retraining"]["lr"]
+    assert lr["heldout_loss"]["10"] is None and lr["lr"] == pytest.approx(1e-4)
+    json.dumps(report, allow_nan=False)  # the report stays strict JSON
+    assert "10: diverged" in (tmp_path / "auto" / "REPORT.md").read_text()
+    with pytest.raises(PrunelabError, match="retraining diverged at every lr of the grid"):
+        job(tiny_dir, texts, tmp_path / "bad", {"method": "full", "lr": "auto", "lr_grid": [10.0, 30.0]})
+    assert not (tmp_path / "bad").exists()  # nothing half-written

@@ -167,11 +167,15 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
     return lines + _submodel_table(recon["submodels"])
 
 
+def _per_lr(values: dict[str, float | None], digits: int) -> str:
+    """`lr: value, ...` of an lr probe; None is a probe that diverged."""
+    return ", ".join(f"{k}: {'diverged' if v is None else f'{v:.{digits}f}'}" for k, v in values.items())
+
+
 def _learning_rate_markdown(lr: dict) -> list[str]:
     if lr["mode"] != "auto" or lr["lr"] is None:
         return []
-    geomeans = lr["heldout_loss_ratio_geomean"].items()
-    scores = ", ".join(f"{k}: {'diverged' if v is None else f'{v:.3f}'}" for k, v in geomeans)
+    scores = _per_lr(lr["heldout_loss_ratio_geomean"], 3)
     if lr.get("dropped_after"):
         scores += " (" + ", ".join(f"{k} dropped after submodel {n}" for k, n in lr["dropped_after"].items()) + ")"
     if lr.get("every_problem_probed"):
@@ -278,7 +282,7 @@ def _retraining_markdown(report: Report, plot: str | None) -> list[str]:
             "weights; biases and norms trained." if r["method"] == "masklora" else " Every remaining weight trained.")
     lr = r["lr"]
     chosen = (f"lr `auto`: each of {', '.join(f'{v:g}' for v in lr['grid'])} trained {lr['probe_steps']} steps; "
-              f"held-out loss {', '.join(f'{k}: {v:.4f}' for k, v in lr['heldout_loss'].items())}; chosen "
+              f"held-out loss {_per_lr(lr['heldout_loss'], 4)}; chosen "
               f"**{lr['lr']:g}**." if lr["mode"] == "auto" else f"lr {lr['lr']:g} (fixed).")
     lines = ["", "## Retraining", "",
              f"`{r['method']}`: next-token cross-entropy on {r['windows']} calibration-source windows "

@@ -55,6 +55,11 @@ class Diverged(PrunelabError):
     """The training loss became NaN or infinite."""
 
 
+def finite_or_inf(loss: float) -> float:
+    """A loss to rank learning rates by: NaN compares neither better nor worse, so it counts as inf."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 class Problem(Protocol):
     def windows(self, split: str) -> int: ...
 

@@ -30,7 +30,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
 from ..precision import autocast, matmul_precision, uses_bfloat16
-from .loop import Trainable, adamw, schedule
+from .loop import Diverged, Trainable, adamw, finite_or_inf, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
 # model and wants the small rates of fine-tuning; LoRA's B starts at 0 and needs larger ones.
@@ -164,7 +164,7 @@ class Retraining:
                 nll, _ = token_nll(self.model, batch)
             loss = nll / predicted
             if not torch.isfinite(loss):
-                raise PrunelabError(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
+                raise Diverged(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
             loss.backward()
             total += loss.item()
         optimizer.step()
@@ -214,16 +214,25 @@ class Retraining:
         for extended in range(EXTEND + 1):
             for lr in (lr for lr in grid if lr not in losses):
                 self.trainable.restore(start)
-                tokens += self.train(lr, probe_steps)["tokens"]
-                losses[lr] = self.heldout_loss()
+                try:
+                    tokens += self.train(lr, probe_steps)["tokens"]
+                    losses[lr] = finite_or_inf(self.heldout_loss())
+                except Diverged:  # a probe that diverges loses; the others go on
+                    # counted as its planned tokens, an upper bound: it stopped somewhere in them
+                    tokens += probe_steps * rt.batch_size * rt.accumulate * self.train_ids.shape[1]
+                    losses[lr] = math.inf
             best = min(losses, key=losses.get)
+            if math.isinf(losses[best]):
+                raise Diverged(f"retraining diverged at every lr of the grid {grid}; "
+                               "choose a smaller --retrain-lr-grid")
             if extended == EXTEND or best not in (grid[0], grid[-1]):
                 break
             grid = sorted({*grid, best * 3 if best == grid[-1] else best / 3})
         self.trainable.restore(start)
         best = min(losses, key=losses.get)
         return best, {"mode": "auto", "grid": grid, "probe_steps": probe_steps, "probe_tokens": tokens,
-                      "lr": best, "heldout_loss": {f"{lr:g}": loss for lr, loss in sorted(losses.items())}}
+                      "lr": best, "heldout_loss": {f"{lr:g}": loss if math.isfinite(loss) else None
+                                                   for lr, loss in sorted(losses.items())}}
 
     def run(self) -> tuple[nn.Module, dict]:
         """Train; the model to keep (MaskLoRA: merged) and the record for the report."""

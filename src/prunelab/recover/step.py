@@ -19,7 +19,7 @@ from torch import nn
 from ..activations import BlockStream, run_halves
 from ..config import RunConfig
 from ..models.adapters import Half
-from .loop import Diverged, Trainable, evaluate, fit, token_loss
+from .loop import Diverged, Trainable, evaluate, finite_or_inf, fit, token_loss
 
 SPLITS = ("train", "heldout")
 
@@ -184,7 +184,7 @@ class Trainer:
                     raise
                 held_after[lr] = math.inf  # a probe that diverges loses; the others go on
                 continue
-            held_after[lr] = self.evaluate(problem, "heldout")
+            held_after[lr] = finite_or_inf(self.evaluate(problem, "heldout"))  # NaN would never compare worse
             if best is None or held_after[lr] < held_after[best[0]]:
                 best = (lr, trainable.snapshot())
         if best is None:
