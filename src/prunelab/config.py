@@ -282,6 +282,8 @@ class RunConfig(Checked):
     speed: bool = option(True, "layers, flap: generation tokens/s before and after")
     out: str | None = option(None, "output folder (default runs/<model>-<method>-<target>-<reconstruction>)")
     overwrite: bool = option(False, "replace an existing output folder (only one that holds a prunelab run)")
+    resume: bool = option(False, "continue an interrupted run (the same command and --out) from its newest "
+                                 "checkpoint")
     sparsegpt: SparseGPTConfig = option(factory=SparseGPTConfig)
     reconstruct: ReconstructConfig = option(factory=ReconstructConfig)
     depth: DepthConfig = option(factory=DepthConfig)
@@ -326,6 +328,9 @@ class RunConfig(Checked):
                 raise PrunelabError(f"{name} must not be empty")
         if self.out is not None and not self.out.strip():
             raise PrunelabError("out must not be empty (leave it out for the default folder)")
+        if self.resume and (self.out is None or self.structured):
+            raise PrunelabError("resume continues the pruning (and reconstruction) pass of a run saved to an output "
+                                f"folder; {'this run has no out' if self.out is None else self.method + ' is not one'}")
         recon = self.reconstruct
         if self.method == "layers" and self.depth.remove < 1:
             raise PrunelabError(f"method layers needs depth.remove >= 1 (blocks to remove), got {self.depth.remove}")

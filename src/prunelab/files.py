@@ -57,7 +57,7 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in str(exc) or "StorageFull" in str(exc)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +77,7 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
             pid = int((tmp / MARKER).read_text().strip())
         except (OSError, ValueError):
             continue  # not ours, or from a version without markers: left alone
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed

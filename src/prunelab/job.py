@@ -31,7 +31,21 @@ from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
+from .resume import FREE_KEYS, Checkpoints
 from .structured import prune_structured
+
+
+def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
+    """The run's checkpoints (resume.py), checked against `--resume`/`--overwrite`; None when the run is not
+    saved or has no sequential pass to checkpoint."""
+    if not config.out or config.structured:
+        return None
+    fingerprint = {k: v for k, v in config.to_dict().items() if k not in FREE_KEYS}
+    fingerprint["calibration text sha256"] = hashlib.sha256(texts["calib"].encode()).hexdigest() if "calib" in texts \
+        else None
+    checkpoints = Checkpoints(Path(config.out), fingerprint)
+    checkpoints.open(config.resume, config.overwrite)
+    return checkpoints
 
 
 def prepare(config: RunConfig) -> None:
@@ -120,6 +134,7 @@ class Job:
         self.layers: list = []
         self.reconstruction = self.structure = self.retraining = None
         self.calib_ids = self.heldout_ids = self.eval_ids = None
+        self.checkpoints: Checkpoints | None = None
 
     def windows(self, texts: dict[str, str]) -> None:
         if "calib" in texts:
@@ -181,10 +196,12 @@ class Job:
         if config.reconstruct.enabled:
             with stage("prune+reconstruct", self.stages):
                 self.layers, self.reconstruction = prune_and_reconstruct(
-                    self.model, self.adapter, self.calib_ids, self.heldout_ids, config, progress=self.progress)
+                    self.model, self.adapter, self.calib_ids, self.heldout_ids, config, progress=self.progress,
+                    checkpoints=self.checkpoints)
         else:
             with stage("prune", self.stages):
-                self.layers = prune_model(self.model, self.adapter, self.calib_ids, config, progress=self.progress)
+                self.layers = prune_model(self.model, self.adapter, self.calib_ids, config, progress=self.progress,
+                                          checkpoints=self.checkpoints)
 
     def report(self, zeros_before: dict[str, int] | None) -> Report:
         model, config = self.model, self.config
@@ -204,6 +221,7 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     job = Job(config, progress)
     with stage("data", job.stages):
         texts = read_texts(config)
+    job.checkpoints = checkpoints_of(config, texts)
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
@@ -230,8 +248,10 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out:
-        save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite, job.stages,
-             narrowed)
+        save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite,
+             job.stages, narrowed)
+    if job.checkpoints is not None:
+        job.checkpoints.finish()
     return report
 
 

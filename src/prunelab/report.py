@@ -159,6 +159,9 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in recon["seconds"].items())
         where = "in memory-mapped files" if recon["offload"] else "in memory"
         lines += ["", f"Time by phase: {seconds}. Cached activations {where}."]
+    if recon.get("resumed_after"):
+        lines += ["", f"Resumed from a checkpoint after {recon['resumed_after']} of {len(recon['submodels'])} "
+                      "submodels (`--resume`); their records and times are the interrupted run's."]
     if "precision" in recon:
         lines += ["", "Matmuls in " + ("bfloat16 (autocast; weights, residual stream, targets and losses float32)."
                                       if recon["precision"] == "bfloat16" else "float32.")]

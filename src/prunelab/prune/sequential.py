@@ -44,6 +44,7 @@ from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..models.loading import torch_dtype
 from ..precision import full_precision
+from ..resume import Checkpoints
 
 
 def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
@@ -151,8 +152,10 @@ class HalfPruner:
 
 
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,
-                attention_mask: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
-    """Prune `model` in place, block by block; returns one record per pruned layer."""
+                attention_mask: torch.Tensor | None = None, progress: bool = True,
+                checkpoints: Checkpoints | None = None) -> list[dict]:
+    """Prune `model` in place, block by block; returns one record per pruned layer. With `checkpoints`,
+    progress is saved as it goes, and a run resumes from the newest checkpoint there."""
     pruner = HalfPruner(config)
     check_pattern_fits(adapter, config.nm)
     compute_dtype = torch_dtype(config.dtype)
@@ -163,9 +166,15 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
             raise PrunelabError(f"{config.method} needs calibration data")
         stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.forward_batch,
                                       compute_dtype)
+    done, blocks = 0, len(adapter.blocks)
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        done, tensors, meta = checkpoints.load(adapter.blocks)
+        pruner.records = meta["pruning"]
+        if stream is not None and done < blocks:
+            stream.hidden.copy_(tensors["hidden"])
 
-    for index, block in enumerate(tqdm(adapter.blocks, desc=f"{config.method} {config.target_label}", unit="block",
-                                       disable=not progress)):
+    for index, block in enumerate(tqdm(adapter.blocks[done:], desc=f"{config.method} {config.target_label}",
+                                       unit="block", disable=not progress, initial=done, total=blocks), start=done):
         # Forward passes may run in a cheaper dtype on a copy; the model's own weights stay put.
         runner = block if compute_dtype == model_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
         separate_runner = runner is not block
@@ -182,5 +191,10 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                 pruner.prune_half(index, half, run_linears, stream, need_output=not last,
                                   originals=linears if separate_runner else None)
         del runner
+        if checkpoints is not None:
+            checkpoints.changed(index)
+            if checkpoints.due(index + 1, blocks):
+                hidden = {"hidden": stream.hidden} if stream is not None and index + 1 < blocks else {}
+                checkpoints.save(index + 1, adapter.blocks, hidden, {"pruning": pruner.records})
         release_memory()  # freed activations would otherwise fragment the heap and inflate RSS block after block
     return pruner.records

@@ -33,6 +33,7 @@ from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..precision import autocast, matmul_precision, uses_bfloat16
 from ..prune.sequential import HalfPruner, check_halves_cover, check_pattern_fits
+from ..resume import Checkpoints
 from .loop import Trainable
 from .propagation import Propagation
 from .step import SPLITS, LinearProblem, SubmodelProblem, Trainer, stream_loss, trainable_parameters
@@ -80,9 +81,9 @@ class Reconstructor:
     """The sequential prune-and-reconstruct pass over a model."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: RunConfig, progress: bool = True,
-                 observer: Callable[[dict], None] | None = None):
+                 observer: Callable[[dict], None] | None = None, checkpoints: Checkpoints | None = None):
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
-        self.progress, self.observer = progress, observer
+        self.progress, self.observer, self.checkpoints = progress, observer, checkpoints
         self.propagation = Propagation(self.rc.propagation)
         self.pruner = HalfPruner(config)
         self.trainer = Trainer(config)
@@ -113,17 +114,52 @@ class Reconstructor:
             dense = {s: self.arena.clone(pruned[s]) for s in SPLITS} if self.propagation.separate_dense else pruned
 
         plan = submodels(len(blocks), self.config)
+        done = 0
+        if self.checkpoints is not None and self.checkpoints.latest_step() is not None:
+            done, pruned, dense = self._resume(pruned, dense, len(plan))
         bfloat16 = uses_bfloat16(self.rc.precision, device)
         desc = f"{self.config.method} {self.config.target_label} + {self.rc.granularity} reconstruction"
-        for units in tqdm(plan, desc=desc, unit="submodel", disable=not self.progress):
+        for step, units in enumerate(tqdm(plan[done:], desc=desc, unit="submodel", disable=not self.progress,
+                                          initial=done, total=len(plan)), start=done + 1):
             with autocast(bfloat16, device):  # every pass of the submodel: targets, pruning, training, outputs
                 pruned, dense = self._submodel(units, pruned, dense)
             self.streams = {s: self.streams[s].with_hidden(pruned[s]) for s in SPLITS}  # drop the old activations
+            self._checkpoint(step, len(plan), units, pruned, dense)
             release_memory()
         return {"submodels": self.records, "lr": self.trainer.lr.summary(),
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "offload": offload,
                 "precision": matmul_precision(bfloat16),
-                "problems": self.trainer.problems}
+                "problems": self.trainer.problems, **({"resumed_after": done} if done else {})}
+
+    def _checkpoint(self, step: int, steps: int, units: list[Unit], pruned: dict, dense: dict | None) -> None:
+        """After `step` submodels: the blocks they changed and what the next one reads (resume.py)."""
+        if self.checkpoints is None:
+            return
+        self.checkpoints.changed(*{i for i, _ in units})
+        if not self.checkpoints.due(step, steps):
+            return
+        tensors = {} if step == steps else {f"pruned.{s}": pruned[s] for s in SPLITS}
+        if step < steps and self.propagation.separate_dense:
+            tensors.update({f"dense.{s}": dense[s] for s in SPLITS})
+        meta = {"records": self.records, "pruning": self.pruner.records, "seconds": self.seconds,
+                "trainer": self.trainer.state()}
+        self.checkpoints.save(step, self.adapter.blocks, tensors, meta)
+
+    def _resume(self, pruned: dict, dense: dict | None, steps: int) -> tuple[int, dict, dict | None]:
+        """The newest checkpoint's weights, records and activations in place of the first steps' work."""
+        done, tensors, meta = self.checkpoints.load(self.adapter.blocks)
+        self.records, self.pruner.records, self.seconds = meta["records"], meta["pruning"], meta["seconds"]
+        self.trainer.load_state(meta["trainer"])
+        if done == steps:
+            return done, pruned, dense
+        device = pruned["train"].device
+        pruned = {s: self.arena.clone(tensors[f"pruned.{s}"].to(device)) for s in SPLITS}
+        if self.propagation.separate_dense:
+            dense = {s: self.arena.clone(tensors[f"dense.{s}"].to(device)) for s in SPLITS}
+        elif self.propagation.keeps_dense:
+            dense = pruned
+        self.streams = {s: self.streams[s].with_hidden(pruned[s]) for s in SPLITS}
+        return done, pruned, dense
 
     def _stream(self, split: str, hidden: torch.Tensor):
         return self.streams[split].with_hidden(hidden)
@@ -272,10 +308,12 @@ def prune_and_reconstruct(
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
     observer: Callable[[dict], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[list[dict], dict]:
-    """Prune `model` in place and reconstruct it; returns (per-layer pruning records, reconstruction report)."""
+    """Prune `model` in place and reconstruct it; returns (per-layer pruning records, reconstruction report).
+    With `checkpoints`, progress is saved as it goes, and a run resumes from the newest checkpoint there."""
     if heldout_ids is None or heldout_ids.shape[0] == 0:
         raise PrunelabError("reconstruction needs held-out calibration windows (reconstruct.heldout >= 1)")
-    worker = Reconstructor(model, adapter, config, progress, observer)
+    worker = Reconstructor(model, adapter, config, progress, observer, checkpoints)
     summary = worker.run(input_ids, heldout_ids, attention_mask)
     return worker.pruner.records, summary

@@ -165,6 +165,20 @@ class Trainer:
     def evaluate(self, problem, split: str) -> float:
         return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
 
+    def state(self) -> dict:
+        """What carries to the next problem, as JSON (for a checkpoint; lrs as exact float reprs)."""
+        lr = self.lr
+        return {"problems": self.problems, "probed": lr.probed, "chosen": lr.chosen, "remaining": lr.remaining,
+                "ratios": {repr(k): v for k, v in lr.ratios.items()},
+                "dropped": {repr(k): v for k, v in lr.dropped.items()}}
+
+    def load_state(self, state: dict) -> None:
+        lr = self.lr
+        self.problems, lr.probed, lr.chosen, lr.remaining = (state["problems"], state["probed"], state["chosen"],
+                                                             state["remaining"])
+        lr.ratios = {float(k): v for k, v in state["ratios"].items()}
+        lr.dropped = {float(k): v for k, v in state["dropped"].items()}
+
     def train(self, problem, trainable: Trainable, held_before: float) -> dict:
         """Train at each candidate lr from the same start and keep the best on the held-out windows;
         keep the start instead when every candidate made the held-out loss worse."""
