@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 from safetensors.torch import load_file
+from tiny import tiny_model
 
 import prunelab
 from prunelab.errors import PrunelabError
 from prunelab.recover.reconstruct import Reconstructor
 from prunelab.resume import Checkpoints, checkpoint_folder
-from tiny import tiny_model
 
 
 class Crash(BaseException):
