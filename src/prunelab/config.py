@@ -279,6 +279,9 @@ class RunConfig(Checked):
     model_dtype: str = option("float32", "dtype the model is loaded, evaluated and saved in")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    max_memory: float | None = option(None, "GB of memory the model's weights may take; a larger model (a local "
+                                            "safetensors folder) is streamed: read, pruned and written block by "
+                                            "block (default: half the available memory)")
     speed: bool = option(True, "layers, flap: generation tokens/s before and after")
     out: str | None = option(None, "output folder (default runs/<model>-<method>-<target>-<reconstruction>)")
     overwrite: bool = option(False, "replace an existing output folder (only one that holds a prunelab run)")
@@ -321,6 +324,8 @@ class RunConfig(Checked):
         positive(self, "eval_windows", "task_limit", minimum=0)
         if self.threads is not None:
             positive(self, "threads")
+        if self.max_memory is not None and not self.max_memory > 0:
+            raise PrunelabError(f"max_memory must be > 0 (GB), got {self.max_memory}")
         for name in ("dtype", "model_dtype"):
             one_of(name, getattr(self, name), DTYPES)
         for name in ("model", "calib", "eval", "device"):

@@ -12,7 +12,9 @@ import json
 import math
 from pathlib import Path
 
+import psutil
 import torch
+from transformers import AutoTokenizer
 
 from . import report as reporting
 from .config import RunConfig
@@ -26,8 +28,9 @@ from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
-from .models.loading import load_model
+from .models.loading import load_model, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
+from .models.streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
@@ -86,7 +89,7 @@ def check_model(model, lengths: dict[str, int]) -> None:
         if limit is not None and length > limit:
             raise PrunelabError(f"{name} {length} exceeds the model's max_position_embeddings {limit}")
     for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        if param.device.type != "meta" and not torch.isfinite(param).all():  # streamed: NaNs show in activations
             raise PrunelabError(f"the model's weights are broken: {name} holds NaN or inf values")
 
 
@@ -203,24 +206,51 @@ class Job:
                 self.layers = prune_model(self.model, self.adapter, self.calib_ids, config, progress=self.progress,
                                           checkpoints=self.checkpoints)
 
-    def report(self, zeros_before: dict[str, int] | None) -> Report:
+    def report(self, zeros_before: dict[str, int] | None, sparsity: dict | None = None) -> Report:
         model, config = self.model, self.config
+        if sparsity is None and not config.structured:
+            sparsity = measure_sparsity(self.weights, zeros_before)
         return Report(
             config=config.to_dict(),
             model={"source": self.source, "family": self.adapter.family, "class": type(model).__name__,
                    "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(self.adapter.blocks)},
             data=self.data, metrics=self.metrics,
-            sparsity=None if config.structured else measure_sparsity(self.weights, zeros_before),
+            sparsity=sparsity,
             stages=self.stages, layers=self.layers, reconstruction=self.reconstruction, structure=self.structure,
             retraining=self.retraining,
             versions=reporting.versions(), output=None)
 
 
+def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
+    """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
+    streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
+    any work."""
+    path = Path(config.model).expanduser()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return None
+    size = Checkpoint(path).nbytes(torch_dtype(config.model_dtype)) / 1e9
+    budget = config.max_memory if config.max_memory is not None else 0.5 * psutil.virtual_memory().available / 1e9
+    if size <= budget:
+        return None
+    unsupported = [what for what, asked in (
+        ("reconstruction (--reconstruct none)", config.reconstruct.enabled), ("--retrain", config.retrain.enabled),
+        ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
+        ("--resume", config.resume), ("a saved output (--out)", not config.out)) if asked]
+    if unsupported:
+        raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
+                            f"budget {budget:.1f} GB (--max-memory): it is streamed block by block, which does not "
+                            f"support {', '.join(unsupported)} yet")
+    return path, size, budget
+
+
 def run_job(config: RunConfig, progress: bool = True) -> Report:
     prepare(config)
+    streaming = streaming_source(config)
     job = Job(config, progress)
     with stage("data", job.stages):
         texts = read_texts(config)
+    if streaming is not None:
+        return run_streamed(job, texts, *streaming)
     job.checkpoints = checkpoints_of(config, texts)
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
@@ -252,6 +282,54 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
              job.stages, narrowed)
     if job.checkpoints is not None:
         job.checkpoints.finish()
+    return report
+
+
+def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, budget_gb: float) -> Report:
+    """`run_job` for a model larger than the memory budget: pruning alone, one block in memory at a time,
+    the output written shard by shard as the blocks finish (models/streaming.py)."""
+    config = job.config
+    with stage("load", job.stages):
+        streamed = StreamedModel(folder, torch_dtype(config.model_dtype))
+        job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
+        job.tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_model(job.model, window_lengths(config))
+    with stage("windows", job.stages):
+        job.windows(texts)
+    del texts
+    if config.eval != "none" and config.eval_dense:
+        with stage("eval_dense", job.stages):
+            job.metrics["dense"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch, progress=job.progress,
+                                                       desc="perplexity (dense)")
+    out = Path(config.out)
+    with atomic_dir(out, overwrite=config.overwrite) as tmp:
+        writer = ShardWriter(tmp, len(streamed.adapter.blocks))
+        visits = StreamedPruning(streamed, writer)
+        with stage("prune", job.stages):
+            job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
+                                     visits=visits)
+        with stage("save", job.stages):
+            writer.finish(streamed.source.read(streamed.outer_names))  # unchanged
+            job.model.config.save_pretrained(tmp)
+            job.tokenizer.save_pretrained(tmp)
+            names = list(visits.zeros_before)
+            sparsity = sparsity_of_saved(tmp, names)
+        if config.eval != "none":
+            with stage("eval", job.stages):
+                job.metrics["pruned"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch,
+                                                            checkpoint=Checkpoint(tmp), progress=job.progress,
+                                                            desc="perplexity (pruned)")
+        before = sum(visits.zeros_before.values())
+        for name, entry in sparsity["layers"].items():
+            entry["zeros_before"] = visits.zeros_before[name]
+        sparsity.update(zeros_before=before, sparsity_before=before / max(sparsity["numel"], 1),
+                        measured_on="saved safetensors")
+        report = job.report(None, sparsity)
+        report["model"]["streamed"] = {"weights_gb": round(size_gb, 2), "budget_gb": round(budget_gb, 2),
+                                       "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
+                                       "shards": writer.count}
+        report["output"] = str(out)
+        reporting.write(report, tmp)
     return report
 
 

@@ -37,12 +37,12 @@ def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
     wanted, found = set(names), {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for key in wanted.intersection(f.keys()):
-                found[key] = f.get_tensor(key)
+            for key in wanted.intersection(f.keys()):  # one tensor at a time: the model may not fit in memory
+                found.update(measure_sparsity({key: f.get_tensor(key)})["layers"])
     missing = wanted - set(found)
     if missing:
         raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
-    return measure_sparsity({name: found[name] for name in names})  # in model order
+    return _summary({name: found[name] for name in names})  # in model order
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -153,9 +153,11 @@ class HalfPruner:
 
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,
                 attention_mask: torch.Tensor | None = None, progress: bool = True,
-                checkpoints: Checkpoints | None = None) -> list[dict]:
+                checkpoints: Checkpoints | None = None, visits=None) -> list[dict]:
     """Prune `model` in place, block by block; returns one record per pruned layer. With `checkpoints`,
-    progress is saved as it goes, and a run resumes from the newest checkpoint there."""
+    progress is saved as it goes, and a run resumes from the newest checkpoint there. `visits` (a model
+    larger than memory: models/streaming.py) brings each block in before it is pruned (`enter`), takes
+    it out after (`leave`), and the embeddings while the windows are embedded (`embedding()`)."""
     pruner = HalfPruner(config)
     check_pattern_fits(adapter, config.nm)
     compute_dtype = torch_dtype(config.dtype)
@@ -164,8 +166,9 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     if pruner.stats_cls is not None:
         if input_ids is None:
             raise PrunelabError(f"{config.method} needs calibration data")
-        stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.forward_batch,
-                                      compute_dtype)
+        with visits.embedding() if visits is not None else nullcontext():
+            stream = capture_block_inputs(model, adapter.blocks, input_ids, attention_mask, config.forward_batch,
+                                          compute_dtype)
     done, blocks = 0, len(adapter.blocks)
     if checkpoints is not None and checkpoints.latest_step() is not None:
         done, tensors, meta = checkpoints.load(adapter.blocks)
@@ -175,6 +178,8 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
 
     for index, block in enumerate(tqdm(adapter.blocks[done:], desc=f"{config.method} {config.target_label}",
                                        unit="block", disable=not progress, initial=done, total=blocks), start=done):
+        if visits is not None:
+            visits.enter(index)
         # Forward passes may run in a cheaper dtype on a copy; the model's own weights stay put.
         runner = block if compute_dtype == model_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
         separate_runner = runner is not block
@@ -183,14 +188,16 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
             if stream is None:  # data-free
                 for name in linears:
                     pruner.prune_group(index, linears, [name], None)
-                continue
-            halves = adapter.halves(runner)
-            check_halves_cover(adapter, index, halves, run_linears)
-            for part, half in enumerate(halves):
-                last = index + 1 == len(adapter.blocks) and part == 1
-                pruner.prune_half(index, half, run_linears, stream, need_output=not last,
-                                  originals=linears if separate_runner else None)
+            else:
+                halves = adapter.halves(runner)
+                check_halves_cover(adapter, index, halves, run_linears)
+                for part, half in enumerate(halves):
+                    last = index + 1 == len(adapter.blocks) and part == 1
+                    pruner.prune_half(index, half, run_linears, stream, need_output=not last,
+                                      originals=linears if separate_runner else None)
         del runner
+        if visits is not None:
+            visits.leave(index)
         if checkpoints is not None:
             checkpoints.changed(index)
             if checkpoints.due(index + 1, blocks):

@@ -1,0 +1,251 @@
+"""Models larger than memory: the model is built on the meta device, and its weights are read from the
+safetensors shards when they are needed — a decoder block while it is pruned or evaluated, the modules
+around the blocks (embeddings, final norm, LM head) while windows are embedded or scored — and dropped
+again afterwards. The pruned blocks are written into the output's shards as they finish, so neither
+the input nor the output model is ever whole in memory:
+
+    skeleton = the model on the meta device (accelerate's init_empty_weights; buffers such as rotary
+               frequencies are real, they are computed, not stored)
+    for each block: materialise it from the input shards → prune it → write it as shard i → drop it
+    the tensors outside the blocks are copied unchanged into the last shard; the index names every tensor
+
+Weights are held in the checkpoint's own dtype, except the block being computed, which is cast to
+the run's model dtype (float32 by default): zeroing a weight is exact in any dtype, and SparseGPT's
+updated weights are rounded to the checkpoint's dtype when written, as a loaded and saved model would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..activations import StandIn, capture_block_inputs, check_finite
+from ..errors import PrunelabError
+from ..evaluate.perplexity import summed_nll
+from .adapters import Adapter, find_adapter, first_output
+
+INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """Tensor names → the safetensors file holding each, in a (sharded or single-file) checkpoint folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if (self.folder / INDEX).is_file():
+            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
+                self.files = {name: self.folder / "model.safetensors" for name in f.keys()}
+        else:
+            raise PrunelabError(f"{self.folder} has no model.safetensors or {INDEX}: a model larger than memory is "
+                                "read from safetensors files")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                out.update({key: f.get_tensor(key) for key in keys})
+        return out
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every tensor, in their stored dtype or in `dtype` (floating tensors only)."""
+        total = 0
+        for file in set(self.files.values()):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    size = torch.empty((), dtype=_dtype(piece.get_dtype())).element_size()
+                    if dtype is not None and _dtype(piece.get_dtype()).is_floating_point:
+                        size = torch.empty((), dtype=dtype).element_size()
+                    total += math.prod(piece.get_shape()) * size
+        return total
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point weights (the first one found)."""
+        file = next(iter(self.files.values()))
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                dtype = _dtype(f.get_slice(key).get_dtype())
+                if dtype.is_floating_point:
+                    return dtype
+        return torch.float32
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}.get(name, torch.float32)
+
+
+class StreamedModel:
+    """A causal LM whose weights stay in `folder`'s safetensors files until a part of it is used."""
+
+    def __init__(self, folder: Path, compute_dtype: torch.dtype):
+        self.source = Checkpoint(folder)
+        self.compute_dtype = compute_dtype
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.model.eval()
+        self.model.config.use_cache = False
+        self.model.tie_weights()  # not done under init_empty_weights
+        head = self.model.get_output_embeddings()
+        self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
+        self.adapter: Adapter = find_adapter(self.model)
+        self.prefix = self.adapter.blocks_prefix
+        self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
+        in_blocks = {n for names in self.block_names for n in names}
+        self.outer_names = [n for n in self.source.files if n not in in_blocks]
+        expected = {f"{self.prefix}.{i}.{k}" for i, b in enumerate(self.adapter.blocks) for k in b.state_dict()}
+        missing = sorted(expected - in_blocks)
+        if missing:
+            raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
+                                f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
+
+    def _names(self, prefix: str) -> list[str]:
+        return [n for n in self.source.files if n.startswith(prefix)]
+
+    # --- parts in and out of memory ---------------------------------------------------------------
+    def load_block(self, index: int, checkpoint: Checkpoint | None = None) -> nn.Module:
+        """Block `index` with its weights from `checkpoint` (default: the input), in the compute dtype."""
+        block = self.adapter.blocks[index]
+        prefix = f"{self.prefix}.{index}."
+        for name, tensor in (checkpoint or self.source).read(self.block_names[index]).items():
+            set_module_tensor_to_device(block, name[len(prefix):], "cpu", value=tensor, dtype=self.compute_dtype)
+        return block
+
+    def drop_block(self, index: int) -> None:
+        block = self.adapter.blocks[index]
+        for name, _ in list(block.named_parameters()):
+            set_module_tensor_to_device(block, name, "meta")
+
+    @contextmanager
+    def outer(self, side: str):
+        """The modules around the blocks, in memory (in the compute dtype) for the duration: `input` all
+        but the LM head, for embedding windows; `output` all but the input embedding, for scoring them
+        (its forward is then given `inputs_embeds`). A tied embedding is both."""
+        model = self.model
+        skip = model.get_output_embeddings() if side == "input" else model.get_input_embeddings()
+        skipped = set() if self.tied or skip is None else {f"{n}.weight" for n, m in model.named_modules() if m is skip}
+        for name, tensor in self.source.read([n for n in self.outer_names if n not in skipped]).items():
+            set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=self.compute_dtype)
+        model.tie_weights()
+        try:
+            yield model
+        finally:
+            for name, param in list(model.named_parameters(remove_duplicate=False)):  # both names of a tied one
+                if not name.startswith(self.prefix + ".") and param.device.type != "meta":
+                    set_module_tensor_to_device(model, name, "meta")
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s tensors by checkpoint name, in the checkpoint's dtype."""
+        stored = self.source.dtype
+        return {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous()
+                for k, v in self.adapter.blocks[index].state_dict().items()}
+
+
+class ShardWriter:
+    """Writes a sharded Hugging Face checkpoint one block at a time: shard i+1 holds block i, the last
+    one the tensors outside the blocks; the index is written by `finish`."""
+
+    def __init__(self, folder: Path, blocks: int):
+        self.folder, self.count = Path(folder), blocks + 1
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
+        save_file(tensors, self.folder / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self, outer: dict[str, torch.Tensor]) -> None:
+        self.write(self.count - 1, outer)
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+class _Replay(StandIn):
+    """In the model's own forward pass, a block that was already run: its input passes through, except
+    at the last block, which returns the stored output of the whole stack for the current batch."""
+
+    def __init__(self, block: nn.Module, last: bool):
+        super().__init__(block)
+        self.last, self.output = last, None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.output if self.last else hidden_states
+
+
+class StreamedPruning:
+    """The pruning pass's view of a streamed model (see `prune_model`'s `visits`): block i is read from
+    the input before it is pruned and written into the output's shard i afterwards."""
+
+    def __init__(self, streamed: StreamedModel, writer: ShardWriter):
+        self.streamed, self.writer = streamed, writer
+        self.zeros_before: dict[str, int] = {}
+
+    def embedding(self):
+        return self.streamed.outer("input")
+
+    def enter(self, index: int) -> None:
+        block = self.streamed.load_block(index)
+        prefix = f"{self.streamed.prefix}.{index}."
+        with self.streamed.adapter.prunable_linears(block) as linears:
+            self.zeros_before.update({f"{prefix}{n}.weight": int((m.weight == 0).sum()) for n, m in linears.items()})
+
+    def leave(self, index: int) -> None:
+        self.writer.write(index, self.streamed.block_state(index))
+        self.streamed.drop_block(index)
+
+
+@torch.no_grad()
+def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_size: int,
+                        checkpoint: Checkpoint | None = None, progress: bool = True, desc: str = "perplexity") -> dict:
+    """`evaluate.perplexity` for a streamed model: all windows through one block at a time (blocks read
+    from `checkpoint`, default the input), then the model's own head (final norm, LM head, any logit
+    soft-capping) on the last block's outputs."""
+    blocks = streamed.adapter.blocks
+    with streamed.outer("input") as model:
+        stream = capture_block_inputs(model, blocks, windows, None, batch_size, streamed.compute_dtype)
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+        block = streamed.load_block(index, checkpoint)
+        for b, rows in stream.batches():
+            stream.hidden[rows] = first_output(block(stream.hidden[rows], **stream.block_kwargs[index][b]))
+        check_finite(stream.hidden, f"block {index}")
+        streamed.drop_block(index)
+    originals = list(blocks)
+    replays = [_Replay(block, last=i == len(blocks) - 1) for i, block in enumerate(originals)]
+    nll, predicted = 0.0, 0
+    with streamed.outer("output") as model:
+        try:
+            for i, replay in enumerate(replays):
+                blocks[i] = replay
+            for w in range(windows.shape[0]):  # one window's logits at a time: a large vocabulary's are big
+                batch, rows = windows[w:w + 1], slice(w, w + 1)
+                replays[-1].output = stream.hidden[rows]
+                logits = model(inputs_embeds=torch.zeros_like(stream.hidden[rows]), use_cache=False).logits
+                nll += summed_nll(logits, batch).item()
+                predicted += batch[:, 1:].numel()
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+    mean_nll = nll / predicted
+    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted, "streamed": True}

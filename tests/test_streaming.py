@@ -1,0 +1,85 @@
+"""Models larger than memory: streamed block by block, with the same result as loaded whole."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import prunelab
+from prunelab.errors import PrunelabError
+from prunelab.evaluate.sparsity import sparsity_of_saved
+from prunelab.models.adapters import find_adapter
+from tiny import tiny_model
+
+TINY_BUDGET = 1e-6  # GB: every model is larger than this, so it is streamed
+
+
+@pytest.fixture(params=["llama", "qwen3"])
+def four_blocks(request, tmp_path, tokenizer):
+    folder = tmp_path / f"tiny-{request.param}"
+    tiny_model(request.param, layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(model_dir, texts, out, **overrides):
+    calib, evaluation = texts
+    values = dict(model=str(model_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
+                  eval_seqlen=32, eval_windows=4, forward_batch=4, out=str(out), reconstruct="none")
+    values.update(overrides)
+    return prunelab.run(values, progress=False)
+
+
+def state(folder):
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_streamed_run_equals_the_whole_model_run(four_blocks, texts, tmp_path, method):
+    whole = run(four_blocks, texts, tmp_path / "whole", method=method)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", method=method, max_memory=TINY_BUDGET)
+    assert "streamed" not in whole["model"] and streamed["model"]["streamed"]["shards"] == 5
+    out = tmp_path / "streamed"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 5
+    expected, got = state(tmp_path / "whole"), state(out)
+    assert expected.keys() == got.keys()
+    assert all(expected[k].equal(got[k]) for k in expected), [k for k in expected if not expected[k].equal(got[k])]
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+    assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"]
+    assert streamed["sparsity"]["zeros_before"] == whole["sparsity"]["zeros_before"]
+    assert [r["layer"] for r in streamed["layers"]] == [r["layer"] for r in whole["layers"]]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # an ordinary sharded checkpoint
+    for name, w in find_adapter(reloaded).prunable_weights().items():
+        assert (w == 0).float().mean() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts):
+    folder = tmp_path / "bf16"
+    tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()  # the input is sharded too
+    whole = run(folder, texts, tmp_path / "whole")
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    # loaded whole, the model computes and is saved in float32; streamed, it computes in float32 and is
+    # saved in bfloat16: Wanda only zeroes weights, so the values are the same
+    assert all(expected[k].equal(got[k].float()) for k in expected)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+    assert sparsity_of_saved(tmp_path / "streamed", list(streamed["sparsity"]["layers"]))["sparsity"] == 0.5
+
+
+def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
+    with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support reconstruction"):
+        run(four_blocks, texts, tmp_path / "out", reconstruct="attn-mlp", max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match="max_memory must be > 0"):
+        run(four_blocks, texts, tmp_path / "out", max_memory=0)
+    assert not (tmp_path / "out").exists()
