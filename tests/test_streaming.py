@@ -77,9 +77,22 @@ def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts
     assert sparsity_of_saved(tmp_path / "streamed", list(streamed["sparsity"]["layers"]))["sparsity"] == 0.5
 
 
+@pytest.mark.parametrize("granularity", ["attn-mlp", "blocks:2"])
+def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, tmp_path, granularity):
+    kwargs = dict(reconstruct={"granularity": granularity, "lr": 1e-3, "heldout": 4}, eval_dense=False)
+    whole = run(four_blocks, texts, tmp_path / "whole", **kwargs)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **kwargs)
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert all(expected[k].equal(got[k]) for k in expected)
+    assert [r["loss_heldout_after"] for r in streamed["reconstruction"]["submodels"]] == \
+        [r["loss_heldout_after"] for r in whole["reconstruction"]["submodels"]]
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+
+
 def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
-    with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support reconstruction"):
-        run(four_blocks, texts, tmp_path / "out", reconstruct="attn-mlp", max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support --retrain"):
+        run(four_blocks, texts, tmp_path / "out", retrain="full", max_memory=TINY_BUDGET)
     with pytest.raises(PrunelabError, match="max_memory must be > 0"):
         run(four_blocks, texts, tmp_path / "out", max_memory=0)
     assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
-from .models.loading import load_model, torch_dtype
+from .models.loading import EMBEDDED_NAMES, embedded_model_dir, load_model, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .models.streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
 from .prune.sequential import prune_model
@@ -225,7 +225,7 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
     streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
     any work."""
-    path = Path(config.model).expanduser()
+    path = embedded_model_dir() if config.model.lower() in EMBEDDED_NAMES else Path(config.model).expanduser()
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
     size = Checkpoint(path).nbytes(torch_dtype(config.model_dtype)) / 1e9
@@ -233,7 +233,7 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     if size <= budget:
         return None
     unsupported = [what for what, asked in (
-        ("reconstruction (--reconstruct none)", config.reconstruct.enabled), ("--retrain", config.retrain.enabled),
+        ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
         ("--resume", config.resume), ("a saved output (--out)", not config.out)) if asked]
     if unsupported:
@@ -286,8 +286,8 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
 
 
 def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, budget_gb: float) -> Report:
-    """`run_job` for a model larger than the memory budget: pruning alone, one block in memory at a time,
-    the output written shard by shard as the blocks finish (models/streaming.py)."""
+    """`run_job` for a model larger than the memory budget: pruning (and reconstruction) with the blocks of
+    one submodel in memory at a time, the output written shard by shard as they finish (models/streaming.py)."""
     config = job.config
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype))
@@ -305,9 +305,15 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     with atomic_dir(out, overwrite=config.overwrite) as tmp:
         writer = ShardWriter(tmp, len(streamed.adapter.blocks))
         visits = StreamedPruning(streamed, writer)
-        with stage("prune", job.stages):
-            job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
-                                     visits=visits)
+        if config.reconstruct.enabled:
+            with stage("prune+reconstruct", job.stages):
+                job.layers, job.reconstruction = prune_and_reconstruct(
+                    job.model, job.adapter, job.calib_ids, job.heldout_ids, config, progress=job.progress,
+                    visits=visits)
+        else:
+            with stage("prune", job.stages):
+                job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
+                                         visits=visits)
         with stage("save", job.stages):
             writer.finish(streamed.source.read(streamed.outer_names))  # unchanged
             job.model.config.save_pretrained(tmp)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable
 
 import psutil
@@ -81,9 +81,10 @@ class Reconstructor:
     """The sequential prune-and-reconstruct pass over a model."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: RunConfig, progress: bool = True,
-                 observer: Callable[[dict], None] | None = None, checkpoints: Checkpoints | None = None):
+                 observer: Callable[[dict], None] | None = None, checkpoints: Checkpoints | None = None,
+                 visits=None):
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
-        self.progress, self.observer, self.checkpoints = progress, observer, checkpoints
+        self.progress, self.observer, self.checkpoints, self.visits = progress, observer, checkpoints, visits
         self.propagation = Propagation(self.rc.propagation)
         self.pruner = HalfPruner(config)
         self.trainer = Trainer(config)
@@ -97,10 +98,11 @@ class Reconstructor:
             check_matrix_granularity(self.adapter)
         self.model.requires_grad_(False)  # only the current submodel's parameters get gradients
         blocks, batch = self.adapter.blocks, self.config.forward_batch
-        capture = {
-            "train": capture_block_inputs(self.model, blocks, input_ids, attention_mask, batch, torch.float32),
-            "heldout": capture_block_inputs(self.model, blocks, heldout_ids, None, batch, torch.float32),
-        }
+        with self.visits.embedding() if self.visits is not None else nullcontext():
+            capture = {
+                "train": capture_block_inputs(self.model, blocks, input_ids, attention_mask, batch, torch.float32),
+                "heldout": capture_block_inputs(self.model, blocks, heldout_ids, None, batch, torch.float32),
+            }
         device = capture["train"].hidden.device
         offload = choose_offload(self.config, input_ids.shape[0], heldout_ids.shape[0],
                                  capture["train"].hidden.shape[-1], device)
@@ -171,6 +173,10 @@ class Reconstructor:
         unit_blocks = [i for i, _ in units]
         name = submodel_name(units)
         model_dtype = next(blocks[indices[0]].parameters()).dtype
+        if self.visits is not None:  # a streamed model: the submodel's blocks come in when it starts
+            for i in indices:
+                if (i, 0) in units:
+                    self.visits.enter(i)
         started = tick = time.perf_counter()
         record: dict = {"submodel": name, "blocks": indices, "halves": [list(u) for u in units]}
 
@@ -210,6 +216,10 @@ class Reconstructor:
 
         record["seconds"] = round(time.perf_counter() - started, 2)
         self.records.append(record)
+        if self.visits is not None:  # ... and go out once their last half is done
+            for i in indices:
+                if (i, 1) in units:
+                    self.visits.leave(i)
         return self.propagation.advance(out, targets)
 
     def _train(self, problem, record, units, linears, dense_blocks, dense_halves, inputs, dense, before) -> None:
@@ -309,11 +319,13 @@ def prune_and_reconstruct(
     progress: bool = True,
     observer: Callable[[dict], None] | None = None,
     checkpoints: Checkpoints | None = None,
+    visits=None,
 ) -> tuple[list[dict], dict]:
     """Prune `model` in place and reconstruct it; returns (per-layer pruning records, reconstruction report).
-    With `checkpoints`, progress is saved as it goes, and a run resumes from the newest checkpoint there."""
+    With `checkpoints`, progress is saved as it goes, and a run resumes from the newest checkpoint there;
+    `visits`: see `prune_model`."""
     if heldout_ids is None or heldout_ids.shape[0] == 0:
         raise PrunelabError("reconstruction needs held-out calibration windows (reconstruct.heldout >= 1)")
-    worker = Reconstructor(model, adapter, config, progress, observer, checkpoints)
+    worker = Reconstructor(model, adapter, config, progress, observer, checkpoints, visits)
     summary = worker.run(input_ids, heldout_ids, attention_mask)
     return worker.pruner.records, summary

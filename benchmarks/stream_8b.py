@@ -1,0 +1,134 @@
+"""A model larger than memory: Wanda 50 % of a Llama-3.1-8B-shaped model (random weights from its config,
+bfloat16 safetensors shards, 16 GB) on a machine whose RAM could not hold it in float32, with nothing but
+the plain command. Prints the run's peak RSS (the whole process, from /proc), its time by stage, and
+then reloads the output with `from_pretrained` (in bfloat16, 16 GB) to measure every layer's sparsity.
+
+    PYTHONPATH=src python benchmarks/stream_8b.py [--folder DIR] [--samples 128] [--eval-windows 40]
+
+The model is built once, one block at a time (never whole in memory), into `--folder` (default
+~/.cache/prunelab/bench/llama-3.1-8b-random, 16 GB; the output needs as much again beside it). Its
+tokenizer is the embedded SmolLM2's (49,152 ids, all valid rows of the 128,256-row embedding). On 2 CPU
+cores a block takes minutes at the default 128 calibration windows: `--samples 8 --eval-windows 4`
+measures the memory in about an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from prunelab.assets import cache_dir
+from prunelab.models.loading import embedded_model_dir
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                   bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+
+
+def build(folder: Path) -> None:
+    """config.json, tokenizer and one bfloat16 shard per block (N(0, 0.02) weights, unit norms)."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**LLAMA_31_8B)
+    config.save_pretrained(tmp)
+    shutil.copy(embedded_model_dir() / "tokenizer.json", tmp)
+    shutil.copy(embedded_model_dir() / "tokenizer_config.json", tmp)
+    h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h // config.num_attention_heads)
+    generator = torch.Generator().manual_seed(0)
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    layers, weight_map = config.num_hidden_layers, {}
+    shards = layers + 1
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors = {p + "self_attn.q_proj.weight": normal(h, h), p + "self_attn.k_proj.weight": normal(kv, h),
+                   p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.o_proj.weight": normal(h, h),
+                   p + "mlp.gate_proj.weight": normal(f, h), p + "mlp.up_proj.weight": normal(f, h),
+                   p + "mlp.down_proj.weight": normal(h, f),
+                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        print(f"built block {i + 1}/{layers}", file=sys.stderr, flush=True)
+    outer = {"model.embed_tokens.weight": normal(config.vocab_size, h), "lm_head.weight": normal(config.vocab_size, h),
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+    save_file(outer, tmp / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(outer, name))
+    size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size},
+                                                                  "weight_map": weight_map}, indent=1))
+    tmp.rename(folder)
+
+
+def run(folder: Path, out: Path, extra: list[str]) -> tuple[dict, float, float]:
+    """The plain command in a child process; its report, wall seconds and peak RSS (GB, VmHWM)."""
+    argv = [sys.executable, "-c", "import sys, resource; from prunelab.cli import app; sys.argv[0] = 'prunelab';"
+            " code = 0\ntry: app()\nexcept SystemExit as e: code = e.code\n"
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)",
+            "run", "--model", str(folder), "--method", "wanda", "--sparsity", "0.5", "--reconstruct", "none",
+            "--out", str(out), "--overwrite", "--json", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"the run failed:\n{done.stderr[-3000:]}")
+    peak_kb = int(done.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+    return json.loads(done.stdout[done.stdout.index("{"):]), seconds, peak_kb * 1024 / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=cache_dir() / "bench" / "llama-3.1-8b-random")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside --folder)")
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: prunelab's)")
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: prunelab's)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    args = parser.parse_args()
+    build(args.folder)
+    out = args.out or args.folder.with_name(args.folder.name + "-wanda50")
+    extra = [*(["--samples", str(args.samples)] if args.samples else []),
+             *(["--eval-windows", str(args.eval_windows)] if args.eval_windows else []),
+             *(["--threads", str(args.threads)] if args.threads else [])]
+    report, seconds, peak = run(args.folder, out, extra)
+    streamed = report["model"].get("streamed")
+    print(f"input: {sum(p.stat().st_size for p in args.folder.glob('*.safetensors')) / 1e9:.2f} GB of bfloat16 "
+          f"shards; streamed: {streamed}")
+    print(f"run: {seconds:.0f} s, peak RSS {peak:.2f} GB; stages: "
+          + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in report["stages"].items()))
+    metrics = report["metrics"]
+    print(f"perplexity dense {metrics.get('dense', {}).get('perplexity', math.nan):.1f}, "
+          f"pruned {metrics.get('pruned', {}).get('perplexity', math.nan):.1f} (random weights: a smoke figure)")
+    print(f"sparsity in the report (read back from the shards): {report['sparsity']['sparsity']:.6f}")
+    del report
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    per_layer = [float((m.weight == 0).float().mean()) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    print(f"reloaded with from_pretrained: {len(per_layer)} linears, sparsity min {min(per_layer):.6f}, "
+          f"max {max(per_layer):.6f}")
+    if not args.keep:
+        shutil.rmtree(out)
+
+
+if __name__ == "__main__":
+    main()
