@@ -10,6 +10,8 @@
    windows in float32: held-out loss after, masks kept; then on the GPU with bfloat16 autocast (`auto`).
 4. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
    stages carry `cuda_peak_gb`.
+5. Sequential onloading (a streamed model, one block on the GPU at a time): the same weights as the
+   whole-model run, and a CUDA peak that does not grow with the number of blocks.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
 
@@ -145,12 +147,49 @@ def whole_job(device: str) -> None:
               flush=True)
 
 
+def onloading(device: str) -> None:
+    """Sequential onloading: a saved model streamed to the device one block at a time (forced by a tiny
+    --max-memory): weights equal to the run on the whole model on the same device, and a CUDA peak
+    that does not grow with the number of blocks (4 vs 8 blocks of a 1024-wide Llama)."""
+    from conftest import TEXT, make_tokenizer
+    from safetensors.torch import load_file
+    from tiny import tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "calib.txt").write_text(TEXT)
+        (tmp / "eval.txt").write_text(TEXT[::-1])
+        common = dict(calib=str(tmp / "calib.txt"), eval=str(tmp / "eval.txt"), samples=16, seqlen=64, eval_seqlen=64,
+                      eval_windows=4, device=device, progress=False, eval_dense=False)
+        folder = tmp / "tiny"
+        tiny_model("llama", layers=4).save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+        whole = prunelab.run(model=str(folder), out=str(tmp / "whole"), **common)
+        streamed = prunelab.run(model=str(folder), out=str(tmp / "streamed"), max_memory=1e-6, **common)
+        a, b = load_file(tmp / "whole" / "model.safetensors"), {}
+        for file in (tmp / "streamed").glob("*.safetensors"):
+            b.update(load_file(file))
+        equal = sum(bool(a[k].equal(b[k])) for k in a)
+        print(f"onloading on {device}: {equal}/{len(a)} tensors equal to the whole-model run; perplexity "
+              f"{whole['metrics']['pruned']['perplexity']:.4f} vs {streamed['metrics']['pruned']['perplexity']:.4f}",
+              flush=True)
+        for layers in (4, 8):
+            folder = tmp / f"wide-{layers}"
+            llama(1024, 2816, 16, 8, layers, 512).save_pretrained(folder)
+            make_tokenizer().save_pretrained(folder)
+            report = prunelab.run(model=str(folder), out=str(tmp / f"wide-{layers}-out"), max_memory=1e-6, **common)
+            peaks = {k: v.get("cuda_peak_gb") for k, v in report["stages"].items()}
+            print(f"onloading on {device}, {layers} blocks of width 1024: CUDA peak by stage {json.dumps(peaks)}",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["agreement", "retraining", "shapes", "job"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["agreement", "retraining", "shapes", "job", "onloading"])
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -160,6 +199,8 @@ def main() -> None:
     started = time.perf_counter()
     if "job" not in args.skip:
         whole_job(args.device)
+    if "onloading" not in args.skip:
+        onloading(args.device)
     if "agreement" not in args.skip:
         agreement(args.device)
     if "retraining" not in args.skip:

@@ -279,9 +279,9 @@ class RunConfig(Checked):
     model_dtype: str = option("float32", "dtype the model is loaded, evaluated and saved in")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
-    max_memory: float | None = option(None, "GB of memory the model's weights may take; a larger model (a local "
-                                            "safetensors folder) is streamed: read, pruned and written block by "
-                                            "block (default: half the available memory)")
+    max_memory: float | None = option(None, "GB of memory (of the GPU with --device cuda) the model's weights may "
+                                            "take; a larger model (a local safetensors folder) is streamed: read, "
+                                            "pruned and written block by block (default: half the free memory)")
     speed: bool = option(True, "layers, flap: generation tokens/s before and after")
     out: str | None = option(None, "output folder (default runs/<model>-<method>-<target>-<reconstruction>)")
     overwrite: bool = option(False, "replace an existing output folder (only one that holds a prunelab run)")

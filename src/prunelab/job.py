@@ -28,7 +28,7 @@ from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
-from .models.loading import EMBEDDED_NAMES, embedded_model_dir, load_model, torch_dtype
+from .models.loading import EMBEDDED_NAMES, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .models.streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
 from .prune.sequential import prune_model
@@ -229,7 +229,11 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
     size = Checkpoint(path).nbytes(torch_dtype(config.model_dtype)) / 1e9
-    budget = config.max_memory if config.max_memory is not None else 0.5 * psutil.virtual_memory().available / 1e9
+    budget = config.max_memory
+    if budget is None:  # room for activations, statistics and the optimiser beside the weights
+        device = resolve_device(config.device)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+        budget = 0.5 * free / 1e9
     if size <= budget:
         return None
     unsupported = [what for what, asked in (
@@ -290,7 +294,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     one submodel in memory at a time, the output written shard by shard as they finish (models/streaming.py)."""
     config = job.config
     with stage("load", job.stages):
-        streamed = StreamedModel(folder, torch_dtype(config.model_dtype))
+        streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
         job.tokenizer = AutoTokenizer.from_pretrained(folder)
         check_model(job.model, window_lengths(config))

@@ -9,9 +9,11 @@ the input nor the output model is ever whole in memory:
     for each block: materialise it from the input shards → prune it → write it as shard i → drop it
     the tensors outside the blocks are copied unchanged into the last shard; the index names every tensor
 
-Weights are held in the checkpoint's own dtype, except the block being computed, which is cast to
-the run's model dtype (float32 by default): zeroing a weight is exact in any dtype, and SparseGPT's
-updated weights are rounded to the checkpoint's dtype when written, as a loaded and saved model would be.
+This is also sequential onloading: on a GPU (`--device cuda`) only the parts in use are on the device,
+the rest stays on disk (and in the OS's file cache). Weights stay in the checkpoint's own dtype on disk;
+what is in use is cast to the run's model dtype (float32 by default). Zeroing a weight is exact in any
+dtype; SparseGPT's and reconstruction's updated weights are rounded to the checkpoint's dtype when
+written, as a loaded and saved model's would be.
 """
 
 from __future__ import annotations
@@ -97,14 +99,16 @@ def _dtype(name: str) -> torch.dtype:
 class StreamedModel:
     """A causal LM whose weights stay in `folder`'s safetensors files until a part of it is used."""
 
-    def __init__(self, folder: Path, compute_dtype: torch.dtype):
+    def __init__(self, folder: Path, compute_dtype: torch.dtype, device: torch.device = torch.device("cpu")):
         self.source = Checkpoint(folder)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.device = compute_dtype, device
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config)
         self.model.eval()
         self.model.config.use_cache = False
+        for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
+            set_module_tensor_to_device(self.model, name, device, value=buffer)
         self.model.tie_weights()  # not done under init_empty_weights
         head = self.model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
@@ -128,7 +132,7 @@ class StreamedModel:
         block = self.adapter.blocks[index]
         prefix = f"{self.prefix}.{index}."
         for name, tensor in (checkpoint or self.source).read(self.block_names[index]).items():
-            set_module_tensor_to_device(block, name[len(prefix):], "cpu", value=tensor, dtype=self.compute_dtype)
+            set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         return block
 
     def drop_block(self, index: int) -> None:
@@ -145,7 +149,7 @@ class StreamedModel:
         skip = model.get_output_embeddings() if side == "input" else model.get_input_embeddings()
         skipped = set() if self.tied or skip is None else {f"{n}.weight" for n, m in model.named_modules() if m is skip}
         for name, tensor in self.source.read([n for n in self.outer_names if n not in skipped]).items():
-            set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=self.compute_dtype)
+            set_module_tensor_to_device(model, name, self.device, value=tensor, dtype=self.compute_dtype)
         model.tie_weights()
         try:
             yield model
@@ -157,7 +161,7 @@ class StreamedModel:
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors by checkpoint name, in the checkpoint's dtype."""
         stored = self.source.dtype
-        return {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous()
+        return {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous().cpu()
                 for k, v in self.adapter.blocks[index].state_dict().items()}
 
 
@@ -242,7 +246,7 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_si
                 batch, rows = windows[w:w + 1], slice(w, w + 1)
                 replays[-1].output = stream.hidden[rows]
                 logits = model(inputs_embeds=torch.zeros_like(stream.hidden[rows]), use_cache=False).logits
-                nll += summed_nll(logits, batch).item()
+                nll += summed_nll(logits, batch.to(logits.device)).item()
                 predicted += batch[:, 1:].numel()
         finally:
             for i, block in enumerate(originals):
