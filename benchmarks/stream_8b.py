@@ -49,7 +49,8 @@ def build(folder: Path) -> None:
     config.save_pretrained(tmp)
     shutil.copy(embedded_model_dir() / "tokenizer.json", tmp)
     shutil.copy(embedded_model_dir() / "tokenizer_config.json", tmp)
-    h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h // config.num_attention_heads)
+    h, f = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
     generator = torch.Generator().manual_seed(0)
 
     def normal(*shape):
