@@ -87,6 +87,7 @@ class Reconstructor:
         self.progress, self.observer, self.checkpoints, self.visits = progress, observer, checkpoints, visits
         self.propagation = Propagation(self.rc.propagation)
         self.pruner = HalfPruner(config)
+        self.pruner.keep_writer_inputs = visits is None
         self.trainer = Trainer(config)
         self.records: list[dict] = []
         self.seconds = {"targets": 0.0, "prune": 0.0, "train": 0.0, "propagate": 0.0}
