@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 import prunelab
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
 from prunelab.models.adapters import find_adapter
-from tiny import tiny_model
 
 TINY_BUDGET = 1e-6  # GB: every model is larger than this, so it is streamed
 

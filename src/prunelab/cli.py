@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 import typing
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, distributed
 from .assets import bigbench_task_dir
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
@@ -194,9 +195,11 @@ def run(config: Optional[Path] = None, json_out: bool = False, **given: Any) -> 
         cfg = RunConfig.from_dict(values)
         if cfg.out is None:
             cfg.out = default_out(cfg)
-        report = run_job(cfg)
+        report = run_job(cfg, progress=os.environ.get("RANK", "0") == "0")  # torchrun: process 0 shows progress
     except PrunelabError as exc:
         _fail(exc)
+    if not distributed.is_main():
+        return
     _print_table("prunelab run", summary_rows(report))
     if json_out:
         print(json.dumps(report, indent=1))

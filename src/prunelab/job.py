@@ -16,6 +16,7 @@ import psutil
 import torch
 from transformers import AutoTokenizer
 
+from . import distributed
 from . import report as reporting
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
@@ -41,7 +42,7 @@ from .structured import prune_structured
 def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
     """The run's checkpoints (resume.py), checked against `--resume`/`--overwrite`; None when the run is not
     saved or has no sequential pass to checkpoint."""
-    if not config.out or config.structured:
+    if not config.out or config.structured or distributed.size() > 1:
         return None
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in FREE_KEYS}
     fingerprint["calibration text sha256"] = hashlib.sha256(texts["calib"].encode()).hexdigest() if "calib" in texts \
@@ -150,6 +151,23 @@ class Job:
             self.eval_ids, self.data["evaluation"] = evaluation_data(self.config, self.tokenizer, texts["eval"])
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
 
+    def share_windows(self) -> None:
+        """Data parallel (torchrun): this process's share of the calibration and evaluation windows."""
+        if distributed.size() == 1:
+            return
+        if any(not half.writer for block in self.adapter.blocks[:1] for half in self.adapter.halves(block)):
+            raise PrunelabError("data parallelism does not support routed experts yet (which expert sees which "
+                                "tokens differs between processes)")
+        shares = {}
+        if self.calib_ids is not None:
+            part = distributed.share(self.calib_ids.shape[0], "calibration")
+            self.calib_ids, shares["calibration"] = self.calib_ids[part], [part.start, part.stop]
+        if self.eval_ids is not None:
+            part = distributed.share(self.eval_ids.shape[0], "evaluation")
+            self.eval_ids, shares["evaluation"] = self.eval_ids[part], [part.start, part.stop]
+        self.data["processes"] = {"world_size": distributed.size(), "rank": distributed.rank(),
+                                  "backend": torch.distributed.get_backend(), "windows": shares}
+
     def evaluate(self, key: str, desc: str) -> None:
         with stage(f"eval_{key}" if key == "dense" else "eval", self.stages):
             self.metrics[key] = perplexity(self.model, self.eval_ids, batch_size=self.config.eval_batch,
@@ -239,7 +257,8 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
-        ("--resume", config.resume), ("a saved output (--out)", not config.out)) if asked]
+        ("--resume", config.resume), ("a saved output (--out)", not config.out),
+        ("torchrun's processes", distributed.size() > 1)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
                             f"budget {budget:.1f} GB (--max-memory): it is streamed block by block, which does not "
@@ -247,8 +266,25 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     return path, size, budget
 
 
+def start_processes(config: RunConfig) -> None:
+    """Under torchrun: join the process group and refuse what data parallelism does not cover yet."""
+    distributed.start(resolve_device(config.device))
+    if distributed.size() == 1:
+        return
+    distributed.check_same_config(config.to_dict())
+    unsupported = [what for what, asked in (
+        ("reconstruction (--reconstruct none)", config.reconstruct.enabled), ("--retrain", config.retrain.enabled),
+        ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
+        ("magnitude (it needs no calibration windows to share)", config.method == "magnitude"),
+        ("--resume", config.resume)) if asked]
+    if unsupported:
+        raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics "
+                            f"and perplexity; it does not support {', '.join(unsupported)} yet")
+
+
 def run_job(config: RunConfig, progress: bool = True) -> Report:
     prepare(config)
+    start_processes(config)
     streaming = streaming_source(config)
     job = Job(config, progress)
     with stage("data", job.stages):
@@ -262,6 +298,7 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     job.adapter = find_adapter(job.model)
     with stage("windows", job.stages):
         job.windows(texts)
+        job.share_windows()
     del texts
     job.weights = job.adapter.prunable_weights()
     zeros_before = count_zeros(job.weights)
@@ -281,7 +318,7 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
         job.zero_shot("pruned")
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
-    if config.out:
+    if config.out and distributed.is_main():
         save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite,
              job.stages, narrowed)
     if job.checkpoints is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_sum, all_sum_float
+
 
 class InputNorms:
     """Wanda's ‖X_j‖²: the squared L2 norm of every input feature j over all calibration tokens."""
@@ -19,6 +21,11 @@ class InputNorms:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.sq_norms).all())
+
+    def reduce(self) -> None:
+        """Sum over the processes of a data-parallel run (each saw its share of the windows)."""
+        all_sum(self.sq_norms)
+        self.tokens = int(all_sum_float(self.tokens))
 
 
 class Hessian:
@@ -40,3 +47,7 @@ class Hessian:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.xtx).all())
+
+    def reduce(self) -> None:
+        all_sum(self.xtx)
+        self.tokens = int(all_sum_float(self.tokens))

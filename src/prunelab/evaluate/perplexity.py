@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..distributed import all_sum_float
+
 
 def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Σ −log p(ids[t+1] | ids[≤t]) over every predicted token of the windows."""
@@ -25,5 +27,6 @@ def perplexity(
         batch = batch.to(device)
         nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch).item()
         predicted += batch[:, 1:].numel()
+    nll, predicted = all_sum_float(nll), int(all_sum_float(predicted))  # data parallel: every process's windows
     mean_nll = nll / predicted
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted}

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..assets import SMOLLM2, cache_dir, download
+from ..distributed import device_for
 from ..errors import PrunelabError
 from ..files import atomic_dir
 from .narrow import STRUCTURE_FILE, load_narrow
@@ -52,7 +53,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
 def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     """Return (model, tokenizer, source) with the model in eval mode on `device`."""
     torch_dt = torch_dtype(dtype)
-    target = resolve_device(device)
+    target = device_for(resolve_device(device))  # under torchrun, each process's own GPU
     if spec.lower() in EMBEDDED_NAMES:
         spec = str(embedded_model_dir())
     path = Path(spec).expanduser()

@@ -84,6 +84,8 @@ class HalfPruner:
         """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
         (a lower-precision running copy) receive the same pruned weights."""
         weights = [linears[name].weight.data for name in names]
+        if stats is not None:
+            stats.reduce()  # data parallel: the sums over every process's windows (distributed.py)
         with full_precision(weights[0].device):  # inside reconstruction's autocast: SparseGPT's solves stay float32
             if self.stats_cls is not None and (stats is None or stats.tokens == 0):
                 # No calibration token reached these layers (an expert never routed to, or only pad tokens).

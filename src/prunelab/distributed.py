@@ -1,0 +1,92 @@
+"""Data parallel over calibration windows with torch.distributed, launched by torchrun:
+
+    torchrun --nproc-per-node N -m prunelab run ...        (NCCL on GPUs, gloo on CPU)
+
+Every process loads the model and draws the same windows (same seed); each keeps a contiguous share
+of them (`share`). Pruning statistics (Wanda's norms, SparseGPT's Hessians) are sums over tokens, so
+each process accumulates its share and the sums are added across processes (`all_sum`) before the
+criterion runs: every process then prunes the same weights the same way. Perplexity sums the negative
+log-likelihoods of each process's evaluation windows the same way. Process 0 writes the output.
+
+In one process (no torchrun) every function here is the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import PrunelabError
+
+
+def size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if size() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def start(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (once); nothing without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if not dist.is_available():
+        raise PrunelabError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def device_for(device: torch.device) -> torch.device:
+    """Each process's own GPU (cuda → cuda:LOCAL_RANK) under torchrun."""
+    if device.type == "cuda" and device.index is None and size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def check_same_config(values: dict) -> None:
+    """Every process must run the same job: the config's hash is compared across processes."""
+    if size() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    digests: list = [None] * size()
+    dist.all_gather_object(digests, digest)
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise PrunelabError(f"process {differing[0]} was started with a different config than process 0 "
+                            "(every torchrun process must get the same command)")
+
+
+def share(windows: int, what: str) -> slice:
+    """This process's contiguous share of `windows` windows (the first processes take one more)."""
+    count = size()
+    if count > windows:
+        raise PrunelabError(f"{count} processes but only {windows} {what} windows: each process needs at least one "
+                            "(use more windows or fewer processes)")
+    base, extra = divmod(windows, count)
+    start = rank() * base + min(rank(), extra)
+    return slice(start, start + base + (rank() < extra))
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over processes, in place."""
+    if size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_sum_float(value: float) -> float:
+    if size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return float(all_sum(torch.tensor([value], dtype=torch.float64, device=device)).item())
