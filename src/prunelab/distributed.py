@@ -6,7 +6,11 @@ Every process loads the model and draws the same windows (same seed); each keeps
 of them (`share`). Pruning statistics (Wanda's norms, SparseGPT's Hessians) are sums over tokens, so
 each process accumulates its share and the sums are added across processes (`all_sum`) before the
 criterion runs: every process then prunes the same weights the same way. Perplexity sums the negative
-log-likelihoods of each process's evaluation windows the same way. Process 0 writes the output.
+log-likelihoods of each process's evaluation windows the same way. Reconstruction draws one order of
+all windows; each optimiser step takes the next `batch_size` of them, each process computes the loss
+(summed over tokens, divided by the step's tokens over all processes) on those it holds, and the
+gradients are summed: every process takes the same step as one process holding every window would,
+to floating-point summation order. Held-out losses are sums too. Process 0 writes the output.
 
 In one process (no torchrun) every function here is the identity.
 """
@@ -90,3 +94,24 @@ def all_sum_float(value: float) -> float:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     return float(all_sum(torch.tensor([value], dtype=torch.float64, device=device)).item())
+
+
+def layout(local: int) -> tuple[int, int]:
+    """(the index of this process's first window among all processes' windows, how many there are in all)."""
+    if size() == 1:
+        return 0, local
+    counts: list = [None] * size()
+    dist.all_gather_object(counts, local)
+    return sum(counts[:rank()]), sum(counts)
+
+
+def all_sum_grads(params: list[torch.nn.Parameter]) -> None:
+    """Every process's gradients summed, in one flat buffer (a process without windows in the step has none)."""
+    if size() == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    all_sum(flat)
+    start = 0
+    for p in params:
+        p.grad = flat[start:start + p.numel()].view_as(p).clone()
+        start += p.numel()

@@ -162,6 +162,9 @@ class Job:
         if self.calib_ids is not None:
             part = distributed.share(self.calib_ids.shape[0], "calibration")
             self.calib_ids, shares["calibration"] = self.calib_ids[part], [part.start, part.stop]
+        if self.heldout_ids is not None:
+            part = distributed.share(self.heldout_ids.shape[0], "held-out")
+            self.heldout_ids, shares["heldout"] = self.heldout_ids[part], [part.start, part.stop]
         if self.eval_ids is not None:
             part = distributed.share(self.eval_ids.shape[0], "evaluation")
             self.eval_ids, shares["evaluation"] = self.eval_ids[part], [part.start, part.stop]
@@ -273,13 +276,11 @@ def start_processes(config: RunConfig) -> None:
         return
     distributed.check_same_config(config.to_dict())
     unsupported = [what for what, asked in (
-        ("reconstruction (--reconstruct none)", config.reconstruct.enabled), ("--retrain", config.retrain.enabled),
-        ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
-        ("magnitude (it needs no calibration windows to share)", config.method == "magnitude"),
-        ("--resume", config.resume)) if asked]
+        ("--retrain", config.retrain.enabled), ("--tasks", bool(config.tasks)),
+        (f"method {config.method}", config.structured), ("--resume", config.resume)) if asked]
     if unsupported:
-        raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics "
-                            f"and perplexity; it does not support {', '.join(unsupported)} yet")
+        raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics, "
+                            f"reconstruction and perplexity; it does not support {', '.join(unsupported)} yet")
 
 
 def run_job(config: RunConfig, progress: bool = True) -> Report:

@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import PrunelabError
 
 PER_TOKEN_LOSS = {  # the names are config.LOSSES
@@ -119,7 +120,8 @@ def schedule(steps: int, warmup: float) -> Callable[[int], float]:
 def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: int, batch_size: int,
         warmup: float, weight_decay: float, seed: int, on_step: Callable[[], None] | None = None) -> dict:
     """Train `trainable` on the problem's training windows; returns {"steps"}."""
-    windows = problem.windows("train")
+    local = problem.windows("train")
+    offset, windows = distributed.layout(local)  # data parallel: this process holds windows offset.. of them all
     steps_per_epoch = math.ceil(windows / batch_size)
     steps = epochs * steps_per_epoch
     for p in trainable.params:
@@ -131,13 +133,14 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
         for _ in range(epochs):
             order = torch.randperm(windows, generator=generator)
             for start in range(0, windows, batch_size):
-                pred, target, mask = problem.batch("train", order[start:start + batch_size])
-                value = token_loss(loss, pred, target, mask)
-                if not torch.isfinite(value):
-                    raise Diverged(f"reconstruction loss became {value.item()} (lr {lr:g}); "
-                                   "choose a smaller --lr or --lr auto")
                 optimizer.zero_grad(set_to_none=True)
-                value.backward()
+                if distributed.size() > 1:
+                    _shared_step(trainable, problem, loss, order[start:start + batch_size], offset, local, lr)
+                else:
+                    pred, target, mask = problem.batch("train", order[start:start + batch_size])
+                    value = token_loss(loss, pred, target, mask)
+                    _check_loss(value.item() if not torch.isfinite(value) else 0.0, lr)
+                    value.backward()
                 optimizer.step()
                 scheduler.step()
                 trainable.enforce_mask()
@@ -148,6 +151,29 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
             p.requires_grad_(False)
             p.grad = None
     return {"steps": steps}
+
+
+def _check_loss(value: float, lr: float) -> None:
+    if not math.isfinite(value):
+        raise Diverged(f"reconstruction loss became {value} (lr {lr:g}); choose a smaller --lr or --lr auto")
+
+
+def _shared_step(trainable: Trainable, problem: Problem, loss: str, step_windows: torch.Tensor, offset: int,
+                 local: int, lr: float) -> None:
+    """Data parallel: this process's part of one step's gradient (its windows among `step_windows`), summed
+    with the others' so that every process holds the gradient of the mean over the whole step."""
+    mine = step_windows[(step_windows >= offset) & (step_windows < offset + local)] - offset
+    value, tokens = None, 0
+    if mine.numel():
+        pred, target, mask = problem.batch("train", mine)
+        per_token = _per_token(loss, pred, target)
+        per_token = per_token[mask] if mask is not None else per_token
+        value, tokens = per_token.sum(), per_token.numel()
+    total_tokens = distributed.all_sum_float(tokens)
+    _check_loss(distributed.all_sum_float(value.item() if value is not None else 0.0), lr)
+    if value is not None:
+        (value / total_tokens).backward()
+    distributed.all_sum_grads(trainable.params)
 
 
 @torch.no_grad()
@@ -162,4 +188,5 @@ def evaluate(problem: Problem, split: str, loss: str, batch_size: int) -> float:
             per_token = per_token[mask]
         total += per_token.sum().item()
         tokens += per_token.numel()
+    total, tokens = distributed.all_sum_float(total), distributed.all_sum_float(tokens)  # data parallel
     return total / max(tokens, 1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..activations import BlockStream, run_halves
 from ..config import RunConfig
 from ..models.adapters import Half
@@ -41,6 +42,7 @@ def stream_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, stream: Blo
         count = int(mask.sum()) if mask is not None else pred[rows].shape[0] * pred[rows].shape[1]
         total += token_loss(loss, pred[rows], target[rows], mask).item() * count
         tokens += count
+    total, tokens = distributed.all_sum_float(total), distributed.all_sum_float(tokens)  # data parallel
     return total / max(tokens, 1)
 
 
