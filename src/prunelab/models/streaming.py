@@ -142,21 +142,47 @@ class StreamedModel:
 
     @contextmanager
     def outer(self, side: str):
-        """The modules around the blocks, in memory (in the compute dtype) for the duration: `input` all
-        but the LM head, for embedding windows; `output` all but the input embedding, for scoring them
-        (its forward is then given `inputs_embeds`). A tied embedding is both."""
+        """The modules around the blocks, in memory for the duration: `input` all but the LM head, for
+        embedding windows; `output` all but the input embedding, for scoring them (its forward is then given
+        `inputs_embeds`). A tied embedding is both.
+
+        The vocabulary matrices stay in the checkpoint's dtype (an 8B Llama's embedding and head take
+        2.1 GB each in float32): an embedding lookup is exact in any dtype and its output is cast to the
+        compute dtype (so that what follows, rotary tables included, is computed as in a loaded model);
+        the head computes in the compute dtype a slice of the vocabulary at a time. The rest is cast."""
         model = self.model
-        skip = model.get_output_embeddings() if side == "input" else model.get_input_embeddings()
-        skipped = set() if self.tied or skip is None else {f"{n}.weight" for n, m in model.named_modules() if m is skip}
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        skip = head if side == "input" else embedding
+        names = {id(m): {f"{n}.weight" for n, x in model.named_modules() if x is m} for m in (embedding, head)
+                 if m is not None}
+        skipped = set() if self.tied or skip is None else names[id(skip)]
+        vocabulary = set().union(*names.values())
         for name, tensor in self.source.read([n for n in self.outer_names if n not in skipped]).items():
-            set_module_tensor_to_device(model, name, self.device, value=tensor, dtype=self.compute_dtype)
+            dtype = tensor.dtype if name in vocabulary else self.compute_dtype
+            set_module_tensor_to_device(model, name, self.device, value=tensor, dtype=dtype)
         model.tie_weights()
+        cast = embedding.register_forward_hook(lambda module, args, out: out.to(self.compute_dtype))
+        sliced = isinstance(head, nn.Linear) and head.weight.device.type != "meta"
+        if sliced:
+            head.forward = self._sliced_head(head)
         try:
             yield model
         finally:
+            cast.remove()
+            if sliced:
+                del head.forward
             for name, param in list(model.named_parameters(remove_duplicate=False)):  # both names of a tied one
                 if not name.startswith(self.prefix + ".") and param.device.type != "meta":
                     set_module_tensor_to_device(model, name, "meta")
+
+    def _sliced_head(self, head: nn.Linear, rows: int = 16384):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.compute_dtype)
+            bias = head.bias.to(self.compute_dtype) if head.bias is not None else None
+            return torch.cat([nn.functional.linear(x, head.weight[start:start + rows].to(self.compute_dtype),
+                                                   None if bias is None else bias[start:start + rows])
+                              for start in range(0, head.out_features, rows)], dim=-1)
+        return forward
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors by checkpoint name, in the checkpoint's dtype."""
