@@ -1,7 +1,8 @@
 """A model larger than memory: Wanda 50 % of a Llama-3.1-8B-shaped model (random weights from its config,
 bfloat16 safetensors shards, 16 GB) on a machine whose RAM could not hold it in float32, with nothing but
 the plain command. Prints the run's peak RSS (the whole process, from /proc), its time by stage, and
-then reloads the output with `from_pretrained` (in bfloat16, 16 GB) to measure every layer's sparsity.
+then, where the memory allows (16 GB), reloads the output with `from_pretrained` in bfloat16 and
+measures every layer's sparsity again.
 
     PYTHONPATH=src python benchmarks/stream_8b.py [--folder DIR] [--samples 128] [--eval-windows 40]
 
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: prunelab's)")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: prunelab's)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--keep", action="store_true", help="keep the output folder")
+    parser.add_argument("--remove", action="store_true", help="remove the output folder at the end")
     args = parser.parse_args()
     build(args.folder)
     out = args.out or args.folder.with_name(args.folder.name + "-wanda50")
@@ -112,23 +114,37 @@ def main() -> None:
              *(["--eval-windows", str(args.eval_windows)] if args.eval_windows else []),
              *(["--threads", str(args.threads)] if args.threads else [])]
     report, seconds, peak = run(args.folder, out, extra)
+    try:
+        summarise(report, seconds, peak, args.folder, out)
+    finally:
+        if args.remove:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def summarise(report: dict, seconds: float, peak: float, folder: Path, out: Path) -> None:
     streamed = report["model"].get("streamed")
-    print(f"input: {sum(p.stat().st_size for p in args.folder.glob('*.safetensors')) / 1e9:.2f} GB of bfloat16 "
+    print(f"input: {sum(p.stat().st_size for p in folder.glob('*.safetensors')) / 1e9:.2f} GB of bfloat16 "
           f"shards; streamed: {streamed}")
-    print(f"run: {seconds:.0f} s, peak RSS {peak:.2f} GB; stages: "
-          + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in report["stages"].items()))
+    print(f"run: {seconds:.0f} s, peak RSS {peak:.2f} GB; stages (seconds, peak RSS GB): "
+          + ", ".join(f"{k} {v['seconds']:.0f} s {v['peak_rss_gb']:.2f}" for k, v in report["stages"].items()))
     metrics = report["metrics"]
     print(f"perplexity dense {metrics.get('dense', {}).get('perplexity', math.nan):.1f}, "
           f"pruned {metrics.get('pruned', {}).get('perplexity', math.nan):.1f} (random weights: a smoke figure)")
-    print(f"sparsity in the report (read back from the shards): {report['sparsity']['sparsity']:.6f}")
+    layers = [v["sparsity"] for v in report["sparsity"]["layers"].values()]
+    print(f"sparsity read back from the shards: {report['sparsity']['sparsity']:.6f} overall, per layer min "
+          f"{min(layers):.6f}, max {max(layers):.6f} ({len(layers)} layers)")
     del report
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    if psutil.virtual_memory().available < size + 2e9:
+        print(f"not reloaded with from_pretrained: {size / 1e9:.1f} GB of weights, "
+              f"{psutil.virtual_memory().available / 1e9:.1f} GB of memory available")
+        return
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     per_layer = [float((m.weight == 0).float().mean()) for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and name != "lm_head"]
     print(f"reloaded with from_pretrained: {len(per_layer)} linears, sparsity min {min(per_layer):.6f}, "
           f"max {max(per_layer):.6f}")
-    if not args.keep:
-        shutil.rmtree(out)
+    del model
 
 
 if __name__ == "__main__":
