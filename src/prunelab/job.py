@@ -31,11 +31,11 @@ from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import EMBEDDED_NAMES, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
-from .models.streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
+from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
 from .structured import prune_structured
 
 
@@ -329,7 +329,7 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
 
 def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, budget_gb: float) -> Report:
     """`run_job` for a model larger than the memory budget: pruning (and reconstruction) with the blocks of
-    one submodel in memory at a time, the output written shard by shard as they finish (models/streaming.py)."""
+    one submodel in memory at a time, the output written shard by shard as they finish (streaming.py)."""
     config = job.config
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))

@@ -164,7 +164,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                 checkpoints: Checkpoints | None = None, visits=None) -> list[dict]:
     """Prune `model` in place, block by block; returns one record per pruned layer. With `checkpoints`,
     progress is saved as it goes, and a run resumes from the newest checkpoint there. `visits` (a model
-    larger than memory: models/streaming.py) brings each block in before it is pruned (`enter`), takes
+    larger than memory: streaming.py) brings each block in before it is pruned (`enter`), takes
     it out after (`leave`), and the embeddings while the windows are embedded (`embedding()`)."""
     pruner = HalfPruner(config)
     pruner.keep_writer_inputs = visits is None

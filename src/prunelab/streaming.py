@@ -32,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..activations import StandIn, capture_block_inputs, check_finite
-from ..errors import PrunelabError
-from ..evaluate.perplexity import summed_nll
-from .adapters import Adapter, find_adapter, first_output
+from .activations import StandIn, capture_block_inputs, check_finite
+from .errors import PrunelabError
+from .evaluate.perplexity import summed_nll
+from .models.adapters import Adapter, find_adapter, first_output
 
 INDEX = "model.safetensors.index.json"
 
