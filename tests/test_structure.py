@@ -21,8 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunelab"
 # Each module's floor; a module may import only from its own floor or lower ones. Leaves (0) depend on
 # nothing of prunelab's but other leaves: the criteria are pure maths, config names their registry.
 FLOORS = {
-    "errors": 0, "files": 0, "distributed": 0, "resume": 0, "measure": 0, "precision": 0, "assets": 0, "config": 0, "report": 0, "evaluate": 0,
-    "criteria": 0,
+    "errors": 0, "files": 0, "measure": 0, "precision": 0, "assets": 0, "config": 0, "report": 0, "evaluate": 0,
+    "criteria": 0, "distributed": 0, "resume": 0,
     "models": 1, "data": 1,
     "activations": 2, "streaming": 2,
     "prune": 3, "structured": 3,
