@@ -60,6 +60,21 @@ def test_streamed_run_equals_the_whole_model_run(four_blocks, texts, tmp_path, m
         assert (w == 0).float().mean() == pytest.approx(0.5, abs=1e-3)
 
 
+def test_eval_streams_a_model_larger_than_the_budget(four_blocks, texts, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+    run(four_blocks, texts, tmp_path / "pruned")
+    args = ["eval", "--model", str(tmp_path / "pruned"), "--eval", str(texts[1]), "--eval-seqlen", "32",
+            "--eval-windows", "4", "--json"]
+    whole = CliRunner().invoke(app, args)
+    streamed = CliRunner().invoke(app, [*args, "--max-memory", str(TINY_BUDGET)])
+    assert whole.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    a, b = (json.loads(r.stdout[r.stdout.index("{"):]) for r in (whole, streamed))
+    assert b["streamed"] and "streamed" not in a
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5) and b["sparsity"] == a["sparsity"]
+
+
 def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts):
     folder = tmp_path / "bf16"
     tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")

@@ -209,6 +209,7 @@ EVAL_FLAGS = [
     f
     for f in FLAGS
     if f.path[0] in ("model", "eval", "eval_seqlen", "eval_windows", "eval_batch", "eval_bos", "tasks", "task_limit",
+                     "max_memory",
                      "task_batch", "model_dtype", "device", "threads")
 ]
 EVAL_LEADING = [

@@ -242,7 +242,7 @@ class Job:
             versions=reporting.versions(), output=None)
 
 
-def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
+def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, float, float] | None:
     """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
     streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
     any work."""
@@ -260,7 +260,7 @@ def streaming_source(config: RunConfig) -> tuple[Path, float, float] | None:
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
-        ("--resume", config.resume), ("a saved output (--out)", not config.out),
+        ("--resume", config.resume), ("a saved output (--out)", saving and not config.out),
         ("torchrun's processes", distributed.size() > 1)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
@@ -414,6 +414,9 @@ def evaluate_model(config: RunConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     text = load_text(config.eval, role="eval") if config.eval != "none" else None
+    streaming = streaming_source(config, saving=False)
+    if streaming is not None:
+        return evaluate_streamed(config, text, streaming[0])
     model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
     if text is not None:
         check_model(model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
@@ -425,6 +428,18 @@ def evaluate_model(config: RunConfig) -> dict:
     if config.tasks:
         result["zeroshot"] = zero_shot(model, tokenizer, task_names(config.tasks), config.task_limit,
                                        config.task_batch)
+    return result
+
+
+def evaluate_streamed(config: RunConfig, text: str, folder: Path) -> dict:
+    """`prunelab eval` of a model larger than the memory budget: perplexity block by block (no --tasks)."""
+    streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
+    check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+    names = list(streamed.adapter.prunable_weights())
+    result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"]}
+    windows, protocol = evaluation_data(config, AutoTokenizer.from_pretrained(folder), text)
+    result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
+                  **{k: v for k, v in protocol.items() if k != "source"})
     return result
 
 
