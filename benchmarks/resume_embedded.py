@@ -1,0 +1,65 @@
+"""Resume after kill -9 on the embedded model: the default job (Wanda 50 % + attn-mlp reconstruction) on
+`--samples` windows, once uninterrupted and once killed with SIGKILL as soon as its first checkpoint is
+written, then continued with `--resume`. Prints the times and whether the two model.safetensors files
+are byte for byte the same.
+
+    PYTHONPATH=src python benchmarks/resume_embedded.py [--samples 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def command(out: Path, samples: int, threads: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "prunelab", "run", "--samples", str(samples), "--threads", str(threads),
+            "--no-eval-dense", "--eval-windows", "8", "--out", str(out), *extra]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, killed = Path(tmp) / "whole", Path(tmp) / "killed"
+        start = time.perf_counter()
+        subprocess.run(command(whole, args.samples, args.threads), check=True, capture_output=True)
+        print(f"uninterrupted: {time.perf_counter() - start:.0f} s", flush=True)
+
+        start = time.perf_counter()
+        process = subprocess.Popen(command(killed, args.samples, args.threads), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        folder = killed.parent / f".{killed.name}.resume"
+        while not list(folder.glob("state-*.json")):
+            if process.poll() is not None:
+                sys.exit("the run ended before its first checkpoint (more --samples?)")
+            time.sleep(0.5)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        step = max(int(p.stem.split("-")[1]) for p in folder.glob("state-*.json"))
+        print(f"killed (SIGKILL) after {time.perf_counter() - start:.0f} s, checkpoint after submodel {step}; "
+              f"checkpoint folder {sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.0f} MB", flush=True)
+
+        start = time.perf_counter()
+        subprocess.run(command(killed, args.samples, args.threads, "--resume"), check=True, capture_output=True)
+        print(f"--resume: {time.perf_counter() - start:.0f} s; checkpoint folder left: {folder.exists()}")
+        same = digest(whole / "model.safetensors") == digest(killed / "model.safetensors")
+        print(f"model.safetensors byte for byte the same as the uninterrupted run's: {same}")
+        shutil.rmtree(whole, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
