@@ -165,7 +165,7 @@ def onloading(device: str) -> None:
         tiny_model("llama", layers=4).save_pretrained(folder)
         make_tokenizer().save_pretrained(folder)
         whole = prunelab.run(model=str(folder), out=str(tmp / "whole"), **common)
-        streamed = prunelab.run(model=str(folder), out=str(tmp / "streamed"), max_memory=1e-6, **common)
+        streamed = prunelab.run(model=str(folder), out=str(tmp / "streamed"), max_memory=3e-4, **common)
         a, b = load_file(tmp / "whole" / "model.safetensors"), {}
         for file in (tmp / "streamed").glob("*.safetensors"):
             b.update(load_file(file))
@@ -177,7 +177,7 @@ def onloading(device: str) -> None:
             folder = tmp / f"wide-{layers}"
             llama(1024, 2816, 16, 8, layers, 512).save_pretrained(folder)
             make_tokenizer().save_pretrained(folder)
-            report = prunelab.run(model=str(folder), out=str(tmp / f"wide-{layers}-out"), max_memory=1e-6, **common)
+            report = prunelab.run(model=str(folder), out=str(tmp / f"wide-{layers}-out"), max_memory=0.1, **common)
             peaks = {k: v.get("cuda_peak_gb") for k, v in report["stages"].items()}
             print(f"onloading on {device}, {layers} blocks of width 1024: CUDA peak by stage {json.dumps(peaks)}",
                   flush=True)

@@ -13,7 +13,7 @@ from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
 from prunelab.models.adapters import find_adapter
 
-TINY_BUDGET = 1e-6  # GB: every model is larger than this, so it is streamed
+TINY_BUDGET = 3e-4  # GB: more than one block of these tiny models (0.15 MB in float32), less than the model
 
 
 @pytest.fixture(params=["llama", "qwen3"])
@@ -108,6 +108,8 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
 def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
     with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support --retrain"):
         run(four_blocks, texts, tmp_path / "out", retrain="full", max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match=r"budget 1e-05 GB \(--max-memory\) is smaller than one decoder block"):
+        run(four_blocks, texts, tmp_path / "out", max_memory=1e-5)
     with pytest.raises(PrunelabError, match="max_memory must be > 0"):
         run(four_blocks, texts, tmp_path / "out", max_memory=0)
     assert not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
-from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, streamed_perplexity
+from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, largest_block, streamed_perplexity
 from .structured import prune_structured
 
 
@@ -249,7 +249,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     path = embedded_model_dir() if config.model.lower() in EMBEDDED_NAMES else Path(config.model).expanduser()
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
-    size = Checkpoint(path).nbytes(torch_dtype(config.model_dtype)) / 1e9
+    sizes = Checkpoint(path).nbytes(torch_dtype(config.model_dtype))
+    size = sum(sizes.values()) / 1e9
     budget = config.max_memory
     if budget is None:  # room for activations, statistics and the optimiser beside the weights
         device = resolve_device(config.device)
@@ -257,6 +258,10 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
         budget = 0.5 * free / 1e9
     if size <= budget:
         return None
+    block = largest_block(sizes) / 1e9
+    if block > budget:
+        raise PrunelabError(f"the memory budget {budget:.3g} GB (--max-memory) is smaller than one decoder block of "
+                            f"this model ({block:.3g} GB in {config.model_dtype}); streaming holds one block at a time")
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),

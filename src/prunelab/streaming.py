@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,9 +66,9 @@ class Checkpoint:
                 out.update({key: f.get_tensor(key) for key in keys})
         return out
 
-    def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of every tensor, in their stored dtype or in `dtype` (floating tensors only)."""
-        total = 0
+    def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
+        """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
+        sizes = {}
         for file in set(self.files.values()):
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
@@ -75,8 +76,8 @@ class Checkpoint:
                     size = torch.empty((), dtype=_dtype(piece.get_dtype())).element_size()
                     if dtype is not None and _dtype(piece.get_dtype()).is_floating_point:
                         size = torch.empty((), dtype=dtype).element_size()
-                    total += math.prod(piece.get_shape()) * size
-        return total
+                    sizes[key] = math.prod(piece.get_shape()) * size
+        return sizes
 
     @property
     def dtype(self) -> torch.dtype:
@@ -279,3 +280,13 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_si
                 blocks[i] = block
     mean_nll = nll / predicted
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted, "streamed": True}
+
+
+def largest_block(sizes: dict[str, int]) -> int:
+    """Bytes of the largest numbered group of tensors (`model.layers.7.`: a decoder block), from the names."""
+    groups: dict[str, int] = {}
+    for name, size in sizes.items():
+        found = re.match(r"^(.*?\.\d+)\.", name)
+        if found:
+            groups[found.group(1)] = groups.get(found.group(1), 0) + size
+    return max(groups.values(), default=0)

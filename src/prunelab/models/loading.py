@@ -32,6 +32,9 @@ def resolve_device(name: str) -> torch.device:
         raise PrunelabError(f"unknown device {name!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrunelabError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PrunelabError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s), cuda:0 ...")
     return device
 
 
