@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from . import distributed
@@ -29,7 +30,7 @@ from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, release_memory, stage
 from .models.adapters import find_adapter
-from .models.loading import EMBEDDED_NAMES, embedded_model_dir, load_model, resolve_device, torch_dtype
+from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
@@ -249,7 +250,11 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     path = embedded_model_dir() if config.model.lower() in EMBEDDED_NAMES else Path(config.model).expanduser()
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
-    sizes = Checkpoint(path).nbytes(torch_dtype(config.model_dtype))
+    try:
+        sizes = Checkpoint(path).nbytes(torch_dtype(config.model_dtype))
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise PrunelabError(f"cannot load model {config.model!r}: {broken_weights(path)} is corrupt or truncated "
+                            f"({str(exc).splitlines()[0]})") from None
     size = sum(sizes.values()) / 1e9
     budget = config.max_memory
     if budget is None:  # room for activations, statistics and the optimiser beside the weights
@@ -298,6 +303,22 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     if streaming is not None:
         return run_streamed(job, texts, *streaming)
     job.checkpoints = checkpoints_of(config, texts)
+    try:
+        report = run_loaded(job, texts)
+    except PrunelabError:
+        # A failure prunelab caught (disk full, NaNs, ...) leaves nothing behind; a crash (kill, power cut,
+        # Ctrl-C) leaves the checkpoints for --resume, and so does a failure of a resumed run.
+        if job.checkpoints is not None and not config.resume:
+            job.checkpoints.finish()
+        raise
+    if job.checkpoints is not None:
+        job.checkpoints.finish()
+    return report
+
+
+def run_loaded(job: Job, texts: dict[str, str]) -> Report:
+    """`run_job` from loading the model to saving the output."""
+    config = job.config
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
@@ -327,8 +348,6 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     if config.out and distributed.is_main():
         save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite,
              job.stages, narrowed)
-    if job.checkpoints is not None:
-        job.checkpoints.finish()
     return report
 
 

@@ -79,7 +79,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     except PrunelabError:
         raise
     except SafetensorError as exc:
-        raise PrunelabError(f"cannot load model {spec!r}: {_broken_weights(path)} is corrupt or truncated "
+        raise PrunelabError(f"cannot load model {spec!r}: {broken_weights(path)} is corrupt or truncated "
                             f"({str(exc).splitlines()[0]})") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise PrunelabError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
@@ -88,7 +88,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     return model, tokenizer, str(path if path.exists() else spec)
 
 
-def _broken_weights(folder: Path) -> str:
+def broken_weights(folder: Path) -> str:
     """The first safetensors file of `folder` that does not open (for the error message)."""
     for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         try:
