@@ -305,9 +305,10 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     job.checkpoints = checkpoints_of(config, texts)
     try:
         report = run_loaded(job, texts)
-    except PrunelabError:
-        # A failure prunelab caught (disk full, NaNs, ...) leaves nothing behind; a crash (kill, power cut,
-        # Ctrl-C) leaves the checkpoints for --resume, and so does a failure of a resumed run.
+    except Exception:
+        # An error the process lives to report (disk full, NaNs, a bug) leaves nothing behind; a process
+        # that is killed (kill -9, the OOM killer, a power cut) or interrupted (Ctrl-C) leaves its
+        # checkpoints for --resume, and so does a failing resumed run.
         if job.checkpoints is not None and not config.resume:
             job.checkpoints.finish()
         raise
