@@ -116,7 +116,7 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
     assert all(f.help for f in FLAGS), [f.name for f in FLAGS if not f.help]
     assert {f.path[0] for f in EVAL_FLAGS} == {"model", "eval", "eval_seqlen", "eval_windows", "eval_batch",
                                                "eval_bos", "tasks", "task_limit", "task_batch", "model_dtype",
-                                               "device", "threads"}
+                                               "device", "threads", "max_memory"}
     given = {"reconstruct": "block", "lr_grid": "1e-3, 3e-3", "damp": 0.05, "reconstruct_scope": "all"}
     values = apply_flags({"reconstruct": "attn-mlp", "sparsegpt": {"blocksize": 64}}, given)
     cfg = RunConfig.from_dict(values)
