@@ -3,7 +3,9 @@ windows, once in one process and once as `--processes` gloo processes under torc
 `--threads` / processes threads). Prints both perplexities, the share of mask entries that differ and
 the relative difference of the weights.
 
-    PYTHONPATH=src python benchmarks/ddp_embedded.py [--samples 16] [--processes 2] [--threads 2]
+    PYTHONPATH=src python benchmarks/ddp_embedded.py [--samples 16] [--processes 2] [--threads 2] [prunelab run options]
+
+Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args, passed = parser.parse_known_args()
     common = ["run", "--samples", str(args.samples), "--batch-size", str(args.processes), "--no-eval-dense",
-              "--precision", "float32"]
+              "--precision", "float32", *passed]
     with tempfile.TemporaryDirectory() as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
         start = time.perf_counter()

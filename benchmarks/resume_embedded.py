@@ -3,7 +3,9 @@
 written, then continued with `--resume`. Prints the times and whether the two model.safetensors files
 are byte for byte the same.
 
-    PYTHONPATH=src python benchmarks/resume_embedded.py [--samples 32] [--threads 2]
+    PYTHONPATH=src python benchmarks/resume_embedded.py [--samples 32] [--threads 2] [prunelab run options]
+
+Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached).
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args, passed = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         whole, killed = Path(tmp) / "whole", Path(tmp) / "killed"
         start = time.perf_counter()
-        subprocess.run(command(whole, args.samples, args.threads), check=True, capture_output=True)
+        subprocess.run(command(whole, args.samples, args.threads, *passed), check=True, capture_output=True)
         print(f"uninterrupted: {time.perf_counter() - start:.0f} s", flush=True)
 
         start = time.perf_counter()
-        process = subprocess.Popen(command(killed, args.samples, args.threads), stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(command(killed, args.samples, args.threads, *passed), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         folder = killed.parent / f".{killed.name}.resume"
         while not list(folder.glob("state-*.json")):
@@ -54,7 +56,8 @@ def main() -> None:
               f"checkpoint folder {sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.0f} MB", flush=True)
 
         start = time.perf_counter()
-        subprocess.run(command(killed, args.samples, args.threads, "--resume"), check=True, capture_output=True)
+        subprocess.run(command(killed, args.samples, args.threads, *passed, "--resume"), check=True,
+                       capture_output=True)
         print(f"--resume: {time.perf_counter() - start:.0f} s; checkpoint folder left: {folder.exists()}")
         same = digest(whole / "model.safetensors") == digest(killed / "model.safetensors")
         print(f"model.safetensors byte for byte the same as the uninterrupted run's: {same}")

@@ -4,7 +4,10 @@ the plain command. Prints the run's peak RSS (the whole process, from /proc), it
 then, where the memory allows (16 GB), reloads the output with `from_pretrained` in bfloat16 and
 measures every layer's sparsity again.
 
-    PYTHONPATH=src python benchmarks/stream_8b.py [--folder DIR] [--samples 128] [--eval-windows 40]
+    PYTHONPATH=src python benchmarks/stream_8b.py [--folder DIR] [--samples 128] [--eval-windows 40] [options]
+
+Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached,
+`--reconstruct attn-mlp` for reconstruction).
 
 The model is built once, one block at a time (never whole in memory), into `--folder` (default
 ~/.cache/prunelab/bench/llama-3.1-8b-random, 16 GB; the output needs as much again beside it). Its
@@ -107,12 +110,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: prunelab's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--remove", action="store_true", help="remove the output folder at the end")
-    args = parser.parse_args()
+    args, passed = parser.parse_known_args()
     build(args.folder)
     out = args.out or args.folder.with_name(args.folder.name + "-wanda50")
     extra = [*(["--samples", str(args.samples)] if args.samples else []),
              *(["--eval-windows", str(args.eval_windows)] if args.eval_windows else []),
-             *(["--threads", str(args.threads)] if args.threads else [])]
+             *(["--threads", str(args.threads)] if args.threads else []), *passed]
     report, seconds, peak = run(args.folder, out, extra)
     try:
         summarise(report, seconds, peak, args.folder, out)

@@ -284,3 +284,34 @@ def test_heldout_zero_is_fine_without_reconstruction():
     assert RunConfig(reconstruct={"granularity": "none", "heldout": 0}).reconstruct.heldout == 0
     with pytest.raises(PrunelabError, match="reconstruct.heldout must be >= 1"):
         RunConfig(reconstruct={"heldout": 0})
+
+
+def test_two_processes_making_the_same_cache_entry_wait_for_each_other(tmp_path):
+    """Two test runs starting together on a fresh machine both convert the embedded model: the second
+    must find the first one's result, not fail on the folder it made."""
+    import threading
+    import time
+
+    from prunelab.files import atomic_dir, cache_lock
+
+    final, made, errors = tmp_path / "models" / "entry", [], []
+
+    def make():
+        try:
+            with cache_lock(final):
+                if (final / "weights").exists():
+                    return
+                with atomic_dir(final) as tmp:
+                    time.sleep(0.3)
+                    (tmp / "weights").write_text("1")
+                    made.append(threading.get_ident())
+        except Exception as exc:  # a thread's exception would not reach the test otherwise
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(made) == 1
+    assert (final / "weights").read_text() == "1"

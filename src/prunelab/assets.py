@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import PrunelabError
-from .files import atomic_dir
+from .files import atomic_dir, cache_lock
 
 # sha256 pinned: a file the index lists, or one a user put into the cache by hand, must be this one;
 # `instead`: what a user can do without the file
@@ -123,18 +123,21 @@ def bigbench_members(final: Path, members: set[str]) -> Path:
     """`final`, holding `members` (paths under `benchmark_tasks/`) extracted once from the bigbench sdist."""
     if all((final / member).exists() for member in members):
         return final
-    sdist = download(BIGBENCH)
-    with atomic_dir(final) as tmp, tarfile.open(sdist, "r:gz") as archive:
-        wanted = {_BIGBENCH_PREFIX + m for m in members}
-        for member in tqdm(archive, desc=f"extract bigbench {final.name}", unit=" files"):
-            if member.name in wanted:
-                dest = tmp / member.name[len(_BIGBENCH_PREFIX):]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with archive.extractfile(member) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                wanted.discard(member.name)
-                if not wanted:
-                    break
-        if wanted:
-            raise PrunelabError(f"{BIGBENCH['file']} lacks {sorted(wanted)}")
+    with cache_lock(final):
+        if all((final / member).exists() for member in members):
+            return final
+        sdist = download(BIGBENCH)
+        with atomic_dir(final, overwrite=True) as tmp, tarfile.open(sdist, "r:gz") as archive:
+            wanted = {_BIGBENCH_PREFIX + m for m in members}
+            for member in tqdm(archive, desc=f"extract bigbench {final.name}", unit=" files"):
+                if member.name in wanted:
+                    dest = tmp / member.name[len(_BIGBENCH_PREFIX):]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.extractfile(member) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    wanted.discard(member.name)
+                    if not wanted:
+                        break
+            if wanted:
+                raise PrunelabError(f"{BIGBENCH['file']} lacks {sorted(wanted)}")
     return final

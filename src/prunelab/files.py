@@ -8,6 +8,7 @@ leftover temporary sibling belongs to a process that died (kill -9, power cut) a
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -65,6 +66,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+@contextmanager
+def cache_lock(final: Path):
+    """Held while the cache entry `final` is made: another process making the same entry waits here, and
+    then finds it made (two test runs, or two jobs, starting together on a fresh machine)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:

@@ -132,7 +132,8 @@ class StreamedModel:
         """Block `index` with its weights from `checkpoint` (default: the input), in the compute dtype."""
         block = self.adapter.blocks[index]
         prefix = f"{self.prefix}.{index}."
-        for name, tensor in (checkpoint or self.source).read(self.block_names[index]).items():
+        for name in self.block_names[index]:  # one at a time: a whole block in both dtypes would be 1.5× one
+            tensor = (checkpoint or self.source).read([name])[name]
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         return block
 

