@@ -31,7 +31,7 @@ def digest(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args, passed = parser.parse_known_args()

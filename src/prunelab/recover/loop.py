@@ -91,12 +91,18 @@ class Trainable:
                     p.mul_(k)
 
     def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
+        """The values, of a pruned tensor only its surviving entries: half the memory at 50 % (an 8B
+        model's MLP half holds 0.7 GB of float32 weights, and a run keeps a snapshot beside its optimiser)."""
+        return [p.detach().clone() if k is None else torch.masked_select(p.detach(), k)
+                for p, k in zip(self.params, self.kept)]
 
     def restore(self, state: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for p, s in zip(self.params, state):
-                p.copy_(s)
+            for p, k, s in zip(self.params, self.kept, state):
+                if k is None:
+                    p.copy_(s)
+                else:
+                    p.zero_().masked_scatter_(k, s)
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

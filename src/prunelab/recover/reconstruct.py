@@ -9,9 +9,9 @@
         train its remaining weights to match the targets (AdamW, pruning mask kept exact)
         propagate: its outputs are the next submodel's inputs
 
-Resident besides the model: the dense copy of the current submodel, its optimiser state, and
-per window set (training, held-out) its inputs, targets and one working copy (plus the dense
-activations in `mixed`), optionally in memory-mapped files.
+Resident besides the model: the dense copy of the current submodel (until its targets are computed,
+except for `matrix`), its optimiser state, and per window set (training, held-out) its inputs, targets
+and one working copy (plus the dense activations in `mixed`), optionally in memory-mapped files.
 """
 
 from __future__ import annotations
@@ -196,6 +196,8 @@ class Reconstructor:
             sources = self.propagation.target_inputs(pruned, dense)
             targets = {s: run_halves(dense_halves, unit_blocks, self._stream(s, sources[s]), self._empty(inputs[s]),
                                      name) for s in SPLITS}
+            if self.rc.granularity != "matrix":  # only `matrix` reads the dense copy again: free it before training
+                dense_blocks = dense_halves = None
             lap("targets")
 
             linears = {i: stack.enter_context(adapter.prunable_linears(blocks[i])) for i in indices}

@@ -191,8 +191,9 @@ class Trainer:
         kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
                       weight_decay=rc.weight_decay, seed=seed)
         start, best, held_after = trainable.snapshot(), None, {}
-        for lr in candidates:
-            trainable.restore(start)
+        for k, lr in enumerate(candidates):
+            if k:
+                trainable.restore(start)
             try:
                 result = fit(trainable, problem, lr, **kwargs)
             except Diverged:
@@ -201,12 +202,13 @@ class Trainer:
                 held_after[lr] = math.inf  # a probe that diverges loses; the others go on
                 continue
             held_after[lr] = finite_or_inf(self.evaluate(problem, "heldout"))  # NaN would never compare worse
-            if best is None or held_after[lr] < held_after[best[0]]:
-                best = (lr, trainable.snapshot())
+            if best is None or held_after[lr] < held_after[best[0]]:  # the last one stays in place
+                best = (lr, trainable.snapshot() if k < len(candidates) - 1 else None)
         if best is None:
             raise Diverged(f"reconstruction diverged at every lr of the grid {list(candidates)}; choose a smaller "
                            "--lr-grid")
-        trainable.restore(best[1])
+        if best[1] is not None:
+            trainable.restore(best[1])
         record = {"lr": best[0], "steps": result["steps"], "trainable": trainable.count()}
         if len(candidates) > 1:
             self.lr.tried(held_before, held_after)
