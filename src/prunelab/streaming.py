@@ -56,15 +56,19 @@ class Checkpoint:
             raise PrunelabError(f"{self.folder} has no model.safetensors or {INDEX}: a model larger than memory is "
                                 "read from safetensors files")
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def tensors(self, names: list[str]):
+        """(name, tensor) of `names`, one tensor in memory at a time if the caller lets each go, each file
+        opened once."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
-        out = {}
         for file, keys in by_file.items():
             with safe_open(str(file), framework="pt") as f:
-                out.update({key: f.get_tensor(key) for key in keys})
-        return out
+                for key in keys:
+                    yield key, f.get_tensor(key)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(names))
 
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
@@ -132,8 +136,8 @@ class StreamedModel:
         """Block `index` with its weights from `checkpoint` (default: the input), in the compute dtype."""
         block = self.adapter.blocks[index]
         prefix = f"{self.prefix}.{index}."
-        for name in self.block_names[index]:  # one at a time: a whole block in both dtypes would be 1.5× one
-            tensor = (checkpoint or self.source).read([name])[name]
+        # one tensor at a time: a whole block in both dtypes would take 1.5× one block
+        for name, tensor in (checkpoint or self.source).tensors(self.block_names[index]):
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         return block
 

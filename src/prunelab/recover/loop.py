@@ -145,7 +145,8 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                 else:
                     pred, target, mask = problem.batch("train", order[start:start + batch_size])
                     value = token_loss(loss, pred, target, mask)
-                    _check_loss(value.item() if not torch.isfinite(value) else 0.0, lr)
+                    if not torch.isfinite(value):
+                        _check_loss(value.item(), lr)
                     value.backward()
                 optimizer.step()
                 scheduler.step()
