@@ -71,6 +71,24 @@ def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
     assert trainable.count() == linear.weight.numel() // 2 + linear.bias.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spilled_snapshot_restores_bit_for_bit(dtype):
+    linear = torch.nn.Linear(16, 8).to(dtype)
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    trainable = Trainable.of(list(linear.parameters()), {id(linear.weight)})
+    before = [p.detach().clone() for p in linear.parameters()]
+    in_memory, spilled = trainable.snapshot(), trainable.snapshot(spill=True)
+    assert [type(s).__name__ for s in spilled] == ["Spilled", "Spilled"]
+    for state in (spilled, in_memory):
+        with torch.no_grad():
+            for p in linear.parameters():
+                p.add_(1.0)
+        trainable.restore(state)
+        assert all(torch.equal(p, b) for p, b in zip(linear.parameters(), before))
+    assert spilled[0].load().numel() == linear.weight.numel() // 2  # only the surviving entries
+
+
 def test_saved_model_has_exactly_the_mask_pruning_chose(tiny_dir, texts, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

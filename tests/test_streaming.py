@@ -92,6 +92,23 @@ def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts
     assert sparsity_of_saved(tmp_path / "streamed", list(streamed["sparsity"]["layers"]))["sparsity"] == 0.5
 
 
+def test_vocabulary_matrices_larger_than_a_block_get_a_shard_each(tmp_path, tokenizer, texts):
+    # an 8B Llama's embedding and head take 1 GB each: written together they would be 2 GB in memory at once
+    folder = tmp_path / "untied"
+    tiny_model("llama", layers=2, vocab_size=4096, tie_word_embeddings=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    whole = run(folder, texts, tmp_path / "whole")
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)
+    files = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert streamed["model"]["streamed"]["shards"] == len(set(files.values())) == 2 + 2
+    assert files["model.embed_tokens.weight"] != files["lm_head.weight"]
+    assert files["model.norm.weight"] in {files["model.embed_tokens.weight"], files["lm_head.weight"]}
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+
+
 @pytest.mark.parametrize("granularity", ["attn-mlp", "blocks:2"])
 def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, tmp_path, granularity):
     kwargs = dict(reconstruct={"granularity": granularity, "lr": 1e-3, "heldout": 4}, eval_dense=False)

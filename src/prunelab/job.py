@@ -28,7 +28,7 @@ from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, s
 from .evaluate.speed import generation_speed
 from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
-from .measure import StageRecord, release_memory, stage
+from .measure import StageRecord, map_large_allocations, release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
@@ -356,6 +356,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     """`run_job` for a model larger than the memory budget: pruning (and reconstruction) with the blocks of
     one submodel in memory at a time, the output written shard by shard as they finish (streaming.py)."""
     config = job.config
+    mapped = map_large_allocations()  # memory is what binds here: freed tensors go back to the OS at once
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
@@ -370,7 +371,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                                                        desc="perplexity (dense)")
     out = Path(config.out)
     with atomic_dir(out, overwrite=config.overwrite) as tmp:
-        writer = ShardWriter(tmp, len(streamed.adapter.blocks))
+        writer = ShardWriter(tmp, streamed)
         visits = StreamedPruning(streamed, writer)
         if config.reconstruct.enabled:
             with stage("prune+reconstruct", job.stages):
@@ -382,7 +383,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                 job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
                                          visits=visits)
         with stage("save", job.stages):
-            writer.finish(streamed.source.read(streamed.outer_names))  # unchanged
+            writer.finish()
             job.model.config.save_pretrained(tmp)
             job.tokenizer.save_pretrained(tmp)
             names = list(visits.zeros_before)
@@ -400,7 +401,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         report = job.report(None, sparsity)
         report["model"]["streamed"] = {"weights_gb": round(size_gb, 2), "budget_gb": round(budget_gb, 2),
                                        "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
-                                       "shards": writer.count}
+                                       "shards": writer.count, "large_allocations_mapped": mapped}
         report["output"] = str(out)
         reporting.write(report, tmp)
     return report
@@ -458,6 +459,7 @@ def evaluate_model(config: RunConfig) -> dict:
 
 def evaluate_streamed(config: RunConfig, text: str, folder: Path) -> dict:
     """`prunelab eval` of a model larger than the memory budget: perplexity block by block (no --tasks)."""
+    map_large_allocations()
     streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
     check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
     names = list(streamed.adapter.prunable_weights())

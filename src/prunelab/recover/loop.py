@@ -22,9 +22,11 @@ well would leave every surviving weight bit for bit the same, at the cost of one
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,19 +92,39 @@ class Trainable:
                 if k is not None:
                     p.mul_(k)
 
-    def snapshot(self) -> list[torch.Tensor]:
+    def snapshot(self, spill: bool = False) -> list[torch.Tensor | Spilled]:
         """The values, of a pruned tensor only its surviving entries: half the memory at 50 % (an 8B
-        model's MLP half holds 0.7 GB of float32 weights, and a run keeps a snapshot beside its optimiser)."""
-        return [p.detach().clone() if k is None else torch.masked_select(p.detach(), k)
-                for p, k in zip(self.params, self.kept)]
+        model's MLP half holds 0.7 GB of float32 weights, and a run keeps a snapshot beside its optimiser).
+        With `spill`, each piece goes to a temporary file as soon as it is taken (a streamed model, whose
+        peak is the training of its largest half)."""
+        pieces = (p.detach().clone() if k is None else torch.masked_select(p.detach(), k)
+                  for p, k in zip(self.params, self.kept))
+        return [Spilled(piece) if spill else piece for piece in pieces]
 
-    def restore(self, state: list[torch.Tensor]) -> None:
+    def restore(self, state: list[torch.Tensor | Spilled]) -> None:
         with torch.no_grad():
             for p, k, s in zip(self.params, self.kept, state):
+                s = s.load() if isinstance(s, Spilled) else s
                 if k is None:
                     p.copy_(s)
                 else:
                     p.zero_().masked_scatter_(k, s)
+
+
+class Spilled:
+    """A tensor's bytes in an anonymous temporary file (gone when this is), written and read with plain
+    file I/O: not memory-mapped, so they sit in the OS's file cache, not in the process's resident memory."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.file = tempfile.TemporaryFile(prefix="prunelab-snapshot-")
+        tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tofile(self.file)
+        self.file.flush()
+
+    def load(self) -> torch.Tensor:
+        self.file.seek(0)
+        data = torch.from_numpy(np.fromfile(self.file, dtype=np.uint8))
+        return data.view(self.dtype).reshape(self.shape).to(self.device)
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -125,39 +147,58 @@ def schedule(steps: int, warmup: float) -> Callable[[int], float]:
 
 def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: int, batch_size: int,
         warmup: float, weight_decay: float, seed: int, on_step: Callable[[], None] | None = None) -> dict:
-    """Train `trainable` on the problem's training windows; returns {"steps"}."""
+    """Train `trainable` on the problem's training windows; returns {"steps"}.
+
+    In one process each parameter takes its AdamW step as soon as its gradient is complete, inside the
+    backward pass, and its gradient is freed at once: only one tensor's gradient is ever held (0.23 GB
+    of an 8B model's MLP half instead of 0.70 GB). AdamW is elementwise, so the weights are bit for bit
+    those of one step over all of them. Data parallel processes sum whole gradients first."""
     local = problem.windows("train")
     offset, windows = distributed.layout(local)  # data parallel: this process holds windows offset.. of them all
     steps_per_epoch = math.ceil(windows / batch_size)
     steps = epochs * steps_per_epoch
+    shared = distributed.size() > 1
     for p in trainable.params:
         p.requires_grad_(True)
-    optimizer = adamw(trainable.params, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, warmup))
+    groups = [trainable.params] if shared else [[p] for p in trainable.params]
+    optimizers = [adamw(group, lr, weight_decay) for group in groups]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(steps, warmup)) for o in optimizers]
+    hooks = [] if shared else [p.register_post_accumulate_grad_hook(_step_now(o)) for p, o in
+                               zip(trainable.params, optimizers)]
     generator = torch.Generator().manual_seed(seed)
     try:
         for _ in range(epochs):
             order = torch.randperm(windows, generator=generator)
             for start in range(0, windows, batch_size):
-                optimizer.zero_grad(set_to_none=True)
-                if distributed.size() > 1:
+                if shared:
+                    optimizers[0].zero_grad(set_to_none=True)
                     _shared_step(trainable, problem, loss, order[start:start + batch_size], offset, local, lr)
+                    optimizers[0].step()
                 else:
                     pred, target, mask = problem.batch("train", order[start:start + batch_size])
                     value = token_loss(loss, pred, target, mask)
                     if not torch.isfinite(value):
                         _check_loss(value.item(), lr)
-                    value.backward()
-                optimizer.step()
-                scheduler.step()
+                    value.backward()  # the steps happen in here
+                for scheduler in schedulers:
+                    scheduler.step()
                 trainable.enforce_mask()
                 if on_step is not None:
                     on_step()
     finally:
+        for hook in hooks:
+            hook.remove()
         for p in trainable.params:
             p.requires_grad_(False)
             p.grad = None
     return {"steps": steps}
+
+
+def _step_now(optimizer: torch.optim.Optimizer):
+    def hook(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+    return hook
 
 
 def _check_loss(value: float, lr: float) -> None:

@@ -89,6 +89,7 @@ class Reconstructor:
         self.pruner = HalfPruner(config)
         self.pruner.keep_writer_inputs = visits is None
         self.trainer = Trainer(config)
+        self.trainer.spill_snapshots = visits is not None
         self.records: list[dict] = []
         self.seconds = {"targets": 0.0, "prune": 0.0, "train": 0.0, "propagate": 0.0}
 

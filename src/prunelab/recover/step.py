@@ -163,6 +163,7 @@ class Trainer:
         self.lr = LearningRate(None if rc.lr == "auto" else float(rc.lr), tuple(rc.lr_grid), rc.lr_probe)
         self.forward_batch = config.forward_batch
         self.problems = 0
+        self.spill_snapshots = False  # a streamed model: the start and best weights wait in temporary files
 
     def evaluate(self, problem, split: str) -> float:
         return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
@@ -190,7 +191,7 @@ class Trainer:
         candidates = self.lr.candidates()
         kwargs = dict(loss=rc.loss, epochs=rc.epochs, batch_size=rc.batch_size, warmup=rc.warmup,
                       weight_decay=rc.weight_decay, seed=seed)
-        start, best, held_after = trainable.snapshot(), None, {}
+        start, best, held_after = trainable.snapshot(self.spill_snapshots), None, {}
         for k, lr in enumerate(candidates):
             if k:
                 trainable.restore(start)
@@ -203,7 +204,7 @@ class Trainer:
                 continue
             held_after[lr] = finite_or_inf(self.evaluate(problem, "heldout"))  # NaN would never compare worse
             if best is None or held_after[lr] < held_after[best[0]]:  # the last one stays in place
-                best = (lr, trainable.snapshot() if k < len(candidates) - 1 else None)
+                best = (lr, trainable.snapshot(self.spill_snapshots) if k < len(candidates) - 1 else None)
         if best is None:
             raise Diverged(f"reconstruction diverged at every lr of the grid {list(candidates)}; choose a smaller "
                            "--lr-grid")
