@@ -171,3 +171,36 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(four_blocks
         with pytest.raises(Crash):
             run(four_blocks, texts, out)  # the first checkpoint is due after 60 s
     assert not checkpoint_folder(out).exists()
+
+
+@pytest.mark.parametrize("reconstruct, crash_in, calls, latest, shards", [
+    ("none", "prune_half", 5, 2, 2),  # in block 2's MLP half: blocks 0 and 1 are in their shards
+    ("attn-mlp", "_submodel", 3, 2, 1),  # in block 1's MLP half: the checkpoint is the one before block 1 came in
+])
+def test_streamed_run_resumed_after_a_crash_gives_the_same_weights(four_blocks, texts, tmp_path, monkeypatch,
+                                                                    reconstruct, crash_in, calls, latest, shards):
+    from prunelab.prune import sequential
+
+    monkeypatch.setattr(Checkpoints, "every_seconds", 0.0)
+    kwargs = dict(method="sparsegpt", max_memory=3e-4, reconstruct=reconstruct if reconstruct == "none" else
+                  {"granularity": reconstruct, "lr": 1e-3, "heldout": 4})
+    whole = run(four_blocks, texts, tmp_path / "whole", **kwargs)
+    assert whole["model"]["streamed"]
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        crash_after(patch, Reconstructor if crash_in == "_submodel" else sequential.HalfPruner, crash_in, calls)
+        with pytest.raises(Crash):
+            run(four_blocks, texts, out, **kwargs)
+    folder = checkpoint_folder(out)
+    assert not out.exists() and Checkpoints(out, {}).latest_step() == latest
+    assert len(list((folder / "shards").glob("*.safetensors"))) == shards  # the finished blocks
+    resumed = run(four_blocks, texts, out, resume=True, **kwargs)
+    assert not folder.exists()
+
+    def state(folder):
+        return {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+    expected, got = state(tmp_path / "whole"), state(out)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert resumed["sparsity"] == whole["sparsity"]  # zeros before pruning too: blocks 0-1 were not read again
+    assert resumed["metrics"]["pruned"] == whole["metrics"]["pruned"]

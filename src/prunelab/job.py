@@ -270,7 +270,7 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
-        ("--resume", config.resume), ("a saved output (--out)", saving and not config.out),
+        ("a saved output (--out)", saving and not config.out),
         ("torchrun's processes", distributed.size() > 1)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
@@ -300,11 +300,9 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
     job = Job(config, progress)
     with stage("data", job.stages):
         texts = read_texts(config)
-    if streaming is not None:
-        return run_streamed(job, texts, *streaming)
     job.checkpoints = checkpoints_of(config, texts)
     try:
-        report = run_loaded(job, texts)
+        report = run_loaded(job, texts) if streaming is None else run_streamed(job, texts, *streaming)
     except Exception:
         # An error the process lives to report (disk full, NaNs, a bug) leaves nothing behind; a process
         # that is killed (kill -9, the OOM killer, a power cut) or interrupted (Ctrl-C) leaves its
@@ -371,18 +369,23 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                                                        desc="perplexity (dense)")
     out = Path(config.out)
     with atomic_dir(out, overwrite=config.overwrite) as tmp:
-        writer = ShardWriter(tmp, streamed)
+        shards = tmp
+        if job.checkpoints is not None:  # the finished blocks' shards are the checkpoint's weights
+            job.checkpoints.claim()
+            shards = job.checkpoints.folder / "shards"
+        writer = ShardWriter(shards, streamed)
         visits = StreamedPruning(streamed, writer)
         if config.reconstruct.enabled:
             with stage("prune+reconstruct", job.stages):
                 job.layers, job.reconstruction = prune_and_reconstruct(
                     job.model, job.adapter, job.calib_ids, job.heldout_ids, config, progress=job.progress,
-                    visits=visits)
+                    checkpoints=job.checkpoints, visits=visits)
         else:
             with stage("prune", job.stages):
                 job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
-                                         visits=visits)
+                                         checkpoints=job.checkpoints, visits=visits)
         with stage("save", job.stages):
+            writer.move(tmp)
             writer.finish()
             job.model.config.save_pretrained(tmp)
             job.tokenizer.save_pretrained(tmp)

@@ -6,6 +6,7 @@ the same (bitwise on CPU in one process).
 
     .<out>.resume/
         .prunelab                 pid of the process writing it (a live one is never disturbed)
+        shards/                   a streamed run's output shards, one per finished block (streaming.py)
         run.json                  what must match to resume: the config and the calibration text's hash
         weights-00012.safetensors the blocks the steps since the previous checkpoint changed
         state-00012.safetensors   the activations the next step reads, the RNG state
@@ -78,16 +79,16 @@ class Checkpoints:
             if self.latest_step() is None:
                 raise PrunelabError(f"--resume: nothing to resume, no checkpoint in {folder}")
             self._check_same_run()
-            self._claim()
+            self.claim()
         elif folder.exists():
             if _owner(folder) is None:
                 raise PrunelabError(f"{folder} is in the way of this run's checkpoints and is not prunelab's "
                                     f"(no {MARKER} in it); move it away or choose another --out")
             shutil.rmtree(folder)
 
-    def _claim(self) -> None:
+    def claim(self) -> None:
         """Mark the folder as this process's (created at the first checkpoint: a run that fails before
-        one leaves nothing behind)."""
+        one leaves nothing behind; a streamed run claims it at once, its output shards are written there)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / MARKER).write_text(str(os.getpid()))
@@ -126,10 +127,11 @@ class Checkpoints:
         """Checkpoint after `step` steps: the changed blocks' weights, `tensors` (the activations the
         next step reads) and the RNG state, then `meta` (records; JSON), which completes it."""
         if not (self.folder / MARKER).is_file():
-            self._claim()
+            self.claim()
         name = f"{step:05d}"
+        # a streamed block that has left memory (its weights on the meta device) is in the output's shards
         weights = {f"{i}.{key}": value.detach().contiguous().cpu()
-                   for i in sorted(self.dirty) for key, value in blocks[i].state_dict().items()}
+                   for i in sorted(self.dirty) for key, value in blocks[i].state_dict().items() if not value.is_meta}
         if weights:
             save_file(weights, self.folder / f"weights-{name}.safetensors")
         tensors = {key: value.contiguous().cpu() for key, value in tensors.items()}

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,16 +74,7 @@ class Checkpoint:
 
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
-        sizes = {}
-        for file in set(self.files.values()):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    size = torch.empty((), dtype=_dtype(piece.get_dtype())).element_size()
-                    if dtype is not None and _dtype(piece.get_dtype()).is_floating_point:
-                        size = torch.empty((), dtype=dtype).element_size()
-                    sizes[key] = math.prod(piece.get_shape()) * size
-        return sizes
+        return {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,6 +86,18 @@ class Checkpoint:
                 if dtype.is_floating_point:
                     return dtype
         return torch.float32
+
+
+def _file_sizes(file: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes of every tensor in one safetensors file, from its header: stored, or in `dtype` if floating."""
+    sizes = {}
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            stored = _dtype(piece.get_dtype())
+            as_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+            sizes[key] = math.prod(piece.get_shape()) * torch.empty((), dtype=as_dtype).element_size()
+    return sizes
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -217,11 +222,38 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
+    def _name(self, number: int) -> str:
+        return f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
+
     def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        name = f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
-        save_file(tensors, self.folder / name, metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(tensors, name))
-        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, self.folder / self._name(number), metadata={"format": "pt"})
+        self._add(number, {k: t.numel() * t.element_size() for k, t in tensors.items()})
+
+    def _add(self, number: int, sizes: dict[str, int]) -> None:
+        self.weight_map.update(dict.fromkeys(sizes, self._name(number)))
+        self.total += sum(sizes.values())
+
+    def adopt(self, numbers: list[int]) -> None:
+        """Count the shards of blocks `numbers` as written: a resumed run finds them where it left them."""
+        for number in numbers:
+            path = self.folder / self._name(number)
+            if not path.is_file():
+                raise PrunelabError(f"--resume: {path} is missing from the checkpoint; pass --overwrite to start over")
+            self._add(number, _file_sizes(path))
+
+    def move(self, folder: Path) -> None:
+        """Put the shards written so far into `folder` as well and write there from now on. Hard links where
+        the file system has them: the checkpoint keeps its own until the run has succeeded."""
+        folder = Path(folder)
+        if folder == self.folder:
+            return
+        for name in set(self.weight_map.values()):
+            try:
+                os.link(self.folder / name, folder / name)
+            except OSError:
+                shutil.copyfile(self.folder / name, folder / name)
+        self.folder = folder
 
     def finish(self) -> None:
         for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
@@ -249,11 +281,24 @@ class StreamedPruning:
     def __init__(self, streamed: StreamedModel, writer: ShardWriter):
         self.streamed, self.writer = streamed, writer
         self.zeros_before: dict[str, int] = {}
+        self.inside: set[int] = set()  # blocks in memory
+        self.written: list[int] = []
+
+    def state(self) -> dict:
+        """What a checkpoint needs to resume (JSON); taken only while no block is in memory, so that every
+        changed weight is in a written shard."""
+        assert not self.inside, "a streamed checkpoint is taken between blocks"
+        return {"zeros_before": self.zeros_before, "written": self.written}
+
+    def resume(self, state: dict) -> None:
+        self.zeros_before, self.written = state["zeros_before"], state["written"]
+        self.writer.adopt(self.written)
 
     def embedding(self):
         return self.streamed.outer("input")
 
     def enter(self, index: int) -> None:
+        self.inside.add(index)
         block = self.streamed.load_block(index)
         prefix = f"{self.streamed.prefix}.{index}."
         with self.streamed.adapter.prunable_linears(block) as linears:
@@ -262,6 +307,8 @@ class StreamedPruning:
     def leave(self, index: int) -> None:
         self.writer.write(index, self.streamed.block_state(index))
         self.streamed.drop_block(index)
+        self.inside.discard(index)
+        self.written.append(index)
 
 
 @torch.no_grad()

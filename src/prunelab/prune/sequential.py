@@ -181,6 +181,8 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     if checkpoints is not None and checkpoints.latest_step() is not None:
         done, tensors, meta = checkpoints.load(adapter.blocks)
         pruner.records = meta["pruning"]
+        if visits is not None:
+            visits.resume(meta["streamed"])
         if stream is not None and done < blocks:
             stream.hidden.copy_(tensors["hidden"])
 
@@ -212,6 +214,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
             checkpoints.changed(index)
             if checkpoints.due(index + 1, blocks):
                 hidden = {"hidden": stream.hidden} if stream is not None and index + 1 < blocks else {}
-                checkpoints.save(index + 1, adapter.blocks, hidden, {"pruning": pruner.records})
+                streamed = {"streamed": visits.state()} if visits is not None else {}
+                checkpoints.save(index + 1, adapter.blocks, hidden, {"pruning": pruner.records, **streamed})
         release_memory()  # freed activations would otherwise fragment the heap and inflate RSS block after block
     return pruner.records

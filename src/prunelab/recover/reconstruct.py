@@ -140,13 +140,15 @@ class Reconstructor:
         if self.checkpoints is None:
             return
         self.checkpoints.changed(*{i for i, _ in units})
+        if self.visits is not None and self.visits.inside:
+            return  # streamed: checkpoints are taken between blocks, when every changed weight is in a shard
         if not self.checkpoints.due(step, steps):
             return
         tensors = {} if step == steps else {f"pruned.{s}": pruned[s] for s in SPLITS}
         if step < steps and self.propagation.separate_dense:
             tensors.update({f"dense.{s}": dense[s] for s in SPLITS})
         meta = {"records": self.records, "pruning": self.pruner.records, "seconds": self.seconds,
-                "trainer": self.trainer.state()}
+                "trainer": self.trainer.state(), **({"streamed": self.visits.state()} if self.visits is not None else {})}
         self.checkpoints.save(step, self.adapter.blocks, tensors, meta)
 
     def _resume(self, pruned: dict, dense: dict | None, steps: int) -> tuple[int, dict, dict | None]:
@@ -154,6 +156,8 @@ class Reconstructor:
         done, tensors, meta = self.checkpoints.load(self.adapter.blocks)
         self.records, self.pruner.records, self.seconds = meta["records"], meta["pruning"], meta["seconds"]
         self.trainer.load_state(meta["trainer"])
+        if self.visits is not None:
+            self.visits.resume(meta["streamed"])
         if done == steps:
             return done, pruned, dense
         device = pruned["train"].device
