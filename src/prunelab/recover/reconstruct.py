@@ -148,7 +148,9 @@ class Reconstructor:
         if step < steps and self.propagation.separate_dense:
             tensors.update({f"dense.{s}": dense[s] for s in SPLITS})
         meta = {"records": self.records, "pruning": self.pruner.records, "seconds": self.seconds,
-                "trainer": self.trainer.state(), **({"streamed": self.visits.state()} if self.visits is not None else {})}
+                "trainer": self.trainer.state()}
+        if self.visits is not None:
+            meta["streamed"] = self.visits.state()
         self.checkpoints.save(step, self.adapter.blocks, tensors, meta)
 
     def _resume(self, pruned: dict, dense: dict | None, steps: int) -> tuple[int, dict, dict | None]:
