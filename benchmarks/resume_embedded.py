@@ -1,11 +1,12 @@
 """Resume after kill -9 on the embedded model: the default job (Wanda 50 % + attn-mlp reconstruction) on
 `--samples` windows, once uninterrupted and once killed with SIGKILL as soon as its first checkpoint is
-written, then continued with `--resume`. Prints the times and whether the two model.safetensors files
+written, then continued with `--resume`. Prints the times and whether the two outputs' safetensors files
 are byte for byte the same.
 
     PYTHONPATH=src python benchmarks/resume_embedded.py [--samples 32] [--threads 2] [prunelab run options]
 
-Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached).
+Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached;
+`--max-memory 0.1` streams the model block by block, as a model larger than memory would be).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def command(out: Path, samples: int, threads: int, *extra: str) -> list[str]:
             "--no-eval-dense", "--eval-windows", "8", "--out", str(out), *extra]
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
 
 def main() -> None:
@@ -52,15 +53,16 @@ def main() -> None:
         process.send_signal(signal.SIGKILL)
         process.wait()
         step = max(int(p.stem.split("-")[1]) for p in folder.glob("state-*.json"))
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         print(f"killed (SIGKILL) after {time.perf_counter() - start:.0f} s, checkpoint after submodel {step}; "
-              f"checkpoint folder {sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.0f} MB", flush=True)
+              f"checkpoint folder {size / 1e6:.0f} MB", flush=True)
 
         start = time.perf_counter()
         subprocess.run(command(killed, args.samples, args.threads, *passed, "--resume"), check=True,
                        capture_output=True)
         print(f"--resume: {time.perf_counter() - start:.0f} s; checkpoint folder left: {folder.exists()}")
-        same = digest(whole / "model.safetensors") == digest(killed / "model.safetensors")
-        print(f"model.safetensors byte for byte the same as the uninterrupted run's: {same}")
+        expected, got = digests(whole), digests(killed)
+        print(f"{len(got)} safetensors file(s), byte for byte the same as the uninterrupted run's: {expected == got}")
         shutil.rmtree(whole, ignore_errors=True)
 
 

@@ -82,6 +82,34 @@ def test_two_processes_reconstruct_like_one(tiny_dir, texts, tmp_path, lr):
                                                                       rel=5e-3)
 
 
+def test_two_processes_stream_like_one(tiny_dir, texts, tmp_path):
+    """A model larger than the memory budget, streamed in each process: process 0 writes the shards, the
+    others read them back for the evaluation; the same masks and perplexity as one process."""
+    calib, evaluation = texts
+    budget = 3e-4  # GB: one block of the tiny model (0.15 MB in float32), less than the whole
+    single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
+                               eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none", max_memory=budget,
+                               out=str(tmp_path / "one")), progress=False)
+    two = tmp_path / "two"
+    done = torchrun(run_args(tiny_dir, texts, two, "--max-memory", str(budget)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((two / "prunelab.json").read_text())
+    assert single["model"]["streamed"] and report["model"]["streamed"]
+    assert report["data"]["processes"]["windows"]["evaluation"] == [0, 3]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+    def state(folder):
+        return {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+    a, b = state(tmp_path / "one"), state(two)
+    for name in single["sparsity"]["layers"]:
+        assert torch.equal(a[name] == 0, b[name] == 0), name
+    for key in ("dense", "pruned"):
+        assert report["metrics"][key]["perplexity"] == pytest.approx(single["metrics"][key]["perplexity"], rel=1e-5)
+        assert report["metrics"][key]["predicted_tokens"] == single["metrics"][key]["predicted_tokens"]
+    assert report["sparsity"]["sparsity"] == single["sparsity"]["sparsity"]
+
+
 def test_data_parallel_refusals(tiny_dir, texts, tmp_path):
     done = torchrun(run_args(tiny_dir, texts, tmp_path / "out", "--retrain", "full"))
     assert done.returncode != 0 and "does not support --retrain" in done.stderr

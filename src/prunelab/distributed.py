@@ -82,6 +82,15 @@ def share(windows: int, what: str) -> slice:
     return slice(start, start + base + (rank() < extra))
 
 
+def from_main(value):
+    """Process 0's `value`, in every process (any picklable value)."""
+    if size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over processes, in place."""
     if size() > 1:

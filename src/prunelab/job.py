@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import psutil
@@ -270,8 +271,7 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
-        ("a saved output (--out)", saving and not config.out),
-        ("torchrun's processes", distributed.size() > 1)) if asked]
+        ("a saved output (--out)", saving and not config.out)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
                             f"budget {budget:.1f} GB (--max-memory): it is streamed block by block, which does not "
@@ -296,7 +296,7 @@ def start_processes(config: RunConfig) -> None:
 def run_job(config: RunConfig, progress: bool = True) -> Report:
     prepare(config)
     start_processes(config)
-    streaming = streaming_source(config)
+    streaming = distributed.from_main(streaming_source(config))  # one decision (the free memory differs)
     job = Job(config, progress)
     with stage("data", job.stages):
         texts = read_texts(config)
@@ -362,13 +362,16 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         check_model(job.model, window_lengths(config))
     with stage("windows", job.stages):
         job.windows(texts)
+        job.share_windows()
     del texts
     if config.eval != "none" and config.eval_dense:
         with stage("eval_dense", job.stages):
             job.metrics["dense"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch, progress=job.progress,
                                                        desc="perplexity (dense)")
-    out = Path(config.out)
-    with atomic_dir(out, overwrite=config.overwrite) as tmp:
+    out, main = Path(config.out), distributed.is_main()
+    # data parallel: process 0 writes the output; the others read the pruned shards from its folder
+    with atomic_dir(out, overwrite=config.overwrite) if main else nullcontext() as tmp:
+        tmp = Path(distributed.from_main(str(tmp) if main else None))
         shards = tmp
         if job.checkpoints is not None:  # the finished blocks' shards are the checkpoint's weights
             job.checkpoints.claim()
@@ -385,12 +388,14 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                 job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
                                          checkpoints=job.checkpoints, visits=visits)
         with stage("save", job.stages):
-            writer.move(tmp)
-            writer.finish()
-            job.model.config.save_pretrained(tmp)
-            job.tokenizer.save_pretrained(tmp)
-            names = list(visits.zeros_before)
-            sparsity = sparsity_of_saved(tmp, names)
+            sparsity = None
+            if main:
+                writer.move(tmp)
+                writer.finish()
+                job.model.config.save_pretrained(tmp)
+                job.tokenizer.save_pretrained(tmp)
+                sparsity = sparsity_of_saved(tmp, list(visits.zeros_before))
+            sparsity = distributed.from_main(sparsity)  # (the others wait here until the output is written)
         if config.eval != "none":
             with stage("eval", job.stages):
                 job.metrics["pruned"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch,
@@ -406,7 +411,8 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                                        "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
                                        "shards": writer.count, "large_allocations_mapped": mapped}
         report["output"] = str(out)
-        reporting.write(report, tmp)
+        if main:
+            reporting.write(report, tmp)
     return report
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .activations import StandIn, capture_block_inputs, check_finite
+from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .models.adapters import Adapter, find_adapter, first_output
@@ -305,7 +306,8 @@ class StreamedPruning:
             self.zeros_before.update({f"{prefix}{n}.weight": int((m.weight == 0).sum()) for n, m in linears.items()})
 
     def leave(self, index: int) -> None:
-        self.writer.write(index, self.streamed.block_state(index))
+        if is_main():  # data parallel: every process holds the same weights, process 0 writes them
+            self.writer.write(index, self.streamed.block_state(index))
         self.streamed.drop_block(index)
         self.inside.discard(index)
         self.written.append(index)
@@ -342,6 +344,7 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_si
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
+    nll, predicted = all_sum_float(nll), int(all_sum_float(predicted))  # data parallel: every process's windows
     mean_nll = nll / predicted
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted, "streamed": True}
 
