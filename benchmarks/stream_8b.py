@@ -147,6 +147,12 @@ def summarise(report: dict, seconds: float, peak: float, peak_at: float, folder:
     metrics = report["metrics"]
     print(f"perplexity dense {metrics.get('dense', {}).get('perplexity', math.nan):.1f}, "
           f"pruned {metrics.get('pruned', {}).get('perplexity', math.nan):.1f} (random weights: a smoke figure)")
+    submodels = (report.get("reconstruction") or {}).get("submodels", [])
+    if submodels:
+        down = sum(s["loss_heldout_after"] < s["loss_heldout_before"] for s in submodels)
+        print(f"reconstruction: held-out loss down on {down} of {len(submodels)} submodels; "
+              + ", ".join(f"{s['submodel']} {s['loss_heldout_before']:.3g} → {s['loss_heldout_after']:.3g}"
+                          for s in submodels[:4]) + (" ..." if len(submodels) > 4 else ""))
     layers = [v["sparsity"] for v in report["sparsity"]["layers"].values()]
     print(f"sparsity read back from the shards: {report['sparsity']['sparsity']:.6f} overall, per layer min "
           f"{min(layers):.6f}, max {max(layers):.6f} ({len(layers)} layers)")

@@ -378,15 +378,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
             shards = job.checkpoints.folder / "shards"
         writer = ShardWriter(shards, streamed)
         visits = StreamedPruning(streamed, writer)
-        if config.reconstruct.enabled:
-            with stage("prune+reconstruct", job.stages):
-                job.layers, job.reconstruction = prune_and_reconstruct(
-                    job.model, job.adapter, job.calib_ids, job.heldout_ids, config, progress=job.progress,
-                    checkpoints=job.checkpoints, visits=visits)
-        else:
-            with stage("prune", job.stages):
-                job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
-                                         checkpoints=job.checkpoints, visits=visits)
+        streamed_pass(job, visits)
         with stage("save", job.stages):
             sparsity = None
             if main:
@@ -414,6 +406,20 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         if main:
             reporting.write(report, tmp)
     return report
+
+
+def streamed_pass(job: Job, visits: StreamedPruning) -> None:
+    """Pruning, or pruning with reconstruction, of a streamed model: each block in memory for its turn only."""
+    config = job.config
+    if config.reconstruct.enabled:
+        with stage("prune+reconstruct", job.stages):
+            job.layers, job.reconstruction = prune_and_reconstruct(
+                job.model, job.adapter, job.calib_ids, job.heldout_ids, config, progress=job.progress,
+                checkpoints=job.checkpoints, visits=visits)
+    else:
+        with stage("prune", job.stages):
+            job.layers = prune_model(job.model, job.adapter, job.calib_ids, config, progress=job.progress,
+                                     checkpoints=job.checkpoints, visits=visits)
 
 
 def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], overwrite: bool,
