@@ -29,7 +29,7 @@ from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, s
 from .evaluate.speed import generation_speed
 from .evaluate.zeroshot import check_tasks, task_names, zero_shot
 from .files import atomic_dir, check_output
-from .measure import StageRecord, map_large_allocations, release_memory, stage
+from .measure import StageRecord, large_allocations_mapped, release_memory, stage
 from .models.adapters import find_adapter
 from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
@@ -302,7 +302,11 @@ def run_job(config: RunConfig, progress: bool = True) -> Report:
         texts = read_texts(config)
     job.checkpoints = checkpoints_of(config, texts)
     try:
-        report = run_loaded(job, texts) if streaming is None else run_streamed(job, texts, *streaming)
+        if streaming is None:
+            report = run_loaded(job, texts)
+        else:
+            with large_allocations_mapped() as mapped:  # memory is what binds: freed tensors go back at once
+                report = run_streamed(job, texts, *streaming, mapped)
     except Exception:
         # An error the process lives to report (disk full, NaNs, a bug) leaves nothing behind; a process
         # that is killed (kill -9, the OOM killer, a power cut) or interrupted (Ctrl-C) leaves its
@@ -350,11 +354,11 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     return report
 
 
-def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, budget_gb: float) -> Report:
+def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, budget_gb: float,
+                 mapped: bool = False) -> Report:
     """`run_job` for a model larger than the memory budget: pruning (and reconstruction) with the blocks of
     one submodel in memory at a time, the output written shard by shard as they finish (streaming.py)."""
     config = job.config
-    mapped = map_large_allocations()  # memory is what binds here: freed tensors go back to the OS at once
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
@@ -474,15 +478,15 @@ def evaluate_model(config: RunConfig) -> dict:
 
 def evaluate_streamed(config: RunConfig, text: str, folder: Path) -> dict:
     """`prunelab eval` of a model larger than the memory budget: perplexity block by block (no --tasks)."""
-    map_large_allocations()
-    streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
-    check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
-    names = list(streamed.adapter.prunable_weights())
-    result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"]}
-    windows, protocol = evaluation_data(config, AutoTokenizer.from_pretrained(folder), text)
-    result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
-                  **{k: v for k, v in protocol.items() if k != "source"})
-    return result
+    with large_allocations_mapped():
+        streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
+        check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+        names = list(streamed.adapter.prunable_weights())
+        result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"]}
+        windows, protocol = evaluation_data(config, AutoTokenizer.from_pretrained(folder), text)
+        result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
+                      **{k: v for k, v in protocol.items() if k != "source"})
+        return result
 
 
 def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:
