@@ -1,3 +1,4 @@
+import bz2
 import json
 
 import pyarrow as pa
@@ -5,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from prunelab.data import wikipedia
 from prunelab.data.sources import check_disjoint, english_articles, load_text, squad_contexts
 from prunelab.data.windows import calibration_windows, evaluation_windows, tokenize
 from prunelab.errors import PrunelabError
@@ -47,6 +49,39 @@ def test_embedded_extractors_on_files_of_the_same_format(tmp_path):
     squad = {"data": [{"paragraphs": [{"context": " First passage. "}, {"context": "Second."}]}]}
     (tmp_path / "nyt.json").write_text(json.dumps(squad))
     assert squad_contexts(tmp_path / "nyt.json") == ["First passage.", "Second."]
+
+
+_PAGE = """<page><title>{title}</title><ns>{ns}</ns>{redirect}<revision><text xml:space="preserve">{text}</text>
+</revision></page>"""
+_WIKITEXT = """{{Infobox river|name=Mill {{nowrap|Race}}}}
+'''The Mill Race''' is a [[river]] in [[North Yorkshire|Yorkshire]] that turns the old wheel of the town \
+mill.&lt;ref&gt;{{cite web|url=http://x.org}}&lt;/ref&gt; It is known from the ''Domesday Book'' and from \
+[http://example.org a map] of 1610 as well.
+[[File:Mill.jpg|thumb|The mill in [[1900]], seen from the bridge over the river on a summer day]]
+== History of the river and of the mill that stood on its bank for centuries ==
+* a list item that is long enough to pass the word count if it were prose at all
+{| class="wikitable"
+| a table cell that is long enough to pass the word count if it were prose
+|}
+Short line.
+[[Category:Rivers]]"""
+
+
+def test_wikipedia_dump_becomes_prose_split_into_disjoint_articles(tmp_path):
+    pages = [_PAGE.format(title=f"River {i}", ns=0, redirect="", text=_WIKITEXT.replace("Mill Race", f"Race {i}"))
+             for i in range(8)]
+    pages += [_PAGE.format(title="Gone", ns=0, redirect='<redirect title="River 1" />', text="#REDIRECT [[River 1]]"),
+              _PAGE.format(title="Talk:River 1", ns=1, redirect="", text=_WIKITEXT)]
+    xml = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(pages) + "</mediawiki>"
+    dump = tmp_path / "dump.xml.bz2"
+    dump.write_bytes(bz2.compress(xml.encode()))
+    articles = wikipedia.articles(dump)
+    assert articles[0] == ("The Race 0 is a river in Yorkshire that turns the old wheel of the town mill. It is known "
+                           "from the Domesday Book and from a map of 1610 as well.")
+    assert len(articles) == 8  # the redirect and the talk page are not articles
+    calib, evaluation = wikipedia.split_articles(dump, "calib"), wikipedia.split_articles(dump, "eval")
+    assert calib.count("\n\n") == 5 and evaluation.count("\n\n") == 1  # 6 and 2 articles
+    assert "Race 3 " in evaluation and "Race 7 " in evaluation and "Race 3 " not in calib and "Race 0 " in calib
 
 
 def test_calibration_windows_are_seeded_and_recorded(tokenizer):
@@ -101,6 +136,7 @@ def test_calibration_and_evaluation_must_be_disjoint(tmp_path):
     with pytest.raises(PrunelabError, match="must be disjoint"):
         check_disjoint("wiki", "wiki")
     check_disjoint("wikitext2", "wikitext2")  # train vs test split
+    check_disjoint("enwiki", "enwiki")  # different articles
     check_disjoint("web", "wiki")
     check_disjoint("wiki", "none")
 

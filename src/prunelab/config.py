@@ -258,10 +258,11 @@ class RunConfig(Checked):
                                   "flap (remove heads, channels)")
     sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
-    calib: str = option("web", "calibration text: web | wiki | new-wiki | wikitext2 | c4 | a .txt/.jsonl/.parquet file")
+    calib: str = option("enwiki", "calibration text: enwiki | web | wiki | new-wiki | wikitext2 | c4 | "
+                                   "a .txt/.jsonl/.parquet file")
     samples: int = option(128, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
-    eval: str = option("wiki", "evaluation text (same sources) or 'none'")
+    eval: str = option("enwiki", "evaluation text (same sources; enwiki's evaluation articles) or 'none'")
     eval_seqlen: int = option(512, "tokens per evaluation window")
     eval_windows: int = option(40, "evaluation windows (0 = every full window of the text)")
     eval_bos: bool = option(False, "prepend the BOS token to every evaluation window (every text token is then "

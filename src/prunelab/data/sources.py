@@ -2,9 +2,11 @@
 
 | source          | text                                                                 |
 |-----------------|----------------------------------------------------------------------|
-| `web`           | embedded: SQuAD-shifts NYT + Reddit + Amazon passages (bigbench)     |
-| `wiki`          | embedded: English Wikipedia articles of bigbench paragraph_segmentation |
-| `new-wiki`      | embedded: SQuAD-shifts newer-Wikipedia passages                      |
+| `enwiki`        | embedded (default): 101 English Wikipedia articles of 2016 (gensim's test data), markup |
+|                 | stripped; every 4th article for evaluation, the others for calibration |
+| `web`           | bigbench (a copy by hand): SQuAD-shifts NYT + Reddit + Amazon passages                |
+| `wiki`          | bigbench (a copy by hand): English Wikipedia articles of bigbench paragraph_segmentation |
+| `new-wiki`      | bigbench (a copy by hand): SQuAD-shifts newer-Wikipedia passages                      |
 | `wikitext2`     | Hugging Face `wikitext-2-raw-v1` (train for calibration, test for evaluation) |
 | `c4`            | Hugging Face `allenai/c4` English (a train shard / a validation shard) |
 | `*.txt`         | a local UTF-8 text file                                               |
@@ -21,17 +23,21 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from ..assets import bigbench_task_dir, cache_dir
+from ..assets import bigbench_task_dir, cache_dir, enwiki_dump
 from ..errors import PrunelabError
+from . import wikipedia
 
-EMBEDDED = ("web", "wiki", "new-wiki")
+EMBEDDED = ("enwiki", "web", "wiki", "new-wiki")
+SPLIT = ("enwiki", "wikitext2", "c4")  # one name, disjoint parts for calibration and evaluation
 HUB = ("wikitext2", "c4")
 _WEB_FILES = ("nyt_v1.0.json", "reddit_v1.0.json", "amazon_reviews_v1.0.json")
 _STOPWORDS = frozenset("the of and to in is was a for that with as by on are from his it at an be which".split())
 
 
 def describe(source: str) -> str:
-    return {"web": "bigbench-1.0.0 squad_shifts nyt+reddit+amazon_reviews contexts",
+    return {"enwiki": f"gensim-4.4.0 test_data enwiki sample, markup stripped, calib: articles i % "
+                      f"{wikipedia.EVAL_EVERY} != {wikipedia.EVAL_EVERY - 1}, eval: the others",
+            "web": "bigbench-1.0.0 squad_shifts nyt+reddit+amazon_reviews contexts",
             "wiki": "bigbench-1.0.0 paragraph_segmentation English articles",
             "new-wiki": "bigbench-1.0.0 squad_shifts new_wiki contexts",
             "wikitext2": "wikitext/wikitext-2-raw-v1", "c4": "allenai/c4 en"}.get(source, source)
@@ -40,7 +46,7 @@ def describe(source: str) -> str:
 def load_text(source: str, role: str = "calib") -> str:
     """Return the text of `source`; `role` ("calib" or "eval") picks the split of hub datasets."""
     if source in EMBEDDED:
-        text = _embedded(source)
+        text = _embedded(source, role if source in SPLIT else "")
     elif source in HUB:
         text = _hub(source, role)
     else:
@@ -51,8 +57,8 @@ def load_text(source: str, role: str = "calib") -> str:
 
 
 def check_disjoint(calib: str, evaluation: str) -> None:
-    """Calibration and evaluation text must not be the same text (hub datasets use different splits)."""
-    if evaluation == "none" or calib in HUB:
+    """Calibration and evaluation text must not be the same text (`SPLIT` sources use different parts)."""
+    if evaluation == "none" or (calib in SPLIT and calib == evaluation):
         return
     if calib in EMBEDDED or evaluation in EMBEDDED:
         same = calib == evaluation
@@ -63,20 +69,23 @@ def check_disjoint(calib: str, evaluation: str) -> None:
 
 
 @lru_cache(maxsize=4)
-def _embedded(source: str) -> str:
-    """The joined text, extracted once from bigbench's JSON into a plain file of the cache.
+def _embedded(source: str, part: str) -> str:
+    """The joined text, extracted once from its XML or JSON into a plain file of the cache.
 
-    Later runs read the plain file instead of parsing a 50 MB JSON (seconds of the data stage).
+    Later runs read the plain file instead of parsing again (seconds of the data stage).
     """
-    extracted = cache_dir() / "text" / f"{source}.txt"
+    name = f"{source}-v{wikipedia.CONVERSION}-{part}" if source == "enwiki" else source
+    extracted = cache_dir() / "text" / f"{name}.txt"
     if extracted.exists():
         return extracted.read_text(encoding="utf-8")
-    root = bigbench_task_dir()
-    if source == "wiki":
-        text = english_articles(root / "paragraph_segmentation" / "task.json")
+    if source == "enwiki":
+        text = wikipedia.split_articles(enwiki_dump(), part)
+    elif source == "wiki":
+        text = english_articles(bigbench_task_dir() / "paragraph_segmentation" / "task.json")
     else:
         files = _WEB_FILES if source == "web" else ("new_wiki_v1.0.json",)
-        text = "\n\n".join(p for name in files for p in squad_contexts(root / "squad_shifts" / name))
+        root = bigbench_task_dir() / "squad_shifts"
+        text = "\n\n".join(p for name in files for p in squad_contexts(root / name))
     tmp = extracted.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, extracted)
@@ -112,7 +121,7 @@ def _hub(source: str, role: str) -> str:
         return "\n\n".join(rows["text"])
     except Exception as exc:
         raise PrunelabError(f"cannot load {source} from the Hugging Face hub ({type(exc).__name__}); "
-                            "offline machines can use the embedded sources 'web' and 'wiki' or a local file") from exc
+                            "offline machines can use the embedded source 'enwiki' or a local file") from exc
 
 
 def _read_utf8(path: Path) -> str:
