@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import prunelab
 from prunelab.distributed import share
 from prunelab.errors import PrunelabError
+from prunelab.resume import checkpoint_folder
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
@@ -122,3 +123,57 @@ def test_share_of_windows():
         from unittest import mock
         with mock.patch("prunelab.distributed.size", return_value=2):
             share(1, "calibration")
+
+
+KILL_AFTER = """
+import os, signal, sys
+from prunelab.cli import app
+from prunelab.recover.reconstruct import Reconstructor
+from prunelab.resume import Checkpoints
+Checkpoints.every_seconds = 0.0
+real, calls = Reconstructor._submodel, []
+def submodel(self, *a, **k):
+    if len(calls) == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    return real(self, *a, **k)
+Reconstructor._submodel = submodel
+sys.argv = ["prunelab", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.parametrize("streamed, latest", [(False, 3), (True, 2)])  # streamed: checkpoints between blocks
+def test_two_processes_killed_then_resumed_give_the_same_weights(tiny_dir, texts, tmp_path, streamed, latest):
+    """kill -9 of both processes in submodel 4 (each checkpoints its own activations), then the same torchrun
+    with --resume: the same files, bit for bit, as two processes that were never interrupted."""
+    recon = ["--reconstruct", "attn-mlp", "--lr", "1e-3", "--heldout", "4", "--batch-size", "2", "--no-eval-dense",
+             *(["--max-memory", "3e-4"] if streamed else [])]
+    args = run_args(tiny_dir, texts, tmp_path / "killed", *recon)
+    script = tmp_path / "kill_after.py"
+    script.write_text(KILL_AFTER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", KILL_AFTER="3")
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0
+    folder = checkpoint_folder(tmp_path / "killed")
+    name = f"state-{latest:05d}"
+    assert sorted(p.name for p in folder.glob("state-*")) == [
+        f"{name}.json", f"{name}.rank1.json", f"{name}.rank1.safetensors", f"{name}.safetensors"]
+    assert json.loads((folder / "run.json").read_text())["processes"] == 2
+    one = subprocess.run([sys.executable, "-m", "prunelab", *args, "--resume"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode != 0 and "processes was 2 in the interrupted run, now 1" in one.stderr
+
+    resumed = torchrun([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = torchrun(run_args(tiny_dir, texts, tmp_path / "whole", *recon))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    report = json.loads((tmp_path / "killed" / "prunelab.json").read_text())
+    assert report["reconstruction"]["resumed_after"] == latest and not folder.exists()
+    assert bool(report["model"].get("streamed")) == streamed
+    files = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "killed").glob("*.safetensors")) and len(files) >= 1
+    for file in files:
+        a, b = load_file(tmp_path / "whole" / file), load_file(tmp_path / "killed" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file

@@ -91,6 +91,11 @@ def from_main(value):
     return box[0]
 
 
+def barrier() -> None:
+    if size() > 1:
+        dist.barrier()
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over processes, in place."""
     if size() > 1:

@@ -44,9 +44,10 @@ from .structured import prune_structured
 def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
     """The run's checkpoints (resume.py), checked against `--resume`/`--overwrite`; None when the run is not
     saved or has no sequential pass to checkpoint."""
-    if not config.out or config.structured or distributed.size() > 1:
+    if not config.out or config.structured:
         return None
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in FREE_KEYS}
+    fingerprint["processes"] = distributed.size()  # each holds its own share of the windows' activations
     fingerprint["calibration text sha256"] = hashlib.sha256(texts["calib"].encode()).hexdigest() if "calib" in texts \
         else None
     checkpoints = Checkpoints(Path(config.out), fingerprint)
@@ -287,7 +288,7 @@ def start_processes(config: RunConfig) -> None:
     distributed.check_same_config(config.to_dict())
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled), ("--tasks", bool(config.tasks)),
-        (f"method {config.method}", config.structured), ("--resume", config.resume)) if asked]
+        (f"method {config.method}", config.structured)) if asked]
     if unsupported:
         raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics, "
                             f"reconstruction and perplexity; it does not support {', '.join(unsupported)} yet")

@@ -16,6 +16,13 @@ A checkpoint is written after a step when `every_seconds` have passed since the 
 hundreds of MB of activations after each of SmolLM2's 60 half-blocks would add a fifth to the run) and
 after the last step, without activations: a crash in retraining or evaluation resumes after the pass.
 The folder is made at the first checkpoint and goes once the run's output is saved.
+
+Under torchrun each process holds its own share of the activations: process r > 0 writes its own
+`state-00012.rank<r>.safetensors` and `.json` beside process 0's, the processes wait for each other, and
+only then does process 0 write its `state-00012.json`, which completes the checkpoint for all of them.
+Process 0 alone checks the folder, writes the weights (the same in every process) and removes the folder;
+the number of processes is part of what must match. Over several nodes the output's folder must be on
+storage they share.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .errors import PrunelabError
 from .files import MARKER, pid_alive
 
@@ -65,7 +73,18 @@ class Checkpoints:
 
     # --- before any work -------------------------------------------------------------------------
     def open(self, resume: bool, overwrite: bool) -> None:
-        """Check what is there against what was asked; claim the folder for this process."""
+        """Check what is there against what was asked; claim the folder for this run (process 0 decides)."""
+        problem = None
+        if distributed.is_main():
+            try:
+                self._open(resume, overwrite)
+            except PrunelabError as exc:
+                problem = str(exc)
+        problem = distributed.from_main(problem)
+        if problem is not None:
+            raise PrunelabError(problem)
+
+    def _open(self, resume: bool, overwrite: bool) -> None:
         folder = self.folder
         if folder.exists():
             owner = _owner(folder)
@@ -89,6 +108,8 @@ class Checkpoints:
     def claim(self) -> None:
         """Mark the folder as this process's (created at the first checkpoint: a run that fails before
         one leaves nothing behind; a streamed run claims it at once, its output shards are written there)."""
+        if not distributed.is_main():
+            return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / MARKER).write_text(str(os.getpid()))
@@ -112,44 +133,53 @@ class Checkpoints:
 
     # --- during the pass --------------------------------------------------------------------------
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint: the newest `state-*.json` of process 0."""
         if not self.folder.is_dir():
             return None
-        steps = [int(p.stem.split("-")[1]) for p in self.folder.glob("state-*.json")]
+        steps = [int(p.name[len("state-"):].split(".")[0]) for p in self.folder.glob("state-*.json") if _rank(p) == 0]
         return max(steps) if steps else None
 
     def changed(self, *blocks: int) -> None:
         self.dirty.update(blocks)
 
     def due(self, step: int, steps: int) -> bool:
-        return step == steps or time.monotonic() - self.last_saved >= self.every_seconds
+        """Whether to checkpoint after `step`; process 0's clock decides for all processes."""
+        return distributed.from_main(step == steps or time.monotonic() - self.last_saved >= self.every_seconds)
 
     def save(self, step: int, blocks: list[torch.nn.Module], tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Checkpoint after `step` steps: the changed blocks' weights, `tensors` (the activations the
-        next step reads) and the RNG state, then `meta` (records; JSON), which completes it."""
-        if not (self.folder / MARKER).is_file():
+        """Checkpoint after `step` steps: the changed blocks' weights, `tensors` (this process's activations
+        the next step reads) and its RNG state, then `meta` (records; JSON); process 0's meta completes it."""
+        main, name, mine = distributed.is_main(), f"{step:05d}", _own_suffix()
+        if main and not (self.folder / MARKER).is_file():
             self.claim()
-        name = f"{step:05d}"
+        distributed.barrier()  # the folder exists before the other processes write into it
         # a streamed block that has left memory (its weights on the meta device) is in the output's shards
         weights = {f"{i}.{key}": value.detach().contiguous().cpu()
-                   for i in sorted(self.dirty) for key, value in blocks[i].state_dict().items() if not value.is_meta}
+                   for i in sorted(self.dirty) for key, value in blocks[i].state_dict().items()
+                   if not value.is_meta} if main else {}
         if weights:
             save_file(weights, self.folder / f"weights-{name}.safetensors")
         tensors = {key: value.contiguous().cpu() for key, value in tensors.items()}
-        save_file({**tensors, "rng_state": torch.get_rng_state()}, self.folder / f"state-{name}.safetensors")
-        partial = self.folder / f"state-{name}.json.tmp"
-        partial.write_text(json.dumps(meta))
-        os.replace(partial, self.folder / f"state-{name}.json")
+        save_file({**tensors, "rng_state": torch.get_rng_state()}, self.folder / f"state-{name}{mine}.safetensors")
+        if not main:
+            (self.folder / f"state-{name}{mine}.json").write_text(json.dumps(meta))
+        distributed.barrier()  # every process's part is on disk before process 0 completes the checkpoint
+        if main:
+            partial = self.folder / f"state-{name}.json.tmp"
+            partial.write_text(json.dumps(meta))
+            os.replace(partial, self.folder / f"state-{name}.json")
+        distributed.barrier()
         for old in self.folder.glob("state-*"):  # only the newest activations are ever read
-            if not old.name.startswith(f"state-{name}."):
+            if _rank(old) == distributed.rank() and not old.name.startswith(f"state-{name}{mine}."):
                 old.unlink()
         self.dirty.clear()
         self.last_saved = time.monotonic()
 
     def load(self, blocks: list[torch.nn.Module]) -> tuple[int, dict[str, torch.Tensor], dict]:
-        """Put the newest checkpoint's weights into `blocks` and its RNG state into torch; returns
-        (steps done, the activations saved with it, its meta)."""
+        """Put the newest checkpoint's weights into `blocks` and this process's RNG state into torch; returns
+        (steps done, this process's activations saved with it, its meta)."""
         step = self.latest_step()
-        name = f"{step:05d}"
+        name, mine = f"{step:05d}", _own_suffix()
         for file in sorted(self.folder.glob("weights-*.safetensors")):
             if int(file.stem.split("-")[1]) > step:
                 continue  # written by a checkpoint that did not complete
@@ -159,15 +189,26 @@ class Checkpoints:
                 by_block.setdefault(int(index), {})[rest] = value
             for index, state in by_block.items():
                 blocks[index].load_state_dict(state, strict=True)
-        tensors = load_file(self.folder / f"state-{name}.safetensors")
+        tensors = load_file(self.folder / f"state-{name}{mine}.safetensors")
         torch.set_rng_state(tensors.pop("rng_state"))
-        meta = json.loads((self.folder / f"state-{name}.json").read_text())
+        meta = json.loads((self.folder / f"state-{name}{mine}.json").read_text())
         self.last_saved = time.monotonic()
         return step, tensors, meta
 
     # --- after the run ----------------------------------------------------------------------------
     def finish(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _own_suffix() -> str:
+    return f".rank{distributed.rank()}" if distributed.rank() else ""
+
+
+def _rank(path: Path) -> int:
+    """The process whose file `path` is (`state-00012.rank1.json` → 1; process 0's files carry no rank)."""
+    part = path.name.split(".")[1]
+    return int(part[len("rank"):]) if part.startswith("rank") else 0
 
 
 def _owner(folder: Path) -> int | None:
