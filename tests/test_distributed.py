@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_model
 
 import prunelab
 from prunelab.distributed import share
@@ -177,3 +178,39 @@ def test_two_processes_killed_then_resumed_give_the_same_weights(tiny_dir, texts
     for file in files:
         a, b = load_file(tmp_path / "whole" / file), load_file(tmp_path / "killed" / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+@pytest.mark.parametrize("method", [
+    ["--method", "flap", "--ratio", "0.25"],
+    ["--method", "flap", "--ratio", "0.25", "--reconstruct", "attn-mlp", "--lr", "1e-3", "--heldout", "4",
+     "--batch-size", "2"],
+    ["--method", "layers", "--remove", "2", "--metric", "bi"],
+    ["--method", "layers", "--remove", "1", "--metric", "taylor", "--protect-first", "0", "--protect-last", "0"],
+    ["--method", "layers", "--remove", "1", "--metric", "ppl", "--no-compensation"],
+], ids=["flap", "flap+attn-mlp", "layers-bi", "layers-taylor", "layers-ppl"])
+def test_two_processes_prune_structure_like_one(tokenizer, texts, tmp_path, method):
+    """FLAP's fluctuations and the depth scores (block influence, Taylor gradients, losses without a block)
+    summed over processes: the same units and blocks go as in one process."""
+    folder = tmp_path / "tiny-4"
+    tiny_model("llama", layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        done = torchrun(run_args(folder, texts, out, *method), processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = json.loads((out / "prunelab.json").read_text())
+    one, two = runs[1], runs[2]
+    assert two["data"]["processes"]["world_size"] == 2 and "processes" not in one["data"]
+    if "flap" in method:
+        assert [layer["removed"] for layer in two["structure"]["layers"]] == \
+            [layer["removed"] for layer in one["structure"]["layers"]]
+        kept = [json.loads((tmp_path / f"p{n}" / "prunelab_structure.json").read_text()) for n in (1, 2)]
+        assert kept[0] == kept[1]  # the same rows and columns of every narrowed linear
+    else:
+        assert two["structure"]["removed"] == one["structure"]["removed"]
+        for mine, theirs in zip(two["structure"]["steps"], one["structure"]["steps"]):
+            assert mine["scores"] == pytest.approx(theirs["scores"], rel=1e-5)
+    tolerance = 5e-3 if "attn-mlp" in method else 1e-5
+    assert two["metrics"]["pruned"]["perplexity"] == pytest.approx(one["metrics"]["pruned"]["perplexity"],
+                                                                   rel=tolerance)

@@ -97,8 +97,12 @@ def barrier() -> None:
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over processes, in place."""
-    if size() > 1:
+    """`tensor` summed over processes, in place (a CPU tensor goes through the GPU under NCCL)."""
+    if size() == 1:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        tensor.copy_(all_sum(tensor.to(torch.device("cuda", torch.cuda.current_device()))))
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -106,8 +110,7 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_sum_float(value: float) -> float:
     if size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    return float(all_sum(torch.tensor([value], dtype=torch.float64, device=device)).item())
+    return float(all_sum(torch.tensor([value], dtype=torch.float64)).item())
 
 
 def layout(local: int) -> tuple[int, int]:

@@ -287,8 +287,7 @@ def start_processes(config: RunConfig) -> None:
         return
     distributed.check_same_config(config.to_dict())
     unsupported = [what for what, asked in (
-        ("--retrain", config.retrain.enabled), ("--tasks", bool(config.tasks)),
-        (f"method {config.method}", config.structured)) if asked]
+        ("--retrain", config.retrain.enabled), ("--tasks", bool(config.tasks))) if asked]
     if unsupported:
         raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics, "
                             f"reconstruction and perplexity; it does not support {', '.join(unsupported)} yet")

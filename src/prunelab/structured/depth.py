@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..activations import StandIn, run_blocks
 from ..config import DEPTH_METRICS, RunConfig
 from ..errors import PrunelabError
@@ -73,6 +74,9 @@ def survey(
             count = weights.sum(1).clamp_min(1)
             ratio = ((last.abs() * weights).sum(1) / count) / ((first.abs() * weights).sum(1) / count).clamp_min(1e-12)
             scale[i + 1 - span] += float(ratio.mean(-1).sum())
+    distributed.all_sum(distance)  # data parallel: sums over every process's windows
+    distributed.all_sum(scale)
+    tokens, windows = distributed.all_sum_float(tokens), distributed.all_sum_float(windows)
     if not torch.isfinite(distance).all() or not torch.isfinite(scale).all():
         raise PrunelabError(
             "non-finite activations (NaN/inf) in the decoder blocks; the model's weights or inputs are broken"
@@ -93,15 +97,16 @@ def language_model_loss(
     model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int, backward: bool = False
 ) -> float:
     """Mean next-token loss over the calibration windows (pads excluded); with `backward`,
-    gradients accumulate in whatever requires them, weighted as that mean."""
-    total, windows = 0.0, ids.shape[0]
+    gradients accumulate in whatever requires them, weighted as that mean (data parallel: this process's
+    part of the mean over every process's windows; the caller sums the gradients)."""
+    total, windows = 0.0, distributed.all_sum_float(ids.shape[0])
     for x, mask, labels in _labelled_batches(model, ids, attention_mask, batch_size):
         with torch.set_grad_enabled(backward):
             loss = model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).loss
             if backward:
                 (loss * x.shape[0] / windows).backward()
         total += float(loss.detach()) * x.shape[0]
-    return total / windows
+    return distributed.all_sum_float(total) / windows
 
 
 class _Skip(StandIn):
@@ -173,7 +178,7 @@ def skip_losses(
         for i, block in enumerate(originals):
             blocks[i] = block
         bar.close()
-    return losses / windows
+    return distributed.all_sum(losses) / distributed.all_sum_float(windows)
 
 
 def _weights(block: nn.Module) -> list[nn.Parameter]:
@@ -208,6 +213,10 @@ def score_blocks(
             # one window per backward pass: the logits and their gradient take seqlen × vocab floats per
             # window (SmolLM2: 9.6 GB peak at 8 windows, 2.8 GB at 1, and faster), and the sum is the same
             language_model_loss(model, ids, attention_mask, 1, backward=True)
+            for w in (w for ws in weights for w in ws):  # data parallel: every process's windows
+                if w.grad is None:  # every process takes part in every sum
+                    w.grad = torch.zeros_like(w)
+                distributed.all_sum(w.grad)
             scores = torch.tensor([sum(float((w.detach() * w.grad).abs().sum()) for w in ws) for ws in weights])
         finally:
             for p, flag in requires.items():

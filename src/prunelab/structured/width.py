@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..activations import run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
@@ -121,7 +122,11 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
     finally:
         for handle in handles:
             handle.remove()
-    for layer in layers:
+    for layer in layers:  # data parallel: every process's windows in one set of moments
+        moments = layer.moments
+        distributed.all_sum(moments.total)
+        distributed.all_sum(moments.squares)
+        moments.count = round(distributed.all_sum_float(moments.count))
         if not torch.isfinite(layer.moments.squares).all():
             raise PrunelabError(f"non-finite activations (NaN/inf) enter {layer.name}'s output projection")
 
