@@ -16,8 +16,8 @@ from prunelab.errors import PrunelabError
 from prunelab.resume import checkpoint_folder
 
 
-def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+def torchrun(args: list[str], processes: int = 2, **environment) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", **environment)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "prunelab", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -112,10 +112,49 @@ def test_two_processes_stream_like_one(tiny_dir, texts, tmp_path):
     assert report["sparsity"]["sparsity"] == single["sparsity"]["sparsity"]
 
 
-def test_data_parallel_refusals(tiny_dir, texts, tmp_path):
-    done = torchrun(run_args(tiny_dir, texts, tmp_path / "out", "--retrain", "full"))
-    assert done.returncode != 0 and "does not support --retrain" in done.stderr
+def test_data_parallel_refusals(tiny_dir, tokenizer, texts, tmp_path):
+    folder = tmp_path / "tiny-moe"
+    tiny_model("mixtral").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    done = torchrun(run_args(folder, texts, tmp_path / "out"))
+    assert done.returncode != 0 and "does not support routed experts" in done.stderr
+    done = torchrun(run_args(tiny_dir, texts, tmp_path / "out", "--samples", "1"))
+    assert done.returncode != 0 and "2 processes but only 1 calibration windows" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "masklora"])
+def test_two_processes_retrain_and_score_tasks_like_one(tiny_dir, texts, tmp_path, method):
+    """Retraining's step windows split between the processes, gradients summed; the zero-shot tasks scored by
+    process 0 on the model every process holds."""
+    from test_zeroshot import write_task
+
+    from prunelab.evaluate.zeroshot import CONVERSION, OFFLINE_TASKS
+    cache = tmp_path / "cache"
+    tasks = cache / "tasks" / f"bigbench-mc-{CONVERSION}"
+    tasks.mkdir(parents=True)
+    for name in OFFLINE_TASKS:
+        write_task(tasks, name)
+    extra = ["--retrain", method, "--retrain-tokens", str(12 * 32), "--retrain-batch", "2", "--retrain-accumulate",
+             "2", "--retrain-lr", "1e-3", "--retrain-heldout", "3", "--retrain-evals", "2", "--lora-rank", "4",
+             "--tasks", "bb_timedial", "--task-limit", "0"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        done = torchrun(run_args(tiny_dir, texts, out, *extra), processes=processes, PRUNELAB_CACHE=str(cache))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = json.loads((out / "prunelab.json").read_text())
+    one, two = runs[1]["retraining"], runs[2]["retraining"]
+    assert (one["steps"], one["tokens_seen"]) == (two["steps"], two["tokens_seen"]) == (3, 12 * 32)
+    assert two["heldout_loss_after"] < two["heldout_loss_before"]
+    for a, b in zip(one["curve"]["train"] + one["curve"]["heldout"], two["curve"]["train"] + two["curve"]["heldout"]):
+        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-4)
+    a, b = load_file(tmp_path / "p1" / "model.safetensors"), load_file(tmp_path / "p2" / "model.safetensors")
+    for name in runs[1]["sparsity"]["layers"]:
+        assert torch.equal(a[name] == 0, b[name] == 0), name  # the mask kept in both
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
+    assert runs[2]["metrics"]["zeroshot"]["tasks"] == runs[1]["metrics"]["zeroshot"]["tasks"]
+    assert runs[2]["metrics"]["zeroshot"]["tasks"]["bb_timedial"]["examples"] == 5
 
 
 def test_share_of_windows():

@@ -20,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .errors import PrunelabError
+
+WAIT = timedelta(hours=6)
 
 
 def size() -> int:
@@ -48,7 +51,9 @@ def start(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    # the others wait while process 0 alone writes the output or runs the zero-shot tasks: for a large
+    # model that takes far longer than the default timeout (NCCL: 10 minutes)
+    dist.init_process_group(backend=backend, timeout=WAIT)
 
 
 def device_for(device: torch.device) -> torch.device:

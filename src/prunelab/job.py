@@ -180,10 +180,12 @@ class Job:
                                            progress=self.progress, desc=desc)
 
     def zero_shot(self, key: str) -> None:
+        """lm-eval on the model in memory; under torchrun process 0 alone runs it (the harness does not split
+        an in-memory model's requests) and the others wait for its result."""
         with stage(f"tasks_{key}" if key == "dense" else "tasks", self.stages):
-            self.metrics[f"zeroshot_{key}" if key == "dense" else "zeroshot"] = zero_shot(
-                self.model, self.tokenizer, task_names(self.config.tasks), self.config.task_limit,
-                self.config.task_batch)
+            result = zero_shot(self.model, self.tokenizer, task_names(self.config.tasks), self.config.task_limit,
+                               self.config.task_batch) if distributed.is_main() else None
+            self.metrics[f"zeroshot_{key}" if key == "dense" else "zeroshot"] = distributed.from_main(result)
 
     def retrain(self) -> None:
         """Retrain after pruning (and reconstruction); the pruned weights must still be zero afterwards."""
@@ -281,16 +283,11 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
 
 
 def start_processes(config: RunConfig) -> None:
-    """Under torchrun: join the process group and refuse what data parallelism does not cover yet."""
+    """Under torchrun: join the process group; every process must run the same job."""
     distributed.start(resolve_device(config.device))
     if distributed.size() == 1:
         return
     distributed.check_same_config(config.to_dict())
-    unsupported = [what for what, asked in (
-        ("--retrain", config.retrain.enabled), ("--tasks", bool(config.tasks))) if asked]
-    if unsupported:
-        raise PrunelabError(f"{distributed.size()} processes (torchrun): data parallelism covers pruning statistics, "
-                            f"reconstruction and perplexity; it does not support {', '.join(unsupported)} yet")
 
 
 def run_job(config: RunConfig, progress: bool = True) -> Report:

@@ -14,6 +14,10 @@ until the token budget is spent:
 
 `lr: auto` trains each learning rate of the grid for a `probe` fraction of the steps from the same start
 and keeps the one with the lowest held-out loss (held-out calibration windows, as reconstruction does).
+
+Data parallel (torchrun): every process holds every window; each step's windows are split among the
+processes, each divides its summed loss by the step's tokens over all of them, and the gradients are
+summed before the step, so every process takes the step one process would (up to summation order).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
@@ -144,34 +149,39 @@ class Retraining:
         self.model.eval()
         total, tokens = 0.0, 0
         with autocast(self.bfloat16, self.device):
-            for batch in self.heldout_ids.split(self.rt.batch_size):
+            for batch in _mine(self.heldout_ids).split(self.rt.batch_size):
                 nll, count = token_nll(self.model, batch.to(self.device))
                 total, tokens = total + nll.item(), tokens + count
-        return total / tokens
+        return distributed.all_sum_float(total) / distributed.all_sum_float(tokens)
 
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
+    def step_windows(self, step: int) -> torch.Tensor:
         per_step = self.rt.batch_size * self.rt.accumulate
-        windows = self.order[step * per_step:(step + 1) * per_step]
-        return [self.train_ids[w].to(self.device) for w in windows.split(self.rt.batch_size)]
+        return self.order[step * per_step:(step + 1) * per_step]
 
     def step(self, optimizer, scheduler, step: int) -> tuple[float, int]:
         """One optimiser step over `accumulate` micro-batches; the mean loss and the tokens it saw."""
-        batches = self.micro_batches(step)
-        predicted = sum(b[:, 1:].numel() for b in batches)
+        windows = self.step_windows(step)
+        predicted = windows.numel() * (self.train_ids.shape[1] - 1)  # over every process's part of the step
         total = 0.0
-        for batch in batches:
+        for part in _mine(windows).split(self.rt.batch_size):
             with autocast(self.bfloat16, self.device):
-                nll, _ = token_nll(self.model, batch)
+                nll, _ = token_nll(self.model, self.train_ids[part].to(self.device))
             loss = nll / predicted
-            if not torch.isfinite(loss):
-                raise Diverged(f"retraining loss became {loss.item()}; choose a smaller --retrain-lr")
             loss.backward()
             total += loss.item()
+        total = distributed.all_sum_float(total)
+        if not math.isfinite(total):
+            raise Diverged(f"retraining loss became {total}; choose a smaller --retrain-lr")
+        if distributed.size() > 1:
+            for p in self.trainable.params:  # one at a time: no second copy of a whole model's gradients
+                if p.grad is None:  # a process without windows in this step still takes part in every sum
+                    p.grad = torch.zeros_like(p)
+                distributed.all_sum(p.grad)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.trainable.enforce_mask()
-        return total, sum(b.numel() for b in batches)
+        return total, windows.numel() * self.train_ids.shape[1]
 
     def train(self, lr: float, steps: int, curve: dict | None = None) -> dict:
         """`steps` optimiser steps at peak rate `lr` (warm-up and decay over those steps)."""
@@ -258,6 +268,11 @@ class Retraining:
             "checkpointing": checkpointing, "seconds": round(time.perf_counter() - started, 2),
             "heldout_loss_before": curve["heldout"][0][2], "heldout_loss_after": curve["heldout"][-1][2],
             "curve": curve, **({"rank": rt.rank, "alpha": rt.alpha} if rt.method == "masklora" else {})}
+
+
+def _mine(windows: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous part of `windows` (all of them in one process; maybe none under torchrun)."""
+    return torch.tensor_split(windows, distributed.size())[distributed.rank()]
 
 
 def retrain(model: nn.Module, masked: dict[str, torch.Tensor], config: RunConfig, train_ids: torch.Tensor,
