@@ -120,6 +120,15 @@ def test_data_parallel_refusals(tiny_dir, tokenizer, texts, tmp_path):
     assert done.returncode != 0 and "does not support routed experts" in done.stderr
     done = torchrun(run_args(tiny_dir, texts, tmp_path / "out", "--samples", "1"))
     assert done.returncode != 0 and "2 processes but only 1 calibration windows" in done.stderr
+    # a launcher that gives process 1 another sparsity
+    script = tmp_path / "uneven.py"
+    script.write_text("import os, sys\nfrom prunelab.cli import app\nsys.argv = ['prunelab', *sys.argv[1:]]\n"
+                      "if os.environ['RANK'] == '1':\n    sys.argv += ['--sparsity', '0.6']\napp()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), *run_args(tiny_dir, texts, tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "process 1 was started with a different config than process 0" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -83,6 +83,10 @@ def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_di
     (["--threads", "-1"], "threads must be a positive integer"),
     (["--out", ""], "out must not be empty"),
     (["--lr", "fast"], "reconstruct.lr must be a positive number or 'auto', got 'fast'"),
+    (["--device", "gpu7"], "unknown device 'gpu7'"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"],
+     f"device 'cuda:{torch.cuda.device_count()}' does not exist" if torch.cuda.is_available()
+     else f"device 'cuda:{torch.cuda.device_count()}' requested but CUDA is not available"),
 ])
 def test_bad_flags_give_one_line_errors(args, message, tiny_dir, texts, tmp_path):
     code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), *args)
