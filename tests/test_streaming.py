@@ -75,6 +75,39 @@ def test_eval_streams_a_model_larger_than_the_budget(four_blocks, texts, tmp_pat
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5) and b["sparsity"] == a["sparsity"]
 
 
+@pytest.mark.parametrize("structure", ["adaptive", "uniform"])
+def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, structure):
+    """FLAP of a model larger than the budget: statistics pass, choice over all layers, narrowing pass; the
+    same units go, the same narrowed (and bias-compensated) weights are written, and both evaluate alike."""
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+    from prunelab.models.narrow import read_structure
+    width = {"ratio": 0.25, "structure": structure}
+    whole = run(four_blocks, texts, tmp_path / "whole", method="flap", width=width, speed=False)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", method="flap", width=width, max_memory=TINY_BUDGET)
+    assert "streamed" not in whole["model"] and streamed["model"]["streamed"]["shards"] == 5
+    assert streamed["structure"]["layers"] == whole["structure"]["layers"]
+    assert any(layer["removed"] for layer in whole["structure"]["layers"])
+    assert read_structure(tmp_path / "streamed") == read_structure(tmp_path / "whole")
+    for key in ("parameters_before", "parameters_after", "parameters_saved"):
+        assert streamed["structure"][key] == whole["structure"][key], key
+    assert whole["structure"]["parameters_after"] < whole["structure"]["parameters_before"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and any(k.endswith(".bias") for k in got)  # compensation biases
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+    # the narrowed output streams in `prunelab eval` too
+    args = ["eval", "--model", str(tmp_path / "streamed"), "--eval", str(texts[1]), "--eval-seqlen", "32",
+            "--eval-windows", "4", "--json", "--max-memory", str(TINY_BUDGET)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"], rel=1e-5)
+
+
 def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts):
     folder = tmp_path / "bf16"
     tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
@@ -125,6 +158,10 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
 def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
     with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support --retrain"):
         run(four_blocks, texts, tmp_path / "out", retrain="full", max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match=r"which does not support method layers"):
+        run(four_blocks, texts, tmp_path / "out", method="layers", depth={"remove": 1}, max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match=r"which does not support reconstruction after flap"):
+        run(four_blocks, texts, tmp_path / "out", method="flap", reconstruct="attn-mlp", max_memory=TINY_BUDGET)
     with pytest.raises(PrunelabError, match=r"budget 1e-05 GB \(--max-memory\) is smaller than one decoder block"):
         run(four_blocks, texts, tmp_path / "out", max_memory=1e-5)
     with pytest.raises(PrunelabError, match="max_memory must be > 0"):

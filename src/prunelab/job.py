@@ -38,7 +38,7 @@ from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
 from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, largest_block, streamed_perplexity
-from .structured import prune_structured
+from .structured import prune_structured, prune_width_streamed
 
 
 def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
@@ -273,7 +273,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
                             f"this model ({block:.3g} GB in {config.model_dtype}); streaming holds one block at a time")
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
-        ("--tasks", bool(config.tasks)), (f"method {config.method}", config.structured),
+        ("--tasks", bool(config.tasks)), ("method layers", config.method == "layers"),
+        ("reconstruction after flap", config.method == "flap" and config.reconstruct.enabled),
         ("a saved output (--out)", saving and not config.out)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
@@ -381,25 +382,16 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         visits = StreamedPruning(streamed, writer)
         streamed_pass(job, visits)
         with stage("save", job.stages):
-            sparsity = None
-            if main:
-                writer.move(tmp)
-                writer.finish()
-                job.model.config.save_pretrained(tmp)
-                job.tokenizer.save_pretrained(tmp)
-                sparsity = sparsity_of_saved(tmp, list(visits.zeros_before))
-            sparsity = distributed.from_main(sparsity)  # (the others wait here until the output is written)
+            saved = save_streamed(job, writer, visits, tmp) if main else None
+            saved = distributed.from_main(saved)  # (the others wait here until the output is written)
         if config.eval != "none":
             with stage("eval", job.stages):
                 job.metrics["pruned"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch,
                                                             checkpoint=Checkpoint(tmp), progress=job.progress,
                                                             desc="perplexity (pruned)")
-        before = sum(visits.zeros_before.values())
-        for name, entry in sparsity["layers"].items():
-            entry["zeros_before"] = visits.zeros_before[name]
-        sparsity.update(zeros_before=before, sparsity_before=before / max(sparsity["numel"], 1),
-                        measured_on="saved safetensors")
-        report = job.report(None, sparsity)
+        if job.structure is not None:
+            job.structure["parameters_saved"] = saved
+        report = job.report(None, None if job.structure is not None else saved)
         report["model"]["streamed"] = {"weights_gb": round(size_gb, 2), "budget_gb": round(budget_gb, 2),
                                        "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
                                        "shards": writer.count, "large_allocations_mapped": mapped}
@@ -409,10 +401,34 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     return report
 
 
+def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: Path) -> dict | int:
+    """The streamed output completed in `tmp`: its sparsity read back from the files (FLAP: the numbers
+    stored)."""
+    writer.move(tmp)
+    writer.finish()
+    job.model.config.save_pretrained(tmp)
+    job.tokenizer.save_pretrained(tmp)
+    if job.structure is not None:
+        write_structure(tmp, job.structure.pop("linears"))
+        return saved_parameter_count(tmp)
+    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before))
+    for name, entry in sparsity["layers"].items():
+        entry["zeros_before"] = visits.zeros_before[name]
+    before = sum(visits.zeros_before.values())
+    sparsity.update(zeros_before=before, sparsity_before=before / max(sparsity["numel"], 1),
+                    measured_on="saved safetensors")
+    return sparsity
+
+
 def streamed_pass(job: Job, visits: StreamedPruning) -> None:
     """Pruning, or pruning with reconstruction, of a streamed model: each block in memory for its turn only."""
     config = job.config
-    if config.reconstruct.enabled:
+    if config.method == "flap":
+        with stage("prune", job.stages):
+            job.structure = {"parameters_before": parameter_count(job.model)}
+            job.structure.update(prune_width_streamed(visits, job.calib_ids, config, progress=job.progress))
+            job.structure["parameters_after"] = parameter_count(job.model)
+    elif config.reconstruct.enabled:
         with stage("prune+reconstruct", job.stages):
             job.layers, job.reconstruction = prune_and_reconstruct(
                 job.model, job.adapter, job.calib_ids, job.heldout_ids, config, progress=job.progress,

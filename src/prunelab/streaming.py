@@ -40,6 +40,7 @@ from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .models.adapters import Adapter, find_adapter, first_output
+from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
 
@@ -116,6 +117,8 @@ class StreamedModel:
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config)
+            if (Path(folder) / STRUCTURE_FILE).is_file():  # narrowed by FLAP: its linears have their own shapes
+                narrow_linears(self.model, read_structure(folder))
         self.model.eval()
         self.model.config.use_cache = False
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
@@ -142,8 +145,10 @@ class StreamedModel:
         """Block `index` with its weights from `checkpoint` (default: the input), in the compute dtype."""
         block = self.adapter.blocks[index]
         prefix = f"{self.prefix}.{index}."
+        # the output of a streamed FLAP run has biases its input had not
+        names = self.block_names[index] if checkpoint is None else [n for n in checkpoint.files if n.startswith(prefix)]
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
-        for name, tensor in (checkpoint or self.source).tensors(self.block_names[index]):
+        for name, tensor in (checkpoint or self.source).tensors(names):
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         return block
 
@@ -186,6 +191,7 @@ class StreamedModel:
             for name, param in list(model.named_parameters(remove_duplicate=False)):  # both names of a tied one
                 if not name.startswith(self.prefix + ".") and param.device.type != "meta":
                     set_module_tensor_to_device(model, name, "meta")
+            model.tie_weights()  # the skeleton stays what it was: one tensor under both names
 
     def _sliced_head(self, head: nn.Linear, rows: int = 16384):
         def forward(x: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,9 @@ def write_structure(folder: Path, linears: dict[str, dict]) -> None:
 
 def load_narrow(folder: Path, dtype: torch.dtype):
     """A model saved after width pruning: built from its config, narrowed as recorded, then loaded."""
-    record = json.loads((folder / STRUCTURE_FILE).read_text())
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    modules = dict(model.named_modules())
-    for name, entry in record["linears"].items():
-        parent, _, child = name.rpartition(".")
-        old = modules[name]
-        rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
-        cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
-        setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype))
+    narrow_linears(model, read_structure(folder), dtype)
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(path)))
@@ -45,6 +38,22 @@ def load_narrow(folder: Path, dtype: torch.dtype):
                             f"unexpected {sorted(unexpected)[:3]}")
     model.tie_weights()
     return model.eval()
+
+
+def read_structure(folder: Path) -> dict[str, dict]:
+    return json.loads((Path(folder) / STRUCTURE_FILE).read_text())["linears"]
+
+
+def narrow_linears(model: nn.Module, linears: dict[str, dict], dtype: torch.dtype | None = None) -> None:
+    """Replace the recorded linears by ones of their narrowed shapes (uninitialised; on the meta device
+    under accelerate's `init_empty_weights`)."""
+    modules = dict(model.named_modules())
+    for name, entry in linears.items():
+        parent, _, child = name.rpartition(".")
+        old = modules[name]
+        rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
+        cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
+        setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype or old.weight.dtype))
 
 
 def _expand(linear: nn.Linear, entry: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import RunConfig
 from ..models.adapters import Adapter
 from .depth import prune_depth
-from .width import prune_width
+from .width import prune_width, prune_width_streamed
 
 
 def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,
@@ -18,4 +18,4 @@ def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | Non
     return prune(model, adapter, ids, config, attention_mask=attention_mask, progress=progress)
 
 
-__all__ = ["prune_depth", "prune_structured", "prune_width"]
+__all__ = ["prune_depth", "prune_structured", "prune_width", "prune_width_streamed"]

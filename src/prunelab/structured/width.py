@@ -15,6 +15,10 @@ uniform   remove `ratio` of the units of every layer
 Bias compensation keeps the writer's expected output: b ← b + W[:, removed] · E[x_removed]
 (a bias is added where the architecture had none). Every layer keeps at least one unit.
 Whole KV groups go together, so every layer keeps the model's query-per-KV-head ratio.
+
+A model larger than memory (`prune_width_streamed`) takes two passes over its blocks, one in memory at a
+time: the first gathers every layer's moments and column norms, the units are chosen over all layers,
+and the second narrows each block and hands it to be written.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..activations import run_blocks
+from ..activations import capture_block_inputs, run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
-from ..models.adapters import Adapter, Width
+from ..models.adapters import Adapter, Width, first_output
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Layer:
     block: int
     width: Width
     moments: Moments
+    columns: torch.Tensor | None = None  # ‖W[:, c]‖² of the writer, taken while its weights are in memory
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     removed: list[int] = field(default_factory=list)  # unit indices
 
@@ -91,11 +96,23 @@ class Layer:
 
 
 def flap_layers(adapter: Adapter) -> list[Layer]:
-    layers = []
-    for i, block in enumerate(adapter.blocks):
-        for width in adapter.widths(block):
-            layers.append(Layer(i, width, Moments.of(width.linear(width.writer).in_features)))
-    return layers
+    return [layer for i, block in enumerate(adapter.blocks) for layer in block_layers(adapter, i, block)]
+
+
+def block_layers(adapter: Adapter, index: int, block: nn.Module) -> list[Layer]:
+    return [Layer(index, width, Moments.of(width.linear(width.writer).in_features)) for width in adapter.widths(block)]
+
+
+def writer_inputs(layers: list[Layer]):
+    """Forward pre-hooks on the layers' writers; returns (what each saw in the last call, the hooks)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(n: int):
+        def record(module, args):
+            seen[n] = args[0]
+        return record
+
+    return seen, [layer.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
 
 
 @torch.no_grad()
@@ -103,14 +120,7 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
             attention_mask: torch.Tensor | None, batch_size: int, progress: bool) -> None:
     """Moments of every writer's input over the calibration tokens of the dense model (pads excluded).
     The blocks run one after another on captured inputs: the LM head's logits are never computed."""
-    seen: dict[int, torch.Tensor] = {}  # writer input of each layer in the block that just ran
-
-    def hook(n: int):
-        def record(module, args):
-            seen[n] = args[0]
-        return record
-
-    handles = [layer.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
+    seen, handles = writer_inputs(layers)
     steps = -(-ids.shape[0] // batch_size) * len(adapter.blocks)
     try:
         # the batch's pad mask arrives with the block's output, so the moments are taken then
@@ -122,20 +132,30 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
     finally:
         for handle in handles:
             handle.remove()
-    for layer in layers:  # data parallel: every process's windows in one set of moments
+    for layer in layers:
+        layer.columns = column_norms(layer)
+    reduce_moments(layers)
+
+
+def column_norms(layer: Layer) -> torch.Tensor:
+    return layer.writer.weight.detach().double().pow(2).sum(0).cpu()
+
+
+def reduce_moments(layers: list[Layer]) -> None:
+    """Data parallel: every process's windows in one set of moments; then check them."""
+    for layer in layers:
         moments = layer.moments
         distributed.all_sum(moments.total)
         distributed.all_sum(moments.squares)
         moments.count = round(distributed.all_sum_float(moments.count))
-        if not torch.isfinite(layer.moments.squares).all():
+        if not torch.isfinite(moments.squares).all():
             raise PrunelabError(f"non-finite activations (NaN/inf) enter {layer.name}'s output projection")
 
 
 def score(layers: list[Layer]) -> None:
     """Fluctuation × squared column norm per channel, standardised per layer, averaged per unit."""
     for layer in layers:
-        column = layer.writer.weight.detach().double().pow(2).sum(0).cpu()
-        channel = layer.moments.variance * column
+        channel = layer.moments.variance * layer.columns
         z = (channel - channel.mean()) / channel.std().clamp_min(1e-12)
         layer.scores = torch.stack([z[unit].mean() for unit in layer.units])
 
@@ -217,7 +237,51 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
     collect(model, adapter, layers, ids, attention_mask, config.forward_batch, progress)
     score(layers)
     choose(layers, wc.ratio, wc.structure)
-    linears = apply(layers, wc.bias_compensation, adapter.blocks_prefix)
+    return width_report(config, layers, apply(layers, wc.bias_compensation, adapter.blocks_prefix))
+
+
+def prune_width_streamed(visits, ids: torch.Tensor, config: RunConfig, progress: bool = True) -> dict:
+    """FLAP of a model larger than memory (`visits`: streaming.StreamedPruning, which loads a block, and
+    writes and drops it): the statistics pass, the choice over all layers, then the narrowing pass."""
+    streamed, wc = visits.streamed, config.width
+    blocks = streamed.adapter.blocks
+    with torch.no_grad():
+        with streamed.outer("input") as model:
+            stream = capture_block_inputs(model, blocks, ids, None, config.forward_batch, torch.float32)
+        layers = []
+        for index in tqdm(range(len(blocks)), desc="FLAP statistics", unit="block", disable=not progress):
+            block = streamed.load_block(index)
+            found = block_layers(streamed.adapter, index, block)
+            seen, handles = writer_inputs(found)
+            try:
+                for b, rows in stream.batches():
+                    x = stream.hidden[rows].to(streamed.compute_dtype)
+                    stream.hidden[rows] = first_output(block(x, **stream.block_kwargs[index][b])).float()
+                    for n, x in seen.items():
+                        found[n].moments.add(x)
+                    seen.clear()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for layer in found:
+                layer.columns = column_norms(layer)
+            streamed.drop_block(index)
+            layers += found
+        del stream
+    reduce_moments(layers)
+    score(layers)
+    choose(layers, wc.ratio, wc.structure)
+    linears = {}
+    for index in tqdm(range(len(blocks)), desc="FLAP narrowing", unit="block", disable=not progress):
+        visits.enter(index)
+        linears.update(apply([layer for layer in layers if layer.block == index], wc.bias_compensation,
+                             streamed.prefix))
+        visits.leave(index)
+    return width_report(config, layers, linears)
+
+
+def width_report(config: RunConfig, layers: list[Layer], linears: dict[str, dict]) -> dict:
+    wc = config.width
     return {
         "ratio": wc.ratio, "structure": wc.structure, "bias_compensation": wc.bias_compensation,
         "layers": [{"layer": layer.name, "units": len(layer.units), "removed": len(layer.removed),
