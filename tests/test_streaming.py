@@ -108,6 +108,37 @@ def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, 
     assert result["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"], rel=1e-5)
 
 
+@pytest.mark.parametrize("depth", [
+    {"remove": 2, "metric": "bi"},
+    {"remove": 2, "metric": "bi", "one_shot": True},
+    {"remove": 1, "metric": "mag", "protect_first": 0, "protect_last": 0},
+    {"remove": 2, "metric": "bi", "compensation": False},
+], ids=["bi", "bi-one-shot", "mag", "bi-no-compensation"])
+def test_streamed_layer_removal_equals_the_whole_model_run(four_blocks, texts, tmp_path, depth):
+    """Each round one pass over the streamed blocks, the compensation kept as scale factors: the same blocks
+    go, and the kept ones are written renumbered with the same (compensated) weights."""
+    whole = run(four_blocks, texts, tmp_path / "whole", method="layers", depth=depth, speed=False)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", method="layers", depth=depth, max_memory=TINY_BUDGET)
+    assert "streamed" not in whole["model"] and streamed["model"]["streamed"]
+    ours, theirs = streamed["structure"], whole["structure"]
+    assert ours["removed"] == theirs["removed"] and ours["kept"] == theirs["kept"] and len(ours["kept"]) == 4 - depth[
+        "remove"]
+    for mine, other in zip(ours["steps"], theirs["steps"]):
+        assert mine["removed"] == other["removed"]
+        assert mine["scores"] == pytest.approx(other["scores"], rel=1e-5)
+        assert mine["scale"] == (pytest.approx(other["scale"], rel=1e-5) if other["scale"] else None)
+    for key in ("parameters_before", "parameters_after", "parameters_saved"):
+        assert ours[key] == theirs[key], key
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")  # an ordinary sharded checkpoint
+    assert reloaded.config.num_hidden_layers == len(ours["kept"])
+
+
 def test_bfloat16_checkpoint_streams_in_its_own_dtype(tmp_path, tokenizer, texts):
     folder = tmp_path / "bf16"
     tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
@@ -158,8 +189,9 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
 def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
     with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support --retrain"):
         run(four_blocks, texts, tmp_path / "out", retrain="full", max_memory=TINY_BUDGET)
-    with pytest.raises(PrunelabError, match=r"which does not support method layers"):
-        run(four_blocks, texts, tmp_path / "out", method="layers", depth={"remove": 1}, max_memory=TINY_BUDGET)
+    with pytest.raises(PrunelabError, match=r"which does not support depth metric taylor"):
+        run(four_blocks, texts, tmp_path / "out", method="layers", depth={"remove": 1, "metric": "taylor"},
+            max_memory=TINY_BUDGET)
     with pytest.raises(PrunelabError, match=r"which does not support reconstruction after flap"):
         run(four_blocks, texts, tmp_path / "out", method="flap", reconstruct="attn-mlp", max_memory=TINY_BUDGET)
     with pytest.raises(PrunelabError, match=r"budget 1e-05 GB \(--max-memory\) is smaller than one decoder block"):

@@ -38,7 +38,7 @@ from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
 from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, largest_block, streamed_perplexity
-from .structured import prune_structured, prune_width_streamed
+from .structured import prune_depth_streamed, prune_structured, prune_width_streamed
 
 
 def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
@@ -273,8 +273,9 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
                             f"this model ({block:.3g} GB in {config.model_dtype}); streaming holds one block at a time")
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
-        ("--tasks", bool(config.tasks)), ("method layers", config.method == "layers"),
-        ("reconstruction after flap", config.method == "flap" and config.reconstruct.enabled),
+        ("--tasks", bool(config.tasks)),
+        (f"depth metric {config.depth.metric}", config.method == "layers" and config.depth.metric not in ("bi", "mag")),
+        (f"reconstruction after {config.method}", config.structured and config.reconstruct.enabled),
         ("a saved output (--out)", saving and not config.out)) if asked]
     if unsupported:
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
@@ -386,9 +387,12 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
             saved = distributed.from_main(saved)  # (the others wait here until the output is written)
         if config.eval != "none":
             with stage("eval", job.stages):
-                job.metrics["pruned"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch,
-                                                            checkpoint=Checkpoint(tmp), progress=job.progress,
-                                                            desc="perplexity (pruned)")
+                # a structured output has other shapes or fewer blocks: read as the saved model it is
+                pruned = streamed if job.structure is None else StreamedModel(tmp, streamed.compute_dtype,
+                                                                              streamed.device)
+                job.metrics["pruned"] = streamed_perplexity(
+                    pruned, job.eval_ids, config.eval_batch, checkpoint=Checkpoint(tmp) if pruned is streamed else None,
+                    progress=job.progress, desc="perplexity (pruned)")
         if job.structure is not None:
             job.structure["parameters_saved"] = saved
         report = job.report(None, None if job.structure is not None else saved)
@@ -409,7 +413,8 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
     job.model.config.save_pretrained(tmp)
     job.tokenizer.save_pretrained(tmp)
     if job.structure is not None:
-        write_structure(tmp, job.structure.pop("linears"))
+        if "linears" in job.structure:  # FLAP
+            write_structure(tmp, job.structure.pop("linears"))
         return saved_parameter_count(tmp)
     sparsity = sparsity_of_saved(tmp, list(visits.zeros_before))
     for name, entry in sparsity["layers"].items():
@@ -423,10 +428,11 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
 def streamed_pass(job: Job, visits: StreamedPruning) -> None:
     """Pruning, or pruning with reconstruction, of a streamed model: each block in memory for its turn only."""
     config = job.config
-    if config.method == "flap":
+    if config.structured:
+        prune = prune_width_streamed if config.method == "flap" else prune_depth_streamed
         with stage("prune", job.stages):
             job.structure = {"parameters_before": parameter_count(job.model)}
-            job.structure.update(prune_width_streamed(visits, job.calib_ids, config, progress=job.progress))
+            job.structure.update(prune(visits, job.calib_ids, config, progress=job.progress))
             job.structure["parameters_after"] = parameter_count(job.model)
     elif config.reconstruct.enabled:
         with stage("prune+reconstruct", job.stages):

@@ -228,6 +228,15 @@ class ShardWriter:
         self.count = len(streamed.block_names) + len(self.outer)
         self.weight_map: dict[str, str] = {}
         self.total = 0
+        self.replaced: dict[str, torch.Tensor] = {}  # tensors outside the blocks written changed
+
+    def renumber(self, blocks: int) -> None:
+        """Before the first write: the output has `blocks` blocks (layer removal)."""
+        self.count = blocks + len(self.outer)
+
+    def replace(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write these instead of the input's tensors of the same names outside the blocks."""
+        self.replaced.update(tensors)
 
     def _name(self, number: int) -> str:
         return f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
@@ -264,7 +273,8 @@ class ShardWriter:
 
     def finish(self) -> None:
         for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
-            self.write(number, self.source.read(names))  # unchanged
+            tensors = self.source.read([n for n in names if n not in self.replaced])  # unchanged
+            self.write(number, {**tensors, **{n: self.replaced[n] for n in names if n in self.replaced}})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))
 

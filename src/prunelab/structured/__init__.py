@@ -8,6 +8,7 @@ from torch import nn
 from ..config import RunConfig
 from ..models.adapters import Adapter
 from .depth import prune_depth
+from .depth_streamed import prune_depth_streamed
 from .width import prune_width, prune_width_streamed
 
 
@@ -18,4 +19,4 @@ def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | Non
     return prune(model, adapter, ids, config, attention_mask=attention_mask, progress=progress)
 
 
-__all__ = ["prune_depth", "prune_structured", "prune_width", "prune_width_streamed"]
+__all__ = ["prune_depth", "prune_depth_streamed", "prune_structured", "prune_width", "prune_width_streamed"]

@@ -337,21 +337,46 @@ def _remove_span(model, adapter, ids, attention_mask, config, origin: list[int],
     del origin[start:start + dc.remove]
 
 
+class LoadedDepth:
+    """The model in memory, as `_remove_in_rounds` scores, compensates and shortens it."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, ids, attention_mask, batch: int, progress: bool):
+        self.model, self.adapter, self.ids, self.mask, self.batch = model, adapter, ids, attention_mask, batch
+        self.progress = progress
+
+    def score(self, metric: str) -> tuple[torch.Tensor, Survey | None]:
+        return score_blocks(metric, self.model, self.adapter, self.ids, self.mask, self.batch, self.progress)
+
+    def survey(self) -> Survey:
+        return survey(self.model, self.adapter, self.ids, self.mask, self.batch)
+
+    def fold(self, position: int, s: float) -> None:
+        fold_compensation(self.model, self.adapter, position, s)
+
+    def remove(self, positions: list[int]) -> None:
+        remove_blocks(self.model, self.adapter, positions)
+
+
 def _remove_in_rounds(model, adapter, ids, attention_mask, config, origin: list[int], steps: list,
                       progress: bool) -> None:
-    """Score, remove the least important block, fold its compensation, re-score (all at once with one_shot)."""
-    dc, batch = config.depth, config.forward_batch
+    remove_in_rounds(LoadedDepth(model, adapter, ids, attention_mask, config.forward_batch, progress), config,
+                     origin, steps, progress)
+
+
+def remove_in_rounds(target, config: RunConfig, origin: list[int], steps: list, progress: bool) -> None:
+    """Score, remove the least important block, fold its compensation, re-score (all at once with one_shot).
+    `target`: the model in memory (`LoadedDepth`) or streamed (`streaming_depth.StreamedDepth`)."""
+    dc = config.depth
     # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
     # into earlier blocks' writers would inflate their scores without making them more important,
     # so the weights are scored once, as given (kept by dense block index)
-    static = (dict(zip(origin, score_blocks("mag", model, adapter, ids, attention_mask, batch)[0].tolist()))
-              if dc.metric == "mag" else None)
+    static = dict(zip(origin, target.score("mag")[0].tolist())) if dc.metric == "mag" else None
     rounds = 1 if dc.one_shot else dc.remove
     for _ in tqdm(range(rounds), desc=f"depth pruning ({dc.metric})", unit="round", disable=not progress):
         if static is not None:
             scores, found = torch.tensor([static[o] for o in origin]), None
         else:
-            scores, found = score_blocks(dc.metric, model, adapter, ids, attention_mask, batch, progress)
+            scores, found = target.score(dc.metric)
         ranked = scores.clone()
         if dc.metric in ("taylor", "mag"):
             ranked[:dc.protect_first] = float("inf")
@@ -359,10 +384,10 @@ def _remove_in_rounds(model, adapter, ids, attention_mask, config, origin: list[
         victims = sorted(torch.argsort(ranked)[:dc.remove if dc.one_shot else 1].tolist())
         scale = None
         if dc.compensation:
-            scale = (found or survey(model, adapter, ids, attention_mask, batch)).scale
+            scale = (found or target.survey()).scale
             for victim in victims:  # with one_shot, each fold also scales the other victims: harmless, they go
-                fold_compensation(model, adapter, victim, float(scale[victim]))
-        remove_blocks(model, adapter, victims)
+                target.fold(victim, float(scale[victim]))
+        target.remove(victims)
         steps.append({"scores": {str(origin[i]): float(v) for i, v in enumerate(scores)},
                       "removed": [origin[i] for i in victims],
                       "scale": None if scale is None else [float(scale[i]) for i in victims]})
