@@ -11,7 +11,8 @@
 4. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
    stages carry `cuda_peak_gb`.
 5. Sequential onloading (a streamed model, one block on the GPU at a time): the same weights as the
-   whole-model run, and a CUDA peak that does not grow with the number of blocks.
+   whole-model run, streamed FLAP and layer removal against the whole model, and a CUDA peak that does not
+   grow with the number of blocks.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
 
@@ -173,6 +174,17 @@ def onloading(device: str) -> None:
         print(f"onloading on {device}: {equal}/{len(a)} tensors equal to the whole-model run; perplexity "
               f"{whole['metrics']['pruned']['perplexity']:.4f} vs {streamed['metrics']['pruned']['perplexity']:.4f}",
               flush=True)
+        structured = {"flap": dict(method="flap", width={"ratio": 0.25}, speed=False),
+                      "layers-bi": dict(method="layers", depth={"remove": 1}, speed=False)}
+        for name, options in structured.items():  # streamed structured pruning against the whole model
+            whole = prunelab.run(model=str(folder), out=str(tmp / f"{name}-whole"), reconstruct="none",
+                                 **options, **common)
+            streamed = prunelab.run(model=str(folder), out=str(tmp / f"{name}-streamed"), reconstruct="none",
+                                    max_memory=3e-4, **options, **common)
+            print(f"onloading on {device}, {name}: perplexity {whole['metrics']['pruned']['perplexity']:.4f} whole vs "
+                  f"{streamed['metrics']['pruned']['perplexity']:.4f} streamed; parameters after "
+                  f"{whole['structure']['parameters_after']} vs {streamed['structure']['parameters_after']}",
+                  flush=True)
         for layers in (4, 8):
             folder = tmp / f"wide-{layers}"
             llama(1024, 2816, 16, 8, layers, 512).save_pretrained(folder)
