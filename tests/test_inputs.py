@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 from tiny import random_ids, tiny_model
 from typer.testing import CliRunner
 
@@ -207,8 +208,10 @@ def test_temporaries_of_dead_runs_are_cleaned_and_outputs_are_readable(tmp_path)
     try:
         with atomic_dir(final) as tmp:
             (tmp / "x").write_text("y")
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors 0.8 writes 0600
     finally:
         os.umask(old_umask)
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert not stale.exists() and alive.exists()
     assert (final.stat().st_mode & 0o777) == 0o755
 

@@ -103,6 +103,16 @@ def _new_temporary(final: Path, kind: str) -> Path:
     return tmp
 
 
+def _readable(folder: Path) -> None:
+    """Files as the umask would make them: safetensors 0.8 writes its files 0600, as a temporary file is,
+    and a saved model is read by other users and tools."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o666 & ~umask))
+
+
 @contextmanager
 def atomic_dir(final: Path, overwrite: bool = False):
     """Yield a temporary sibling of `final`; it replaces `final` only if the block succeeds.
@@ -125,6 +135,7 @@ def atomic_dir(final: Path, overwrite: bool = False):
                 raise PrunelabError(f"no space left on the device while writing {final}; "
                                     "nothing was replaced (free some space and run again)") from exc
             raise
+        _readable(tmp)
         if final.exists():  # overwrite: swap, then drop the old folder
             trash = _new_temporary(final, "old")
             os.replace(final, trash / final.name)
