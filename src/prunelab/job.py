@@ -406,8 +406,8 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
 
 
 def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: Path) -> dict | int:
-    """The streamed output completed in `tmp`: its sparsity read back from the files (FLAP: the numbers
-    stored)."""
+    """The streamed output completed in `tmp`: its sparsity read back from the files (structured pruning: the
+    count of numbers stored)."""
     writer.move(tmp)
     writer.finish()
     job.model.config.save_pretrained(tmp)
@@ -426,7 +426,8 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
 
 
 def streamed_pass(job: Job, visits: StreamedPruning) -> None:
-    """Pruning, or pruning with reconstruction, of a streamed model: each block in memory for its turn only."""
+    """Pruning (with reconstruction), FLAP or layer removal of a streamed model: each block in memory for its
+    turn only."""
     config = job.config
     if config.structured:
         prune = prune_width_streamed if config.method == "flap" else prune_depth_streamed
