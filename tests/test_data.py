@@ -202,7 +202,7 @@ def _asset(tmp_path, monkeypatch, content: bytes, listing: dict | None = None):
     monkeypatch.setattr(assets.urllib.request, "urlopen",
                         lambda request, timeout: io.BytesIO(json.dumps(listing or {"files": []}).encode()))
     return assets, {"project": "text-pkg", "file": "text-pkg-1.0.tar.gz", "sha256": hashlib.sha256(content).hexdigest(),
-                    "instead": assets.BIGBENCH["instead"]}
+                    "instead": assets.GENSIM["instead"]}
 
 
 def test_an_asset_the_index_no_longer_lists_says_how_to_supply_it(tmp_path, monkeypatch):
