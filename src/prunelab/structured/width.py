@@ -23,6 +23,7 @@ and the second narrows each block and hands it to be written.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -103,8 +104,10 @@ def block_layers(adapter: Adapter, index: int, block: nn.Module) -> list[Layer]:
     return [Layer(index, width, Moments.of(width.linear(width.writer).in_features)) for width in adapter.widths(block)]
 
 
+@contextmanager
 def writer_inputs(layers: list[Layer]):
-    """Forward pre-hooks on the layers' writers; returns (what each saw in the last call, the hooks)."""
+    """Within: what each layer's writer saw in its last call, by layer position; afterwards the writers' column
+    norms are taken (while their weights are in memory)."""
     seen: dict[int, torch.Tensor] = {}
 
     def hook(n: int):
@@ -112,7 +115,14 @@ def writer_inputs(layers: list[Layer]):
             seen[n] = args[0]
         return record
 
-    return seen, [layer.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
+    handles = [layer.writer.register_forward_pre_hook(hook(n)) for n, layer in enumerate(layers)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        layer.columns = column_norms(layer)
 
 
 @torch.no_grad()
@@ -120,20 +130,14 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
             attention_mask: torch.Tensor | None, batch_size: int, progress: bool) -> None:
     """Moments of every writer's input over the calibration tokens of the dense model (pads excluded).
     The blocks run one after another on captured inputs: the LM head's logits are never computed."""
-    seen, handles = writer_inputs(layers)
     steps = -(-ids.shape[0] // batch_size) * len(adapter.blocks)
-    try:
+    with writer_inputs(layers) as seen:
         # the batch's pad mask arrives with the block's output, so the moments are taken then
         for _, mask, _, _ in tqdm(run_blocks(model, adapter.blocks, ids, attention_mask, batch_size), total=steps,
                                   desc="FLAP statistics", unit="block", disable=not progress):
             for n, x in seen.items():
                 layers[n].moments.add(x if mask is None else x[mask])
             seen.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    for layer in layers:
-        layer.columns = column_norms(layer)
     reduce_moments(layers)
 
 
@@ -252,19 +256,13 @@ def prune_width_streamed(visits, ids: torch.Tensor, config: RunConfig, progress:
         for index in tqdm(range(len(blocks)), desc="FLAP statistics", unit="block", disable=not progress):
             block = streamed.load_block(index)
             found = block_layers(streamed.adapter, index, block)
-            seen, handles = writer_inputs(found)
-            try:
+            with writer_inputs(found) as seen:
                 for b, rows in stream.batches():
                     x = stream.hidden[rows].to(streamed.compute_dtype)
                     stream.hidden[rows] = first_output(block(x, **stream.block_kwargs[index][b])).float()
                     for n, x in seen.items():
                         found[n].moments.add(x)
                     seen.clear()
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for layer in found:
-                layer.columns = column_norms(layer)
             streamed.drop_block(index)
             layers += found
         del stream
