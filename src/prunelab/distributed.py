@@ -128,12 +128,11 @@ def layout(local: int) -> tuple[int, int]:
 
 
 def all_sum_grads(params: list[torch.nn.Parameter]) -> None:
-    """Every process's gradients summed, in one flat buffer (a process without windows in the step has none)."""
+    """Every process's gradients summed in place, one parameter at a time (no second copy of a whole model's
+    gradients); a process without windows in the step has none and takes part with zeros."""
     if size() == 1:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    all_sum(flat)
-    start = 0
     for p in params:
-        p.grad = flat[start:start + p.numel()].view_as(p).clone()
-        start += p.numel()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_sum(p.grad)

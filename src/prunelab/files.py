@@ -94,11 +94,15 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     return removed
 
 
-def _new_temporary(final: Path, kind: str) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a shared result must be readable as any folder is
+    return umask
+
+
+def _new_temporary(final: Path, kind: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: a shared result must be readable as any folder is
     (tmp / MARKER).write_text(str(os.getpid()))
     return tmp
 
@@ -106,8 +110,7 @@ def _new_temporary(final: Path, kind: str) -> Path:
 def _readable(folder: Path) -> None:
     """Files as the umask would make them: safetensors 0.8 writes its files 0600, as a temporary file is,
     and a saved model is read by other users and tools."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(path.stat().st_mode | (0o666 & ~umask))

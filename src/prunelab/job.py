@@ -39,6 +39,7 @@ from .report import Report
 from .resume import FREE_KEYS, Checkpoints
 from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, largest_block, streamed_perplexity
 from .structured import prune_depth_streamed, prune_structured, prune_width_streamed
+from .structured.depth_streamed import STREAMED_METRICS
 
 
 def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | None:
@@ -274,7 +275,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
         ("--tasks", bool(config.tasks)),
-        (f"depth metric {config.depth.metric}", config.method == "layers" and config.depth.metric not in ("bi", "mag")),
+        (f"depth metric {config.depth.metric}",
+         config.method == "layers" and config.depth.metric not in STREAMED_METRICS),
         (f"reconstruction after {config.method}", config.structured and config.reconstruct.enabled),
         ("a saved output (--out)", saving and not config.out)) if asked]
     if unsupported:

@@ -172,11 +172,7 @@ class Retraining:
         total = distributed.all_sum_float(total)
         if not math.isfinite(total):
             raise Diverged(f"retraining loss became {total}; choose a smaller --retrain-lr")
-        if distributed.size() > 1:
-            for p in self.trainable.params:  # one at a time: no second copy of a whole model's gradients
-                if p.grad is None:  # a process without windows in this step still takes part in every sum
-                    p.grad = torch.zeros_like(p)
-                distributed.all_sum(p.grad)
+        distributed.all_sum_grads(self.trainable.params)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

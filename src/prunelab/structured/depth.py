@@ -213,10 +213,7 @@ def score_blocks(
             # one window per backward pass: the logits and their gradient take seqlen × vocab floats per
             # window (SmolLM2: 9.6 GB peak at 8 windows, 2.8 GB at 1, and faster), and the sum is the same
             language_model_loss(model, ids, attention_mask, 1, backward=True)
-            for w in (w for ws in weights for w in ws):  # data parallel: every process's windows
-                if w.grad is None:  # every process takes part in every sum
-                    w.grad = torch.zeros_like(w)
-                distributed.all_sum(w.grad)
+            distributed.all_sum_grads([w for ws in weights for w in ws])  # data parallel: every process's windows
             scores = torch.tensor([sum(float((w.detach() * w.grad).abs().sum()) for w in ws) for ws in weights])
         finally:
             for p, flag in requires.items():
@@ -365,7 +362,7 @@ def _remove_in_rounds(model, adapter, ids, attention_mask, config, origin: list[
 
 def remove_in_rounds(target, config: RunConfig, origin: list[int], steps: list, progress: bool) -> None:
     """Score, remove the least important block, fold its compensation, re-score (all at once with one_shot).
-    `target`: the model in memory (`LoadedDepth`) or streamed (`streaming_depth.StreamedDepth`)."""
+    `target`: the model in memory (`LoadedDepth`) or streamed (`depth_streamed.StreamedDepth`)."""
     dc = config.depth
     # Mag+ reads a block's own weights, which removing others leaves alone; the compensation folded
     # into earlier blocks' writers would inflate their scores without making them more important,

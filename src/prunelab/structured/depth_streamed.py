@@ -60,8 +60,6 @@ class StreamedDepth:
     @torch.no_grad()
     def survey(self) -> Survey:
         """`depth.survey` (span 1) over the remaining blocks, each read once."""
-        if self.ids is None:
-            raise PrunelabError("depth pruning with compensation or the bi metric needs calibration windows")
         streamed = self.streamed
         with streamed.outer("input") as model:
             stream = capture_block_inputs(model, streamed.adapter.blocks, self.ids, None, self.batch, torch.float32)
@@ -138,10 +136,7 @@ def prune_depth_streamed(visits, ids: torch.Tensor | None, config: RunConfig, pr
     """`depth.prune_depth` of a streamed model (`visits`: streaming.StreamedPruning); the kept blocks are
     written to `visits.writer`, and the skeleton is shortened as the model would be."""
     dc, streamed = config.depth, visits.streamed
-    check_depth(streamed.adapter, config)
-    if dc.metric not in STREAMED_METRICS:
-        raise PrunelabError(f"depth metric {dc.metric!r} cannot score a streamed model "
-                            f"({', '.join(STREAMED_METRICS)} can)")
+    check_depth(streamed.adapter, config)  # (the metric: refused before any work, job.streaming_source)
     if dc.compensation and streamed.tied and streamed.adapter.final_norm() is None:
         raise PrunelabError("a streamed model with tied embeddings and no final norm cannot take the compensation "
                             "(--no-compensation)")
