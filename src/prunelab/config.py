@@ -268,7 +268,8 @@ class RunConfig(Checked):
     eval_bos: bool = option(False, "prepend the BOS token to every evaluation window (every text token is then "
                                    "predicted; without, a window's first token is context only)")
     eval_dense: bool = option(True, "also evaluate the model before pruning")
-    tasks: str | None = option(None, "zero-shot tasks through lm-eval: bigbench (prunelab's offline set) or "
+    tasks: str | None = option(None, "zero-shot tasks through lm-eval: standard (prunelab's offline set: boolq, rte, "
+                                     "hellaswag, winogrande, arc, openbookqa, piqa, copa), bigbench, or "
                                      "comma-separated task names; needs lm-eval (the eval extra)")
     task_limit: int = option(100, "examples per zero-shot task (0 = all)")
     task_batch: int = option(16, "sequences per zero-shot forward pass")

@@ -48,6 +48,16 @@ def _ppl(metrics: dict, key: str) -> str:
     return f"{metrics[key]['perplexity']:.2f}" if key in metrics else "–"
 
 
+def accuracy(value: float | None) -> str:
+    """An accuracy to four places; a dash where the task defines no such metric (lm-eval scores binary choices
+    such as boolq by acc only, so a mean of acc_norm exists only when every task has one)."""
+    return "–" if value is None else f"{value:.4f}"
+
+
+def zeroshot_means(zeroshot: dict) -> str:
+    return f"{accuracy(zeroshot.get('mean_acc'))} / {accuracy(zeroshot.get('mean_acc_norm'))}"
+
+
 def summary_rows(report: Report) -> list[tuple[str, str]]:
     cfg, metrics, stages = report["config"], report["metrics"], report["stages"]
     sparsity = report["sparsity"]
@@ -92,7 +102,7 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
     for key, label in (("zeroshot_dense", "zero-shot mean acc / acc_norm dense"),
                        ("zeroshot", "zero-shot mean acc / acc_norm")):
         if key in metrics:
-            rows.append((label, f"{metrics[key]['mean_acc']:.4f} / {metrics[key]['mean_acc_norm']:.4f}"))
+            rows.append((label, zeroshot_means(metrics[key])))
     if prune.get("cuda_peak_gb"):
         rows.append((f"peak CUDA memory ({name})", f"{prune['cuda_peak_gb']:.2f} GB"))
     if report.get("output"):
@@ -304,17 +314,19 @@ def _zeroshot_markdown(metrics: dict) -> list[str]:
     last = metrics[runs[-1][0]]
     lines = ["", "## Zero-shot accuracy", "",
              f"{last['harness']} {last['harness_version']}, {last['fewshot']}-shot log-likelihood multiple choice, "
-             f"at most {last['limit'] or 'all'} examples per task.", "",
-             "| task | version | examples | chance | "
+             f"at most {last['limit'] or 'all'} examples per task; acc_norm – where the task defines none.", "",
+             "| task | data | version | examples | chance | "
              + " | ".join(f"acc {lb} | acc_norm {lb}" for _, lb in runs) + " |",
-             "|---|---|---|---|" + "---|---|" * len(runs)]
+             "|---|---|---|---|---|" + "---|---|" * len(runs)]
     for task, entry in last["tasks"].items():
-        cells = " | ".join(f"{metrics[k]['tasks'][task]['acc']:.4f} | {metrics[k]['tasks'][task]['acc_norm']:.4f}"
-                           for k, _ in runs)
+        cells = " | ".join(f"{accuracy(metrics[k]['tasks'][task]['acc'])} | "
+                           f"{accuracy(metrics[k]['tasks'][task]['acc_norm'])}" for k, _ in runs)
         guess = f"{entry['chance']:.3f}" if entry.get("chance") is not None else "–"
-        lines.append(f"| {task} | {entry['version']} | {entry['examples']} | {guess} | {cells} |")
-    means = " | ".join(f"{metrics[k]['mean_acc']:.4f} | {metrics[k]['mean_acc_norm']:.4f}" for k, _ in runs)
-    return lines + [f"| mean | | | | {means} |"]
+        lines.append(f"| {task} | {entry.get('source', '')} | {entry['version']} | {entry['examples']} | {guess} "
+                     f"| {cells} |")
+    means = " | ".join(f"{accuracy(metrics[k].get('mean_acc'))} | {accuracy(metrics[k].get('mean_acc_norm'))}"
+                       for k, _ in runs)
+    return lines + [f"| mean | | | | | {means} |"]
 
 
 def _data_markdown(data: dict) -> list[str]:

@@ -34,6 +34,7 @@ from .config import RunConfig, load_config_file
 from .errors import PrunelabError
 from .job import run_job
 from .measure import python_argv
+from .report import accuracy
 
 
 def _nest(flat: dict) -> dict:
@@ -194,7 +195,7 @@ def recovery_table(results: list[dict]) -> list[str]:
              "| zero-shot acc / acc_norm | prune(+reconstruct) s, GB | retrain s, GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        zs = "–" if r.get("zeroshot_acc") is None else f"{r['zeroshot_acc']:.4f} / {r['zeroshot_acc_norm']:.4f}"
+        zs = f"{accuracy(r.get('zeroshot_acc'))} / {accuracy(r.get('zeroshot_acc_norm'))}"
         rt = "–" if r.get("retrain_seconds") is None else f"{r['retrain_seconds']:.0f}, {r['retrain_peak_rss_gb']:.2f}"
         lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r.get('retrain', 'none')} | "
                      f"{r.get('recovery_tokens', 0):,} | {_ppl(r)} | {zs} | {r['seconds']:.0f}, "

