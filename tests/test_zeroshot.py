@@ -1,5 +1,6 @@
-"""Zero-shot accuracy comes from lm-evaluation-harness and agrees with a direct log-likelihood computation;
-the offline BIG-bench conversion, task names and their errors."""
+"""Zero-shot accuracy comes from lm-evaluation-harness and agrees with a direct log-likelihood computation,
+for BIG-bench's prompts and for the standard tasks under lm-eval's own prompts; the offline conversions, task
+names and their errors."""
 
 import json
 import sys
@@ -12,7 +13,16 @@ from typer.testing import CliRunner
 from prunelab.cli import app
 from prunelab.errors import PrunelabError
 from prunelab.evaluate import zeroshot
-from prunelab.evaluate.zeroshot import OFFLINE_TASKS, bigbench_examples, check_tasks, task_names, zero_shot
+from prunelab.evaluate.zeroshot import (
+    BIGBENCH_TASKS,
+    OFFLINE_TASKS,
+    STANDARD_TASKS,
+    bigbench_examples,
+    check_tasks,
+    convert_standard,
+    task_names,
+    zero_shot,
+)
 
 runner = CliRunner()
 
@@ -31,11 +41,11 @@ def write_task(folder, name="bb_social_iqa"):
             out.write(json.dumps({"context": context, "choices": choices, "gold": gold}) + "\n")
 
 
-def direct_scores(model, tokenizer) -> tuple[float, float]:
+def direct_scores(model, tokenizer, items=ITEMS) -> tuple[float, float]:
     """acc and acc_norm by hand: sum of the choice tokens' log-probabilities (the context's trailing space
     moved to the choice, as the harness does), argmax, and argmax after dividing by the choice's length."""
     acc = acc_norm = 0
-    for context, choices, gold in ITEMS:
+    for context, choices, gold in items:
         lls = []
         for choice in choices:
             stripped = context.rstrip()
@@ -47,7 +57,7 @@ def direct_scores(model, tokenizer) -> tuple[float, float]:
             lls.append(sum(logp[t - 1, whole[t]].item() for t in range(prefix, len(whole))))
         acc += max(range(len(lls)), key=lambda i: lls[i]) == gold
         acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == gold
-    return acc / len(ITEMS), acc_norm / len(ITEMS)
+    return acc / len(items), acc_norm / len(items)
 
 
 def test_harness_accuracy_agrees_with_direct_loglikelihood(tokenizer, tmp_path):
@@ -66,6 +76,45 @@ def test_harness_accuracy_agrees_with_direct_loglikelihood(tokenizer, tmp_path):
     assert other["tasks"]["bb_social_iqa"]["examples"] == 2
 
 
+def test_standard_task_scores_lm_evals_own_prompt_on_local_data(tokenizer, tmp_path):
+    """arc_easy_val: lm-eval's arc_easy YAML ("Question: …\nAnswer:" and the choice after a space), read from a
+    local file in ARC's format; the harness's acc and acc_norm equal the direct computation."""
+    with open(tmp_path / "arc_easy_val.jsonl", "w") as out:
+        for number, (context, choices, gold) in enumerate(ITEMS):
+            labels = "ABCDE"[:len(choices)]
+            out.write(json.dumps({"id": str(number), "question": context.strip(), "answerKey": labels[gold],
+                                  "choices": {"text": choices, "label": list(labels)}}) + "\n")
+    model = tiny_model("llama", seed=3)
+    result = zero_shot(model, tokenizer, ["arc_easy_val"], limit=0, batch_size=2, data_dir=tmp_path)
+    task = result["tasks"]["arc_easy_val"]
+    acc, acc_norm = direct_scores(model, tokenizer, [(f"Question: {c.strip()}\nAnswer: ", ch, g) for c, ch, g in ITEMS])
+    assert task["acc"] == pytest.approx(acc) and task["acc_norm"] == pytest.approx(acc_norm)
+    assert task["examples"] == len(ITEMS) and task["chance"] == pytest.approx(1 / 3)
+    assert "ai2_arc/ARC-Easy/validation" in task["source"] and "arc_easy" in task["source"]
+
+
+def test_boolq_conversion_maps_the_answer_to_lm_evals_label(tokenizer, tmp_path):
+    """google/boolq's boolean answer becomes super_glue's label (1 = yes); scored with lm-eval's boolq prompt
+    ("passage\nQuestion: question?\nAnswer:" then no/yes), the harness agrees with the direct computation."""
+    import datasets
+
+    rows = {"question": ["is the river near the mill", "do the farmers sell goods", "is the bridge new"],
+            "passage": ["The river flows past the old mill.", "Every spring the farmers bring goods to market.",
+                        "The bridge is old and quiet."],
+            "answer": [True, True, False]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "saved")
+    convert_standard("boolq", tmp_path / "saved" / "data-00000-of-00001.arrow", tmp_path / "boolq.jsonl")
+    converted = [json.loads(line) for line in (tmp_path / "boolq.jsonl").read_text().splitlines()]
+    assert sorted((r["question"], r["label"]) for r in converted) == sorted(
+        zip(rows["question"], [1, 1, 0])) and "answer" not in converted[0]
+    model = tiny_model("llama", seed=5)
+    task = zero_shot(model, tokenizer, ["boolq"], 0, 2, data_dir=tmp_path)["tasks"]["boolq"]
+    items = [(f"{p}\nQuestion: {q}?\nAnswer: ", ["no", "yes"], int(a))
+             for q, p, a in zip(rows["question"], rows["passage"], rows["answer"])]
+    assert task["acc"] == pytest.approx(direct_scores(model, tokenizer, items)[0])
+    assert task["acc_norm"] is None and task["chance"] == pytest.approx(0.5)  # lm-eval scores boolq by acc only
+
+
 def test_bigbench_conversion_builds_prompts_as_the_task_declares():
     task = {"task_prefix": "Pick one.\n", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
             "examples": [{"input": "2+2?", "target_scores": {"3": 0, "4": 1}},
@@ -79,13 +128,16 @@ def test_bigbench_conversion_builds_prompts_as_the_task_declares():
 
 
 def test_task_names_and_their_errors(monkeypatch):
-    assert task_names("bigbench") == list(OFFLINE_TASKS)
+    assert task_names("bigbench") == list(BIGBENCH_TASKS) and set(OFFLINE_TASKS) == set(STANDARD_TASKS + BIGBENCH_TASKS)
+    assert task_names("standard") == ["boolq", "rte", "hellaswag", "winogrande", "arc_easy_val", "arc_challenge_val",
+                                      "openbookqa_val", "piqa", "copa"]
     assert task_names("bb_timedial, hellaswag,bb_timedial") == ["bb_timedial", "hellaswag"]
+    assert task_names("piqa,standard") == ["piqa"] + [n for n in STANDARD_TASKS if n != "piqa"]
     with pytest.raises(PrunelabError, match="at least one task"):
         task_names(" , ")
     with pytest.raises(PrunelabError, match="unknown task.*no_such_task"):
         check_tasks(["bb_timedial", "no_such_task"])
-    check_tasks(["hellaswag"])  # a standard lm-eval task passes through
+    check_tasks(["arc_easy", "lambada_openai"])  # lm-eval's own tasks pass through
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(PrunelabError, match=r"need lm-eval.*pip install 'prunelab\[eval\]'"):
         check_tasks(["bb_timedial"])
@@ -101,7 +153,7 @@ def test_cli_tasks_eval_and_run_with_tasks(tiny_dir, texts, tmp_path, monkeypatc
     data.mkdir()
     for name in ("bb_timedial", "bb_cause_and_effect"):
         write_task(data, name)
-    monkeypatch.setattr(zeroshot, "offline_task_dir", lambda: data)
+    monkeypatch.setattr(zeroshot, "bigbench_task_dir", lambda: data)
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "bb_timedial,bb_cause_and_effect",
                                  "--json"])
     assert result.exit_code == 0, result.output

