@@ -186,6 +186,61 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
                                                                         rel=1e-5)
 
 
+def test_streamed_zero_shot_equals_the_whole_model(four_blocks, texts, tmp_path, monkeypatch):
+    """--tasks on a model larger than the budget: lm-eval's requests go through one block at a time, in several
+    passes over the model (a quarter of this budget holds ~290 tokens), and score as the model in memory does,
+    before and after pruning, in `run` and in `eval`."""
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+    from prunelab.evaluate import zeroshot
+
+    words = "the river flows past old mill square water bridge market farmers town lights evening".split()
+    data = tmp_path / "tasks"
+    data.mkdir()
+    with open(data / "arc_easy_val.jsonl", "w") as out:
+        for n in range(16):
+            question = " ".join(words[(n + k) % len(words)] for k in range(4 + n % 5))
+            out.write(json.dumps({"id": str(n), "question": question, "answerKey": "ABC"[n % 3], "choices": {
+                "text": [words[n % 7], f"{words[(n + 3) % 11]} {words[n % 5]}", words[(n + 5) % 13]],
+                "label": ["A", "B", "C"]}}) + "\n")
+    monkeypatch.setattr(zeroshot, "standard_task_dir", lambda: data)
+    common = dict(tasks="arc_easy_val", task_limit=0, task_batch=5)
+    whole = run(four_blocks, texts, tmp_path / "whole", **common)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **common)
+    assert streamed["model"]["streamed"] and "streamed" not in whole["model"]
+    for key in ("zeroshot_dense", "zeroshot"):
+        a, b = whole["metrics"][key]["tasks"]["arc_easy_val"], streamed["metrics"][key]["tasks"]["arc_easy_val"]
+        assert b["examples"] == a["examples"] == 16
+        assert (b["acc"], b["acc_norm"]) == (a["acc"], a["acc_norm"])
+    args = ["eval", "--model", str(tmp_path / "streamed"), "--tasks", "arc_easy_val", "--task-limit", "0", "--json"]
+    result = CliRunner().invoke(app, [*args, "--max-memory", str(TINY_BUDGET)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    assert out["streamed"] and out["zeroshot"]["tasks"]["arc_easy_val"]["acc"] == whole["metrics"]["zeroshot"][
+        "tasks"]["arc_easy_val"]["acc"]
+
+
+def test_streamed_log_likelihoods_equal_the_model_in_memory(four_blocks, tokenizer):
+    """The per-request numbers behind accuracy: log p(continuation) and greedy, streamed against a forward of
+    the whole model, for sequences of different lengths padded into one batch."""
+    from prunelab.streaming import StreamedModel, streamed_loglikelihoods
+
+    model = AutoModelForCausalLM.from_pretrained(four_blocks).eval()
+    inputs = [tokenizer("the river flows past the old mill")["input_ids"], tokenizer("a bridge")["input_ids"],
+              tokenizer("every spring the farmers bring their goods to the market square")["input_ids"]]
+    targets = [ids[-2:] for ids in inputs]
+    inputs = [ids[:-1] for ids in inputs]  # position i predicts token i + 1: the last two predict the targets
+    got = streamed_loglikelihoods(StreamedModel(four_blocks, torch.float32), inputs, targets, batch_size=3,
+                                  progress=False)
+    for ids, target, (logp, greedy) in zip(inputs, targets, got):
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -len(target):], -1)
+        expected = log_probs.gather(-1, torch.tensor(target)[:, None]).sum().item()
+        assert logp == pytest.approx(expected, abs=1e-4)
+        assert greedy == bool((log_probs.argmax(-1) == torch.tensor(target)).all())
+
+
 def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts, tmp_path):
     with pytest.raises(PrunelabError, match=r"streamed block by block, which does not support --retrain"):
         run(four_blocks, texts, tmp_path / "out", retrain="full", max_memory=TINY_BUDGET)

@@ -37,7 +37,15 @@ from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
-from .streaming import Checkpoint, ShardWriter, StreamedModel, StreamedPruning, largest_block, streamed_perplexity
+from .streaming import (
+    Checkpoint,
+    ShardWriter,
+    StreamedModel,
+    StreamedPruning,
+    largest_block,
+    streamed_perplexity,
+    tokens_per_pass,
+)
 from .structured import prune_depth_streamed, prune_structured, prune_width_streamed
 from .structured.depth_streamed import STREAMED_METRICS
 
@@ -180,12 +188,14 @@ class Job:
             self.metrics[key] = perplexity(self.model, self.eval_ids, batch_size=self.config.eval_batch,
                                            progress=self.progress, desc=desc)
 
-    def zero_shot(self, key: str) -> None:
-        """lm-eval on the model in memory; under torchrun process 0 alone runs it (the harness does not split
-        an in-memory model's requests) and the others wait for its result."""
+    def zero_shot(self, key: str, streamed: StreamedModel | None = None, pass_tokens: int = 0) -> None:
+        """lm-eval on the model in memory (or on `streamed`, in passes of `pass_tokens`); under torchrun process 0
+        alone runs it (the harness does not split an in-memory model's requests) and the others wait for its
+        result."""
         with stage(f"tasks_{key}" if key == "dense" else "tasks", self.stages):
-            result = zero_shot(self.model, self.tokenizer, task_names(self.config.tasks), self.config.task_limit,
-                               self.config.task_batch) if distributed.is_main() else None
+            result = zero_shot(streamed or self.model, self.tokenizer, task_names(self.config.tasks),
+                               self.config.task_limit, self.config.task_batch,
+                               tokens_per_pass=pass_tokens) if distributed.is_main() else None
             self.metrics[f"zeroshot_{key}" if key == "dense" else "zeroshot"] = distributed.from_main(result)
 
     def retrain(self) -> None:
@@ -274,7 +284,6 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
                             f"this model ({block:.3g} GB in {config.model_dtype}); streaming holds one block at a time")
     unsupported = [what for what, asked in (
         ("--retrain", config.retrain.enabled),
-        ("--tasks", bool(config.tasks)),
         (f"depth metric {config.depth.metric}",
          config.method == "layers" and config.depth.metric not in STREAMED_METRICS),
         (f"reconstruction after {config.method}", config.structured and config.reconstruct.enabled),
@@ -373,6 +382,9 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         with stage("eval_dense", job.stages):
             job.metrics["dense"] = streamed_perplexity(streamed, job.eval_ids, config.eval_batch, progress=job.progress,
                                                        desc="perplexity (dense)")
+    pass_tokens = tokens_per_pass(streamed, budget_gb)
+    if config.tasks and config.eval_dense:
+        job.zero_shot("dense", streamed, pass_tokens)
     out, main = Path(config.out), distributed.is_main()
     # data parallel: process 0 writes the output; the others read the pruned shards from its folder
     with atomic_dir(out, overwrite=config.overwrite) if main else nullcontext() as tmp:
@@ -395,6 +407,8 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                 job.metrics["pruned"] = streamed_perplexity(
                     pruned, job.eval_ids, config.eval_batch, checkpoint=Checkpoint(tmp) if pruned is streamed else None,
                     progress=job.progress, desc="perplexity (pruned)")
+        if config.tasks:  # the output as saved, read back block by block
+            job.zero_shot("pruned", StreamedModel(tmp, streamed.compute_dtype, streamed.device), pass_tokens)
         if job.structure is not None:
             job.structure["parameters_saved"] = saved
         report = job.report(None, None if job.structure is not None else saved)
@@ -483,7 +497,7 @@ def evaluate_model(config: RunConfig) -> dict:
     text = load_text(config.eval, role="eval") if config.eval != "none" else None
     streaming = streaming_source(config, saving=False)
     if streaming is not None:
-        return evaluate_streamed(config, text, streaming[0])
+        return evaluate_streamed(config, text, streaming[0], streaming[2])
     model, tokenizer, source = load_model(config.model, config.model_dtype, config.device)
     if text is not None:
         check_model(model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
@@ -498,16 +512,21 @@ def evaluate_model(config: RunConfig) -> dict:
     return result
 
 
-def evaluate_streamed(config: RunConfig, text: str, folder: Path) -> dict:
-    """`prunelab eval` of a model larger than the memory budget: perplexity block by block (no --tasks)."""
+def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_gb: float) -> dict:
+    """`prunelab eval` of a model larger than the memory budget: perplexity and zero-shot tasks block by block."""
     with large_allocations_mapped():
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
-        check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         names = list(streamed.adapter.prunable_weights())
-        result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"]}
-        windows, protocol = evaluation_data(config, AutoTokenizer.from_pretrained(folder), text)
-        result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
-                      **{k: v for k, v in protocol.items() if k != "source"})
+        result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"], "streamed": True}
+        if text is not None:
+            check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+            windows, protocol = evaluation_data(config, tokenizer, text)
+            result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
+                          **{k: v for k, v in protocol.items() if k != "source"})
+        if config.tasks:
+            result["zeroshot"] = zero_shot(streamed, tokenizer, task_names(config.tasks), config.task_limit,
+                                           config.task_batch, tokens_per_pass=tokens_per_pass(streamed, budget_gb))
         return result
 
 

@@ -336,34 +336,88 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_si
     """`evaluate.perplexity` for a streamed model: all windows through one block at a time (blocks read
     from `checkpoint`, default the input), then the model's own head (final norm, LM head, any logit
     soft-capping) on the last block's outputs."""
-    blocks = streamed.adapter.blocks
     with streamed.outer("input") as model:
-        stream = capture_block_inputs(model, blocks, windows, None, batch_size, streamed.compute_dtype)
-    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+        stream = capture_block_inputs(model, streamed.adapter.blocks, windows, None, batch_size,
+                                      streamed.compute_dtype)
+    _through_blocks(streamed, [stream], checkpoint, progress, desc)
+    nll, predicted = 0.0, 0
+    with _head(streamed) as logits_of:
+        for w in range(windows.shape[0]):  # one window's logits at a time: a large vocabulary's are big
+            logits = logits_of(stream.hidden[w:w + 1])
+            nll += summed_nll(logits, windows[w:w + 1].to(logits.device)).item()
+            predicted += windows[w:w + 1, 1:].numel()
+    nll, predicted = all_sum_float(nll), int(all_sum_float(predicted))  # data parallel: every process's windows
+    mean_nll = nll / predicted
+    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted, "streamed": True}
+
+
+@torch.no_grad()
+def streamed_loglikelihoods(streamed: StreamedModel, inputs: list[list[int]], targets: list[list[int]],
+                            batch_size: int, progress: bool = True) -> list[tuple[float, bool]]:
+    """For each token sequence of `inputs`, log p(targets) where the targets are the tokens its last
+    len(targets) positions predict, and whether each is the most likely token (lm-eval's (logprob,
+    is_greedy)). Batches are right-padded, which a causal model never attends to, and all of them go
+    through one block at a time; only the scored positions reach the head."""
+    batches = [list(range(start, min(start + batch_size, len(inputs)))) for start in range(0, len(inputs), batch_size)]
+    with streamed.outer("input") as model:
+        streams = []
+        for rows in batches:
+            length = max(len(inputs[r]) for r in rows)
+            ids = torch.tensor([inputs[r] + [0] * (length - len(inputs[r])) for r in rows])
+            streams.append(capture_block_inputs(model, streamed.adapter.blocks, ids, None, len(rows),
+                                                streamed.compute_dtype))
+    _through_blocks(streamed, streams, None, progress, "log-likelihoods")
+    scores = []
+    with _head(streamed) as logits_of:
+        for rows, stream in zip(batches, streams):
+            for offset, r in enumerate(rows):
+                end, target = len(inputs[r]), torch.tensor(targets[r])
+                logp = torch.log_softmax(logits_of(stream.hidden[offset:offset + 1, end - len(target):end])[0].float(),
+                                         dim=-1).cpu()
+                scores.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+    return scores
+
+
+def _through_blocks(streamed: StreamedModel, streams: list, checkpoint: Checkpoint | None, progress: bool,
+                    desc: str) -> None:
+    """Every stream's hidden states through every block, each block read once (from `checkpoint`, default
+    the input): afterwards each stream holds the last block's outputs."""
+    for index in tqdm(range(len(streamed.adapter.blocks)), desc=desc, unit="block", disable=not progress):
         block = streamed.load_block(index, checkpoint)
-        for b, rows in stream.batches():
-            stream.hidden[rows] = first_output(block(stream.hidden[rows], **stream.block_kwargs[index][b]))
-        check_finite(stream.hidden, f"block {index}")
+        for stream in streams:
+            for b, rows in stream.batches():
+                stream.hidden[rows] = first_output(block(stream.hidden[rows], **stream.block_kwargs[index][b]))
+            check_finite(stream.hidden, f"block {index}")
         streamed.drop_block(index)
+
+
+@contextmanager
+def _head(streamed: StreamedModel):
+    """`logits_of(hidden)`: the model's own output side (final norm, LM head, any logit soft-capping) on
+    last-block outputs, run as the model's forward with every block replaced by a replay of its result."""
+    blocks = streamed.adapter.blocks
     originals = list(blocks)
     replays = [_Replay(block, last=i == len(blocks) - 1) for i, block in enumerate(originals)]
-    nll, predicted = 0.0, 0
+
+    def logits_of(hidden: torch.Tensor) -> torch.Tensor:
+        replays[-1].output = hidden
+        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+
     with streamed.outer("output") as model:
         try:
             for i, replay in enumerate(replays):
                 blocks[i] = replay
-            for w in range(windows.shape[0]):  # one window's logits at a time: a large vocabulary's are big
-                batch, rows = windows[w:w + 1], slice(w, w + 1)
-                replays[-1].output = stream.hidden[rows]
-                logits = model(inputs_embeds=torch.zeros_like(stream.hidden[rows]), use_cache=False).logits
-                nll += summed_nll(logits, batch.to(logits.device)).item()
-                predicted += batch[:, 1:].numel()
+            yield logits_of
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
-    nll, predicted = all_sum_float(nll), int(all_sum_float(predicted))  # data parallel: every process's windows
-    mean_nll = nll / predicted
-    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "predicted_tokens": predicted, "streamed": True}
+
+
+def tokens_per_pass(streamed: StreamedModel, budget_gb: float) -> int:
+    """How many tokens' hidden states a quarter of the memory budget holds: the requests scored in one pass
+    over a streamed model (the rest of the budget is for a block and the head's vocabulary slice)."""
+    per_token = streamed.model.get_input_embeddings().embedding_dim * torch.finfo(streamed.compute_dtype).bits // 8
+    return max(1, int(0.25 * budget_gb * 1e9 / per_token))
 
 
 def largest_block(sizes: dict[str, int]) -> int:

@@ -190,24 +190,36 @@ def bigbench_task_config(name: str, data_dir: Path) -> dict:
     return config
 
 
-def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, data_dir: Path | None = None) -> dict:
+def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, data_dir: Path | None = None,
+              tokens_per_pass: int = 0) -> dict:
     """acc and acc_norm of every task, their means, and the harness protocol (`limit`: examples per
-    task, 0 = all; `data_dir`: one folder holding the offline tasks' files, by default the converted caches)."""
+    task, 0 = all; `data_dir`: one folder holding the offline tasks' files, by default the converted caches).
+    `model` is a model in memory or a `streaming.StreamedModel`, whose requests are scored in passes over
+    the model of at most `tokens_per_pass` tokens each."""
     check_tasks(names)
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    was_training = model.training
-    model.eval()
+    from ..streaming import StreamedModel
+
+    module = model.model if isinstance(model, StreamedModel) else model
+    was_training = module.training
+    module.eval()
     try:
         with tempfile.TemporaryDirectory(prefix="prunelab-tasks-") as yamls:
             specs = [_task_spec(name, data_dir, Path(yamls)) for name in names]
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            if isinstance(model, StreamedModel):
+                from .streamed_lm import StreamedLM
+
+                lm = StreamedLM(model, tokenizer, batch_size, tokens_per_pass)
+            else:
+                from lm_eval.models.huggingface import HFLM
+
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, task_manager=_task_manager(), num_fewshot=0, limit=limit or None,
                 log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
 
 
