@@ -11,8 +11,10 @@
 4. The whole job on the GPU (`prunelab.run(..., device="cuda")`) of a tiny saved model: the report's
    stages carry `cuda_peak_gb`.
 5. Sequential onloading (a streamed model, one block on the GPU at a time): the same weights as the
-   whole-model run, streamed FLAP and layer removal against the whole model, and a CUDA peak that does not
-   grow with the number of blocks.
+   whole-model run, streamed FLAP and layer removal against the whole model, the zero-shot scorer's
+   log-likelihoods (`streamed_loglikelihoods`, what `--tasks` uses on a streamed model; lm-eval itself
+   is not in the device image) against a forward of the whole model, and a CUDA peak that does not grow
+   with the number of blocks.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
 
@@ -174,6 +176,7 @@ def onloading(device: str) -> None:
         print(f"onloading on {device}: {equal}/{len(a)} tensors equal to the whole-model run; perplexity "
               f"{whole['metrics']['pruned']['perplexity']:.4f} vs {streamed['metrics']['pruned']['perplexity']:.4f}",
               flush=True)
+        loglikelihoods(folder, device)
         structured = {"flap": dict(method="flap", width={"ratio": 0.25}, speed=False),
                       "layers-bi": dict(method="layers", depth={"remove": 1}, speed=False)}
         for name, options in structured.items():  # streamed structured pruning against the whole model
@@ -193,6 +196,26 @@ def onloading(device: str) -> None:
             peaks = {k: v.get("cuda_peak_gb") for k, v in report["stages"].items()}
             print(f"onloading on {device}, {layers} blocks of width 1024: CUDA peak by stage {json.dumps(peaks)}",
                   flush=True)
+
+
+def loglikelihoods(folder: Path, device: str) -> None:
+    """Requests of different lengths in one right-padded batch, streamed block by block onto `device`, against
+    a forward of the whole model on the same device: largest difference of log p(last two tokens)."""
+    from prunelab.streaming import StreamedModel, streamed_loglikelihoods
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 17, 40, 9)]
+    targets = [torch.randint(0, 256, (2,), generator=generator).tolist() for _ in inputs]
+    got = streamed_loglikelihoods(StreamedModel(folder, torch.float32, torch.device(device)), inputs, targets,
+                                  batch_size=4, progress=False)
+    worst = 0.0
+    for ids, target, (logp, _) in zip(inputs, targets, got):
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids], device=device)).logits[0, -2:], -1)
+        worst = max(worst, abs(logp - log_probs.gather(-1, torch.tensor(target, device=device)[:, None]).sum().item()))
+    print(f"onloading on {device}: streamed log-likelihoods of 4 padded requests, largest difference from the "
+          f"whole model {worst:.2e}", flush=True)
 
 
 def main() -> None:
