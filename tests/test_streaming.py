@@ -233,6 +233,11 @@ def test_streamed_log_likelihoods_equal_the_model_in_memory(four_blocks, tokeniz
     inputs = [ids[:-1] for ids in inputs]  # position i predicts token i + 1: the last two predict the targets
     got = streamed_loglikelihoods(StreamedModel(four_blocks, torch.float32), inputs, targets, batch_size=3,
                                   progress=False)
+    # the head in calls of 3 positions, which cut through requests: the same numbers
+    chunked = streamed_loglikelihoods(StreamedModel(four_blocks, torch.float32), inputs, targets, batch_size=3,
+                                      progress=False, positions=3)
+    assert [g for _, g in chunked] == [g for _, g in got]
+    assert [p for p, _ in chunked] == pytest.approx([p for p, _ in got], abs=1e-5)
     for ids, target, (logp, greedy) in zip(inputs, targets, got):
         with torch.no_grad():
             log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -len(target):], -1)

@@ -353,7 +353,7 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, batch_si
 
 @torch.no_grad()
 def streamed_loglikelihoods(streamed: StreamedModel, inputs: list[list[int]], targets: list[list[int]],
-                            batch_size: int, progress: bool = True) -> list[tuple[float, bool]]:
+                            batch_size: int, progress: bool = True, positions: int = 128) -> list[tuple[float, bool]]:
     """For each token sequence of `inputs`, log p(targets) where the targets are the tokens its last
     len(targets) positions predict, and whether each is the most likely token (lm-eval's (logprob,
     is_greedy)). Batches are right-padded, which a causal model never attends to, and all of them go
@@ -370,11 +370,21 @@ def streamed_loglikelihoods(streamed: StreamedModel, inputs: list[list[int]], ta
     scores = []
     with _head(streamed) as logits_of:
         for rows, stream in zip(batches, streams):
-            for offset, r in enumerate(rows):
-                end, target = len(inputs[r]), torch.tensor(targets[r])
-                logp = torch.log_softmax(logits_of(stream.hidden[offset:offset + 1, end - len(target):end])[0].float(),
-                                         dim=-1).cpu()
-                scores.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+            # the scored positions of the whole batch side by side (norm and head act on each position alone),
+            # through the head `positions` at a time: the vocabulary matrix is converted once per call, and
+            # only each position's target log-probability and greedy check are kept, not its logits
+            scored = torch.cat([stream.hidden[offset, len(inputs[r]) - len(targets[r]):len(inputs[r])]
+                                for offset, r in enumerate(rows)])
+            wanted = torch.tensor([t for r in rows for t in targets[r]])
+            picked, greedy = [], []
+            for start in range(0, len(wanted), positions):
+                logp = torch.log_softmax(logits_of(scored[None, start:start + positions])[0].float(), dim=-1).cpu()
+                target = wanted[start:start + positions]
+                picked.append(logp.gather(-1, target[:, None])[:, 0])
+                greedy.append(logp.argmax(-1) == target)
+            lengths = [len(targets[r]) for r in rows]
+            for p, g in zip(torch.cat(picked).split(lengths), torch.cat(greedy).split(lengths)):
+                scores.append((p.sum().item(), bool(g.all())))
     return scores
 
 
