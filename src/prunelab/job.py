@@ -27,7 +27,7 @@ from .errors import PrunelabError
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, saved_parameter_count, sparsity_of_saved
 from .evaluate.speed import generation_speed
-from .evaluate.zeroshot import check_tasks, task_names, zero_shot
+from .evaluate.zeroshot import check_tasks, fetch_task_data, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, large_allocations_mapped, release_memory, stage
 from .models.adapters import find_adapter
@@ -71,6 +71,7 @@ def prepare(config: RunConfig) -> None:
     check_disjoint(config.calib, config.eval)
     if config.tasks:
         check_tasks(task_names(config.tasks))
+        fetch_task_data(task_names(config.tasks))
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -492,6 +493,7 @@ def evaluate_model(config: RunConfig) -> dict:
         raise PrunelabError("prunelab eval needs an evaluation text (--eval) or zero-shot tasks (--tasks)")
     if config.tasks:
         check_tasks(task_names(config.tasks))
+        fetch_task_data(task_names(config.tasks))
     if config.threads:
         torch.set_num_threads(config.threads)
     text = load_text(config.eval, role="eval") if config.eval != "none" else None

@@ -91,6 +91,15 @@ def check_tasks(names: list[str]) -> None:
                             f"tasks; suites: {', '.join(SUITES)}) nor lm-eval tasks (lm-eval --tasks list)")
 
 
+def fetch_task_data(names: list[str]) -> None:
+    """The offline tasks' files in the cache (fetched and converted on first use), so that a task whose data
+    cannot be had stops the run before any model is loaded, not after pruning."""
+    if any(name in STANDARD_SOURCES for name in names):
+        standard_task_dir()
+    if any(name in BIGBENCH_SOURCES for name in names):
+        bigbench_task_dir()
+
+
 @functools.lru_cache(maxsize=1)
 def _task_manager():
     """lm-eval's index of its task YAMLs (indexing its task folder takes ~10 s, hence once per process)."""
