@@ -213,6 +213,7 @@ def test_streamed_zero_shot_equals_the_whole_model(four_blocks, texts, tmp_path,
         a, b = whole["metrics"][key]["tasks"]["arc_easy_val"], streamed["metrics"][key]["tasks"]["arc_easy_val"]
         assert b["examples"] == a["examples"] == 16
         assert (b["acc"], b["acc_norm"]) == (a["acc"], a["acc_norm"])
+        assert streamed["metrics"][key]["streamed_tokens_per_pass"] == 292  # a quarter of 3e5 bytes, 256 a token
     args = ["eval", "--model", str(tmp_path / "streamed"), "--tasks", "arc_easy_val", "--task-limit", "0", "--json"]
     result = CliRunner().invoke(app, [*args, "--max-memory", str(TINY_BUDGET)])
     assert result.exit_code == 0, result.output

@@ -229,7 +229,10 @@ def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, d
                 log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
         module.train(was_training)
-    return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
+    result = summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
+    if isinstance(model, StreamedModel):
+        result["streamed_tokens_per_pass"] = tokens_per_pass
+    return result
 
 
 def _task_spec(name: str, data_dir: Path | None, yamls: Path) -> str | dict:
