@@ -1,4 +1,5 @@
-"""Zero-shot multiple-choice accuracy, computed by lm-evaluation-harness on the model in memory.
+"""Zero-shot multiple-choice accuracy, computed by lm-evaluation-harness on the model in memory (or, for a
+model larger than memory, streamed block by block: `streamed_lm.StreamedLM`).
 
 For an example with context c, choices a_1 … a_k and gold index g, the harness scores
 
