@@ -240,8 +240,7 @@ def eval_command(json_out: bool = False, **given: Any) -> None:
             for key in ("model", "eval", "windows", "seqlen", "sparsity", "perplexity") if key in result]
     zeroshot = result.get("zeroshot")
     if zeroshot:
-        rows += [(f"{task} acc / acc_norm", f"{accuracy(t['acc'])} / {accuracy(t['acc_norm'])} "
-                                            f"({t['examples']} examples)") for task, t in zeroshot["tasks"].items()]
+        rows += [(f"{task} acc / acc_norm", _task_cell(t)) for task, t in zeroshot["tasks"].items()]
         rows.append(("zero-shot mean acc / acc_norm", zeroshot_means(zeroshot)))
     _print_table("prunelab eval", rows)
     if json_out:
@@ -303,6 +302,11 @@ def tasks() -> None:
     _print_table("offline zero-shot tasks (--tasks standard, --tasks bigbench, or by name)", rows)
     console.print("Any other lm-eval task name (arc_easy, lambada_openai, ...) passes through to the harness; it "
                   "needs the Hugging Face hub for its data.")
+
+
+def _task_cell(task: dict) -> str:
+    guess = "" if task.get("chance") is None else f", chance {task['chance']:.2f}"
+    return f"{accuracy(task['acc'])} / {accuracy(task['acc_norm'])} ({task['examples']} examples{guess})"
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
