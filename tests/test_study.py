@@ -116,14 +116,17 @@ def test_a_failed_first_run_does_not_point_at_a_table_that_is_not_there(tmp_path
 
 
 def test_plot_draws_the_grid_at_its_own_propagation_not_the_extra_runs():
-    def row(g, prop, loss):
-        return {"granularity": g, "propagation": prop, "loss": loss}
+    def row(g, prop, loss, retrain="none", tokens=65536):
+        return {"granularity": g, "propagation": prop, "loss": loss, "retrain": retrain,
+                "recovery_tokens": tokens if prop != "–" else 0}
     results = [
         row("none", "–", "–"),
         row("attn-mlp", "mixed", "mse"),
         row("block", "mixed", "mse"),
         row("attn-mlp", "dense", "mse"),
         row("attn-mlp", "mixed", "cosine"),
+        row("none", "–", "–", retrain="masklora"),  # not pruning alone: its own table
+        row("attn-mlp", "mixed", "mse", tokens=16384),  # a point of the data-efficiency curve
     ]
     assert plotted_rows(results) == results[:3]
 

@@ -254,11 +254,14 @@ def pivot(results: list[dict], granularities: list[str] | None = None) -> list[s
 
 def plotted_rows(results: list[dict]) -> list[dict]:
     """The rows the plot draws as one line per criterion across granularities: prune-only rows and
-    the reconstructions at the grid's own propagation and loss (the most common pair; extra single
-    runs vary them)."""
-    pairs = [(r["propagation"], r["loss"]) for r in results if r["propagation"] != "–"]
-    common = max(dict.fromkeys(pairs), key=pairs.count) if pairs else None  # a tie goes to the first
-    return [r for r in results if r["propagation"] == "–" or (r["propagation"], r["loss"]) == common]
+    the reconstructions at the grid's own propagation, loss and calibration tokens (the most common
+    triple; extra single runs vary them). Retrained runs have their own table (`recovery_table`): in a
+    cell of this one they would stand for pruning alone."""
+    pruned = [r for r in results if r.get("retrain", "none") == "none"]
+    setups = [(r["propagation"], r["loss"], r.get("recovery_tokens")) for r in pruned if r["propagation"] != "–"]
+    common = max(dict.fromkeys(setups), key=setups.count) if setups else None  # a tie goes to the first
+    return [r for r in pruned if r["propagation"] == "–" or (r["propagation"], r["loss"], r.get("recovery_tokens"))
+            == common]
 
 
 def _plot(results: list[dict], path: Path, dense: float | None) -> None:
