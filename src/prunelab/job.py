@@ -44,6 +44,7 @@ from .streaming import (
     StreamedPruning,
     largest_block,
     streamed_perplexity,
+    streamed_scorer,
     tokens_per_pass,
 )
 from .structured import prune_depth_streamed, prune_structured, prune_width_streamed
@@ -194,9 +195,8 @@ class Job:
         alone runs it (the harness does not split an in-memory model's requests) and the others wait for its
         result."""
         with stage(f"tasks_{key}" if key == "dense" else "tasks", self.stages):
-            result = zero_shot(streamed or self.model, self.tokenizer, task_names(self.config.tasks),
-                               self.config.task_limit, self.config.task_batch,
-                               tokens_per_pass=pass_tokens) if distributed.is_main() else None
+            result = _zero_shot(self.config, streamed or self.model, self.tokenizer, pass_tokens, self.progress) \
+                if distributed.is_main() else None
             self.metrics[f"zeroshot_{key}" if key == "dense" else "zeroshot"] = distributed.from_main(result)
 
     def retrain(self) -> None:
@@ -527,9 +527,17 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
             result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
                           **{k: v for k, v in protocol.items() if k != "source"})
         if config.tasks:
-            result["zeroshot"] = zero_shot(streamed, tokenizer, task_names(config.tasks), config.task_limit,
-                                           config.task_batch, tokens_per_pass=tokens_per_pass(streamed, budget_gb))
+            result["zeroshot"] = _zero_shot(config, streamed, tokenizer, tokens_per_pass(streamed, budget_gb))
         return result
+
+
+def _zero_shot(config: RunConfig, model, tokenizer, pass_tokens: int = 0, progress: bool = True) -> dict:
+    """`--tasks` on a model in memory, or on a StreamedModel in passes of `pass_tokens` tokens (recorded)."""
+    if not isinstance(model, StreamedModel):
+        return zero_shot(model, tokenizer, task_names(config.tasks), config.task_limit, config.task_batch)
+    score = streamed_scorer(model, config.task_batch, pass_tokens, progress)
+    return zero_shot(model.model, tokenizer, task_names(config.tasks), config.task_limit, config.task_batch,
+                     score=score) | {"streamed_tokens_per_pass": pass_tokens}
 
 
 def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:

@@ -388,6 +388,29 @@ def streamed_loglikelihoods(streamed: StreamedModel, inputs: list[list[int]], ta
     return scores
 
 
+def streamed_scorer(streamed: StreamedModel, batch_size: int, tokens_per_pass: int, progress: bool = True):
+    """`score(inputs, targets)` for `evaluate.zeroshot` on a streamed model: the requests, sorted by length
+    (similar lengths share a padded batch), in groups of at most `tokens_per_pass` tokens, each group one
+    pass over the model (`streamed_loglikelihoods`); the weights are read once per group."""
+    def score(inputs: list[list[int]], targets: list[list[int]]) -> list[tuple[float, bool]]:
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        groups, tokens = [[]], 0
+        for i in order:
+            if groups[-1] and tokens + len(inputs[i]) > tokens_per_pass:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(i)
+            tokens += len(inputs[i])
+        scores: list = [None] * len(inputs)
+        for group in tqdm(groups, desc="passes over the model", disable=not progress or len(groups) < 2):
+            found = streamed_loglikelihoods(streamed, [inputs[i] for i in group], [targets[i] for i in group],
+                                            batch_size, progress)
+            for i, found_score in zip(group, found):
+                scores[i] = found_score
+        return scores
+    return score
+
+
 def _through_blocks(streamed: StreamedModel, streams: list, checkpoint: Checkpoint | None, progress: bool,
                     desc: str) -> None:
     """Every stream's hidden states through every block, each block read once (from `checkpoint`, default

@@ -1,5 +1,5 @@
 """Zero-shot multiple-choice accuracy, computed by lm-evaluation-harness on the model in memory (or, for a
-model larger than memory, streamed block by block: `streamed_lm.StreamedLM`).
+model larger than memory, by a scorer that streams it block by block: `streaming.streamed_scorer`).
 
 For an example with context c, choices a_1 … a_k and gold index g, the harness scores
 
@@ -26,6 +26,7 @@ import functools
 import json
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -201,39 +202,52 @@ def bigbench_task_config(name: str, data_dir: Path) -> dict:
 
 
 def zero_shot(model, tokenizer, names: list[str], limit: int, batch_size: int, data_dir: Path | None = None,
-              tokens_per_pass: int = 0) -> dict:
+              score: Callable[[list[list[int]], list[list[int]]], list[tuple[float, bool]]] | None = None) -> dict:
     """acc and acc_norm of every task, their means, and the harness protocol (`limit`: examples per
     task, 0 = all; `data_dir`: one folder holding the offline tasks' files, by default the converted caches).
-    `model` is a model in memory or a `streaming.StreamedModel`, whose requests are scored in passes over
-    the model of at most `tokens_per_pass` tokens each."""
+    With `score`, the model's weights are elsewhere (a streamed model's skeleton) and `score(inputs,
+    targets)` computes the log-likelihoods in its own way (`_ScoredLM`)."""
     check_tasks(names)
     import lm_eval
 
-    from ..streaming import StreamedModel
-
-    module = model.model if isinstance(model, StreamedModel) else model
-    was_training = module.training
-    module.eval()
+    was_training = model.training
+    model.eval()
     try:
         with tempfile.TemporaryDirectory(prefix="prunelab-tasks-") as yamls:
             specs = [_task_spec(name, data_dir, Path(yamls)) for name in names]
-            if isinstance(model, StreamedModel):
-                from .streamed_lm import StreamedLM
-
-                lm = StreamedLM(model, tokenizer, batch_size, tokens_per_pass)
-            else:
-                from lm_eval.models.huggingface import HFLM
-
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = _harness_model(model, tokenizer, batch_size, score)
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, task_manager=_task_manager(), num_fewshot=0, limit=limit or None,
                 log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     finally:
-        module.train(was_training)
-    result = summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
-    if isinstance(model, StreamedModel):
-        result["streamed_tokens_per_pass"] = tokens_per_pass
-    return result
+        model.train(was_training)
+    return summarise(out, names, limit, getattr(lm_eval, "__version__", "unknown"))
+
+
+def _harness_model(model, tokenizer, batch_size: int, score=None):
+    """lm-eval's HFLM around the model; with `score`, a subclass that keeps everything of HFLM that decides
+    the numbers (tokenisation, BOS, truncation to the model's length: `loglikelihood` → `_encode_pair` →
+    `tok_encode`) and replaces only the forward passes (`_loglikelihood_tokens`). Multiple choice only."""
+    from lm_eval.models.huggingface import HFLM
+
+    if score is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+    class _ScoredLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # as HFLM: the input is context + continuation without its last token, cut to the model's length
+            # from the left; its last len(continuation) positions predict the continuation
+            inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in requests]
+            return score(inputs, [continuation for _, _, continuation in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise PrunelabError("a streamed model scores multiple-choice tasks only (no rolling log-likelihoods)")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise PrunelabError("a streamed model scores multiple-choice tasks only (no generation)")
+
+    # the skeleton's weights are on the meta device: HFLM reads only its config and device from it
+    return _ScoredLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _task_spec(name: str, data_dir: Path | None, yamls: Path) -> str | dict:
