@@ -65,14 +65,20 @@ def checkpoints_of(config: RunConfig, texts: dict[str, str]) -> Checkpoints | No
     return checkpoints
 
 
+def check_task_setup(config: RunConfig) -> None:
+    """--tasks: lm-eval installed, every name known, the offline tasks' data in the cache; before any model loads."""
+    names = task_names(config.tasks)
+    check_tasks(names)
+    fetch_task_data(names)
+
+
 def prepare(config: RunConfig) -> None:
     """Checks that cost nothing, done before minutes of work."""
     if config.out:
         check_output(Path(config.out), config.overwrite)
     check_disjoint(config.calib, config.eval)
     if config.tasks:
-        check_tasks(task_names(config.tasks))
-        fetch_task_data(task_names(config.tasks))
+        check_task_setup(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -492,8 +498,7 @@ def evaluate_model(config: RunConfig) -> dict:
     if config.eval == "none" and not config.tasks:
         raise PrunelabError("prunelab eval needs an evaluation text (--eval) or zero-shot tasks (--tasks)")
     if config.tasks:
-        check_tasks(task_names(config.tasks))
-        fetch_task_data(task_names(config.tasks))
+        check_task_setup(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     text = load_text(config.eval, role="eval") if config.eval != "none" else None
@@ -509,8 +514,7 @@ def evaluate_model(config: RunConfig) -> dict:
         result.update(perplexity(model, windows, batch_size=config.eval_batch), eval=config.eval,
                       **{k: v for k, v in protocol.items() if k != "source"})
     if config.tasks:
-        result["zeroshot"] = zero_shot(model, tokenizer, task_names(config.tasks), config.task_limit,
-                                       config.task_batch)
+        result["zeroshot"] = _zero_shot(config, model, tokenizer)
     return result
 
 
