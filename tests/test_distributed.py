@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny import tiny_model
 
 import prunelab
+from prunelab import distributed
 from prunelab.distributed import share
 from prunelab.errors import PrunelabError
 from prunelab.resume import checkpoint_folder
@@ -130,6 +131,21 @@ def test_data_parallel_refusals(tiny_dir, tokenizer, texts, tmp_path):
                           text=True, timeout=300)
     assert done.returncode != 0 and "process 1 was started with a different config than process 0" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, local, message", [
+    ("cuda", "1", "torchrun started 2 processes on this node but it has 1 CUDA device(s): use --nproc-per-node 1"),
+    ("cuda:0", "0", "--device cuda:0 under torchrun would put all 2 processes of a node on one GPU"),
+])
+def test_processes_without_a_gpu_each_are_refused_before_joining(monkeypatch, device, local, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device reached"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: pytest.fail("process group joined"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local)
+    with pytest.raises(PrunelabError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distributed.start(torch.device(device))
 
 
 @pytest.mark.parametrize("method", ["full", "masklora"])

@@ -50,10 +50,24 @@ def start(device: torch.device) -> None:
         raise PrunelabError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_own_gpu(device))
     # the others wait while process 0 alone writes the output or runs the zero-shot tasks: for a large
     # model that takes far longer than the default timeout (NCCL: 10 minutes)
     dist.init_process_group(backend=backend, timeout=WAIT)
+
+
+def _own_gpu(device: torch.device) -> int:
+    """This process's GPU: NCCL needs one GPU per process on a node, so a shared or missing one is refused
+    here, in one line, rather than deep inside the first collective."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+    if device.index is not None:
+        raise PrunelabError(f"--device {device} under torchrun would put all {per_node} processes of a node on "
+                            f"one GPU; use --device cuda (each process takes cuda:LOCAL_RANK) or --device cpu")
+    if local >= count:
+        raise PrunelabError(f"torchrun started {per_node} processes on this node but it has {count} CUDA "
+                            f"device(s): use --nproc-per-node {count} or fewer, or --device cpu (gloo)")
+    return local
 
 
 def device_for(device: torch.device) -> torch.device:
