@@ -16,6 +16,9 @@ from prunelab.distributed import share
 from prunelab.errors import PrunelabError
 from prunelab.resume import checkpoint_folder
 
+# NCCL, one GPU a process, where the machine has two; else gloo on the CPU (the one-process baselines too)
+DEVICE = "cuda" if torch.cuda.device_count() >= 2 else "cpu"
+
 
 def torchrun(args: list[str], processes: int = 2, **environment) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", **environment)
@@ -28,7 +31,7 @@ def run_args(model_dir, texts, out, *extra):
     calib, evaluation = texts
     return ["run", "--model", str(model_dir), "--calib", str(calib), "--eval", str(evaluation), "--samples", "8",
             "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "6", "--forward-batch", "2",
-            "--reconstruct", "none", "--out", str(out), *extra]
+            "--reconstruct", "none", "--device", DEVICE, "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -36,8 +39,8 @@ def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method):
     one = tmp_path / "one"
     calib, evaluation = texts
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
-                               eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none", method=method,
-                               out=str(one)), progress=False)
+                               device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none",
+                               method=method, out=str(one)), progress=False)
     two = tmp_path / "two"
     done = torchrun(run_args(tiny_dir, texts, two, "--method", method))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -59,7 +62,7 @@ def test_two_processes_reconstruct_like_one(tiny_dir, texts, tmp_path, lr):
     holding every window, to floating-point summation order."""
     calib, evaluation = texts
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
-                               eval_seqlen=32, eval_windows=6, forward_batch=2, eval_dense=False,
+                               device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, eval_dense=False,
                                reconstruct={"lr": lr, "heldout": 4, "batch_size": 2}, out=str(tmp_path / "one")),
                           progress=False)
     two = tmp_path / "two"
@@ -91,8 +94,8 @@ def test_two_processes_stream_like_one(tiny_dir, texts, tmp_path):
     calib, evaluation = texts
     budget = 3e-4  # GB: one block of the tiny model (0.15 MB in float32), less than the whole
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
-                               eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none", max_memory=budget,
-                               out=str(tmp_path / "one")), progress=False)
+                               device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none",
+                               max_memory=budget, out=str(tmp_path / "one")), progress=False)
     two = tmp_path / "two"
     done = torchrun(run_args(tiny_dir, texts, two, "--max-memory", str(budget)))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -148,6 +151,7 @@ def test_processes_without_a_gpu_each_are_refused_before_joining(monkeypatch, de
         distributed.start(torch.device(device))
 
 
+@pytest.mark.harness
 @pytest.mark.parametrize("method", ["full", "masklora"])
 def test_two_processes_retrain_and_score_tasks_like_one(tiny_dir, texts, tmp_path, method):
     """Retraining's step windows split between the processes, gradients summed; the zero-shot tasks scored by

@@ -186,6 +186,7 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
                                                                         rel=1e-5)
 
 
+@pytest.mark.harness
 def test_streamed_zero_shot_equals_the_whole_model(four_blocks, texts, tmp_path, monkeypatch):
     """--tasks on a model larger than the budget: lm-eval's requests go through one block at a time, in several
     passes over the model (a quarter of this budget holds ~290 tokens), and score as the model in memory does,

@@ -24,6 +24,7 @@ from prunelab.evaluate.zeroshot import (
     zero_shot,
 )
 
+pytestmark = pytest.mark.harness
 runner = CliRunner()
 
 ITEMS = [
