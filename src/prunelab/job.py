@@ -422,6 +422,8 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         report["model"]["streamed"] = {"weights_gb": round(size_gb, 2), "budget_gb": round(budget_gb, 2),
                                        "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
                                        "shards": writer.count, "large_allocations_mapped": mapped}
+        if job.structure is not None and config.speed:  # generating a token needs every block: no streamed speed
+            report["model"]["streamed"]["speed"] = "not measured: generation would read every block per token"
         report["output"] = str(out)
         if main:
             reporting.write(report, tmp)
