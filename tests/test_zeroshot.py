@@ -145,6 +145,10 @@ def test_task_names_and_their_errors(monkeypatch):
     result = runner.invoke(app, ["eval", "--model", "smollm2", "--tasks", "bb_timedial"])
     # the console prints the install command as written: rich must not read "[eval]" as markup
     assert result.exit_code == 2 and "pip install 'prunelab[eval]'" in " ".join(result.output.split())
+    # a harness too old for transformers 5 fails in its own imports: its version is read before importing it
+    monkeypatch.setattr(zeroshot, "_distribution_version", lambda name: "0.4.9.2")
+    with pytest.raises(PrunelabError, match=r"lm-eval 0.4.9.2 is too old for prunelab's tasks \(it needs 0.4.12 or"):
+        check_tasks(["bb_timedial"])
 
 
 def test_cli_tasks_eval_and_run_with_tasks(tiny_dir, texts, tmp_path, monkeypatch):

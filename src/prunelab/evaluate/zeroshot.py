@@ -66,6 +66,7 @@ OFFLINE_TASKS = STANDARD_TASKS + BIGBENCH_TASKS
 _ARROW = "data-00000-of-00001.arrow"
 SHUFFLE_SEED = 1234  # the files are shuffled once, so that `limit` takes a sample, not the first topic
 INSTALL = "pip install 'prunelab[eval]' (offline: pip download lm-eval on a connected machine, then pip install it)"
+LM_EVAL_OLDEST = (0, 4, 12)  # the oldest release the tests pass with (0.4.11 and older fail on transformers 5)
 
 
 def task_names(spec: str) -> list[str]:
@@ -83,6 +84,11 @@ def task_names(spec: str) -> list[str]:
 
 def check_tasks(names: list[str]) -> None:
     """lm-eval installed, every name known to prunelab or lm-eval; before any model is loaded."""
+    installed = _distribution_version("lm_eval")  # before importing: an old one fails in its own imports
+    if installed and tuple(int(part) for part in installed.split(".")[:3] if part.isdigit()) < LM_EVAL_OLDEST:
+        # older harnesses import classes transformers 5 removed, or cannot run task configs given as files
+        raise PrunelabError(f"lm-eval {installed} is too old for prunelab's tasks (it needs "
+                            f"{'.'.join(map(str, LM_EVAL_OLDEST))} or newer): {INSTALL}")
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -91,6 +97,16 @@ def check_tasks(names: list[str]) -> None:
     if unknown:
         raise PrunelabError(f"unknown task(s) {', '.join(unknown)}: neither prunelab's offline tasks (prunelab "
                             f"tasks; suites: {', '.join(SUITES)}) nor lm-eval tasks (lm-eval --tasks list)")
+
+
+def _distribution_version(name: str) -> str:
+    """The installed version from the package's metadata ('' where there is none: a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
 
 
 def fetch_task_data(names: list[str]) -> None:
