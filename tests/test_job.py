@@ -46,6 +46,29 @@ def test_saved_model_reloads_with_same_logits_and_mask(tiny_dir, texts, tmp_path
         assert torch.isfinite(reloaded(ids).logits).all()
 
 
+@pytest.mark.parametrize("family, retrain", [("mixtral", "none"), ("qwen2_moe", "masklora")])
+def test_routed_experts_saved_per_expert_keep_their_mask(family, retrain, tokenizer, texts, tmp_path):
+    """transformers saves fused expert tensors in the checkpoint's own layout (one matrix per expert and
+    projection): the sparsity read back from the files sums those, and a reload fuses them to the same mask."""
+    from tiny import tiny_model
+
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "pruned"
+    retraining = {"method": retrain, "tokens": 8 * 32, "heldout": 2, "batch_size": 2, "lr": 1e-3}
+    report = job(folder, texts, out, reconstruct="none", retrain=retraining, eval_windows=2)
+    layers = report["sparsity"]["layers"]
+    fused = [name for name in layers if name.endswith("experts.gate_up_proj")]
+    assert fused and len(layers[fused[0]]["stored_as"]) == 2 * 4  # gate and up of each of the 4 experts
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    weights = find_adapter(reloaded).prunable_weights()
+    assert set(weights) == set(layers)
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == layers[name]["zeros"] and w.numel() == layers[name]["numel"], name
+    assert report["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-9)
+
+
 def test_reload_gives_identical_logits(tiny_dir, texts, tmp_path, monkeypatch):
     import prunelab.job
 

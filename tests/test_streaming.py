@@ -262,3 +262,15 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts,
     with pytest.raises(PrunelabError, match="max_memory must be > 0"):
         run(four_blocks, texts, tmp_path / "out", max_memory=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_routed_experts_stored_per_expert_are_refused_before_any_work(tmp_path, tokenizer, texts):
+    """transformers saves fused expert tensors one matrix per expert and fuses them again on load; streaming
+    reads tensors as the model holds them, so it says so instead of a confusing missing name."""
+    folder = tmp_path / "tiny-mixtral"
+    tiny_model("mixtral", layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(PrunelabError, match=r"experts.down_proj is stored in another layout \(model.layers.0."
+                                            r"block_sparse_moe.experts.0.w2.weight, ... 4 tensors\)"):
+        run(folder, texts, tmp_path / "out", max_memory=1e-3)
+    assert not (tmp_path / "out").exists()

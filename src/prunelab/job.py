@@ -25,7 +25,14 @@ from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
 from .errors import PrunelabError
 from .evaluate.perplexity import perplexity
-from .evaluate.sparsity import count_zeros, measure_sparsity, parameter_count, saved_parameter_count, sparsity_of_saved
+from .evaluate.sparsity import (
+    count_zeros,
+    measure_sparsity,
+    parameter_count,
+    saved_parameter_count,
+    sparsity_of_saved,
+    stored_names,
+)
 from .evaluate.speed import generation_speed
 from .evaluate.zeroshot import check_tasks, fetch_task_data, task_names, zero_shot
 from .files import atomic_dir, check_output
@@ -482,7 +489,8 @@ def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], o
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if report["sparsity"] is not None:
-                saved = sparsity_of_saved(tmp, weight_names)
+                weights = find_adapter(model).prunable_weights()
+                saved = sparsity_of_saved(tmp, weight_names, stored_names(model, {n: weights[n] for n in weight_names}))
             else:
                 report["structure"]["parameters_saved"] = saved_parameter_count(tmp)
         if report["sparsity"] is not None:

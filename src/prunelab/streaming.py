@@ -39,6 +39,7 @@ from .activations import StandIn, capture_block_inputs, check_finite
 from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
+from .evaluate.sparsity import stored_names
 from .models.adapters import Adapter, find_adapter, first_output
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
@@ -134,6 +135,13 @@ class StreamedModel:
         expected = {f"{self.prefix}.{i}.{k}" for i, b in enumerate(self.adapter.blocks) for k in b.state_dict()}
         missing = sorted(expected - in_blocks)
         if missing:
+            parameters = dict(self.model.named_parameters())
+            stored = stored_names(self.model, {missing[0]: parameters[missing[0]]})[missing[0]] \
+                if missing[0] in parameters else []
+            if stored and stored[0] in self.source.files:  # transformers converts them when it loads the model whole
+                raise PrunelabError(f"{folder}: {missing[0]} is stored in another layout ({stored[0]}, ... "
+                                    f"{len(stored)} tensors), which streaming does not convert yet (routed experts); "
+                                    f"give --max-memory room for the whole model to load it in memory")
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
 

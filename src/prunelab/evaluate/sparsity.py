@@ -32,9 +32,22 @@ def measure_sparsity(weights: dict[str, torch.Tensor], zeros_before: dict[str, i
     return _summary(per_layer)
 
 
-def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
-    """Sparsity of the named tensors as written in `folder`'s safetensors files."""
-    wanted, found = set(names), {}
+def stored_names(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """The keys each tensor is saved under. transformers 5 saves some tensors in the checkpoint's own layout,
+    not the one it holds: a fused expert tensor (`experts.gate_up_proj`, E x 2I x H) becomes one matrix per
+    expert and projection (`experts.0.w1.weight`, ...). Its own reverse conversion says which."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversions saves the names it holds
+        return {name: [name] for name in weights}
+    return {name: list(revert_weight_conversion(model, {name: tensor})) for name, tensor in weights.items()}
+
+
+def sparsity_of_saved(folder: str | Path, names: list[str], stored: dict[str, list[str]] | None = None) -> dict:
+    """Sparsity of the named tensors as written in `folder`'s safetensors files; `stored` (`stored_names`):
+    the keys a tensor was saved under where they differ from its name, counted together."""
+    keys = {name: (stored or {}).get(name, [name]) for name in names}
+    wanted, found = {key for name in names for key in keys[name]}, {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for key in wanted.intersection(f.keys()):  # one tensor at a time: the model may not fit in memory
@@ -42,7 +55,15 @@ def sparsity_of_saved(folder: str | Path, names: list[str]) -> dict:
     missing = wanted - set(found)
     if missing:
         raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
-    return _summary({name: found[name] for name in names})  # in model order
+    per_layer = {}
+    for name in names:  # in model order
+        parts = [found[key] for key in keys[name]]
+        numel, zeros = sum(p["numel"] for p in parts), sum(p["zeros"] for p in parts)
+        shape = parts[0]["shape"] if len(parts) == 1 else [len(parts), *parts[0]["shape"]]
+        per_layer[name] = {"shape": shape, "numel": numel, "zeros": zeros, "sparsity": zeros / numel}
+        if len(parts) > 1:
+            per_layer[name]["stored_as"] = keys[name]
+    return _summary(per_layer)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
