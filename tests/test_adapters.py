@@ -12,6 +12,7 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "qwen2": ("llama", 7),
     "qwen3": ("llama", 7),
     "gemma3": ("llama", 7),
+    "olmo2": ("llama", 7),
     "opt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),

@@ -19,7 +19,7 @@ from prunelab.models.adapters import find_adapter
 from prunelab.recover.structured import spans_after_removal
 from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses, survey
 
-DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]
+DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]  # pre-norm: blocks ignore the stream's magnitude
 
 
 def exact_norms(model):
@@ -272,6 +272,10 @@ def test_compensation_needs_a_residual_stream_it_understands():
     post_ln = tiny_model("opt", layers=3, do_layer_norm_before=False)
     with pytest.raises(PrunelabError, match="post-LN"):
         prune_depth(post_ln, find_adapter(post_ln), random_ids(2, 8), depth_config(remove=1), progress=False)
+    olmo = tiny_model("olmo2", layers=3)  # norms only after each branch: blocks see the stream's magnitude
+    with pytest.raises(PrunelabError, match="reads the residual stream without a norm"):
+        prune_depth(olmo, find_adapter(olmo), random_ids(2, 8), depth_config(remove=1), progress=False)
+    assert olmo.config.num_hidden_layers == 3
 
 
 def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lowers_its_loss():

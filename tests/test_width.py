@@ -198,7 +198,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 
 
 @pytest.mark.parametrize(
-    "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family")]
+    "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family"),
+                        ("olmo2", "Olmo2Attention.q_norm normalises across all heads")]
 )
 def test_flap_refuses_layouts_it_does_not_know(family, message):
     model = tiny_model(family, layers=2)

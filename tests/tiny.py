@@ -17,6 +17,7 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", dict(_COMMON, head_dim=16, sliding_window=8,
                                          layer_types=["sliding_attention", "full_attention"])),
+    "olmo2": ("Olmo2Config", dict(_COMMON, pad_token_id=0)),  # norms after each branch only, q/k norms over all heads
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,

@@ -39,6 +39,7 @@ class Half:
     writer: nn.Module | None
     norms: tuple[nn.Module, ...] = ()  # norms the half applies outside `modules` (pre-norm, post-norm)
     output_norm: nn.Module | None = None  # a norm between the writer and the residual add (Gemma's sandwich)
+    reads_raw_stream: bool = False  # no norm before the branch (OLMo 2): it sees the stream's magnitude
 
     def owns(self, linear: nn.Module) -> bool:
         return any(linear is m for module in self.modules for m in module.modules())
@@ -150,6 +151,11 @@ class Adapter(ABC):
                     f"{half.name} of {type(block).__name__} routes tokens to experts: its residual "
                     "write has no single weight to rescale"
                 )
+            if half.reads_raw_stream:  # then scaling the earlier writers also changes what the earlier blocks compute
+                raise PrunelabError(
+                    f"{half.name} of {type(block).__name__} reads the residual stream without a norm, so magnitude "
+                    "compensation cannot be folded into earlier weights (--no-compensation)"
+                )
             writers.append(half.output_norm or half.writer)
         return writers
 
@@ -201,7 +207,7 @@ class Adapter(ABC):
 
 
 class LlamaAdapter(Adapter):
-    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 3 and their MoE variants
+    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 2/3, OLMo 2 and their MoE variants
     expects = "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj (or mlp.experts)"
 
     @classmethod
@@ -212,19 +218,18 @@ class LlamaAdapter(Adapter):
         )
 
     def halves(self, block):
-        # Gemma-style "sandwich" blocks normalise each branch's output before the residual add.
-        sandwich = _has(block, "pre_feedforward_layernorm", "post_feedforward_layernorm")
-        attn_out = block.post_attention_layernorm if sandwich else nn.Identity()
-        mlp_in = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
-        mlp_out = block.post_feedforward_layernorm if sandwich else nn.Identity()
+        # Where each branch is normalised: before it (Llama), before and after it (Gemma's "sandwich"), or
+        # only after it (OLMo 2, which has no input norm): the output norm is part of the half.
+        attn_in, attn_out, mlp_in, mlp_out = self.branch_norms(block)
         attention = Half(
             "attention",
             (block.self_attn,),
-            run=lambda h, kw: first_output(block.self_attn(hidden_states=block.input_layernorm(h), **kw)),
+            run=lambda h, kw: first_output(block.self_attn(hidden_states=attn_in(h), **kw)),
             finish=lambda h, y: h + attn_out(y),
             writer=block.self_attn.o_proj,
-            norms=(block.input_layernorm, attn_out),
-            output_norm=attn_out if sandwich else None,
+            norms=(attn_in, attn_out),
+            output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
+            reads_raw_stream=isinstance(attn_in, nn.Identity),
         )
         mlp = Half(
             "mlp",
@@ -233,9 +238,21 @@ class LlamaAdapter(Adapter):
             finish=lambda h, y: h + mlp_out(y),
             writer=None if _is_moe(block.mlp) else block.mlp.down_proj,
             norms=(mlp_in, mlp_out),
-            output_norm=mlp_out if sandwich else None,
+            output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
+            reads_raw_stream=isinstance(mlp_in, nn.Identity),
         )
         return attention, mlp
+
+    @staticmethod
+    def branch_norms(block) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """(attention in, attention out, MLP in, MLP out); nn.Identity where a block has no such norm."""
+        none = nn.Identity()
+        if _has(block, "pre_feedforward_layernorm", "post_feedforward_layernorm"):  # Gemma 2/3
+            return (block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
+                    block.post_feedforward_layernorm)
+        if not hasattr(block, "input_layernorm") and _has(block, "post_feedforward_layernorm"):  # OLMo 2
+            return none, block.post_attention_layernorm, none, block.post_feedforward_layernorm
+        return block.input_layernorm, none, block.post_attention_layernorm, none
 
     def residual_sources(self):
         return [self.model.get_input_embeddings()]
@@ -250,8 +267,13 @@ class LlamaAdapter(Adapter):
                 f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
                 "(Mixture-of-Experts is not supported)"
             )
-        # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
         head_dim = attn.head_dim
+        spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
+                    not in (0, head_dim)]
+        if spanning:  # OLMo 2: its RMS runs over all heads at once, so removing a head changes the others
+            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{spanning[0]} "
+                                f"normalises across all heads; this family is not supported yet")
+        # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
         kv_heads = attn.k_proj.out_features // head_dim
         per_group = attn.o_proj.in_features // head_dim // kv_heads
 
