@@ -134,3 +134,26 @@ def test_never_routed_expert_falls_back_to_magnitude():
     result = prunelab.prune(model, calibration=random_ids(1, 1), method="sparsegpt", reconstruct="none", progress=False)
     assert any("fallback" in r for r in result["layers"])
     assert result["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_block_stream_follows_granites_multipliers_and_parallel_branches_are_refused():
+    """Granite scales each branch by residual_multiplier before the residual add (and the embeddings by
+    embedding_multiplier); StableLM's use_parallel_residual feeds both branches the same input."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    torch.manual_seed(0)
+    granite = transformers.AutoModelForCausalLM.from_config(transformers.GraniteConfig(
+        **common, residual_multiplier=0.3, embedding_multiplier=4.0, attention_multiplier=0.1)).eval()
+    adapter, ids = find_adapter(granite), random_ids(4, 16)
+    with torch.no_grad():
+        reference = granite(ids, output_hidden_states=True).hidden_states
+    stream = capture_block_inputs(granite, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
+    for half in adapter.halves(adapter.blocks[0]):
+        propagate(half, stream, 0)
+    torch.testing.assert_close(stream.hidden, reference[1], rtol=1e-4, atol=1e-5)
+    parallel = transformers.AutoModelForCausalLM.from_config(transformers.StableLmConfig(**common,
+                                                                                       use_parallel_residual=True))
+    with pytest.raises(PrunelabError, match="use_parallel_residual"):
+        find_adapter(parallel).halves(find_adapter(parallel).blocks[0])

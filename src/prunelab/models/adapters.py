@@ -221,11 +221,15 @@ class LlamaAdapter(Adapter):
         # Where each branch is normalised: before it (Llama), before and after it (Gemma's "sandwich"), or
         # only after it (OLMo 2, which has no input norm): the output norm is part of the half.
         attn_in, attn_out, mlp_in, mlp_out = self.branch_norms(block)
+        if getattr(block, "use_parallel_residual", False):  # StableLM's option: both branches read one input
+            raise PrunelabError(f"{type(block).__name__} runs attention and MLP in parallel (use_parallel_residual), "
+                                "which prunelab's attention-then-MLP halves do not model yet")
+        scale = getattr(block, "residual_multiplier", 1.0)  # Granite scales each branch before the residual add
         attention = Half(
             "attention",
             (block.self_attn,),
             run=lambda h, kw: first_output(block.self_attn(hidden_states=attn_in(h), **kw)),
-            finish=lambda h, y: h + attn_out(y),
+            finish=lambda h, y: torch.add(h, attn_out(y), alpha=scale),
             writer=block.self_attn.o_proj,
             norms=(attn_in, attn_out),
             output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
@@ -235,7 +239,7 @@ class LlamaAdapter(Adapter):
             "mlp",
             (block.mlp,),
             run=lambda h, kw: block.mlp(mlp_in(h)),
-            finish=lambda h, y: h + mlp_out(y),
+            finish=lambda h, y: torch.add(h, mlp_out(y), alpha=scale),
             writer=None if _is_moe(block.mlp) else block.mlp.down_proj,
             norms=(mlp_in, mlp_out),
             output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
