@@ -157,3 +157,25 @@ def test_block_stream_follows_granites_multipliers_and_parallel_branches_are_ref
                                                                                        use_parallel_residual=True))
     with pytest.raises(PrunelabError, match="use_parallel_residual"):
         find_adapter(parallel).halves(find_adapter(parallel).blocks[0])
+
+
+def test_a_block_whose_forward_the_halves_do_not_reproduce_is_refused_before_any_work(tiny_dir, texts, tmp_path,
+                                                                                         monkeypatch):
+    """The adapter is chosen from the module tree; a forward that does more than it shows (here a mixing
+    factor on the residual stream, as MiniMax has) is caught on 16 tokens instead of pruned wrongly."""
+    import transformers
+
+    from prunelab.activations import checked_adapter
+
+    model = tiny_model("llama")
+    assert checked_adapter(model).family == "llama"
+    forward = transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward
+    monkeypatch.setattr(transformers.models.llama.modeling_llama.LlamaDecoderLayer, "forward",
+                        lambda self, hidden_states, **kw: forward(self, hidden_states * 0.8, **kw))
+    with pytest.raises(PrunelabError, match="halves do not compute what LlamaDecoderLayer computes"):
+        checked_adapter(model)
+    calib, evaluation = texts
+    with pytest.raises(PrunelabError, match="halves do not compute"):
+        prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=4, seqlen=16,
+                          out=str(tmp_path / "out")), progress=False)
+    assert not (tmp_path / "out").exists()

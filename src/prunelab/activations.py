@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import PrunelabError
-from .models.adapters import Half, first_output
+from .models.adapters import Adapter, Half, find_adapter, first_output
 
 
 class Stop(Exception):
@@ -152,6 +152,37 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
         for i, block in enumerate(originals):
             blocks[i] = block
     return BlockStream(hidden, block_kwargs, token_masks, batch_size)
+
+
+def checked_adapter(model: nn.Module) -> Adapter:
+    """The model's adapter, once its halves are seen to compute what the first block computes.
+
+    The adapter is chosen from the module tree, which cannot show everything a block's forward does (a
+    scale on the residual add, parallel branches, a mixing factor): such a family would otherwise be
+    pruned and reconstructed against wrong activations without a word. 16 random tokens, before any work.
+    """
+    adapter = find_adapter(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    dtype, was_training = next(model.parameters()).dtype, model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=1, dtype=dtype)
+            block, kwargs = adapter.blocks[0], stream.block_kwargs[0][0]
+            whole = first_output(block(stream.hidden, **kwargs)).float()
+            hidden = stream.hidden
+            for half in adapter.halves(block):
+                hidden = half(hidden, kwargs)
+            with adapter.prunable_linears(block):  # refuses expert layouts it cannot split into linears
+                pass
+    finally:
+        model.train(was_training)
+    error = ((hidden.float() - whole).norm() / whole.norm().clamp_min(1e-30)).item()
+    if not error <= 1e-2:  # the same operations in the same order: equal but for a reordered add or two
+        raise PrunelabError(f"unsupported architecture: the {adapter.family} adapter's attention and MLP halves do "
+                            f"not compute what {type(block).__name__} computes (relative difference {error:.2g})")
+    return adapter
 
 
 @torch.no_grad()

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
+from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, check_token_ids
 from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
 from .job import retraining_data, run_job
-from .models.adapters import find_adapter
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .structured import prune_structured
@@ -77,7 +77,7 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
-    adapter = find_adapter(model)
+    adapter = checked_adapter(model)
     ids, attention_mask, heldout = _calibration(model, tokenizer, cfg, calibration, attention_mask, heldout)
     if cfg.structured:
         dense = copy.deepcopy(model) if cfg.reconstruct.enabled else None

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from . import distributed
 from . import report as reporting
+from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
@@ -349,7 +350,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
-    job.adapter = find_adapter(job.model)
+    job.adapter = checked_adapter(job.model)
     with stage("windows", job.stages):
         job.windows(texts)
         job.share_windows()

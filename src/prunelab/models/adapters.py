@@ -238,7 +238,7 @@ class LlamaAdapter(Adapter):
         mlp = Half(
             "mlp",
             (block.mlp,),
-            run=lambda h, kw: block.mlp(mlp_in(h)),
+            run=lambda h, kw: first_output(block.mlp(mlp_in(h))),  # some MoE blocks also return router logits
             finish=lambda h, y: torch.add(h, mlp_out(y), alpha=scale),
             writer=None if _is_moe(block.mlp) else block.mlp.down_proj,
             norms=(mlp_in, mlp_out),
@@ -256,6 +256,9 @@ class LlamaAdapter(Adapter):
                     block.post_feedforward_layernorm)
         if not hasattr(block, "input_layernorm") and _has(block, "post_feedforward_layernorm"):  # OLMo 2
             return none, block.post_attention_layernorm, none, block.post_feedforward_layernorm
+        if not hasattr(block, "post_attention_layernorm"):  # Cohere: one norm, attention and MLP side by side
+            raise PrunelabError(f"{type(block).__name__} has no norm between attention and MLP (parallel branches), "
+                                "which prunelab's attention-then-MLP halves do not model yet")
         return block.input_layernorm, none, block.post_attention_layernorm, none
 
     def residual_sources(self):
