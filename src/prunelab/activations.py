@@ -171,6 +171,7 @@ def checked_adapter(model: nn.Module) -> Adapter:
             stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=1, dtype=dtype)
             block, kwargs = adapter.blocks[0], stream.block_kwargs[0][0]
             whole = first_output(block(stream.hidden, **kwargs)).float()
+            check_finite(whole, "block 0")  # broken weights: say so, not that the halves differ
             hidden = stream.hidden
             for half in adapter.halves(block):
                 hidden = half(hidden, kwargs)
