@@ -44,7 +44,6 @@ def test_streamed_run_equals_the_whole_model_run(four_blocks, texts, tmp_path, m
     whole = run(four_blocks, texts, tmp_path / "whole", method=method)
     streamed = run(four_blocks, texts, tmp_path / "streamed", method=method, max_memory=TINY_BUDGET)
     assert "streamed" not in whole["model"] and streamed["model"]["streamed"]["shards"] == 5
-    assert "speed" not in streamed["metrics"] and streamed["model"]["streamed"]["speed"].startswith("not measured")
     out = tmp_path / "streamed"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 5
@@ -88,6 +87,7 @@ def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, 
     whole = run(four_blocks, texts, tmp_path / "whole", method="flap", width=width, speed=False)
     streamed = run(four_blocks, texts, tmp_path / "streamed", method="flap", width=width, max_memory=TINY_BUDGET)
     assert "streamed" not in whole["model"] and streamed["model"]["streamed"]["shards"] == 5
+    assert "speed" not in streamed["metrics"] and streamed["model"]["streamed"]["speed"].startswith("not measured")
     assert streamed["structure"]["layers"] == whole["structure"]["layers"]
     assert any(layer["removed"] for layer in whole["structure"]["layers"])
     assert read_structure(tmp_path / "streamed") == read_structure(tmp_path / "whole")
