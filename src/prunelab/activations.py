@@ -162,28 +162,38 @@ def checked_adapter(model: nn.Module) -> Adapter:
     pruned and reconstructed against wrong activations without a word. 16 random tokens, before any work.
     """
     adapter = find_adapter(model)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    dtype, was_training = next(model.parameters()).dtype, model.training
+    was_training = model.training
     model.eval()  # no dropout
     try:
-        with torch.no_grad():
-            stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=1, dtype=dtype)
-            block, kwargs = adapter.blocks[0], stream.block_kwargs[0][0]
-            whole = first_output(block(stream.hidden, **kwargs)).float()
-            check_finite(whole, "block 0")  # broken weights: say so, not that the halves differ
-            hidden = stream.hidden
-            for half in adapter.halves(block):
-                hidden = half(hidden, kwargs)
-            with adapter.prunable_linears(block):  # refuses expert layouts it cannot split into linears
-                pass
+        stream = capture_block_inputs(model, adapter.blocks, probe_ids(model), None, batch_size=1,
+                                      dtype=next(model.parameters()).dtype)
+        check_halves(adapter, 0, stream)
     finally:
         model.train(was_training)
+    return adapter
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def check_halves(adapter: Adapter, index: int, stream: BlockStream) -> None:
+    """Block `index` run whole and as its two halves on the stream's first batch: the same output, or a
+    one-line refusal of the architecture."""
+    block, kwargs = adapter.blocks[index], stream.block_kwargs[index][0]
+    hidden = stream.hidden[:stream.batch_size]
+    whole = first_output(block(hidden, **kwargs)).float()
+    check_finite(whole, f"block {index}")  # broken weights: say so, not that the halves differ
+    for half in adapter.halves(block):
+        hidden = half(hidden, kwargs)
+    with adapter.prunable_linears(block):  # refuses expert layouts it cannot split into linears
+        pass
     error = ((hidden.float() - whole).norm() / whole.norm().clamp_min(1e-30)).item()
     if not error <= 1e-2:  # the same operations in the same order: equal but for a reordered add or two
         raise PrunelabError(f"unsupported architecture: the {adapter.family} adapter's attention and MLP halves do "
                             f"not compute what {type(block).__name__} computes (relative difference {error:.2g})")
-    return adapter
 
 
 @torch.no_grad()

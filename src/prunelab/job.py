@@ -389,6 +389,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
         job.tokenizer = AutoTokenizer.from_pretrained(folder)
         check_model(job.model, window_lengths(config))
+        streamed.check_adapter()
     with stage("windows", job.stages):
         job.windows(texts)
         job.share_windows()

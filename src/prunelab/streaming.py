@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .activations import StandIn, capture_block_inputs, check_finite
+from .activations import StandIn, capture_block_inputs, check_finite, check_halves, probe_ids
 from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
@@ -159,6 +159,16 @@ class StreamedModel:
         for name, tensor in (checkpoint or self.source).tensors(names):
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         return block
+
+    def check_adapter(self) -> None:
+        """`activations.checked_adapter` for the skeleton: block 0 read, run whole and as halves, let go."""
+        with self.outer("input") as model:
+            stream = capture_block_inputs(model, self.adapter.blocks, probe_ids(model), None, 1, self.compute_dtype)
+        try:
+            self.load_block(0)
+            check_halves(self.adapter, 0, stream)
+        finally:
+            self.drop_block(0)
 
     def drop_block(self, index: int) -> None:
         block = self.adapter.blocks[index]
