@@ -374,7 +374,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out and distributed.is_main():
-        save(job.model, job.tokenizer, report, Path(config.out), list(job.weights), config.overwrite,
+        save(job.model, job.tokenizer, report, Path(config.out), job.weights, config.overwrite,
              job.stages, narrowed)
     return report
 
@@ -480,7 +480,7 @@ def streamed_pass(job: Job, visits: StreamedPruning) -> None:
                                      checkpoints=job.checkpoints, visits=visits)
 
 
-def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], overwrite: bool,
+def save(model, tokenizer, report: Report, out: Path, weights: dict[str, torch.Tensor], overwrite: bool,
          stages: dict[str, StageRecord], narrowed: dict | None = None) -> None:
     """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -491,8 +491,7 @@ def save(model, tokenizer, report: Report, out: Path, weight_names: list[str], o
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if report["sparsity"] is not None:
-                weights = find_adapter(model).prunable_weights()
-                saved = sparsity_of_saved(tmp, weight_names, stored_names(model, {n: weights[n] for n in weight_names}))
+                saved = sparsity_of_saved(tmp, list(weights), stored_names(model, weights))
             else:
                 report["structure"]["parameters_saved"] = saved_parameter_count(tmp)
         if report["sparsity"] is not None:
