@@ -221,3 +221,34 @@ def test_a_study_with_retraining_gets_the_recovery_table(tmp_path, tiny_dir, tex
     assert results[1]["retrain_seconds"] > 0 and results[0]["retrain_seconds"] is None
     table = (tmp_path / "study" / "STUDY.md").read_text()
     assert "## Recovery: reconstruction and retraining" in table and "| masklora | 128 |" in table
+
+
+def test_acc_norm_mean_covers_the_tasks_that_define_it():
+    """boolq-like tasks have acc only: acc_norm's mean is over the others and says so, instead of a dash."""
+    from prunelab.evaluate.zeroshot import means
+    from prunelab.report import zeroshot_means
+
+    tasks = {"boolq": {"acc": 0.6, "acc_norm": None}, "hellaswag": {"acc": 0.3, "acc_norm": 0.4},
+             "arc_easy": {"acc": 0.5, "acc_norm": 0.2}}
+    summary = means(tasks)
+    assert summary["mean_acc"] == pytest.approx(1.4 / 3)
+    assert summary["mean_acc_norm"] == pytest.approx(0.3) and summary["acc_norm_tasks"] == 2
+    assert zeroshot_means({"tasks": tasks}) == "0.4667 / 0.3000 (2 of 3 tasks)"
+    both = {name: t for name, t in tasks.items() if t["acc_norm"] is not None}
+    assert zeroshot_means({"tasks": both}) == "0.4000 / 0.3000"
+    assert zeroshot_means({"tasks": {"boolq": tasks["boolq"]}}) == "0.6000 / –"
+
+
+def test_recovery_tokens_separate_text_from_epochs():
+    """Two epochs over 64 windows train on twice the tokens of the same text; retraining's windows begin with
+    the reconstruction's, so the text of both together is the larger of the two."""
+    from prunelab.study import recovery_summary
+
+    def report(epochs, retrained):
+        return {"config": {"samples": 64, "seqlen": 8, "reconstruct": {"epochs": epochs}},
+                "reconstruction": {"lr": {}}, "stages": {}, "metrics": {},
+                "retraining": {"method": "masklora", "tokens_seen": retrained} if retrained else None}
+    two_epochs = recovery_summary(report(2, 0))
+    assert (two_epochs["recovery_tokens"], two_epochs["recovery_data_tokens"]) == (1024, 512)
+    both = recovery_summary(report(1, 2048))
+    assert (both["recovery_tokens"], both["recovery_data_tokens"]) == (2560, 2048)

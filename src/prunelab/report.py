@@ -11,6 +11,7 @@ from typing import TypedDict
 
 import torch
 
+from .evaluate.zeroshot import means
 from .measure import StageRecord
 
 
@@ -50,12 +51,23 @@ def _ppl(metrics: dict, key: str) -> str:
 
 def accuracy(value: float | None) -> str:
     """An accuracy to four places; a dash where the task defines no such metric (lm-eval scores binary choices
-    such as boolq by acc only, so a mean of acc_norm exists only when every task has one)."""
+    such as boolq by acc only)."""
     return "–" if value is None else f"{value:.4f}"
 
 
+def mean_accuracies(zeroshot: dict) -> tuple[str, str]:
+    """Mean acc, and mean acc_norm naming how many tasks it covers when some define none (recomputed from the
+    tasks, so reports written before acc_norm's mean skipped such tasks read the same)."""
+    if not zeroshot.get("tasks"):
+        return "–", "–"
+    summary = means(zeroshot["tasks"])
+    covered, total = summary["acc_norm_tasks"], len(zeroshot["tasks"])
+    of = f" ({covered} of {total} tasks)" if 0 < covered < total else ""
+    return accuracy(summary["mean_acc"]), f"{accuracy(summary.get('mean_acc_norm'))}{of}"
+
+
 def zeroshot_means(zeroshot: dict) -> str:
-    return f"{accuracy(zeroshot.get('mean_acc'))} / {accuracy(zeroshot.get('mean_acc_norm'))}"
+    return " / ".join(mean_accuracies(zeroshot))
 
 
 def summary_rows(report: Report) -> list[tuple[str, str]]:
@@ -324,9 +336,8 @@ def _zeroshot_markdown(metrics: dict) -> list[str]:
         guess = f"{entry['chance']:.3f}" if entry.get("chance") is not None else "–"
         lines.append(f"| {task} | {entry.get('source', '')} | {entry['version']} | {entry['examples']} | {guess} "
                      f"| {cells} |")
-    means = " | ".join(f"{accuracy(metrics[k].get('mean_acc'))} | {accuracy(metrics[k].get('mean_acc_norm'))}"
-                       for k, _ in runs)
-    return lines + [f"| mean | | | | | {means} |"]
+    mean_cells = " | ".join(" | ".join(mean_accuracies(metrics[k])) for k, _ in runs)
+    return lines + [f"| mean | | | | | {mean_cells} |"]
 
 
 def _data_markdown(data: dict) -> list[str]:

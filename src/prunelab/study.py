@@ -34,7 +34,7 @@ from .config import RunConfig, load_config_file
 from .errors import PrunelabError
 from .job import run_job
 from .measure import python_argv
-from .report import accuracy
+from .report import zeroshot_means
 
 
 def _nest(flat: dict) -> dict:
@@ -152,13 +152,16 @@ def summarise(report: dict) -> dict:
 def recovery_summary(report: dict) -> dict:
     """Retraining and zero-shot columns: what recovered the model, on how many tokens, at what cost."""
     cfg, retraining = report["config"], report.get("retraining")
-    calibration = cfg["samples"] * cfg["seqlen"] * cfg["reconstruct"]["epochs"] if report.get("reconstruction") else 0
+    windows = cfg["samples"] * cfg["seqlen"] if report.get("reconstruction") else 0
+    retrained = retraining["tokens_seen"] if retraining else 0
     retrain_stage = report["stages"].get("retrain", {})
     zeroshot = report["metrics"].get("zeroshot") or {}
     return {"retrain": retraining["method"] if retraining else "none",
-            "recovery_tokens": calibration + (retraining["tokens_seen"] if retraining else 0),
+            "recovery_tokens": windows * cfg["reconstruct"]["epochs"] + retrained,
+            # the text behind them: retraining's windows begin with the reconstruction's (job.retraining_data)
+            "recovery_data_tokens": max(windows, retrained),
             "retrain_seconds": retrain_stage.get("seconds"), "retrain_peak_rss_gb": retrain_stage.get("peak_rss_gb"),
-            "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_acc_norm": zeroshot.get("mean_acc_norm")}
+            "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_means": zeroshot_means(zeroshot)}
 
 
 def write_table(results: list[dict], out: Path, granularities: list[str] | None = None) -> None:
@@ -191,14 +194,16 @@ def recovery_table(results: list[dict]) -> list[str]:
     if not any(r.get("retrain", "none") != "none" or r.get("zeroshot_acc") is not None for r in results):
         return []
     lines = ["", "## Recovery: reconstruction and retraining", "",
-             "| method | pattern | reconstruction | retraining | recovery tokens | perplexity "
+             "| method | pattern | reconstruction | retraining | recovery tokens: text (trained on) | perplexity "
              "| zero-shot acc / acc_norm | prune(+reconstruct) s, GB | retrain s, GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        zs = f"{accuracy(r.get('zeroshot_acc'))} / {accuracy(r.get('zeroshot_acc_norm'))}"
+        zs = r.get("zeroshot_means", "–")
         rt = "–" if r.get("retrain_seconds") is None else f"{r['retrain_seconds']:.0f}, {r['retrain_peak_rss_gb']:.2f}"
+        tokens, text = r.get("recovery_tokens", 0), r.get("recovery_data_tokens", r.get("recovery_tokens", 0))
+        tokens = f"{text:,}" + (f" ({tokens:,})" if tokens != text else "")
         lines.append(f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r.get('retrain', 'none')} | "
-                     f"{r.get('recovery_tokens', 0):,} | {_ppl(r)} | {zs} | {r['seconds']:.0f}, "
+                     f"{tokens} | {_ppl(r)} | {zs} | {r['seconds']:.0f}, "
                      f"{r['peak_rss_gb']:.2f} | {rt} |")
     return lines
 

@@ -294,11 +294,17 @@ def summarise(out: dict, names: list[str], limit: int, version: str) -> dict:
                        "examples": samples.get("effective"), "examples_available": samples.get("original"),
                        "version": out["versions"].get(name), "fewshot": out.get("n-shot", {}).get(name, 0),
                        "chance": chance(out.get("samples", {}).get(name, [])), "source": source(name)}
-    mean = {key: sum(t[key] for t in tasks.values()) / len(tasks) for key in ("acc", "acc_norm")
-            if all(t[key] is not None for t in tasks.values())}
-    return {"tasks": tasks, **{f"mean_{k}": v for k, v in mean.items()}, "harness": "lm-evaluation-harness",
+    return {"tasks": tasks, **means(tasks), "harness": "lm-evaluation-harness",
             "harness_version": version, "limit": limit, "fewshot": 0,
             "offline_conversion": {"standard": STANDARD_CONVERSION, "bigbench": CONVERSION}}
+
+
+def means(tasks: dict) -> dict:
+    """Mean acc over the tasks, and mean acc_norm over those that define it: lm-eval scores binary choices
+    (boolq, rte, copa, winogrande) by acc alone, so the count of acc_norm's tasks goes with it."""
+    normed = [t["acc_norm"] for t in tasks.values() if t["acc_norm"] is not None]
+    return {"mean_acc": sum(t["acc"] for t in tasks.values()) / len(tasks),
+            **({"mean_acc_norm": sum(normed) / len(normed)} if normed else {}), "acc_norm_tasks": len(normed)}
 
 
 def chance(samples: list[dict]) -> float | None:
