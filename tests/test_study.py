@@ -252,3 +252,18 @@ def test_recovery_tokens_separate_text_from_epochs():
     assert (two_epochs["recovery_tokens"], two_epochs["recovery_data_tokens"]) == (1024, 512)
     both = recovery_summary(report(1, 2048))
     assert (both["recovery_tokens"], both["recovery_data_tokens"]) == (2560, 2048)
+
+
+def test_recovery_series_group_by_way_of_recovering():
+    """The data-efficiency plot's lines: reconstruction in one epoch over 16 k and 64 k tokens of text, the same
+    64 k over 4 epochs on its own, MaskLoRA on its own; pruning alone is no point on any."""
+    from prunelab.study import recovery_series
+
+    def row(granularity, tokens, ppl, epochs=1, retrain="none"):
+        return {"granularity": granularity, "recovery_data_tokens": tokens, "perplexity": ppl,
+                "epochs": epochs if granularity != "none" else 0, "retrain": retrain}
+    rows = [row("attn-mlp", 65536, 35.9), row("attn-mlp", 16384, 40.7), row("attn-mlp", 65536, 32.9, epochs=4),
+            row("none", 262144, 32.4, retrain="masklora"), row("none", 0, 52.9),
+            row("attn-mlp", 65536, 30.0, retrain="masklora")]
+    assert recovery_series(rows) == {"attn-mlp": [(16384, 40.7), (65536, 35.9)], "attn-mlp + 4 epochs": [(65536, 32.9)],
+                                     "masklora": [(262144, 32.4)], "attn-mlp + masklora": [(65536, 30.0)]}

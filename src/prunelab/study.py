@@ -159,7 +159,7 @@ def recovery_summary(report: dict) -> dict:
     return {"retrain": retraining["method"] if retraining else "none",
             "recovery_tokens": windows * cfg["reconstruct"]["epochs"] + retrained,
             # the text behind them: retraining's windows begin with the reconstruction's (job.retraining_data)
-            "recovery_data_tokens": max(windows, retrained),
+            "recovery_data_tokens": max(windows, retrained), "epochs": cfg["reconstruct"]["epochs"] if windows else 0,
             "retrain_seconds": retrain_stage.get("seconds"), "retrain_peak_rss_gb": retrain_stage.get("peak_rss_gb"),
             "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_means": zeroshot_means(zeroshot)}
 
@@ -187,6 +187,8 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
         json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1)
     )
     _plot(results, out / "study.png", dense)
+    if recovery_table(results):
+        _plot_recovery(results, out / "recovery.png", dense)
 
 
 def recovery_table(results: list[dict]) -> list[str]:
@@ -269,13 +271,65 @@ def plotted_rows(results: list[dict]) -> list[dict]:
             == common]
 
 
-def _plot(results: list[dict], path: Path, dense: float | None) -> None:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def recovery_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Perplexity against the tokens of text a recovery used, one series per way of recovering (the
+    reconstruction granularity, its epochs over that text, the retraining), each sorted by tokens."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["perplexity"] is None or not r.get("recovery_data_tokens"):
+            continue
+        parts = [r["granularity"]] if r["granularity"] != "none" else []
+        parts += [f"{r['epochs']} epochs"] if r.get("epochs", 1) > 1 else []
+        parts += [r["retrain"]] if r.get("retrain", "none") != "none" else []
+        series.setdefault(" + ".join(parts), []).append((r["recovery_data_tokens"], r["perplexity"]))
+    return {label: sorted(points) for label, points in series.items()}
+
+
+def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None:
+    """The data-efficiency curve: perplexity against tokens of text, per pattern; pruning alone and the dense
+    model as horizontal lines."""
+    plt = _pyplot()
+    patterns = list(dict.fromkeys(r["pattern"] for r in results if r["perplexity"] is not None))
+    if plt is None or not patterns:
+        return
+    from matplotlib import ticker
+    fig, axes = plt.subplots(1, len(patterns), figsize=(6 * len(patterns), 4.2), squeeze=False)
+    for ax, pattern in zip(axes[0], patterns):
+        rows = [r for r in results if r["pattern"] == pattern and r["method"] == results[0]["method"]]
+        for label, points in recovery_series(rows).items():
+            ax.plot(*zip(*points), marker="o", label=label)
+        alone = [r["perplexity"] for r in rows if not r.get("recovery_data_tokens") and r["perplexity"]]
+        for value, label, style in ((alone[0] if alone else None, "pruned only", ":"), (dense, "dense", "--")):
+            if value:
+                ax.axhline(value, color="grey", linestyle=style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x / 1024:g} k"))
+        ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+        ax.set_xlabel("tokens of calibration text")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{results[0]['method']} {pattern}")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot(results: list[dict], path: Path, dense: float | None) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     results = [r for r in results if r["perplexity"] is not None]  # runs without evaluation have nothing to draw
     if not results:
