@@ -179,7 +179,8 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
             f"| {r['method']} | {r['pattern']} | {r['granularity']} | {r['propagation']} | {r['loss']} | {lr} "
             f"| {_ppl(r)} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} |"
         )
-    lines += recovery_table(results)
+    recovery = recovery_table(results)
+    lines += recovery
     lines += pivot(results, granularities)
     (out / "STUDY.md").write_text("\n".join(lines) + "\n")
     # the summary rows; each run's full report stays in runs/<name>.json only
@@ -187,7 +188,7 @@ def write_table(results: list[dict], out: Path, granularities: list[str] | None 
         json.dumps([{k: v for k, v in r.items() if k != "report"} for r in results], indent=1)
     )
     _plot(results, out / "study.png", dense)
-    if recovery_table(results):
+    if recovery:
         _plot_recovery(results, out / "recovery.png", dense)
 
 
