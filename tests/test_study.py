@@ -267,3 +267,17 @@ def test_recovery_series_group_by_way_of_recovering():
             row("attn-mlp", 65536, 30.0, retrain="masklora")]
     assert recovery_series(rows) == {"attn-mlp": [(16384, 40.7), (65536, 35.9)], "attn-mlp + 4 epochs": [(65536, 32.9)],
                                      "masklora": [(262144, 32.4)], "attn-mlp + masklora": [(65536, 30.0)]}
+
+
+def test_recovery_plot_has_a_panel_per_method_and_pattern(tmp_path):
+    """A study of two pruning methods at one pattern draws both: a panel each, 6 inches at 100 dpi."""
+    from PIL import Image
+
+    from prunelab.study import _plot_recovery
+
+    def row(method, tokens, ppl):
+        return {"method": method, "pattern": "50%", "granularity": "attn-mlp" if tokens else "none", "epochs": 1,
+                "retrain": "none", "recovery_data_tokens": tokens, "perplexity": ppl}
+    rows = [row("wanda", 0, 52.9), row("wanda", 65536, 35.9), row("magnitude", 0, 90.0), row("magnitude", 65536, 40.0)]
+    _plot_recovery(rows, tmp_path / "recovery.png", dense=24.2)
+    assert Image.open(tmp_path / "recovery.png").size[0] == 2 * 6 * 100

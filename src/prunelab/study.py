@@ -298,16 +298,16 @@ def recovery_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None:
-    """The data-efficiency curve: perplexity against tokens of text, per pattern; pruning alone and the dense
-    model as horizontal lines."""
+    """The data-efficiency curve: perplexity against tokens of text, one panel per pruning method and pattern;
+    pruning alone and the dense model as horizontal lines."""
     plt = _pyplot()
-    patterns = list(dict.fromkeys(r["pattern"] for r in results if r["perplexity"] is not None))
-    if plt is None or not patterns:
+    panels = list(dict.fromkeys((r["method"], r["pattern"]) for r in results if r["perplexity"] is not None))
+    if plt is None or not panels:
         return
     from matplotlib import ticker
-    fig, axes = plt.subplots(1, len(patterns), figsize=(6 * len(patterns), 4.2), squeeze=False)
-    for ax, pattern in zip(axes[0], patterns):
-        rows = [r for r in results if r["pattern"] == pattern and r["method"] == results[0]["method"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (method, pattern) in zip(axes[0], panels):
+        rows = [r for r in results if r["pattern"] == pattern and r["method"] == method]
         for label, points in recovery_series(rows).items():
             ax.plot(*zip(*points), marker="o", label=label)
         alone = [r["perplexity"] for r in rows if not r.get("recovery_data_tokens") and r["perplexity"]]
@@ -321,7 +321,7 @@ def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None
         ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
         ax.set_xlabel("tokens of calibration text")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"{results[0]['method']} {pattern}")
+        ax.set_title(f"{method} {pattern}")
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
