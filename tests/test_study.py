@@ -40,12 +40,14 @@ def test_bad_grid_is_refused_before_any_run(tmp_path):
         plan(write_grid(tmp_path / "k.yaml", {"runs": {"method": "wanda"}}))
 
 
-def test_a_study_without_evaluation_tables_its_runs(tmp_path, tiny_dir, texts):
+def test_a_study_without_evaluation_tables_its_runs(tmp_path, tiny_dir, texts, capfd):
     base = {"model": str(tiny_dir), "calib": str(texts[0]), "eval": "none", "samples": 4, "seqlen": 16,
             "threads": 1, "reconstruct": "none"}
     grid = write_grid(tmp_path / "g.yaml", {"base": base, "grid": {"method": ["magnitude", "wanda"]}})
-    results = run_study(grid, tmp_path / "study", progress=False)
+    results = run_study(grid, tmp_path / "study")
     assert [r["perplexity"] for r in results] == [None, None]
+    shown = capfd.readouterr().err  # each run's own bars, from its worker process, under the study's "[k/n]"
+    assert shown.index("[1/2]") < shown.index("magnitude 50%") < shown.index("[2/2]") < shown.index("wanda 50%")
     assert "| magnitude | 50% | none | – | – | – | – |" in (tmp_path / "study" / "STUDY.md").read_text()
 
 

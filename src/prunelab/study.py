@@ -105,8 +105,9 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
             values = dict(values, eval_dense=number == 0 and values.get("eval_dense", True))
             if progress:
                 print(f"[{number + 1}/{len(runs)}] {name}", file=sys.stderr, flush=True)
-            worker = python_argv("from prunelab.study import _worker; _worker(sys.argv[1], sys.argv[2])")
-            done = subprocess.run([*worker, json.dumps(values), str(path)])
+            worker = python_argv("from prunelab.study import _worker; _worker(*sys.argv[1:])")
+            # the run's own bars (pruning, reconstruction, retraining, zero-shot): a run can take an hour
+            done = subprocess.run([*worker, json.dumps(values), str(path), str(int(progress))])
             if done.returncode != 0:
                 kept = (
                     f"finished runs are kept in {out / 'runs'} and tabled in {out / 'STUDY.md'}"
@@ -375,8 +376,8 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
     plt.close(fig)
 
 
-def _worker(values_json: str, result_path: str) -> None:
-    report = run_job(RunConfig.from_dict(json.loads(values_json)), progress=False)
+def _worker(values_json: str, result_path: str, progress: str = "0") -> None:
+    report = run_job(RunConfig.from_dict(json.loads(values_json)), progress=progress == "1")
     report.pop("layers", None)
     if report["sparsity"]:
         report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "layers"}
