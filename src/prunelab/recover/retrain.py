@@ -242,9 +242,12 @@ class Retraining:
 
     def run(self) -> tuple[nn.Module, dict]:
         """Train; the model to keep (MaskLoRA: merged) and the record for the report."""
-        checkpointing = self.rt.checkpointing and hasattr(self.model, "gradient_checkpointing_enable")
+        # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older 5.x has the old name
+        prefix = "activation" if hasattr(self.model, "activation_checkpointing_enable") else "gradient"
+        checkpointing = self.rt.checkpointing and hasattr(self.model, f"{prefix}_checkpointing_enable")
         if checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.model, f"{prefix}_checkpointing_enable")
+            enable(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
         started = time.perf_counter()
         try:
             curve = {"train": [], "heldout": [[0, 0, self.heldout_loss()]]}
@@ -252,7 +255,7 @@ class Retraining:
             done = self.train(lr, self.steps, curve)
         finally:
             if checkpointing:
-                self.model.gradient_checkpointing_disable()
+                getattr(self.model, f"{prefix}_checkpointing_disable")()
         model = self.lora.merge() if self.lora is not None else self.model
         rt = self.rt
         return model, {
