@@ -243,8 +243,8 @@ class Retraining:
     def run(self) -> tuple[nn.Module, dict]:
         """Train; the model to keep (MaskLoRA: merged) and the record for the report."""
         # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older 5.x has the old name
-        prefix = "activation" if hasattr(self.model, "activation_checkpointing_enable") else "gradient"
-        checkpointing = self.rt.checkpointing and hasattr(self.model, f"{prefix}_checkpointing_enable")
+        prefix = next((p for p in ("activation", "gradient") if hasattr(self.model, f"{p}_checkpointing_enable")), None)
+        checkpointing = self.rt.checkpointing and prefix is not None
         if checkpointing:
             enable = getattr(self.model, f"{prefix}_checkpointing_enable")
             enable(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
