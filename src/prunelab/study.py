@@ -323,9 +323,10 @@ def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None
         ax.set_xlabel("tokens of calibration text")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{method} {pattern}")
-        ax.legend(fontsize="small")
+        # Below the axes: inside, the legend hides the lines it names.
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
