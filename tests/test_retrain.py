@@ -199,6 +199,7 @@ def test_auto_lr_follows_a_best_rate_at_the_grids_edge(tiny_dir, texts, tmp_path
     # on a random tiny model larger rates learn faster: the edge is followed twice, each a factor of 3
     assert lr["grid"] == pytest.approx([1e-6, 3e-6, 9e-6, 2.7e-5]) and lr["lr"] == pytest.approx(2.7e-5)
     assert len(lr["heldout_loss"]) == 4 and lr["probe_tokens"] == 4 * lr["probe_steps"] * 4 * 32
+    assert lr["at_edge"] and "at its edge" in (tmp_path / "auto" / "REPORT.md").read_text()
 
 
 def test_a_retraining_probe_that_diverges_loses_and_the_run_goes_on(tiny_dir, texts, tmp_path, monkeypatch):

@@ -309,6 +309,9 @@ def _retraining_markdown(report: Report, plot: str | None) -> list[str]:
     chosen = (f"lr `auto`: each of {', '.join(f'{v:g}' for v in lr['grid'])} trained {lr['probe_steps']} steps; "
               f"held-out loss {_per_lr(lr['heldout_loss'], 4)}; chosen "
               f"**{lr['lr']:g}**." if lr["mode"] == "auto" else f"lr {lr['lr']:g} (fixed).")
+    if lr.get("at_edge"):
+        chosen += (" The best rate is the last one the search may try, at its edge: a `--retrain-lr-grid` "
+                   "beyond it may do better.")
     lines = ["", "## Retraining", "",
              f"`{r['method']}`: next-token cross-entropy on {r['windows']} calibration-source windows "
              f"({r['tokens_seen']:,} tokens seen in {r['steps']} steps of {r['batch_size']} × {r['accumulate']} "

@@ -236,8 +236,9 @@ class Retraining:
             grid = sorted({*grid, best * 3 if best == grid[-1] else best / 3})
         self.trainable.restore(start)
         best = min(losses, key=losses.get)
+        # still at an edge after every extension: a wider grid might do better, and the report says so
         return best, {"mode": "auto", "grid": grid, "probe_steps": probe_steps, "probe_tokens": tokens,
-                      "lr": best, "heldout_loss": {f"{lr:g}": loss if math.isfinite(loss) else None
+                      "lr": best, "at_edge": best in (grid[0], grid[-1]), "heldout_loss": {f"{lr:g}": loss if math.isfinite(loss) else None
                                                    for lr, loss in sorted(losses.items())}}
 
     def run(self) -> tuple[nn.Module, dict]:
