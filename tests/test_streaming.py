@@ -264,13 +264,21 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts,
     assert not (tmp_path / "out").exists()
 
 
-def test_routed_experts_stored_per_expert_are_refused_before_any_work(tmp_path, tokenizer, texts):
-    """transformers saves fused expert tensors one matrix per expert and fuses them again on load; streaming
-    reads tensors as the model holds them, so it says so instead of a confusing missing name."""
-    folder = tmp_path / "tiny-mixtral"
-    tiny_model("mixtral", layers=4).save_pretrained(folder)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, tokenizer, texts, family):
+    """transformers stores fused expert tensors one matrix per expert and projection and converts them on load
+    and save; a streamed block goes through the same conversions, so the output is the whole-model run's."""
+    folder = tmp_path / f"tiny-{family}"
+    tiny_model(family, layers=4).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    with pytest.raises(PrunelabError, match=r"experts.down_proj is stored in another layout \(model.layers.0."
-                                            r"block_sparse_moe.experts.0.w2.weight, ... 4 tensors\)"):
-        run(folder, texts, tmp_path / "out", max_memory=1e-3)
-    assert not (tmp_path / "out").exists()
+    whole = run(folder, texts, tmp_path / "whole")
+    # a budget of 1.5 blocks: 0.67 and 0.3 MB; the models take 1.9 and 0.93 MB
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory={"mixtral": 6.7e-4, "qwen2_moe": 3e-4}[family])
+    assert streamed["model"]["streamed"]["shards"] == 5
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert any(".experts.0." in k for k in got) and expected.keys() == got.keys()  # per expert, as stored
+    assert all(expected[k].equal(got[k]) for k in expected), [k for k in expected if not expected[k].equal(got[k])]
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+    assert streamed["sparsity"]["layers"] == whole["sparsity"]["layers"]  # fused experts counted whole in both
+    assert any(".experts." in name for name in streamed["sparsity"]["layers"])

@@ -32,13 +32,13 @@ from .evaluate.sparsity import (
     parameter_count,
     saved_parameter_count,
     sparsity_of_saved,
-    stored_names,
 )
 from .evaluate.speed import generation_speed
 from .evaluate.zeroshot import check_tasks, fetch_task_data, task_names, zero_shot
 from .files import atomic_dir, check_output
 from .measure import StageRecord, large_allocations_mapped, release_memory, stage
 from .models.adapters import find_adapter
+from .models.layout import stored_names
 from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .prune.sequential import prune_model
@@ -450,7 +450,8 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
         if "linears" in job.structure:  # FLAP
             write_structure(tmp, job.structure.pop("linears"))
         return saved_parameter_count(tmp)
-    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before))
+    weights = {name: w for name, w in job.adapter.prunable_weights().items() if name in visits.zeros_before}
+    sparsity = sparsity_of_saved(tmp, list(weights), stored_names(job.model, weights))
     for name, entry in sparsity["layers"].items():
         entry["zeros_before"] = visits.zeros_before[name]
     before = sum(visits.zeros_before.values())
@@ -534,8 +535,9 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
     with large_allocations_mapped():
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        names = list(streamed.adapter.prunable_weights())
-        result = {"model": str(folder), "sparsity": sparsity_of_saved(folder, names)["sparsity"], "streamed": True}
+        weights = streamed.adapter.prunable_weights()
+        sparsity = sparsity_of_saved(folder, list(weights), stored_names(streamed.model, weights))
+        result = {"model": str(folder), "sparsity": sparsity["sparsity"], "streamed": True}
         if text is not None:
             check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
             windows, protocol = evaluation_data(config, tokenizer, text)

@@ -39,8 +39,9 @@ from .activations import StandIn, capture_block_inputs, check_finite, check_halv
 from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
-from .evaluate.sparsity import stored_names
+from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output
+from .models.layout import stored_names, to_held, to_stored
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -132,16 +133,13 @@ class StreamedModel:
         self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
         in_blocks = {n for names in self.block_names for n in names}
         self.outer_names = [n for n in self.source.files if n not in in_blocks]
-        expected = {f"{self.prefix}.{i}.{k}" for i, b in enumerate(self.adapter.blocks) for k in b.state_dict()}
-        missing = sorted(expected - in_blocks)
+        held = {f"{self.prefix}.{i}.{k}": v for i, block in enumerate(self.adapter.blocks)
+                for k, v in block.state_dict().items()}
+        # the tensors the checkpoint stores in another layout (routed experts: a matrix per expert and projection),
+        # by the model's name: the keys converted together into it when a block is read
+        self.stored = {name: keys for name, keys in stored_names(self.model, held).items() if keys != [name]}
+        missing = sorted({key for name in held for key in self.stored.get(name, [name])} - in_blocks)
         if missing:
-            parameters = dict(self.model.named_parameters())
-            stored = stored_names(self.model, {missing[0]: parameters[missing[0]]})[missing[0]] \
-                if missing[0] in parameters else []
-            if stored and stored[0] in self.source.files:  # transformers converts them when it loads the model whole
-                raise PrunelabError(f"{folder}: {missing[0]} is stored in another layout ({stored[0]}, ... "
-                                    f"{len(stored)} tensors), which streaming does not convert yet (routed experts); "
-                                    f"give --max-memory room for the whole model to load it in memory")
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
 
@@ -155,9 +153,16 @@ class StreamedModel:
         prefix = f"{self.prefix}.{index}."
         # the output of a streamed FLAP run has biases its input had not
         names = self.block_names[index] if checkpoint is None else [n for n in checkpoint.files if n.startswith(prefix)]
+        source = checkpoint or self.source
+        converted = {name: keys for name, keys in self.stored.items() if name.startswith(prefix)}
+        in_conversions = {key for keys in converted.values() for key in keys}
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
-        for name, tensor in (checkpoint or self.source).tensors(names):
+        for name, tensor in source.tensors([n for n in names if n not in in_conversions]):
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
+        for keys in converted.values():  # one converted tensor at a time, from all of its keys
+            for name, tensor in to_held(self.model, source.read(keys)).items():
+                set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor,
+                                            dtype=self.compute_dtype)
         return block
 
     def check_adapter(self) -> None:
@@ -221,10 +226,12 @@ class StreamedModel:
         return forward
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Block `index`'s tensors by checkpoint name, in the checkpoint's dtype."""
+        """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and dtype."""
         stored = self.source.dtype
-        return {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous().cpu()
+        held = {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous().cpu()
                 for k, v in self.adapter.blocks[index].state_dict().items()}
+        # a converted tensor's pieces are views of it, and safetensors writes no tensors that share memory
+        return {k: v if k in held else v.contiguous().clone() for k, v in to_stored(self.model, held).items()}
 
 
 class ShardWriter:
@@ -335,10 +342,11 @@ class StreamedPruning:
 
     def enter(self, index: int) -> None:
         self.inside.add(index)
-        block = self.streamed.load_block(index)
+        self.streamed.load_block(index)
         prefix = f"{self.streamed.prefix}.{index}."
-        with self.streamed.adapter.prunable_linears(block) as linears:
-            self.zeros_before.update({f"{prefix}{n}.weight": int((m.weight == 0).sum()) for n, m in linears.items()})
+        # by the model's names, fused experts whole, as a model in memory counts them
+        self.zeros_before.update(count_zeros({n: w for n, w in self.streamed.adapter.prunable_weights().items()
+                                              if n.startswith(prefix)}))
 
     def leave(self, index: int) -> None:
         if is_main():  # data parallel: every process holds the same weights, process 0 writes them

@@ -32,20 +32,10 @@ def measure_sparsity(weights: dict[str, torch.Tensor], zeros_before: dict[str, i
     return _summary(per_layer)
 
 
-def stored_names(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """The keys each tensor is saved under. transformers 5 saves some tensors in the checkpoint's own layout,
-    not the one it holds: a fused expert tensor (`experts.gate_up_proj`, E x 2I x H) becomes one matrix per
-    expert and projection (`experts.0.w1.weight`, ...). Its own reverse conversion says which."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # a transformers without conversions saves the names it holds
-        return {name: [name] for name in weights}
-    return {name: list(revert_weight_conversion(model, {name: tensor})) for name, tensor in weights.items()}
-
-
 def sparsity_of_saved(folder: str | Path, names: list[str], stored: dict[str, list[str]] | None = None) -> dict:
-    """Sparsity of the named tensors as written in `folder`'s safetensors files; `stored` (`stored_names`):
-    the keys a tensor was saved under where they differ from its name, counted together."""
+    """Sparsity of the named tensors as written in `folder`'s safetensors files; `stored`
+    (`models.layout.stored_names`): the keys a tensor was saved under where they differ from its name, counted
+    together."""
     keys = {name: (stored or {}).get(name, [name]) for name in names}
     wanted, found = {key for name in names for key in keys[name]}, {}
     for path in sorted(Path(folder).glob("*.safetensors")):

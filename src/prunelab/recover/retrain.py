@@ -238,8 +238,9 @@ class Retraining:
         best = min(losses, key=losses.get)
         # still at an edge after every extension: a wider grid might do better, and the report says so
         return best, {"mode": "auto", "grid": grid, "probe_steps": probe_steps, "probe_tokens": tokens,
-                      "lr": best, "at_edge": best in (grid[0], grid[-1]), "heldout_loss": {f"{lr:g}": loss if math.isfinite(loss) else None
-                                                   for lr, loss in sorted(losses.items())}}
+                      "lr": best, "at_edge": best in (grid[0], grid[-1]),
+                      "heldout_loss": {f"{lr:g}": loss if math.isfinite(loss) else None
+                                       for lr, loss in sorted(losses.items())}}
 
     def run(self) -> tuple[nn.Module, dict]:
         """Train; the model to keep (MaskLoRA: merged) and the record for the report."""
