@@ -254,6 +254,18 @@ def test_recovery_tokens_separate_text_from_epochs():
     assert (two_epochs["recovery_tokens"], two_epochs["recovery_data_tokens"]) == (1024, 512)
     both = recovery_summary(report(1, 2048))
     assert (both["recovery_tokens"], both["recovery_data_tokens"]) == (2560, 2048)
+    assert both["zeroshot_tasks"] == {}
+
+
+def test_a_study_row_keeps_the_zero_shot_score_of_each_task():
+    from prunelab.study import recovery_summary
+
+    tasks = {"boolq": {"acc": 0.6, "acc_norm": None, "examples": 100, "version": 2.0},
+             "piqa": {"acc": 0.5, "acc_norm": 0.55, "examples": 100, "version": 1.0}}
+    row = recovery_summary({"config": {"samples": 4, "seqlen": 8, "reconstruct": {"epochs": 1}}, "stages": {},
+                            "metrics": {"zeroshot": {"tasks": tasks, "mean_acc": 0.55}}, "retraining": None})
+    assert row["zeroshot_tasks"] == {"boolq": {"acc": 0.6, "acc_norm": None, "examples": 100},
+                                     "piqa": {"acc": 0.5, "acc_norm": 0.55, "examples": 100}}
 
 
 def test_recovery_series_group_by_way_of_recovering():

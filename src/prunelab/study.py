@@ -162,7 +162,10 @@ def recovery_summary(report: dict) -> dict:
             # the text behind them: retraining's windows begin with the reconstruction's (job.retraining_data)
             "recovery_data_tokens": max(windows, retrained), "epochs": cfg["reconstruct"]["epochs"] if windows else 0,
             "retrain_seconds": retrain_stage.get("seconds"), "retrain_peak_rss_gb": retrain_stage.get("peak_rss_gb"),
-            "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_means": zeroshot_means(zeroshot)}
+            "zeroshot_acc": zeroshot.get("mean_acc"), "zeroshot_means": zeroshot_means(zeroshot),
+            # per task as well: a study keeps the summary only, and the means hide what moved
+            "zeroshot_tasks": {task: {k: entry[k] for k in ("acc", "acc_norm", "examples")}
+                               for task, entry in zeroshot.get("tasks", {}).items()}}
 
 
 def write_table(results: list[dict], out: Path, granularities: list[str] | None = None) -> None:
