@@ -4,16 +4,19 @@ the plain command. Prints the run's peak RSS (the whole process, sampled), its t
 then, where the memory allows (16 GB), reloads the output with `from_pretrained` in bfloat16 and
 measures every layer's sparsity again.
 
-    PYTHONPATH=src python benchmarks/stream_8b.py [--folder DIR] [--samples 128] [--eval-windows 40] [options]
+    PYTHONPATH=src python benchmarks/stream_8b.py [--shape llama-3.1-8b] [--layers N] [--folder DIR]
+        [--samples 128] [--eval-windows 40] [options]
 
 Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached,
-`--reconstruct attn-mlp` for reconstruction).
+`--reconstruct attn-mlp` for reconstruction). `--shape qwen3-30b-a3b` builds a Mixture-of-Experts model
+instead (128 routed experts a block, stored one matrix per expert and projection as on the hub; with
+`--layers 8`, 11 GB of bfloat16, 22 GB in float32).
 
 The model is built once, one block at a time (never whole in memory), into `--folder` (default
-~/.cache/prunelab/bench/llama-3.1-8b-random, 16 GB; the output needs as much again beside it). Its
-tokenizer is the embedded SmolLM2's (49,152 ids, all valid rows of the 128,256-row embedding). On 2 CPU
-cores a block takes minutes at the default 128 calibration windows: `--samples 8 --eval-windows 4`
-measures the memory in about an hour.
+~/.cache/prunelab/bench/<shape>-random, with `-<N>l` for fewer layers; the output needs as much again
+beside it). Its tokenizer is the embedded SmolLM2's (49,152 ids, all valid rows of the larger
+embeddings). On 2 CPU cores an 8B block takes minutes at the default 128 calibration windows: `--samples
+8 --eval-windows 4` measures the memory in about an hour.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from pathlib import Path
 
 import psutil
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from prunelab.assets import cache_dir
+from prunelab.models.layout import to_stored
 from prunelab.models.loading import embedded_model_dir
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -42,45 +47,47 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                    rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
                    bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                     bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+SHAPES = {"llama-3.1-8b": (LlamaConfig, LLAMA_31_8B), "qwen3-30b-a3b": (Qwen3MoeConfig, QWEN3_30B_A3B)}
 
 
-def build(folder: Path) -> None:
-    """config.json, tokenizer and one bfloat16 shard per block (N(0, 0.02) weights, unit norms)."""
+def build(folder: Path, shape: str = "llama-3.1-8b", layers: int | None = None) -> None:
+    """config.json, tokenizer and one bfloat16 shard per block (N(0, 0.02) weights, unit norms), each block in
+    the checkpoint's own layout (transformers' reverse conversion: routed experts one matrix apiece)."""
     if (folder / "model.safetensors.index.json").is_file():
         return
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = LlamaConfig(**LLAMA_31_8B)
+    config_class, values = SHAPES[shape]
+    config = config_class(**{**values, **({"num_hidden_layers": layers} if layers else {})})
     config.save_pretrained(tmp)
     shutil.copy(embedded_model_dir() / "tokenizer.json", tmp)
     shutil.copy(embedded_model_dir() / "tokenizer_config.json", tmp)
-    h, f = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(0)
 
-    def normal(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+    def random(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Norm weights (1-D) are ones, the rest N(0, 0.02); in the checkpoint's layout."""
+        held = {name: torch.ones(t.shape, dtype=torch.bfloat16) if t.dim() == 1 else
+                (torch.randn(*t.shape, generator=generator) * 0.02).to(torch.bfloat16) for name, t in tensors.items()}
+        return {k: v.contiguous().clone() for k, v in to_stored(skeleton, held).items()}
 
-    layers, weight_map = config.num_hidden_layers, {}
-    shards = layers + 1
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors = {p + "self_attn.q_proj.weight": normal(h, h), p + "self_attn.k_proj.weight": normal(kv, h),
-                   p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.o_proj.weight": normal(h, h),
-                   p + "mlp.gate_proj.weight": normal(f, h), p + "mlp.up_proj.weight": normal(f, h),
-                   p + "mlp.down_proj.weight": normal(h, f),
-                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    blocks, weight_map = config.num_hidden_layers, {}
+    for i in range(blocks + 1):
+        prefix = f"model.layers.{i}." if i < blocks else None
+        tensors = random({n: t for n, t in skeleton.state_dict().items()
+                          if (n.startswith(prefix) if prefix else not n.startswith("model.layers."))})
+        name = f"model-{i + 1:05d}-of-{blocks + 1:05d}.safetensors"
         save_file(tensors, tmp / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
-        print(f"built block {i + 1}/{layers}", file=sys.stderr, flush=True)
-    outer = {"model.embed_tokens.weight": normal(config.vocab_size, h), "lm_head.weight": normal(config.vocab_size, h),
-             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-    save_file(outer, tmp / name, metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(outer, name))
+        del tensors
+        print(f"built shard {i + 1}/{blocks + 1}", file=sys.stderr, flush=True)
     size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size},
                                                                   "weight_map": weight_map}, indent=1))
@@ -118,14 +125,18 @@ def run(folder: Path, out: Path, extra: list[str]) -> tuple[dict, float, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--folder", type=Path, default=cache_dir() / "bench" / "llama-3.1-8b-random")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's)")
+    parser.add_argument("--folder", type=Path, default=None, help="the built model (default: in the cache)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside --folder)")
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: prunelab's)")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: prunelab's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--remove", action="store_true", help="remove the output folder at the end")
     args, passed = parser.parse_known_args()
-    build(args.folder)
+    default = f"{args.shape}-random" + (f"-{args.layers}l" if args.layers else "")
+    args.folder = args.folder or cache_dir() / "bench" / default
+    build(args.folder, args.shape, args.layers)
     out = args.out or args.folder.with_name(args.folder.name + "-wanda50")
     extra = [*(["--samples", str(args.samples)] if args.samples else []),
              *(["--eval-windows", str(args.eval_windows)] if args.eval_windows else []),
