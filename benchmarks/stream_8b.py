@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from prunelab.assets import cache_dir
+from prunelab.models.adapters import find_adapter
 from prunelab.models.layout import to_stored
 from prunelab.models.loading import embedded_model_dir
 
@@ -174,9 +175,9 @@ def summarise(report: dict, seconds: float, peak: float, peak_at: float, folder:
               f"{psutil.virtual_memory().available / 1e9:.1f} GB of memory available")
         return
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    per_layer = [float((m.weight == 0).float().mean()) for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and name != "lm_head"]
-    print(f"reloaded with from_pretrained: {len(per_layer)} linears, sparsity min {min(per_layer):.6f}, "
+    # the adapter's prunable matrices: linears, and fused expert tensors, which are not nn.Linear modules
+    per_layer = [float((w == 0).float().mean()) for w in find_adapter(model).prunable_weights().values()]
+    print(f"reloaded with from_pretrained: {len(per_layer)} prunable matrices, sparsity min {min(per_layer):.6f}, "
           f"max {max(per_layer):.6f}")
     del model
 
