@@ -450,8 +450,7 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
         if "linears" in job.structure:  # FLAP
             write_structure(tmp, job.structure.pop("linears"))
         return saved_parameter_count(tmp)
-    weights = {name: w for name, w in job.adapter.prunable_weights().items() if name in visits.zeros_before}
-    sparsity = sparsity_of_saved(tmp, list(weights), stored_names(job.model, weights))
+    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before), visits.streamed.stored)
     for name, entry in sparsity["layers"].items():
         entry["zeros_before"] = visits.zeros_before[name]
     before = sum(visits.zeros_before.values())
@@ -535,8 +534,7 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
     with large_allocations_mapped():
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        weights = streamed.adapter.prunable_weights()
-        sparsity = sparsity_of_saved(folder, list(weights), stored_names(streamed.model, weights))
+        sparsity = sparsity_of_saved(folder, list(streamed.adapter.prunable_weights()), streamed.stored)
         result = {"model": str(folder), "sparsity": sparsity["sparsity"], "streamed": True}
         if text is not None:
             check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
