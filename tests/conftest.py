@@ -1,9 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# pytest-xdist workers (`-n 2` in .ci/run) share the cores: each takes its part rather than all of them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from tiny import VOCAB, tiny_model  # noqa: E402
 

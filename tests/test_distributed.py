@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import tiny_model
+from typer.testing import CliRunner
 
 import prunelab
 from prunelab import distributed
+from prunelab.cli import app
 from prunelab.distributed import share
 from prunelab.errors import PrunelabError
 from prunelab.resume import checkpoint_folder
@@ -20,11 +22,17 @@ from prunelab.resume import checkpoint_folder
 DEVICE = "cuda" if torch.cuda.device_count() >= 2 else "cpu"
 
 
-def torchrun(args: list[str], processes: int = 2, **environment) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", **environment)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "prunelab", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def in_process(args: list[str]) -> None:
+    """The one-process baseline: the same command line, run in this process (no launcher, no imports to redo)."""
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output[-3000:]
 
 
 def run_args(model_dir, texts, out, *extra):
@@ -50,7 +58,10 @@ def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method):
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for name in single["sparsity"]["layers"]:
         assert torch.equal(a[name] == 0, b[name] == 0), name  # the same masks
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+        if method == "wanda":  # no weight changes: the kept weights are the dense ones
+            assert torch.equal(a[name], b[name]), name
+        else:  # SparseGPT's updates go through H⁻¹, which amplifies the Hessian's summation-order differences
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     for key in ("dense", "pruned"):
         assert report["metrics"][key]["perplexity"] == pytest.approx(single["metrics"][key]["perplexity"], rel=1e-5)
         assert report["metrics"][key]["predicted_tokens"] == single["metrics"][key]["predicted_tokens"]
@@ -153,7 +164,7 @@ def test_processes_without_a_gpu_each_are_refused_before_joining(monkeypatch, de
 
 @pytest.mark.harness
 @pytest.mark.parametrize("method", ["full", "masklora"])
-def test_two_processes_retrain_and_score_tasks_like_one(tiny_dir, texts, tmp_path, method):
+def test_two_processes_retrain_and_score_tasks_like_one(tiny_dir, texts, tmp_path, monkeypatch, method):
     """Retraining's step windows split between the processes, gradients summed; the zero-shot tasks scored by
     process 0 on the model every process holds."""
     from test_zeroshot import write_task
@@ -167,12 +178,11 @@ def test_two_processes_retrain_and_score_tasks_like_one(tiny_dir, texts, tmp_pat
     extra = ["--retrain", method, "--retrain-tokens", str(12 * 32), "--retrain-batch", "2", "--retrain-accumulate",
              "2", "--retrain-lr", "1e-3", "--retrain-heldout", "3", "--retrain-evals", "2", "--lora-rank", "4",
              "--tasks", "bb_timedial", "--task-limit", "0"]
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        done = torchrun(run_args(tiny_dir, texts, out, *extra), processes=processes, PRUNELAB_CACHE=str(cache))
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[processes] = json.loads((out / "prunelab.json").read_text())
+    monkeypatch.setenv("PRUNELAB_CACHE", str(cache))
+    in_process(run_args(tiny_dir, texts, tmp_path / "p1", *extra))
+    done = torchrun(run_args(tiny_dir, texts, tmp_path / "p2", *extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {n: json.loads((tmp_path / f"p{n}" / "prunelab.json").read_text()) for n in (1, 2)}
     one, two = runs[1]["retraining"], runs[2]["retraining"]
     assert (one["steps"], one["tokens_seen"]) == (two["steps"], two["tokens_seen"]) == (3, 12 * 32)
     assert two["heldout_loss_after"] < two["heldout_loss_before"]
@@ -230,9 +240,8 @@ def test_two_processes_killed_then_resumed_give_the_same_weights(tiny_dir, texts
     assert sorted(p.name for p in folder.glob("state-*")) == [
         f"{name}.json", f"{name}.rank1.json", f"{name}.rank1.safetensors", f"{name}.safetensors"]
     assert json.loads((folder / "run.json").read_text())["processes"] == 2
-    one = subprocess.run([sys.executable, "-m", "prunelab", *args, "--resume"], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert one.returncode != 0 and "processes was 2 in the interrupted run, now 1" in one.stderr
+    one = CliRunner().invoke(app, [*args, "--resume"])
+    assert one.exit_code != 0 and "processes was 2 in the interrupted run, now 1" in one.output
 
     resumed = torchrun([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -262,12 +271,10 @@ def test_two_processes_prune_structure_like_one(tokenizer, texts, tmp_path, meth
     folder = tmp_path / "tiny-4"
     tiny_model("llama", layers=4).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        done = torchrun(run_args(folder, texts, out, *method), processes=processes)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[processes] = json.loads((out / "prunelab.json").read_text())
+    in_process(run_args(folder, texts, tmp_path / "p1", *method))
+    done = torchrun(run_args(folder, texts, tmp_path / "p2", *method))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {n: json.loads((tmp_path / f"p{n}" / "prunelab.json").read_text()) for n in (1, 2)}
     one, two = runs[1], runs[2]
     assert two["data"]["processes"]["world_size"] == 2 and "processes" not in one["data"]
     if "flap" in method:
