@@ -38,6 +38,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import prunelab  # noqa: E402
+from prunelab.evaluate.sparsity import zeros_in  # noqa: E402
 from prunelab.measure import stage  # noqa: E402
 from prunelab.models.adapters import find_adapter  # noqa: E402
 
@@ -120,9 +121,9 @@ def retraining(device: str) -> None:
             cfg = RunConfig(seqlen=128, reconstruct="none", retrain={
                 "method": method, "tokens": ids.numel(), "lr": 1e-4 if method == "full" else 1e-3, "evals": 1,
                 "precision": precision, "heldout": 8})
-            zeros = sum(int((w == 0).sum()) for w in find_adapter(model).prunable_weights().values())
+            zeros = sum(zeros_in(w) for w in find_adapter(model).prunable_weights().values())
             model, record = retrain(model, find_adapter(model).prunable_weights(), cfg, ids, held, progress=False)
-            after = sum(int((w == 0).sum()) for w in find_adapter(model).prunable_weights().values())
+            after = sum(zeros_in(w) for w in find_adapter(model).prunable_weights().values())
             losses[where] = (record["heldout_loss_before"], record["heldout_loss_after"], record["precision"],
                              after == zeros)
         print(f"retraining {method} {precision}: " + "; ".join(

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from prunelab.assets import cache_dir
+from prunelab.evaluate.sparsity import zeros_in
 from prunelab.models.adapters import find_adapter
 from prunelab.models.layout import to_stored
 from prunelab.models.loading import embedded_model_dir
@@ -176,7 +177,7 @@ def summarise(report: dict, seconds: float, peak: float, peak_at: float, folder:
         return
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     # the adapter's prunable matrices: linears, and fused expert tensors, which are not nn.Linear modules
-    per_layer = [float((w == 0).float().mean()) for w in find_adapter(model).prunable_weights().values()]
+    per_layer = [zeros_in(w) / w.numel() for w in find_adapter(model).prunable_weights().values()]
     print(f"reloaded with from_pretrained: {len(per_layer)} prunable matrices, sparsity min {min(per_layer):.6f}, "
           f"max {max(per_layer):.6f}")
     del model

@@ -1,6 +1,7 @@
 """Models larger than memory: streamed block by block, with the same result as loaded whole."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ from transformers import AutoModelForCausalLM
 import prunelab
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
+from prunelab.models import layout
 from prunelab.models.adapters import find_adapter
+from prunelab.models.layout import expert_groups
+from prunelab.streaming import Checkpoint
 
 TINY_BUDGET = 3e-4  # GB: more than one block of these tiny models (0.15 MB in float32), less than the model
 
@@ -265,16 +269,26 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts,
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, tokenizer, texts, family):
+def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, tokenizer, texts, monkeypatch, family):
     """transformers stores fused expert tensors one matrix per expert and projection and converts them on load
-    and save; a streamed block goes through the same conversions, so the output is the whole-model run's."""
+    and save; a streamed block goes through the same conversions, so the output is the whole-model run's. It
+    reads them one expert at a time, so that a block's experts are never in memory in both layouts."""
     folder = tmp_path / f"tiny-{family}"
     tiny_model(family, layers=4).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     whole = run(folder, texts, tmp_path / "whole")
+    reads, real_read = [], Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, names: reads.append(names) or real_read(self, names))
+    saved, real_to_stored = [], layout.to_stored
+    monkeypatch.setattr(layout, "to_stored", lambda model, tensors: saved.extend(
+        t.shape for n, t in tensors.items() if ".experts." in n and t.device.type != "meta") or
+        real_to_stored(model, tensors))
     # a budget of 1.5 blocks: 0.67 and 0.3 MB; the models take 1.9 and 0.93 MB
     streamed = run(folder, texts, tmp_path / "streamed", max_memory={"mixtral": 6.7e-4, "qwen2_moe": 3e-4}[family])
     assert streamed["model"]["streamed"]["shards"] == 5
+    experts = [{int(n) for n in re.findall(r"\.experts\.(\d+)\.", " ".join(names))} for names in reads]
+    assert max(len(e) for e in experts) == 1 and len({frozenset(e) for e in experts if e}) == 4  # each of 4
+    assert saved and all(shape[0] == 1 for shape in saved)  # written one expert at a time too
     expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
     assert any(".experts.0." in k for k in got) and expected.keys() == got.keys()  # per expert, as stored
     assert all(expected[k].equal(got[k]) for k in expected), [k for k in expected if not expected[k].equal(got[k])]
@@ -282,3 +296,12 @@ def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, token
         assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
     assert streamed["sparsity"]["layers"] == whole["sparsity"]["layers"]  # fused experts counted whole in both
     assert any(".experts." in name for name in streamed["sparsity"]["layers"])
+
+
+def test_expert_groups_split_by_the_one_varying_number():
+    keys = [f"model.layers.3.mlp.experts.{e}.{p}_proj.weight" for e in (10, 2, 0) for p in ("gate", "up")]
+    assert expert_groups(keys) == [keys[4:6], keys[2:4], keys[0:2]]  # by expert, in numeric order
+    qkv = ["model.layers.3.attn.q.weight", "model.layers.3.attn.k.weight"]
+    assert expert_groups(qkv) == [qkv]  # nothing varies: converted together
+    both = ["model.layers.3.experts.1.w.weight", "model.layers.4.experts.2.w.weight"]
+    assert expert_groups(both) == [both]  # two numbers vary: not one tensor's experts

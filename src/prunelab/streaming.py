@@ -41,7 +41,7 @@ from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output
-from .models.layout import stored_names, to_held, to_stored
+from .models.layout import stored_names, to_held_by_expert, to_stored_by_expert
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -159,11 +159,24 @@ class StreamedModel:
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
         for name, tensor in source.tensors([n for n in names if n not in in_conversions]):
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
-        for keys in converted.values():  # one converted tensor at a time, from all of its keys
-            for name, tensor in to_held(self.model, source.read(keys)).items():
-                set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor,
-                                            dtype=self.compute_dtype)
+        for name, keys in converted.items():
+            local = name[len(prefix):]
+            held = self._converted(block.get_parameter(local).shape, name, keys, source)
+            set_module_tensor_to_device(block, local, self.device, value=held, dtype=self.compute_dtype)
         return block
+
+    def _converted(self, shape: torch.Size, name: str, keys: list[str], source: Checkpoint) -> torch.Tensor:
+        """The held tensor `name` in the compute dtype, filled one expert at a time from its keys: converted all
+        at once, a block's experts would be in memory as read, as stacked and as cast at the same time."""
+        held = torch.empty(shape, dtype=self.compute_dtype, device=self.device)
+        rows = 0
+        for part in to_held_by_expert(self.model, name, keys, source.read, shape[0]):
+            held[rows:rows + len(part)] = part
+            rows += len(part)
+        if rows != shape[0]:  # the conversion did not stack along the first dimension
+            raise PrunelabError(f"{name}: {rows} rows from the checkpoint's {len(keys)} tensors, the model holds "
+                                f"{shape[0]}")
+        return held
 
     def check_adapter(self) -> None:
         """`activations.checked_adapter` for the skeleton: block 0 read, run whole and as halves, let go."""
@@ -226,12 +239,22 @@ class StreamedModel:
         return forward
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and dtype."""
-        stored = self.source.dtype
-        held = {f"{self.prefix}.{index}.{k}": (v.to(stored) if v.is_floating_point() else v).contiguous().cpu()
-                for k, v in self.adapter.blocks[index].state_dict().items()}
-        # a converted tensor's pieces are views of it, and safetensors writes no tensors that share memory
-        return {k: v if k in held else v.contiguous().clone() for k, v in to_stored(self.model, held).items()}
+        """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and dtype: a converted tensor
+        one at a time, so that a block's experts are never in both layouts at once."""
+        dtype = self.source.dtype
+
+        def stored(tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
+            return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
+
+        state = {}
+        for key, value in self.adapter.blocks[index].state_dict().items():
+            name = f"{self.prefix}.{index}.{key}"
+            if name in self.stored:  # each piece copied: safetensors writes no tensors that share memory
+                for pieces in to_stored_by_expert(self.model, name, value, self.stored[name]):
+                    state.update({k: stored(v, copy=True) for k, v in pieces.items()})
+            else:
+                state[name] = stored(value)
+        return state
 
 
 class ShardWriter:

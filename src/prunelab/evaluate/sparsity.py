@@ -17,14 +17,20 @@ def _summary(per_layer: dict[str, dict]) -> dict:
             "zeros_before": pre, "sparsity_before": pre / max(numel, 1), "layers": per_layer}
 
 
+def zeros_in(w: torch.Tensor) -> int:
+    # not (w == 0).sum(): the sum of a bool tensor makes an int64 copy of it, 3.2 GB for a Qwen3-30B-A3B block's
+    # fused experts, which would exceed a streamed run's memory budget
+    return w.numel() - int(torch.count_nonzero(w))
+
+
 def count_zeros(weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    return {name: int((w == 0).sum()) for name, w in weights.items()}
+    return {name: zeros_in(w) for name, w in weights.items()}
 
 
 def measure_sparsity(weights: dict[str, torch.Tensor], zeros_before: dict[str, int] | None = None) -> dict:
     per_layer = {}
     for name, w in weights.items():
-        zeros = int((w == 0).sum())
+        zeros = zeros_in(w)
         entry = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
         if zeros_before is not None:
             entry["zeros_before"] = zeros_before.get(name, 0)

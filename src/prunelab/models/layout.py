@@ -9,6 +9,7 @@ conversions to that block's tensors, with transformers' own conversion mapping f
 
 from __future__ import annotations
 
+import re
 from copy import deepcopy
 
 import torch
@@ -63,3 +64,42 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
         for name, tensor in converter.convert(target, model=model, config=model.config).items():
             held[name] = tensor[0] if isinstance(tensor, list) else tensor
     return held
+
+
+def expert_groups(keys: list[str]) -> list[list[str]]:
+    """`keys` (the checkpoint keys of one held tensor) grouped by the one number that tells them apart, a routed
+    expert's index, in its order: each group converts to that expert's slice of the held tensor. One group
+    when no single number varies (a tensor made of pieces that are not experts)."""
+    numbers = [tuple(int(n) for n in re.findall(r"(?<=\.)\d+(?=\.)", key)) for key in keys]
+    if len({len(n) for n in numbers}) != 1:
+        return [keys]
+    varying = [i for i in range(len(numbers[0])) if len({n[i] for n in numbers}) > 1]
+    if len(varying) != 1:
+        return [keys]
+    groups: dict[int, list[str]] = {}
+    for key, number in zip(keys, numbers):
+        groups.setdefault(number[varying[0]], []).append(key)
+    return [groups[i] for i in sorted(groups)]
+
+
+def to_held_by_expert(model: nn.Module, name: str, keys: list[str], read, rows: int):
+    """`to_held` of the tensor `name` from its checkpoint `keys` (`read(keys)` gives them), a routed expert at a
+    time when the tensor's `rows` are its experts: its rows in order. Otherwise the whole tensor at once."""
+    groups = expert_groups(keys)
+    for group in groups if len(groups) == rows else [keys]:
+        yield to_held(model, read(group))[name]
+
+
+def to_stored_by_expert(model: nn.Module, name: str, tensor: torch.Tensor, keys: list[str]):
+    """`to_stored` of the held tensor `name` (saved under `keys`), a routed expert (a row of its first dimension)
+    at a time, as dicts by checkpoint key. Converted whole, a block's experts would be copied at once: transformers
+    makes each split piece contiguous. Without one expert per row, the whole tensor in one dict."""
+    groups = expert_groups(keys)
+    if len(groups) != len(tensor):
+        yield to_stored(model, {name: tensor})
+        return
+    for row, group in zip(tensor.split(1), groups):
+        pieces = to_stored(model, {name: row})  # keys of expert 0; the same keys but for the number, in the same order
+        if len(pieces) != len(group):
+            raise ValueError(f"{name}: one expert converts to {sorted(pieces)}, the checkpoint has {group}")
+        yield {key: pieces[piece] for key, piece in zip(sorted(group), sorted(pieces))}
