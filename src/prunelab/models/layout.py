@@ -38,17 +38,13 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
     per key, the converter's operations once all its keys are collected."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            dot_natural_key,
-            rename_source_key,
-        )
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
     except ImportError:
         return dict(stored)
     # as transformers' revert_weight_conversion for a model built from a config: no legacy names, no prefix change
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    # (PrefixChange, a WeightRenaming, came in 5.6)
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                   if type(c).__name__ != "PrefixChange"]
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
@@ -61,7 +57,10 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
         else:  # one converter per target; it collects its sources and runs once
             pending.setdefault(renamed, deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
     for target, converter in pending.items():
-        for name, tensor in converter.convert(target, model=model, config=model.config).items():
+        converted = converter.convert(target, model=model, config=model.config)
+        if isinstance(converted, tuple):  # (tensors, errors) in transformers 5.0
+            converted = converted[0]
+        for name, tensor in converted.items():
             held[name] = tensor[0] if isinstance(tensor, list) else tensor
     return held
 
