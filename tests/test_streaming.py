@@ -305,3 +305,15 @@ def test_expert_groups_split_by_the_one_varying_number():
     assert expert_groups(qkv) == [qkv]  # nothing varies: converted together
     both = ["model.layers.3.experts.1.w.weight", "model.layers.4.experts.2.w.weight"]
     assert expert_groups(both) == [both]  # two numbers vary: not one tensor's experts
+
+
+def test_a_transformers_without_the_conversion_internals_is_refused_not_ignored(monkeypatch):
+    """Taking per-expert tensors as stored would build a wrong block; a transformers whose internals moved
+    gets a one-line error instead."""
+    import sys
+    import types
+
+    model = tiny_model("qwen2_moe", layers=1)
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", types.ModuleType("moved"))
+    with pytest.raises(PrunelabError, match="lacks the conversion internals"):
+        layout.to_held(model, {"model.layers.0.mlp.experts.0.down_proj.weight": torch.zeros(8, 8)})

@@ -297,3 +297,24 @@ def test_recovery_plot_has_a_panel_per_method_and_pattern(tmp_path):
     _plot_recovery(rows, tmp_path / "recovery.png", dense=24.2)
     width, _ = Image.open(tmp_path / "recovery.png").size
     assert 2 * 6 * 100 * 0.9 < width <= 2 * 6 * 100
+
+
+def test_a_series_has_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """matplotlib's colour cycle restarts in each panel: a series missing from one panel would shift the
+    colours of the rest there. Each label keeps its colour across panels."""
+    import matplotlib.figure
+
+    from prunelab.study import _plot_recovery
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+
+    def row(method, granularity, retrain, tokens, ppl):
+        return {"method": method, "pattern": "50%", "granularity": granularity, "epochs": 1, "retrain": retrain,
+                "recovery_data_tokens": tokens, "perplexity": ppl}
+    rows = [row("wanda", "attn-mlp", "none", 65536, 35.9), row("wanda", "none", "masklora", 65536, 33.0),
+            row("magnitude", "none", "masklora", 65536, 41.0)]  # no attn-mlp series in magnitude's panel
+    _plot_recovery(rows, tmp_path / "recovery.png", dense=24.2)
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+               for ax in figures[0].axes]
+    assert colours[0]["masklora"] == colours[1]["masklora"] != colours[0]["attn-mlp"]

@@ -301,6 +301,12 @@ def recovery_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return {label: sorted(points) for label, points in series.items()}
 
 
+def _colours(plt, labels) -> dict[str, str]:
+    """One colour per series across all panels (matplotlib's cycle restarts in each)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {label: cycle[i % len(cycle)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
 def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None:
     """The data-efficiency curve: perplexity against tokens of text, one panel per pruning method and pattern;
     pruning alone and the dense model as horizontal lines."""
@@ -309,11 +315,12 @@ def _plot_recovery(results: list[dict], path: Path, dense: float | None) -> None
     if plt is None or not panels:
         return
     from matplotlib import ticker
+    colour = _colours(plt, recovery_series(results))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (method, pattern) in zip(axes[0], panels):
         rows = [r for r in results if r["pattern"] == pattern and r["method"] == method]
         for label, points in recovery_series(rows).items():
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot(*zip(*points), marker="o", label=label, color=colour[label])
         alone = [r["perplexity"] for r in rows if not r.get("recovery_data_tokens") and r["perplexity"]]
         for value, label, style in ((alone[0] if alone else None, "pruned only", ":"), (dense, "dense", "--")):
             if value:
@@ -341,6 +348,7 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
     if not results:
         return
     patterns = list(dict.fromkeys(r["pattern"] for r in results))
+    colour = _colours(plt, (r["method"] for r in results))
     fig, axes = plt.subplots(1, len(patterns), figsize=(5 * len(patterns), 3.8), squeeze=False)
     for ax, pattern in zip(axes[0], patterns):
         rows = [r for r in plotted_rows(results) if r["pattern"] == pattern]
@@ -366,6 +374,7 @@ def _plot(results: list[dict], path: Path, dense: float | None) -> None:
                     [points[g] for g in granularities if g in points],
                     marker="o",
                     label=method,
+                    color=colour[method],
                 )
             if dense:
                 ax.axhline(dense, color="grey", linestyle="--", label="dense")

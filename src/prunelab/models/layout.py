@@ -13,7 +13,10 @@ import re
 from copy import deepcopy
 
 import torch
+import transformers
 from torch import nn
+
+from ..errors import PrunelabError
 
 
 def to_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,15 +39,20 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
     """`stored` (checkpoint keys: all the keys of the tensors converted together, such as a block's experts) in
     the layout the model holds, as `from_pretrained` converts them: every renaming, then at most one converter
     per key, the converter's operations once all its keys are collected."""
-    try:
+    try:  # transformers internals (5.17 to 5.25 checked): taking the tensors as stored would be silently wrong
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-    except ImportError:
-        return dict(stored)
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError as exc:
+        raise PrunelabError(f"this transformers ({transformers.__version__}) lacks the conversion internals that "
+                            f"streaming a checkpoint stored in another layout (routed experts) needs: {exc}") from None
     # as transformers' revert_weight_conversion for a model built from a config: no legacy names, no prefix change
-    # (PrefixChange, a WeightRenaming, came in 5.6)
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                   if type(c).__name__ != "PrefixChange"]
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
@@ -57,10 +65,7 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
         else:  # one converter per target; it collects its sources and runs once
             pending.setdefault(renamed, deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
     for target, converter in pending.items():
-        converted = converter.convert(target, model=model, config=model.config)
-        if isinstance(converted, tuple):  # (tensors, errors) in transformers 5.0
-            converted = converted[0]
-        for name, tensor in converted.items():
+        for name, tensor in converter.convert(target, model=model, config=model.config).items():
             held[name] = tensor[0] if isinstance(tensor, list) else tensor
     return held
 

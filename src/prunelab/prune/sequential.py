@@ -207,9 +207,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                     last = index + 1 == len(adapter.blocks) and part == 1
                     pruner.prune_half(index, half, run_linears, stream, need_output=not last,
                                       originals=linears if separate_runner else None)
-        # fused experts' per-expert linears are views of the block's storage: kept, they would hold a streamed
-        # block in memory beside the next one
-        del runner, linears, run_linears
+        del runner, linears, run_linears  # per-expert linears are views: kept, they hold a streamed block
         if visits is not None:
             visits.leave(index)
         if checkpoints is not None:
