@@ -105,5 +105,5 @@ def to_stored_by_expert(model: nn.Module, name: str, tensor: torch.Tensor, keys:
     for row, group in zip(tensor.split(1), groups):
         pieces = to_stored(model, {name: row})  # keys of expert 0; the same keys but for the number, in the same order
         if len(pieces) != len(group):
-            raise ValueError(f"{name}: one expert converts to {sorted(pieces)}, the checkpoint has {group}")
+            raise PrunelabError(f"{name}: one expert converts to {sorted(pieces)}, the checkpoint has {group}")
         yield {key: pieces[piece] for key, piece in zip(sorted(group), sorted(pieces))}
