@@ -317,3 +317,15 @@ def test_a_transformers_without_the_conversion_internals_is_refused_not_ignored(
     monkeypatch.setitem(sys.modules, "transformers.core_model_loading", types.ModuleType("moved"))
     with pytest.raises(PrunelabError, match="lacks the conversion internals"):
         layout.to_held(model, {"model.layers.0.mlp.experts.0.down_proj.weight": torch.zeros(8, 8)})
+
+
+def test_an_expert_whose_pieces_do_not_match_the_checkpoint_keys_is_refused():
+    model = tiny_model("qwen2_moe", layers=1)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    fused = model.get_parameter(name).detach()
+    keys = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(len(fused)) for p in ("gate", "up")]
+    parts = list(layout.to_stored_by_expert(model, name, fused, keys))
+    assert len(parts) == len(fused) and parts[2][keys[4]].equal(fused[2].chunk(2)[0])  # expert 2's gate_proj
+    wrong = [k.replace("gate_proj", "w1").replace("up_proj", "w3") for k in keys]  # Mixtral's names
+    with pytest.raises(PrunelabError, match="one expert converts to"):
+        list(layout.to_stored_by_expert(model, name, fused, wrong))

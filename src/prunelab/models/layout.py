@@ -70,11 +70,14 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
     return held
 
 
+_NUMBER = r"(?<=\.)\d+(?=\.)"  # a module index in a dotted name
+
+
 def expert_groups(keys: list[str]) -> list[list[str]]:
     """`keys` (the checkpoint keys of one held tensor) grouped by the one number that tells them apart, a routed
     expert's index, in its order: each group converts to that expert's slice of the held tensor. One group
     when no single number varies (a tensor made of pieces that are not experts)."""
-    numbers = [tuple(int(n) for n in re.findall(r"(?<=\.)\d+(?=\.)", key)) for key in keys]
+    numbers = [tuple(int(n) for n in re.findall(_NUMBER, key)) for key in keys]
     if len({len(n) for n in numbers}) != 1:
         return [keys]
     varying = [i for i in range(len(numbers[0])) if len({n[i] for n in numbers}) > 1]
@@ -103,7 +106,12 @@ def to_stored_by_expert(model: nn.Module, name: str, tensor: torch.Tensor, keys:
         yield to_stored(model, {name: tensor})
         return
     for row, group in zip(tensor.split(1), groups):
-        pieces = to_stored(model, {name: row})  # keys of expert 0; the same keys but for the number, in the same order
-        if len(pieces) != len(group):
-            raise PrunelabError(f"{name}: one expert converts to {sorted(pieces)}, the checkpoint has {group}")
-        yield {key: pieces[piece] for key, piece in zip(sorted(group), sorted(pieces))}
+        pieces = to_stored(model, {name: row})  # keys of expert 0: the group's keys but for that number
+        keys, piece_keys = sorted(group), sorted(pieces)
+        if [_numberless(k) for k in keys] != [_numberless(k) for k in piece_keys]:
+            raise PrunelabError(f"{name}: one expert converts to {piece_keys}, the checkpoint has {keys}")
+        yield {key: pieces[piece] for key, piece in zip(keys, piece_keys)}
+
+
+def _numberless(key: str) -> str:
+    return re.sub(_NUMBER, "#", key)
