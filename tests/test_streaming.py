@@ -329,3 +329,33 @@ def test_an_expert_whose_pieces_do_not_match_the_checkpoint_keys_is_refused():
     wrong = [k.replace("gate_proj", "w1").replace("up_proj", "w3") for k in keys]  # Mixtral's names
     with pytest.raises(PrunelabError, match="one expert converts to"):
         list(layout.to_stored_by_expert(model, name, fused, wrong))
+
+
+@pytest.mark.parametrize("granularity, blocks", [("attn-mlp", 1), ("blocks:2", 2), ("none", 0)])
+def test_a_streamed_reconstruction_larger_than_the_budget_is_announced(tiny_dir, tmp_path, capsys, granularity,
+                                                                       blocks):
+    """The budget check guards one block, which is what pruning holds; reconstruction holds ~4.5 blocks per block
+    trained at once. A run that will go over gets a one-line warning before the work, and goes on."""
+    import warnings
+
+    from prunelab.cli import _warn
+    from prunelab.config import RunConfig
+    from prunelab.errors import MemoryBudgetWarning
+    from prunelab.job import RECONSTRUCTION_BLOCKS, streaming_source
+    from prunelab.streaming import largest_block
+
+    config = RunConfig.from_dict(dict(model=str(tiny_dir), max_memory=TINY_BUDGET, reconstruct=granularity,
+                                      out=str(tmp_path / "out")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, budget = streaming_source(config)
+        assert streaming_source(config, saving=False)  # `prunelab eval` reconstructs nothing
+    announced = [w for w in caught if issubclass(w.category, MemoryBudgetWarning)]
+    assert len(announced) == (1 if blocks else 0)
+    if blocks:
+        need = float(re.search(r"about ([\d.]+) GB", str(announced[0].message)).group(1))
+        block = largest_block(Checkpoint(tiny_dir).nbytes(torch.float32)) / 1e9
+        assert need == pytest.approx(RECONSTRUCTION_BLOCKS * blocks * block, rel=1e-2) and need > budget
+        _warn(announced[0].message, MemoryBudgetWarning, "job.py", 1)
+        printed = capsys.readouterr().err
+        assert printed.startswith("warning: ") and printed.count("\n") == 1 and "--max-memory" in printed

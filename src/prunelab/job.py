@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
-from .errors import PrunelabError
+from .errors import MemoryBudgetWarning, PrunelabError
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import (
     count_zeros,
@@ -273,6 +274,11 @@ class Job:
             versions=reporting.versions(), output=None)
 
 
+# a streamed reconstruction's peak in blocks trained at once: 4.4 measured on an 8B Llama, 4.5 on a
+# Qwen3-30B-A3B-shaped block (docs/RESULTS.md)
+RECONSTRUCTION_BLOCKS = 4.5
+
+
 def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, float, float] | None:
     """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
     streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
@@ -307,6 +313,13 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
         raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
                             f"budget {budget:.1f} GB (--max-memory): it is streamed block by block, which does not "
                             f"support {', '.join(unsupported)} yet")
+    halves = config.reconstruct.halves_per_submodel
+    need = RECONSTRUCTION_BLOCKS * (size if halves is None else block * max(1, halves // 2))
+    if saving and config.reconstruct.enabled and need > budget:  # the check above is pruning's: one block
+        warnings.warn(MemoryBudgetWarning(
+            f"{config.reconstruct.granularity} reconstruction of this model will hold about {need:.3g} GB (the "
+            f"trained blocks, their AdamW moments and gradients: ~{RECONSTRUCTION_BLOCKS}x a block), more than the "
+            f"memory budget {budget:.3g} GB (--max-memory)"), stacklevel=2)
     return path, size, budget
 
 
