@@ -107,10 +107,10 @@ def to_stored_by_expert(model: nn.Module, name: str, tensor: torch.Tensor, keys:
         return
     for row, group in zip(tensor.split(1), groups):
         pieces = to_stored(model, {name: row})  # keys of expert 0: the group's keys but for that number
-        keys, piece_keys = sorted(group), sorted(pieces)
-        if [_numberless(k) for k in keys] != [_numberless(k) for k in piece_keys]:
-            raise PrunelabError(f"{name}: one expert converts to {piece_keys}, the checkpoint has {keys}")
-        yield {key: pieces[piece] for key, piece in zip(keys, piece_keys)}
+        expected, piece_keys = sorted(group), sorted(pieces)
+        if [_numberless(k) for k in expected] != [_numberless(k) for k in piece_keys]:
+            raise PrunelabError(f"{name}: one expert converts to {piece_keys}, the checkpoint has {expected}")
+        yield {key: pieces[piece] for key, piece in zip(expected, piece_keys)}
 
 
 def _numberless(key: str) -> str:
