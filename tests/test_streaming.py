@@ -300,11 +300,12 @@ def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, token
 
 def test_expert_groups_split_by_the_one_varying_number():
     keys = [f"model.layers.3.mlp.experts.{e}.{p}_proj.weight" for e in (10, 2, 0) for p in ("gate", "up")]
-    assert expert_groups(keys) == [keys[4:6], keys[2:4], keys[0:2]]  # by expert, in numeric order
+    assert expert_groups(keys, 3) == [keys[4:6], keys[2:4], keys[0:2]]  # by expert, in numeric order
+    assert expert_groups(keys, 4) == [keys]  # three experts' keys for four rows: converted whole
     qkv = ["model.layers.3.attn.q.weight", "model.layers.3.attn.k.weight"]
-    assert expert_groups(qkv) == [qkv]  # nothing varies: converted together
+    assert expert_groups(qkv, 1) == [qkv]  # nothing varies: converted together
     both = ["model.layers.3.experts.1.w.weight", "model.layers.4.experts.2.w.weight"]
-    assert expert_groups(both) == [both]  # two numbers vary: not one tensor's experts
+    assert expert_groups(both, 2) == [both]  # two numbers vary: not one tensor's experts
 
 
 def test_a_transformers_without_the_conversion_internals_is_refused_not_ignored(monkeypatch):

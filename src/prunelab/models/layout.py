@@ -73,10 +73,11 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
 _NUMBER = r"(?<=\.)\d+(?=\.)"  # a module index in a dotted name
 
 
-def expert_groups(keys: list[str]) -> list[list[str]]:
-    """`keys` (the checkpoint keys of one held tensor) grouped by the one number that tells them apart, a routed
-    expert's index, in its order: each group converts to that expert's slice of the held tensor. One group
-    when no single number varies (a tensor made of pieces that are not experts)."""
+def expert_groups(keys: list[str], experts: int) -> list[list[str]]:
+    """`keys` (the checkpoint keys of one held tensor with `experts` rows) grouped by the one number that tells
+    them apart, a routed expert's index, in its order: each group converts to that expert's row of the held
+    tensor. One group of all the keys when they are not one group per row (a tensor made of pieces that are not
+    experts, or a checkpoint whose numbering does not match the rows): the tensor is then converted whole."""
     numbers = [tuple(int(n) for n in re.findall(_NUMBER, key)) for key in keys]
     if len({len(n) for n in numbers}) != 1:
         return [keys]
@@ -86,14 +87,13 @@ def expert_groups(keys: list[str]) -> list[list[str]]:
     groups: dict[int, list[str]] = {}
     for key, number in zip(keys, numbers):
         groups.setdefault(number[varying[0]], []).append(key)
-    return [groups[i] for i in sorted(groups)]
+    return [groups[i] for i in sorted(groups)] if len(groups) == experts else [keys]
 
 
 def to_held_by_expert(model: nn.Module, name: str, keys: list[str], read, rows: int):
     """`to_held` of the tensor `name` from its checkpoint `keys` (`read(keys)` gives them), a routed expert at a
     time when the tensor's `rows` are its experts: its rows in order. Otherwise the whole tensor at once."""
-    groups = expert_groups(keys)
-    for group in groups if len(groups) == rows else [keys]:
+    for group in expert_groups(keys, rows):
         yield to_held(model, read(group))[name]
 
 
@@ -101,8 +101,8 @@ def to_stored_by_expert(model: nn.Module, name: str, tensor: torch.Tensor, keys:
     """`to_stored` of the held tensor `name` (saved under `keys`), a routed expert (a row of its first dimension)
     at a time, as dicts by checkpoint key. Converted whole, a block's experts would be copied at once: transformers
     makes each split piece contiguous. Without one expert per row, the whole tensor in one dict."""
-    groups = expert_groups(keys)
-    if len(groups) != len(tensor):
+    groups = expert_groups(keys, len(tensor))
+    if len(groups) == 1:
         yield to_stored(model, {name: tensor})
         return
     for row, group in zip(tensor.split(1), groups):
