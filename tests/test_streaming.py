@@ -333,12 +333,13 @@ def test_an_expert_whose_pieces_do_not_match_the_checkpoint_keys_is_refused():
 
 
 @pytest.mark.parametrize("granularity, blocks", [("attn-mlp", 1), ("blocks:2", 2), ("none", 0)])
-def test_a_streamed_reconstruction_larger_than_the_budget_is_announced(tiny_dir, tmp_path, capsys, granularity,
-                                                                       blocks):
+def test_a_streamed_reconstruction_larger_than_the_budget_is_announced(tiny_dir, tmp_path, capsys, monkeypatch,
+                                                                       granularity, blocks):
     """The budget check guards one block, which is what pruning holds; reconstruction holds ~4.5 blocks per block
     trained at once. A run that will go over gets a one-line warning before the work, and goes on."""
     import warnings
 
+    from prunelab import distributed
     from prunelab.cli import _warn
     from prunelab.config import RunConfig
     from prunelab.errors import MemoryBudgetWarning
@@ -360,3 +361,8 @@ def test_a_streamed_reconstruction_larger_than_the_budget_is_announced(tiny_dir,
         _warn(announced[0].message, MemoryBudgetWarning, "job.py", 1)
         printed = capsys.readouterr().err
         assert printed.startswith("warning: ") and printed.count("\n") == 1 and "--max-memory" in printed
+        monkeypatch.setattr(distributed, "is_main", lambda: False)  # torchrun's other processes: process 0 warns
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert streaming_source(config)
+        assert not caught

@@ -315,7 +315,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
                             f"support {', '.join(unsupported)} yet")
     halves = config.reconstruct.halves_per_submodel
     need = RECONSTRUCTION_BLOCKS * (size if halves is None else block * max(1, halves // 2))
-    if saving and config.reconstruct.enabled and need > budget:  # the check above is pruning's: one block
+    # the check above is pruning's: one block; process 0 decides for all under torchrun, and warns once
+    if saving and config.reconstruct.enabled and need > budget and distributed.is_main():
         warnings.warn(MemoryBudgetWarning(
             f"{config.reconstruct.granularity} reconstruction of this model will hold about {need:.3g} GB (the "
             f"trained blocks, their AdamW moments and gradients: ~{RECONSTRUCTION_BLOCKS}x a block), more than the "
