@@ -400,3 +400,16 @@ def test_autocast_sees_every_optimiser_step():
         with torch.no_grad():
             linear.weight.add_(1.0)
         assert not torch.equal(linear(x), before)
+
+
+def test_routed_experts_that_no_token_reached_train_silently():
+    """With 64 experts and 2 a token, a batch leaves experts without a gradient: their AdamW skips the step while
+    the learning-rate schedule goes on, which is right, and PyTorch's schedulers warned about it every time."""
+    import warnings
+
+    model = tiny_model("mixtral", num_local_experts=64, num_experts_per_tok=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = reconstruct(model)
+    assert not [str(w.message) for w in caught]
+    assert any(r["loss_train_after"] < r["loss_train_before"] for r in report["submodels"] if "mlp" in r["submodel"])

@@ -162,14 +162,18 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
         p.requires_grad_(True)
     groups = [trainable.params] if shared else [[p] for p in trainable.params]
     optimizers = [adamw(group, lr, weight_decay) for group in groups]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(steps, warmup)) for o in optimizers]
+    # set by hand, not by an LRScheduler per optimizer: a parameter with no gradient in a step (a routed expert
+    # no token reached) skips its AdamW step, and PyTorch's schedulers warn about that on every submodel
+    factor = schedule(steps, warmup)
     hooks = [] if shared else [p.register_post_accumulate_grad_hook(_step_now(o)) for p, o in
                                zip(trainable.params, optimizers)]
     generator = torch.Generator().manual_seed(seed)
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(windows, generator=generator)
             for start in range(0, windows, batch_size):
+                for optimizer in optimizers:
+                    optimizer.param_groups[0]["lr"] = lr * factor(epoch * steps_per_epoch + start // batch_size)
                 if shared:
                     optimizers[0].zero_grad(set_to_none=True)
                     _shared_step(trainable, problem, loss, order[start:start + batch_size], offset, local, lr)
@@ -180,8 +184,6 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
                     if not torch.isfinite(value):
                         _check_loss(value.item(), lr)
                     value.backward()  # the steps happen in here
-                for scheduler in schedulers:
-                    scheduler.step()
                 trainable.enforce_mask()
                 if on_step is not None:
                     on_step()
