@@ -60,6 +60,7 @@ def test_retraining_keeps_the_mask_exactly_and_lowers_the_heldout_loss(method, t
     assert (tmp_path / method / "retraining_loss.png").is_file()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # peft's use of a deprecated transformers name stays quiet
 def test_masklora_forward_and_merge_are_the_masked_update():
     model = tiny_model("llama")
     adapter = find_adapter(model)

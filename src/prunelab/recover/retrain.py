@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,9 @@ class MaskLoRA:
             raise PrunelabError("--retrain masklora needs peft: pip install peft") from None
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear_names, bias="none")
         config._register_custom_module({nn.Linear: masked_lora_linear()})  # PEFT's hook for custom LoRA layers
-        self.peft = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing a user can change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            self.peft = get_peft_model(model, config)
         lora = [p for n, p in self.peft.named_parameters() if "lora_" in n]
         # biases and norms: every 1-D parameter outside the adapters (embeddings and matrices stay frozen)
         vectors = [p for n, p in self.peft.named_parameters() if p.dim() == 1 and "lora_" not in n]
