@@ -110,6 +110,15 @@ def from_main(value):
     return box[0]
 
 
+def gathered(value) -> list:
+    """Every process's `value` (any picklable value), in rank order, in every process."""
+    if size() == 1:
+        return [value]
+    values = [None] * size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if size() > 1:
         dist.barrier()
@@ -143,10 +152,14 @@ def layout(local: int) -> tuple[int, int]:
 
 def all_sum_grads(params: list[torch.nn.Parameter]) -> None:
     """Every process's gradients summed in place, one parameter at a time (no second copy of a whole model's
-    gradients); a process without windows in the step has none and takes part with zeros."""
+    gradients). A process without windows in the step, or whose windows reached none of a routed expert's
+    tokens, takes part with zeros; a parameter that no process has a gradient for keeps none, so that AdamW
+    skips it as it does in one process (a zero gradient would still move it: momentum and weight decay)."""
     if size() == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        all_sum(p.grad)
+    holders = all_sum(torch.tensor([float(p.grad is not None) for p in params]))
+    for p, held in zip(params, holders.tolist()):
+        if held:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_sum(p.grad)

@@ -184,9 +184,6 @@ class Job:
         """Data parallel (torchrun): this process's share of the calibration and evaluation windows."""
         if distributed.size() == 1:
             return
-        if any(not half.writer for block in self.adapter.blocks[:1] for half in self.adapter.halves(block)):
-            raise PrunelabError("data parallelism does not support routed experts yet (which expert sees which "
-                                "tokens differs between processes)")
         shares = {}
         if self.calib_ids is not None:
             part = distributed.share(self.calib_ids.shape[0], "calibration")

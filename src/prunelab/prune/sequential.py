@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..activations import (
     Arena,
     BlockStream,
@@ -128,7 +129,8 @@ class HalfPruner:
         elif half.writer is not None:
             self._prune_in_order(half, members, stream, index, prune_group, need_output)
         else:  # routing decides which experts run: all statistics first, then prune, then propagate
-            stats, leader_of = collect_statistics(half, members, stream, index, self.stats_cls)
+            stats, leader_of = agreed(*collect_statistics(half, members, stream, index, self.stats_cls), members,
+                                      self.stats_cls)
             for leader in dict.fromkeys(leader_of.values()):
                 prune_group([n for n in members if leader_of[n] == leader], stats.get(leader))
             if need_output:
@@ -157,6 +159,20 @@ class HalfPruner:
             for _, rows in stream.batches():
                 stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_inputs[rows]))
                 check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
+
+
+def agreed(stats: dict, leader_of: dict[str, str], members: dict[str, nn.Linear], stats_cls) -> tuple[dict, dict]:
+    """Data parallel: a routed half's groups and statistics, the same in every process. Which experts a process's
+    windows reach (and so which linears it found sharing an input) is its own; the statistics are summed over
+    the processes one group at a time, so every process needs every group, in one order, even with no tokens."""
+    if distributed.size() == 1:
+        return stats, leader_of
+    found = distributed.gathered(leader_of)
+    leader_of = {name: next((f[name] for f in found if f[name] != name), name) for name in members}
+    for leader in dict.fromkeys(leader_of.values()):
+        if leader not in stats:  # reached by no window of this process
+            stats[leader] = stats_cls(members[leader].in_features, members[leader].weight.device)
+    return stats, leader_of
 
 
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,

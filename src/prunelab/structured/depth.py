@@ -214,7 +214,9 @@ def score_blocks(
             # window (SmolLM2: 9.6 GB peak at 8 windows, 2.8 GB at 1, and faster), and the sum is the same
             language_model_loss(model, ids, attention_mask, 1, backward=True)
             distributed.all_sum_grads([w for ws in weights for w in ws])  # data parallel: every process's windows
-            scores = torch.tensor([sum(float((w.detach() * w.grad).abs().sum()) for w in ws) for ws in weights])
+            # a weight no token reached (an expert held as its own matrix) has no gradient: it scores nothing
+            scores = torch.tensor([sum(float((w.detach() * w.grad).abs().sum()) for w in ws if w.grad is not None)
+                                   for ws in weights])
         finally:
             for p, flag in requires.items():
                 p.grad = None
