@@ -16,6 +16,7 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "opt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
+    "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
 }
 
 
@@ -36,7 +37,7 @@ def test_adapter_finds_blocks_and_prunable_weights(family):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe"])
 def test_unfused_expert_views_compute_the_same_block_and_write_through(family):
     model = tiny_model(family)
     adapter = find_adapter(model)

@@ -127,14 +127,14 @@ def test_two_processes_stream_like_one(tiny_dir, texts, tmp_path):
     assert report["sparsity"]["sparsity"] == single["sparsity"]["sparsity"]
 
 
-@pytest.mark.parametrize("family, method, reconstruct", [("mixtral", "wanda", "none"), ("qwen2_moe", "wanda", "none"),
-                                                       ("mixtral", "sparsegpt", "none"),
-                                                       ("mixtral", "wanda", "attn-mlp")])
+@pytest.mark.parametrize("family, method, reconstruct", [
+    ("mixtral", "wanda", "none"), ("qwen2_moe", "wanda", "none"), ("mixtral", "sparsegpt", "none"),
+    ("mixtral", "wanda", "attn-mlp"), ("qwen3_moe", "wanda", "attn-mlp")])
 def test_two_processes_prune_routed_experts_like_one(tokenizer, texts, tmp_path, family, method, reconstruct):
     """64 experts, 2 a token: some expert is reached by one process's windows and not the other's. The processes
     agree on every expert's group and sum its statistics (zero where they saw none of its tokens)."""
     folder = tmp_path / "tiny-moe"
-    experts = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts"}[family]  # Qwen2-MoE: a shared expert too
+    experts = "num_local_experts" if family == "mixtral" else "num_experts"  # Qwen2-MoE: a shared expert too
     tiny_model(family, **{experts: 64}, num_experts_per_tok=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     extra = ["--method", method, "--reconstruct", reconstruct, "--lr", "1e-3", "--heldout", "4", "--batch-size", "2"]

@@ -46,7 +46,7 @@ def test_saved_model_reloads_with_same_logits_and_mask(tiny_dir, texts, tmp_path
         assert torch.isfinite(reloaded(ids).logits).all()
 
 
-@pytest.mark.parametrize("family, retrain", [("mixtral", "none"), ("qwen2_moe", "masklora")])
+@pytest.mark.parametrize("family, retrain", [("mixtral", "none"), ("qwen2_moe", "masklora"), ("qwen3_moe", "full")])
 def test_routed_experts_saved_per_expert_keep_their_mask(family, retrain, tokenizer, texts, tmp_path):
     """transformers saves fused expert tensors in the checkpoint's own layout (one matrix per expert and
     projection): the sparsity read back from the files sums those, and a reload fuses them to the same mask."""

@@ -23,6 +23,7 @@ CONFIGS = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                          num_experts=4, num_experts_per_tok=2)),
     "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_COMMON, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
 }
 FAMILIES = list(CONFIGS)
 
