@@ -13,7 +13,10 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "qwen3": ("llama", 7),
     "gemma3": ("llama", 7),
     "olmo2": ("llama", 7),
+    "phi3": ("llama", 2 + 2),  # qkv_proj o_proj, gate_up_proj down_proj
+    "glm4": ("llama", 4 + 2),
     "opt": ("opt", 6),
+    "biogpt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
     "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
@@ -73,3 +76,23 @@ def test_unknown_architecture_names_what_is_missing():
 def test_model_without_block_list_is_rejected():
     with pytest.raises(PrunelabError, match="no list of decoder blocks"):
         find_adapter(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_a_model_that_passes_its_blocks_positional_arguments_is_refused_in_one_line():
+    from transformers import MvpConfig, MvpForCausalLM  # its decoder loop also indexes what a block returns
+
+    from prunelab.activations import checked_adapter
+
+    config = MvpConfig(vocab_size=256, d_model=64, decoder_layers=12, decoder_attention_heads=4, decoder_ffn_dim=128,
+                       encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=64)
+    with pytest.raises(PrunelabError, match="passes positional arguments to its decoder blocks"):
+        checked_adapter(MvpForCausalLM(config).eval())
+
+
+def test_fused_experts_without_an_activation_module_are_refused_in_one_line():
+    model = tiny_model("mixtral")
+    adapter = find_adapter(model)
+    del adapter.blocks[0].mlp.experts.act_fn  # as in an expert layout that computes its activation otherwise
+    with pytest.raises(PrunelabError, match="unsupported fused expert layout in MixtralExperts: no act_fn"):
+        with adapter.prunable_linears(adapter.blocks[0]):
+            pass

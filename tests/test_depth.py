@@ -19,7 +19,8 @@ from prunelab.models.adapters import find_adapter
 from prunelab.recover.structured import spans_after_removal
 from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses, survey
 
-DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3"]  # pre-norm: blocks ignore the stream's magnitude
+# pre-norm: blocks ignore the stream's magnitude
+DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3", "phi3", "glm4", "biogpt"]
 
 
 def exact_norms(model):

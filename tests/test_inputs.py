@@ -236,6 +236,26 @@ def test_relaunch_ignores_modules_in_the_current_directory(tmp_path):
 # --- 8, 10. data and model files, checked before the expensive work -----------------------------------
 
 
+
+@pytest.mark.parametrize("stream", [[], ["--max-memory", "0.0006"]])
+@pytest.mark.parametrize("family, args, message", [
+    ("phi3", ["--method", "flap"], "Phi3Attention splits its fused qkv_proj"),
+    ("mixtral", ["--method", "flap"], "routes tokens to experts"),
+    ("llama", ["--method", "layers", "--remove", "2"], "cannot remove 2 of 2 blocks"),
+])
+def test_a_structured_method_the_model_cannot_take_is_refused_before_evaluation(
+        family, args, message, stream, tokenizer, texts, tmp_path, monkeypatch):
+    import prunelab.job
+
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for evaluation in ("perplexity", "streamed_perplexity"):
+        monkeypatch.setattr(prunelab.job, evaluation, lambda *a, **k: pytest.fail("the dense model was evaluated"))
+    code, output = cli(*base_args(folder, texts, tmp_path / "out"), *args, *stream)
+    assert code == 2 and message in output, output
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

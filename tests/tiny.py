@@ -18,8 +18,12 @@ CONFIGS = {
     "gemma3": ("Gemma3TextConfig", dict(_COMMON, head_dim=16, sliding_window=8,
                                          layer_types=["sliding_attention", "full_attention"])),
     "olmo2": ("Olmo2Config", dict(_COMMON, pad_token_id=0)),  # norms after each branch only, q/k norms over all heads
+    "phi3": ("Phi3Config", dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # fused qkv and gate_up
+    "glm4": ("Glm4Config", dict(_COMMON, head_dim=16, pad_token_id=0)),  # norms after each branch too, fused gate_up
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
+    "biogpt": ("BioGptConfig", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=1024)),  # OPT's block, scaled input
     "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                          num_experts=4, num_experts_per_tok=2)),
     "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),

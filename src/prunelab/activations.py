@@ -49,7 +49,10 @@ class _Recorder(StandIn):
         self.index, self.sink, self.last = index, sink, last
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append((self.index, hidden_states, args, kwargs))
+        if args:  # said here: such a model's own loop may fail on what a recorder returns before we could say it
+            raise PrunelabError(f"unsupported model: it passes positional arguments to its decoder blocks "
+                                f"({len(args)})")
+        self.sink.append((self.index, hidden_states, kwargs))
         if self.last:  # the final norm and LM head would only cost time and memory
             raise Stop
         return hidden_states
@@ -138,10 +141,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             seen = {index for index, *_ in sink}
             if seen != set(range(len(originals))):
                 raise PrunelabError(f"the model's forward did not call every decoder block (called {sorted(seen)})")
-            for index, h, args, kwargs in sink:
-                if args:
-                    raise PrunelabError("unsupported model: it passes positional arguments to its decoder blocks "
-                                        f"({len(args)})")
+            for index, h, kwargs in sink:
                 if index == 0:
                     if hidden is None:
                         hidden = torch.empty((input_ids.shape[0], *h.shape[1:]), dtype=dtype, device=h.device)

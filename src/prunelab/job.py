@@ -56,7 +56,7 @@ from .streaming import (
     streamed_scorer,
     tokens_per_pass,
 )
-from .structured import prune_depth_streamed, prune_structured, prune_width_streamed
+from .structured import check_structured, prune_depth_streamed, prune_structured, prune_width_streamed
 from .structured.depth_streamed import STREAMED_METRICS
 
 
@@ -362,6 +362,8 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
     job.adapter = checked_adapter(job.model)
+    if config.structured:
+        check_structured(job.adapter, config)
     with stage("windows", job.stages):
         job.windows(texts)
         job.share_windows()
@@ -401,6 +403,8 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         job.tokenizer = AutoTokenizer.from_pretrained(folder)
         check_model(job.model, window_lengths(config))
         streamed.check_adapter()
+        if config.structured:
+            check_structured(job.adapter, config)
     with stage("windows", job.stages):
         job.windows(texts)
         job.share_windows()

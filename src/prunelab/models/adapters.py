@@ -206,15 +206,22 @@ class Adapter(ABC):
                 setattr(parent, name, original)
 
 
+# The projections of a Llama-style block, separate or fused into one linear (Phi-3 and Phi-4 fuse both, GLM the
+# MLP's): a fused linear's output rows are its parts' rows one after the other, in this order.
+ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj"))
+MLP_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+
+
 class LlamaAdapter(Adapter):
-    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 2/3, OLMo 2 and their MoE variants
-    expects = "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj (or mlp.experts)"
+    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 2/3, OLMo 2, Phi-3/4, GLM(-4), and MoE variants
+    expects = ("self_attn.{q,k,v,o}_proj (or qkv_proj, o_proj) and mlp.{gate,up,down}_proj (or gate_up_proj, "
+               "down_proj, or mlp.experts)")
 
     @classmethod
     def matches(cls, block):
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-        return _has(attn, "q_proj", "k_proj", "v_proj", "o_proj") and (
-            _has(mlp, "gate_proj", "up_proj", "down_proj") or _is_moe(mlp)
+        return any(_has(attn, *names) for names in ATTENTION_PROJECTIONS) and (
+            any(_has(mlp, *names) for names in MLP_PROJECTIONS) or _is_moe(mlp)
         )
 
     def halves(self, block):
@@ -254,6 +261,9 @@ class LlamaAdapter(Adapter):
         if _has(block, "pre_feedforward_layernorm", "post_feedforward_layernorm"):  # Gemma 2/3
             return (block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
                     block.post_feedforward_layernorm)
+        if _has(block, "post_self_attn_layernorm", "post_mlp_layernorm"):  # GLM-4's sandwich, named otherwise
+            return (block.input_layernorm, block.post_self_attn_layernorm, block.post_attention_layernorm,
+                    block.post_mlp_layernorm)
         if not hasattr(block, "input_layernorm") and _has(block, "post_feedforward_layernorm"):  # OLMo 2
             return none, block.post_attention_layernorm, none, block.post_feedforward_layernorm
         if not hasattr(block, "post_attention_layernorm"):  # Cohere: one norm, attention and MLP side by side
@@ -274,6 +284,9 @@ class LlamaAdapter(Adapter):
                 f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
                 "(Mixture-of-Experts is not supported)"
             )
+        if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
+            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
+                                "qkv_proj at the model config's head counts; this family is not supported yet")
         head_dim = attn.head_dim
         spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                     not in (0, head_dim)]
@@ -289,7 +302,10 @@ class LlamaAdapter(Adapter):
 
         groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
         kv = [heads(g, 1) for g in range(kv_heads)]
-        channels = [[c] for c in range(mlp.down_proj.in_features)]
+        inner = mlp.down_proj.in_features
+        channels = [[c] for c in range(inner)]
+        readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if _has(mlp, "gate_up_proj")
+                   else {"gate_proj": channels, "up_proj": channels})
         return (
             Width(
                 "attention",
@@ -300,12 +316,12 @@ class LlamaAdapter(Adapter):
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),
-            Width("mlp", "channel", "mlp", mlp, "down_proj", {"gate_proj": channels, "up_proj": channels}, channels),
+            Width("mlp", "channel", "mlp", mlp, "down_proj", readers, channels),
         )
 
 
 class OPTAdapter(Adapter):
-    family = "opt"
+    family = "opt"  # OPT, BioGPT
     expects = "self_attn.{q,k,v,out}_proj and fc1, fc2"
 
     @classmethod
@@ -315,7 +331,7 @@ class OPTAdapter(Adapter):
         )
 
     def halves(self, block):
-        pre = block.do_layer_norm_before  # OPT-350m normalises after the residual add instead
+        pre = getattr(block, "do_layer_norm_before", True)  # OPT-350m normalises after the residual add instead
 
         def residual(norm):
             return (lambda h, y: h + y) if pre else (lambda h, y: norm(h + y))
@@ -341,7 +357,7 @@ class OPTAdapter(Adapter):
         return attention, mlp
 
     def residual_writers(self, block):
-        if not block.do_layer_norm_before:
+        if not getattr(block, "do_layer_norm_before", True):
             raise PrunelabError(
                 "this OPT model normalises the residual stream after every block (post-LN): "
                 "there is no residual magnitude to compensate"
@@ -354,7 +370,7 @@ class OPTAdapter(Adapter):
         return [tokens, decoder.embed_positions]
 
     def final_norm(self):
-        return self.stack.final_layer_norm
+        return getattr(self.stack, "final_layer_norm", getattr(self.stack, "layer_norm", None))  # BioGPT: layer_norm
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter)
@@ -406,6 +422,8 @@ class UnfusedExperts(nn.Module):
                 f"unsupported fused expert layout in {type(fused).__name__}: "
                 f"gate_up_proj {tuple(fused.gate_up_proj.shape)}, down_proj {tuple(fused.down_proj.shape)}"
             )
+        if not callable(getattr(fused, "act_fn", None)):  # its activation is not one module we can call
+            raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: no act_fn")
         self.num_experts = experts
         self.act_fn = fused.act_fn
 

@@ -7,9 +7,18 @@ from torch import nn
 
 from ..config import RunConfig
 from ..models.adapters import Adapter
-from .depth import prune_depth
+from .depth import check_depth, prune_depth
 from .depth_streamed import prune_depth_streamed
 from .width import prune_width, prune_width_streamed
+
+
+def check_structured(adapter: Adapter, config: RunConfig) -> None:
+    """Refuse what the method cannot do to this model before any work (the blocks may be on the meta device)."""
+    if config.method == "layers":
+        check_depth(adapter, config)
+    elif config.method == "flap":
+        for block in adapter.blocks:
+            adapter.widths(block)
 
 
 def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,
@@ -19,4 +28,7 @@ def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | Non
     return prune(model, adapter, ids, config, attention_mask=attention_mask, progress=progress)
 
 
-__all__ = ["prune_depth", "prune_depth_streamed", "prune_structured", "prune_width", "prune_width_streamed"]
+__all__ = [
+    "check_structured", "prune_depth", "prune_depth_streamed", "prune_structured", "prune_width",
+    "prune_width_streamed",
+]

@@ -222,7 +222,8 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
             shift = writer.weight.detach()[:, dropped] @ mean
             bias = shift if bias is None else bias + shift
         width = layer.width
-        changes = {name: ([r for u in keep for r in rows[u]], None) for name, rows in width.readers.items()}
+        # ascending, so a fused reader (gate_up_proj) keeps its parts one after the other
+        changes = {name: (sorted(r for u in keep for r in rows[u]), None) for name, rows in width.readers.items()}
         changes[width.writer] = (None, kept)
         for name, (rows, cols) in changes.items():
             old = width.linear(name)
