@@ -15,11 +15,13 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "olmo2": ("llama", 7),
     "phi3": ("llama", 2 + 2),  # qkv_proj o_proj, gate_up_proj down_proj
     "glm4": ("llama", 4 + 2),
+    "starcoder2": ("llama", 4 + 2),
     "opt": ("opt", 6),
     "biogpt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
     "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
+    "deepseek_v3": ("llama", 5 + (3 + 5) / 2),  # q_a q_b kv_a kv_b o; gate up down, then fused experts and shared
 }
 
 

@@ -268,7 +268,7 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, tokenizer, texts, monkeypatch, family):
     """transformers stores fused expert tensors one matrix per expert and projection and converts them on load
     and save; a streamed block goes through the same conversions, so the output is the whole-model run's. It
@@ -283,8 +283,8 @@ def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, token
     monkeypatch.setattr(layout, "to_stored", lambda model, tensors: saved.extend(
         t.shape for n, t in tensors.items() if ".experts." in n and t.device.type != "meta") or
         real_to_stored(model, tensors))
-    # a budget of 1.5 blocks: 0.67, 0.3 and 0.22 MB; the models take 1.9, 0.93 and 0.73 MB
-    budget = {"mixtral": 6.7e-4, "qwen2_moe": 3e-4, "qwen3_moe": 2.2e-4}[family]
+    # a budget of 1.5 blocks: 0.67, 0.3, 0.22 and 0.25 MB; the models take 1.9, 0.93, 0.73 and 0.78 MB
+    budget = {"mixtral": 6.7e-4, "qwen2_moe": 3e-4, "qwen3_moe": 2.2e-4, "deepseek_v3": 2.5e-4}[family]
     streamed = run(folder, texts, tmp_path / "streamed", max_memory=budget)
     assert streamed["model"]["streamed"]["shards"] == 5
     experts = [{int(n) for n in re.findall(r"\.experts\.(\d+)\.", " ".join(names))} for names in reads]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
-from prunelab.models.adapters import find_adapter
+from prunelab.models.adapters import MLP_LAYOUTS, find_adapter, layout
 from prunelab.models.loading import load_model
 from prunelab.models.narrow import export_masked, write_structure
 from prunelab.structured.width import collect, flap_layers, prune_width, score
@@ -70,12 +70,12 @@ def test_moments_leave_pad_tokens_out():
 
 def mlp_widths(mlp) -> list[int]:
     """The MLP's inner width as each of its linears sees it (a fused gate_up_proj holds it twice)."""
-    if hasattr(mlp, "gate_up_proj"):
-        return [mlp.gate_up_proj.out_features // 2, mlp.down_proj.in_features]
-    return [mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features]
+    *readers, writer = layout(mlp, MLP_LAYOUTS)
+    return [getattr(mlp, n).out_features // (2 if n == "gate_up_proj" else 1) for n in readers] + [
+        getattr(mlp, writer).in_features]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "glm4"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "glm4", "starcoder2"])
 def test_adaptive_removes_the_ratio_of_parameters_and_layers_shrink(family):
     model = tiny_model(family, layers=3)
     before = block_params(model)
@@ -212,7 +212,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 @pytest.mark.parametrize(
     "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family"),
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
-                        ("phi3", "Phi3Attention splits its fused qkv_proj")]
+                        ("phi3", "Phi3Attention splits its fused qkv_proj"),
+                        ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent")]
 )
 def test_flap_refuses_layouts_it_does_not_know(family, message):
     model = tiny_model(family, layers=2)

@@ -20,6 +20,7 @@ CONFIGS = {
     "olmo2": ("Olmo2Config", dict(_COMMON, pad_token_id=0)),  # norms after each branch only, q/k norms over all heads
     "phi3": ("Phi3Config", dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # fused qkv and gate_up
     "glm4": ("Glm4Config", dict(_COMMON, head_dim=16, pad_token_id=0)),  # norms after each branch too, fused gate_up
+    "starcoder2": ("Starcoder2Config", dict(_COMMON)),  # an MLP without a gate (c_fc, c_proj), biases everywhere
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
     "biogpt": ("BioGptConfig", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -28,6 +29,11 @@ CONFIGS = {
                                          num_experts=4, num_experts_per_tok=2)),
     "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(_COMMON, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    # multi-head latent attention (q_a/q_b, kv_a/kv_b), a dense first block, then routed and shared experts
+    "deepseek_v3": ("DeepseekV3Config", dict(_COMMON, moe_intermediate_size=32, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                             q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16, pad_token_id=0)),
 }
 FAMILIES = list(CONFIGS)
 

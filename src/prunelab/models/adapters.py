@@ -206,23 +206,32 @@ class Adapter(ABC):
                 setattr(parent, name, original)
 
 
-# The projections of a Llama-style block, separate or fused into one linear (Phi-3 and Phi-4 fuse both, GLM the
-# MLP's): a fused linear's output rows are its parts' rows one after the other, in this order.
-ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj"))
-MLP_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+# The projection layouts of a Llama-style block's halves, the residual writer last: separate or fused into one
+# linear (Phi-3 and Phi-4 fuse both, GLM the MLP's; a fused linear's output rows are its parts' rows one after
+# the other, in this order), multi-head latent attention (DeepSeek-V2/V3, with or without a low-rank query),
+# and MLPs without a gate (Nemotron, Arcee, StarCoder2, Moshi).
+ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj"),
+                     ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+                     ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
+MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"), ("up_proj", "down_proj"),
+               ("c_fc", "c_proj"), ("fc1", "fc2"))
+
+
+def layout(module: nn.Module | None, layouts: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
+    """The first of `layouts` whose linears `module` has (gated before gateless), or None."""
+    return next((names for names in layouts if _has(module, *names)), None)
 
 
 class LlamaAdapter(Adapter):
-    family = "llama"  # Llama, Mistral, Qwen2/3, SmolLM2, Gemma 2/3, OLMo 2, Phi-3/4, GLM(-4), and MoE variants
-    expects = ("self_attn.{q,k,v,o}_proj (or qkv_proj, o_proj) and mlp.{gate,up,down}_proj (or gate_up_proj, "
-               "down_proj, or mlp.experts)")
+    family = "llama"  # Llama, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, Phi-3/4, GLM, DeepSeek-V2/3, MoE variants, ...
+    expects = ("self_attn.{q,k,v,o}_proj (or qkv_proj, o_proj, or latent attention's q_a/q_b/kv_a/kv_b_proj) and "
+               "mlp.{gate,up,down}_proj (or gate_up_proj, down_proj; up_proj, down_proj; c_fc, c_proj; fc1, fc2; "
+               "or mlp.experts)")
 
     @classmethod
     def matches(cls, block):
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-        return any(_has(attn, *names) for names in ATTENTION_PROJECTIONS) and (
-            any(_has(mlp, *names) for names in MLP_PROJECTIONS) or _is_moe(mlp)
-        )
+        return layout(attn, ATTENTION_LAYOUTS) is not None and (layout(mlp, MLP_LAYOUTS) is not None or _is_moe(mlp))
 
     def halves(self, block):
         # Where each branch is normalised: before it (Llama), before and after it (Gemma's "sandwich"), or
@@ -247,7 +256,7 @@ class LlamaAdapter(Adapter):
             (block.mlp,),
             run=lambda h, kw: first_output(block.mlp(mlp_in(h))),  # some MoE blocks also return router logits
             finish=lambda h, y: torch.add(h, mlp_out(y), alpha=scale),
-            writer=None if _is_moe(block.mlp) else block.mlp.down_proj,
+            writer=None if _is_moe(block.mlp) else getattr(block.mlp, layout(block.mlp, MLP_LAYOUTS)[-1]),
             norms=(mlp_in, mlp_out),
             output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
             reads_raw_stream=isinstance(mlp_in, nn.Identity),
@@ -261,6 +270,8 @@ class LlamaAdapter(Adapter):
         if _has(block, "pre_feedforward_layernorm", "post_feedforward_layernorm"):  # Gemma 2/3
             return (block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
                     block.post_feedforward_layernorm)
+        if _has(block, "attention_layernorm", "feedforward_layernorm"):  # Apertus: Llama's norms, named otherwise
+            return block.attention_layernorm, none, block.feedforward_layernorm, none
         if _has(block, "post_self_attn_layernorm", "post_mlp_layernorm"):  # GLM-4's sandwich, named otherwise
             return (block.input_layernorm, block.post_self_attn_layernorm, block.post_attention_layernorm,
                     block.post_mlp_layernorm)
@@ -287,6 +298,9 @@ class LlamaAdapter(Adapter):
         if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
                                 "qkv_proj at the model config's head counts; this family is not supported yet")
+        if layout(attn, ATTENTION_LAYOUTS) != ATTENTION_LAYOUTS[0]:
+            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
+                                "values from a shared latent (multi-head latent attention); not supported yet")
         head_dim = attn.head_dim
         spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                     not in (0, head_dim)]
@@ -302,10 +316,11 @@ class LlamaAdapter(Adapter):
 
         groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
         kv = [heads(g, 1) for g in range(kv_heads)]
-        inner = mlp.down_proj.in_features
+        *reader_names, writer = layout(mlp, MLP_LAYOUTS)
+        inner = getattr(mlp, writer).in_features
         channels = [[c] for c in range(inner)]
-        readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if _has(mlp, "gate_up_proj")
-                   else {"gate_proj": channels, "up_proj": channels})
+        readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if reader_names == ["gate_up_proj"]
+                   else {name: channels for name in reader_names})
         return (
             Width(
                 "attention",
@@ -316,7 +331,7 @@ class LlamaAdapter(Adapter):
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),
-            Width("mlp", "channel", "mlp", mlp, "down_proj", readers, channels),
+            Width("mlp", "channel", "mlp", mlp, writer, readers, channels),
         )
 
 
