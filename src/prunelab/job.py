@@ -169,6 +169,15 @@ class Job:
         self.calib_ids = self.heldout_ids = self.eval_ids = None
         self.checkpoints: Checkpoints | None = None
 
+    def begin(self, texts: dict[str, str]) -> None:
+        """Once the model is known and before any work on it: refuse a structured method the architecture
+        cannot take, then cut this process's windows from the texts."""
+        if self.config.structured:
+            check_structured(self.adapter, self.config)
+        with stage("windows", self.stages):
+            self.windows(texts)
+            self.share_windows()
+
     def windows(self, texts: dict[str, str]) -> None:
         if "calib" in texts:
             self.calib_ids, self.heldout_ids, self.data["calibration"] = calibration_data(
@@ -362,11 +371,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
     job.adapter = checked_adapter(job.model)
-    if config.structured:
-        check_structured(job.adapter, config)
-    with stage("windows", job.stages):
-        job.windows(texts)
-        job.share_windows()
+    job.begin(texts)
     del texts
     job.weights = job.adapter.prunable_weights()
     zeros_before = count_zeros(job.weights)
@@ -403,11 +408,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         job.tokenizer = AutoTokenizer.from_pretrained(folder)
         check_model(job.model, window_lengths(config))
         streamed.check_adapter()
-        if config.structured:
-            check_structured(job.adapter, config)
-    with stage("windows", job.stages):
-        job.windows(texts)
-        job.share_windows()
+    job.begin(texts)
     del texts
     if config.eval != "none" and config.eval_dense:
         with stage("eval_dense", job.stages):
