@@ -367,3 +367,39 @@ def test_a_streamed_reconstruction_larger_than_the_budget_is_announced(tiny_dir,
             warnings.simplefilter("always")
             assert streaming_source(config)
         assert not caught
+
+
+@pytest.mark.parametrize("method", [dict(method="wanda", reconstruct="attn-mlp"),
+                                    dict(method="layers", depth={"remove": 1, "metric": "bi"})],
+                         ids=["wanda", "layers"])
+def test_a_checkpoint_stored_under_other_names_streams_as_loaded_whole(tmp_path, tokenizer, texts, method):
+    """A multimodal Gemma 3 is saved with its text model under `language_model.model.layers.N` and held as
+    `model.language_model.layers.N`: the streamed run reads the blocks by their stored names and writes the
+    output under them, as `save_pretrained` does."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"] * 2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-gemma3-vision"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert any(key.startswith("language_model.model.layers.0.") for key in state(folder))  # stored otherwise
+    whole = run(folder, texts, tmp_path / "whole", speed=False, **method)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=5e-4, **method)  # the model: 0.74 MB
+    assert streamed["model"]["streamed"] and "streamed" not in whole["model"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and any(k.startswith("language_model.model.layers.") for k in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+    if method["method"] == "wanda":
+        assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"] == pytest.approx(0.5)
+    else:
+        assert streamed["structure"]["removed"] == whole["structure"]["removed"]

@@ -436,9 +436,9 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
                 # a structured output has other shapes or fewer blocks: read as the saved model it is
                 pruned = streamed if job.structure is None else StreamedModel(tmp, streamed.compute_dtype,
                                                                               streamed.device)
-                job.metrics["pruned"] = streamed_perplexity(
-                    pruned, job.eval_ids, config.eval_batch, checkpoint=Checkpoint(tmp) if pruned is streamed else None,
-                    progress=job.progress, desc="perplexity (pruned)")
+                written = streamed.checkpoint(tmp) if pruned is streamed else None
+                job.metrics["pruned"] = streamed_perplexity(pruned, job.eval_ids, config.eval_batch, checkpoint=written,
+                                                            progress=job.progress, desc="perplexity (pruned)")
         if config.tasks:  # the output as saved, read back block by block
             job.zero_shot("pruned", StreamedModel(tmp, streamed.compute_dtype, streamed.device), pass_tokens)
         if job.structure is not None:
@@ -466,7 +466,7 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
         if "linears" in job.structure:  # FLAP
             write_structure(tmp, job.structure.pop("linears"))
         return saved_parameter_count(tmp)
-    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before), visits.streamed.stored)
+    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before), visits.streamed.keys_of(list(visits.zeros_before)))
     for name, entry in sparsity["layers"].items():
         entry["zeros_before"] = visits.zeros_before[name]
     before = sum(visits.zeros_before.values())
@@ -550,7 +550,8 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
     with large_allocations_mapped():
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        sparsity = sparsity_of_saved(folder, list(streamed.adapter.prunable_weights()), streamed.stored)
+        names = list(streamed.adapter.prunable_weights())
+        sparsity = sparsity_of_saved(folder, names, streamed.keys_of(names))
         result = {"model": str(folder), "sparsity": sparsity["sparsity"], "streamed": True}
         if text is not None:
             check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})

@@ -41,26 +41,35 @@ from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output
-from .models.layout import stored_names, to_held_by_expert, to_stored_by_expert
+from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored_by_expert
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    """Tensor names → the safetensors file holding each, in a (sharded or single-file) checkpoint folder."""
+    """Tensor names → the safetensors file holding each, in a (sharded or single-file) checkpoint folder.
 
-    def __init__(self, folder: Path):
+    `renamed` ({checkpoint key: the model's name}, `layout.renamed_keys`) shows the keys that `from_pretrained`
+    renames under the model's names; `key(name)` is what a tensor is stored (and written) under."""
+
+    def __init__(self, folder: Path, renamed: dict[str, str] | None = None):
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
             weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
+            files = {name: self.folder / file for name, file in weight_map.items()}
         elif (self.folder / "model.safetensors").is_file():
             with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
-                self.files = {name: self.folder / "model.safetensors" for name in f.keys()}
+                files = {name: self.folder / "model.safetensors" for name in f.keys()}
         else:
             raise PrunelabError(f"{self.folder} has no model.safetensors or {INDEX}: a model larger than memory is "
                                 "read from safetensors files")
+        self.renamed = renamed or {}
+        self.keys = {self.renamed.get(key, key): key for key in files}
+        self.files = {self.renamed.get(key, key): file for key, file in files.items()}
+
+    def key(self, name: str) -> str:
+        return self.keys.get(name, name)
 
     def tensors(self, names: list[str]):
         """(name, tensor) of `names`, one tensor in memory at a time if the caller lets each go, each file
@@ -68,17 +77,18 @@ class Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
-        for file, keys in by_file.items():
+        for file, in_file in by_file.items():
             with safe_open(str(file), framework="pt") as f:
-                for key in keys:
-                    yield key, f.get_tensor(key)
+                for name in in_file:
+                    yield name, f.get_tensor(self.key(name))
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tensors(names))
 
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
-        return {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
+        sizes = {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
+        return {self.renamed.get(k, k): v for k, v in sizes.items()}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -128,6 +138,7 @@ class StreamedModel:
         self.model.tie_weights()  # not done under init_empty_weights
         head = self.model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
+        self.source = self.checkpoint(folder)
         self.adapter: Adapter = find_adapter(self.model)
         self.prefix = self.adapter.blocks_prefix
         self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
@@ -137,11 +148,21 @@ class StreamedModel:
                 for k, v in block.state_dict().items()}
         # the tensors the checkpoint stores in another layout (routed experts: a matrix per expert and projection),
         # by the model's name: the keys converted together into it when a block is read
-        self.stored = {name: keys for name, keys in stored_names(self.model, held).items() if keys != [name]}
+        self.stored = {name: keys for name, keys in stored_names(self.model, held).items()
+                       if keys != [name] and name not in self.source.files}  # (not a renamed one the source shows)
         missing = sorted({key for name in held for key in self.stored.get(name, [name])} - in_blocks)
         if missing:
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
+
+    def keys_of(self, names: list[str]) -> dict[str, list[str]]:
+        """The checkpoint keys each named tensor is stored under (more than one: routed experts)."""
+        return {name: self.stored.get(name, [self.source.key(name)]) for name in names}
+
+    def checkpoint(self, folder: Path) -> Checkpoint:
+        """The checkpoint in `folder` (the input, or an output written from it) with its tensors under the model's
+        names where `from_pretrained` renames them."""
+        return Checkpoint(folder, renamed_keys(self.model, list(Checkpoint(folder).files)))
 
     def _names(self, prefix: str) -> list[str]:
         return [n for n in self.source.files if n.startswith(prefix)]
@@ -290,7 +311,9 @@ class ShardWriter:
         return f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
 
     def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Shard `number`: `tensors` by the model's names (or checkpoint keys), saved under the input's keys."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {self.source.key(name): tensor for name, tensor in tensors.items()}
         save_file(tensors, self.folder / self._name(number), metadata={"format": "pt"})
         self._add(number, {k: t.numel() * t.element_size() for k, t in tensors.items()})
 

@@ -35,6 +35,26 @@ def stored_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str
     return {name: list(to_stored(model, {name: tensor})) for name, tensor in weights.items()}
 
 
+def renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """{checkpoint key: the model's name} of the keys `from_pretrained` renames without converting (a multimodal
+    Gemma 3 saves its text model as `language_model.model.layers.0...`, and holds it as
+    `model.language_model.layers.0...`); the keys it keeps or converts are left out."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversions loads the names it finds
+        return {}
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamed = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None and name != key:
+            renamed[key] = name
+    return renamed
+
+
 def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`stored` (checkpoint keys: all the keys of the tensors converted together, such as a block's experts) in
     the layout the model holds, as `from_pretrained` converts them: every renaming, then at most one converter

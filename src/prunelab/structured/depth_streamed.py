@@ -108,8 +108,11 @@ class StreamedDepth:
                                          disable=not self.progress)):
             self._load(index)
             old = f"{prefix}.{index}."
-            writer.write(new, {f"{prefix}.{new}.{name[len(old):]}": tensor
-                               for name, tensor in streamed.block_state(index).items()})
+            state = streamed.block_state(index)
+            if any(not name.startswith(old) for name in state):  # converted experts stored under another prefix
+                raise PrunelabError(f"cannot renumber block {index}: the checkpoint stores its tensors under "
+                                    f"{sorted(n for n in state if not n.startswith(old))[0]}, not {old}...")
+            writer.write(new, {f"{prefix}.{new}.{name[len(old):]}": tensor for name, tensor in state.items()})
             streamed.drop_block(index)
         if self.embed_scale != 1.0:
             for module in streamed.adapter.residual_sources():
