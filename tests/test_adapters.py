@@ -21,6 +21,7 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
     "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
+    "llama4": ("llama", 4 + (3 + 5) / 2),  # q k v o; gate up down, then fused experts and shared
     "deepseek_v3": ("llama", 5 + (3 + 5) / 2),  # q_a q_b kv_a kv_b o; gate up down, then fused experts and shared
 }
 
@@ -42,20 +43,21 @@ def test_adapter_finds_blocks_and_prunable_weights(family):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "llama4"])
 def test_unfused_expert_views_compute_the_same_block_and_write_through(family):
     model = tiny_model(family)
     adapter = find_adapter(model)
-    block = adapter.blocks[0]
+    block = adapter.blocks[-1]  # (Llama 4's first block is dense)
     x = torch.randn(2, 8, model.config.hidden_size)
-    moe = block.mlp
+    moe = adapter.halves(block)[1].modules[0]
+    prefix = next(name for name, m in block.named_children() if m is moe)
     fused_out = moe(x)
     with adapter.prunable_linears(block) as linears:
         assert isinstance(moe.experts, UnfusedExperts)
         experts = [n for n in linears if ".experts." in n]
         assert len(experts) == 3 * 4  # gate, up, down of each of 4 experts
         torch.testing.assert_close(moe(x), fused_out, rtol=1e-5, atol=1e-6)
-        linears["mlp.experts.down_proj.2"].weight.data.zero_()
+        linears[f"{prefix}.experts.down_proj.2"].weight.data.zero_()
     assert not isinstance(moe.experts, UnfusedExperts)
     assert (moe.experts.down_proj[2] == 0).all() and (moe.experts.down_proj[1] != 0).any()
 

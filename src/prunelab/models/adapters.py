@@ -222,15 +222,21 @@ def layout(module: nn.Module | None, layouts: tuple[tuple[str, ...], ...]) -> tu
     return next((names for names in layouts if _has(module, *names)), None)
 
 
+def _mlp(block: nn.Module) -> nn.Module | None:
+    """The block's MLP (or Mixture-of-Experts) module: `mlp`, or `feed_forward` (Llama 4)."""
+    mlp = getattr(block, "mlp", None)
+    return mlp if mlp is not None else getattr(block, "feed_forward", None)
+
+
 class LlamaAdapter(Adapter):
     family = "llama"  # Llama, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, Phi-3/4, GLM, DeepSeek-V2/3, MoE variants, ...
     expects = ("self_attn.{q,k,v,o}_proj (or qkv_proj, o_proj, or latent attention's q_a/q_b/kv_a/kv_b_proj) and "
-               "mlp.{gate,up,down}_proj (or gate_up_proj, down_proj; up_proj, down_proj; c_fc, c_proj; fc1, fc2; "
-               "or mlp.experts)")
+               "mlp (or feed_forward).{gate,up,down}_proj (or gate_up_proj, down_proj; up_proj, down_proj; c_fc, "
+               "c_proj; fc1, fc2; or experts)")
 
     @classmethod
     def matches(cls, block):
-        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        attn, mlp = getattr(block, "self_attn", None), _mlp(block)
         return layout(attn, ATTENTION_LAYOUTS) is not None and (layout(mlp, MLP_LAYOUTS) is not None or _is_moe(mlp))
 
     def halves(self, block):
@@ -251,12 +257,13 @@ class LlamaAdapter(Adapter):
             output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
             reads_raw_stream=isinstance(attn_in, nn.Identity),
         )
+        feed_forward = _mlp(block)
         mlp = Half(
             "mlp",
-            (block.mlp,),
-            run=lambda h, kw: first_output(block.mlp(mlp_in(h))),  # some MoE blocks also return router logits
-            finish=lambda h, y: torch.add(h, mlp_out(y), alpha=scale),
-            writer=None if _is_moe(block.mlp) else getattr(block.mlp, layout(block.mlp, MLP_LAYOUTS)[-1]),
+            (feed_forward,),
+            run=lambda h, kw: first_output(feed_forward(mlp_in(h))),  # some MoE blocks also return router logits
+            finish=lambda h, y: torch.add(h, mlp_out(y.reshape(h.shape)), alpha=scale),  # Llama 4's: [tokens, H]
+            writer=None if _is_moe(feed_forward) else getattr(feed_forward, layout(feed_forward, MLP_LAYOUTS)[-1]),
             norms=(mlp_in, mlp_out),
             output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
             reads_raw_stream=isinstance(mlp_in, nn.Identity),
@@ -289,7 +296,7 @@ class LlamaAdapter(Adapter):
         return getattr(self.stack, "norm", None)
 
     def widths(self, block):
-        attn, mlp = block.self_attn, block.mlp
+        attn, mlp = block.self_attn, _mlp(block)
         if _is_moe(mlp):
             raise PrunelabError(
                 f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
@@ -331,7 +338,8 @@ class LlamaAdapter(Adapter):
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),
-            Width("mlp", "channel", "mlp", mlp, writer, readers, channels),
+            Width("mlp", "channel", next(n for n, m in block.named_children() if m is mlp), mlp, writer, readers,
+                  channels),
         )
 
 
@@ -422,44 +430,60 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 class UnfusedExperts(nn.Module):
-    """Per-expert linear views of fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I].
+    """Per-expert linear views of fused expert tensors: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], or
+    stored transposed, [E, H, 2I] and [E, I, H] (Llama 4), told apart by which shapes fit together.
 
-    Runs the reference (eager) expert loop of transformers' fused experts, so hooks on the
-    per-expert linears see exactly the tokens routed to each expert.
+    Runs the reference (eager) loop over the experts, so hooks on the per-expert linears see exactly the
+    tokens routed to each expert. Most MoE modules call their experts with the routing (`top_k_index`,
+    `top_k_weights`); Llama 4's calls them with every token for every expert, each scaled by its router
+    score, zero where the expert was not chosen, and sums the outputs.
     """
 
     def __init__(self, fused: nn.Module):
         super().__init__()
-        experts, twice_inter, hidden = fused.gate_up_proj.shape
-        inter = twice_inter // 2
-        if fused.down_proj.shape != (experts, hidden, inter) or getattr(fused, "has_bias", False):
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        experts = gate_up.shape[0]
+        transposed = gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
+        if not (transposed or (gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1])) \
+                or down.shape[0] != experts or getattr(fused, "has_bias", False):
             raise PrunelabError(
                 f"unsupported fused expert layout in {type(fused).__name__}: "
-                f"gate_up_proj {tuple(fused.gate_up_proj.shape)}, down_proj {tuple(fused.down_proj.shape)}"
+                f"gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}"
             )
         if not callable(getattr(fused, "act_fn", None)):  # its activation is not one module we can call
             raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: no act_fn")
         self.num_experts = experts
         self.act_fn = fused.act_fn
+        inter = down.shape[1] if transposed else down.shape[2]
 
         def view(weight: torch.Tensor) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)  # shares storage with `fused`
             return linear
 
-        data_up, data_down = fused.gate_up_proj.data, fused.down_proj.data
-        self.gate_proj = nn.ModuleList(view(data_up[e, :inter]) for e in range(experts))
-        self.up_proj = nn.ModuleList(view(data_up[e, inter:]) for e in range(experts))
-        self.down_proj = nn.ModuleList(view(data_down[e]) for e in range(experts))
+        up, dn = (gate_up.data.transpose(1, 2), down.data.transpose(1, 2)) if transposed else (gate_up.data, down.data)
+        self.gate_proj = nn.ModuleList(view(up[e, :inter]) for e in range(experts))
+        self.up_proj = nn.ModuleList(view(up[e, inter:]) for e in range(experts))
+        self.down_proj = nn.ModuleList(view(dn[e]) for e in range(experts))
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj[e](self.act_fn(self.gate_proj[e](x)) * self.up_proj[e](x))
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
+        if top_k_index is None:  # Llama 4: [E * tokens, H], expert e's block zero where it was not chosen
+            per_expert = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+            out = torch.zeros_like(per_expert)
+            for e in range(self.num_experts):
+                (rows,) = torch.where(per_expert[e].ne(0).any(-1))  # a zero row gives zero: no biases
+                if len(rows):
+                    out[e, rows] = self.expert(e, per_expert[e, rows]).to(out.dtype)
+            return out.view(-1, hidden_states.shape[-1])
         out = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
             if not 0 <= expert < self.num_experts:
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
-            x = hidden_states[token_idx]
-            h = self.down_proj[expert](self.act_fn(self.gate_proj[expert](x)) * self.up_proj[expert](x))
+            h = self.expert(expert, hidden_states[token_idx])
             out.index_add_(0, token_idx, (h * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         return out
 
