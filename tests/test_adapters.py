@@ -21,7 +21,8 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
     "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
-    "llama4": ("llama", 4 + (3 + 5) / 2),  # q k v o; gate up down, then fused experts and shared
+    "llama4": ("llama", 4 + (3 + 5) / 2),
+    "gpt_oss": ("llama", 4 + 2),  # q k v o; gate up down, then fused experts and shared
     "deepseek_v3": ("llama", 5 + (3 + 5) / 2),  # q_a q_b kv_a kv_b o; gate up down, then fused experts and shared
 }
 
@@ -43,9 +44,13 @@ def test_adapter_finds_blocks_and_prunable_weights(family):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "llama4"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe", "llama4", "gpt_oss"])
 def test_unfused_expert_views_compute_the_same_block_and_write_through(family):
     model = tiny_model(family)
+    with torch.no_grad():  # GPT-OSS's expert biases start at zero: make the views' biases count
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_(0, 0.1)
     adapter = find_adapter(model)
     block = adapter.blocks[-1]  # (Llama 4's first block is dense)
     x = torch.randn(2, 8, model.config.hidden_size)

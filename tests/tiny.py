@@ -33,6 +33,10 @@ CONFIGS = {
     "llama4": ("Llama4TextConfig", dict(_COMMON, head_dim=16, intermediate_size=32, intermediate_size_mlp=128,
                                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
                                         attention_chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # experts stored transposed, with biases, gate and up rows interleaved, a clamped SwiGLU; attention sinks
+    "gpt_oss": ("GptOssConfig", dict(_COMMON, head_dim=16, intermediate_size=32, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=8, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2, layer_types=["sliding_attention", "full_attention"])),
     # multi-head latent attention (q_a/q_b, kv_a/kv_b), a dense first block, then routed and shared experts
     "deepseek_v3": ("DeepseekV3Config", dict(_COMMON, moe_intermediate_size=32, n_routed_experts=4,
                                              num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,

@@ -431,7 +431,9 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 class UnfusedExperts(nn.Module):
     """Per-expert linear views of fused expert tensors: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], or
-    stored transposed, [E, H, 2I] and [E, I, H] (Llama 4), told apart by which shapes fit together.
+    stored transposed, [E, H, 2I] and [E, I, H] (Llama 4, GPT-OSS), told apart by which shapes fit together;
+    with their biases where the module has them (GPT-OSS), and gate and up rows alternating where the module
+    gates by its own `_apply_gate` (GPT-OSS: a clamped SwiGLU over interleaved rows).
 
     Runs the reference (eager) loop over the experts, so hooks on the per-expert linears see exactly the
     tokens routed to each expert. Most MoE modules call their experts with the routing (`top_k_index`,
@@ -442,32 +444,39 @@ class UnfusedExperts(nn.Module):
     def __init__(self, fused: nn.Module):
         super().__init__()
         gate_up, down = fused.gate_up_proj, fused.down_proj
+        up_bias, down_bias = getattr(fused, "gate_up_proj_bias", None), getattr(fused, "down_proj_bias", None)
         experts = gate_up.shape[0]
         transposed = gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
         if not (transposed or (gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1])) \
-                or down.shape[0] != experts or getattr(fused, "has_bias", False):
+                or down.shape[0] != experts or (getattr(fused, "has_bias", False) and up_bias is None):
             raise PrunelabError(
                 f"unsupported fused expert layout in {type(fused).__name__}: "
                 f"gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}"
             )
-        if not callable(getattr(fused, "act_fn", None)):  # its activation is not one module we can call
+        interleaved = callable(getattr(fused, "_apply_gate", None))
+        if not (interleaved or callable(getattr(fused, "act_fn", None))):  # no activation we can call
             raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: no act_fn")
         self.num_experts = experts
-        self.act_fn = fused.act_fn
+        self.gate = (lambda g, u: fused._apply_gate(torch.stack((g, u), -1).flatten(-2))) if interleaved else (
+            lambda g, u: fused.act_fn(g) * u)
         inter = down.shape[1] if transposed else down.shape[2]
+        gate_rows, up_rows = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(inter),
+                                                                                         slice(inter, None))
 
-        def view(weight: torch.Tensor) -> nn.Linear:
+        def view(weight: torch.Tensor, bias: nn.Parameter | None, e: int, rows=slice(None)) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)  # shares storage with `fused`
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.data[e, rows], requires_grad=False)
             return linear
 
         up, dn = (gate_up.data.transpose(1, 2), down.data.transpose(1, 2)) if transposed else (gate_up.data, down.data)
-        self.gate_proj = nn.ModuleList(view(up[e, :inter]) for e in range(experts))
-        self.up_proj = nn.ModuleList(view(up[e, inter:]) for e in range(experts))
-        self.down_proj = nn.ModuleList(view(dn[e]) for e in range(experts))
+        self.gate_proj = nn.ModuleList(view(up[e, gate_rows], up_bias, e, gate_rows) for e in range(experts))
+        self.up_proj = nn.ModuleList(view(up[e, up_rows], up_bias, e, up_rows) for e in range(experts))
+        self.down_proj = nn.ModuleList(view(dn[e], down_bias, e) for e in range(experts))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj[e](self.act_fn(self.gate_proj[e](x)) * self.up_proj[e](x))
+        return self.down_proj[e](self.gate(self.gate_proj[e](x), self.up_proj[e](x)))
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
         if top_k_index is None:  # Llama 4: [E * tokens, H], expert e's block zero where it was not chosen
