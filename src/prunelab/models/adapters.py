@@ -432,8 +432,12 @@ def _is_fused_experts(module: nn.Module) -> bool:
 class UnfusedExperts(nn.Module):
     """Per-expert linear views of fused expert tensors: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], or
     stored transposed, [E, H, 2I] and [E, I, H] (Llama 4, GPT-OSS), told apart by which shapes fit together;
-    with their biases where the module has them (GPT-OSS), and gate and up rows alternating where the module
-    gates by its own `_apply_gate` (GPT-OSS: a clamped SwiGLU over interleaved rows).
+    with their biases where the module has them (GPT-OSS).
+
+    `gate_proj` and `up_proj` view the first and second half of each expert's gate_up rows; the module's own
+    gate function (`_apply_gate`, where transformers gives it one) gets them back side by side, so a module
+    that lays its rows out otherwise (GPT-OSS interleaves gate and up rows) computes exactly as it does. Every
+    row is one output of the projection whichever view holds it, which is all a pruning criterion sees.
 
     Runs the reference (eager) loop over the experts, so hooks on the per-expert linears see exactly the
     tokens routed to each expert. Most MoE modules call their experts with the routing (`top_k_index`,
@@ -453,15 +457,9 @@ class UnfusedExperts(nn.Module):
                 f"unsupported fused expert layout in {type(fused).__name__}: "
                 f"gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}"
             )
-        interleaved = callable(getattr(fused, "_apply_gate", None))
-        if not (interleaved or callable(getattr(fused, "act_fn", None))):  # no activation we can call
-            raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: no act_fn")
-        self.num_experts = experts
-        self.gate = (lambda g, u: fused._apply_gate(torch.stack((g, u), -1).flatten(-2))) if interleaved else (
-            lambda g, u: fused.act_fn(g) * u)
         inter = down.shape[1] if transposed else down.shape[2]
-        gate_rows, up_rows = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(inter),
-                                                                                         slice(inter, None))
+        self.num_experts = experts
+        self.gate = _gate_function(fused, inter)
 
         def view(weight: torch.Tensor, bias: nn.Parameter | None, e: int, rows=slice(None)) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -471,12 +469,13 @@ class UnfusedExperts(nn.Module):
             return linear
 
         up, dn = (gate_up.data.transpose(1, 2), down.data.transpose(1, 2)) if transposed else (gate_up.data, down.data)
-        self.gate_proj = nn.ModuleList(view(up[e, gate_rows], up_bias, e, gate_rows) for e in range(experts))
-        self.up_proj = nn.ModuleList(view(up[e, up_rows], up_bias, e, up_rows) for e in range(experts))
+        first, second = slice(inter), slice(inter, None)
+        self.gate_proj = nn.ModuleList(view(up[e, first], up_bias, e, first) for e in range(experts))
+        self.up_proj = nn.ModuleList(view(up[e, second], up_bias, e, second) for e in range(experts))
         self.down_proj = nn.ModuleList(view(dn[e], down_bias, e) for e in range(experts))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj[e](self.gate(self.gate_proj[e](x), self.up_proj[e](x)))
+        return self.down_proj[e](self.gate(torch.cat((self.gate_proj[e](x), self.up_proj[e](x)), dim=-1)))
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
         if top_k_index is None:  # Llama 4: [E * tokens, H], expert e's block zero where it was not chosen
@@ -495,6 +494,21 @@ class UnfusedExperts(nn.Module):
             h = self.expert(expert, hidden_states[token_idx])
             out.index_add_(0, token_idx, (h * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         return out
+
+
+def _gate_function(fused: nn.Module, inter: int):
+    """[..., 2I] gate_up outputs → [..., I]: the module's own `_apply_gate`, or act(gate) · up; tried on a probe so
+    that a module whose gate cannot run is refused here, in one line."""
+    apply = getattr(fused, "_apply_gate", None)
+    act = getattr(fused, "act_fn", None)
+    gate = apply if callable(apply) else (lambda y: act(y[..., :inter]) * y[..., inter:]) if callable(act) else None
+    try:
+        if gate is None or gate(torch.zeros(1, 2 * inter)).shape != (1, inter):
+            raise ValueError("no gate function")
+    except Exception as exc:  # any failure of a foreign module's gate means we cannot run it
+        raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: its gate does not run "
+                            f"({exc})") from None
+    return gate
 
 
 def _unfuse_experts(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
