@@ -21,8 +21,9 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
     "mixtral": ("llama", 4 + 2),
     "qwen3_moe": ("llama", 4 + 2),  # q k v o (with q/k norms), fused gate_up/down
-    "llama4": ("llama", 4 + (3 + 5) / 2),
-    "gpt_oss": ("llama", 4 + 2),  # q k v o; gate up down, then fused experts and shared
+    "llama4": ("llama", 4 + (3 + 5) / 2),  # q k v o; gate up down, then fused experts and shared
+    "gpt_oss": ("llama", 4 + 2),
+    "qwen3_next": ("llama", (3 + 4) / 2 + 2 + 3),  # in_proj_qkvz in_proj_ba out_proj, then q k v o; experts, shared
     "deepseek_v3": ("llama", 5 + (3 + 5) / 2),  # q_a q_b kv_a kv_b o; gate up down, then fused experts and shared
 }
 

@@ -37,6 +37,12 @@ CONFIGS = {
     "gpt_oss": ("GptOssConfig", dict(_COMMON, head_dim=16, intermediate_size=32, num_local_experts=4,
                                      num_experts_per_tok=2, sliding_window=8, pad_token_id=0, bos_token_id=1,
                                      eos_token_id=2, layer_types=["sliding_attention", "full_attention"])),
+    # a hybrid: linear attention (Gated DeltaNet, `linear_attn`) and full attention in turn, routed experts
+    "qwen3_next": ("Qwen3NextConfig", dict(_COMMON, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                                           linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=32, pad_token_id=0,
+                                           layer_types=["linear_attention", "full_attention"])),
     # multi-head latent attention (q_a/q_b, kv_a/kv_b), a dense first block, then routed and shared experts
     "deepseek_v3": ("DeepseekV3Config", dict(_COMMON, moe_intermediate_size=32, n_routed_experts=4,
                                              num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,

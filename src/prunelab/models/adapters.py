@@ -209,10 +209,14 @@ class Adapter(ABC):
 # The projection layouts of a Llama-style block's halves, the residual writer last: separate or fused into one
 # linear (Phi-3 and Phi-4 fuse both, GLM the MLP's; a fused linear's output rows are its parts' rows one after
 # the other, in this order), multi-head latent attention (DeepSeek-V2/V3, with or without a low-rank query),
-# and MLPs without a gate (Nemotron, Arcee, StarCoder2, Moshi).
+# MLPs without a gate (Nemotron, Arcee, StarCoder2, Moshi), and the token mixer of hybrid models' linear-attention
+# blocks (`linear_attn`), which is that block's attention half.
 ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj"),
                      ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
-                     ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
+                     ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+                     # linear attention (Gated DeltaNet) of Qwen3-Next and Qwen3.5, in the blocks between full ones
+                     ("in_proj_qkvz", "in_proj_ba", "out_proj"), ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                                                                 "out_proj"))
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"), ("up_proj", "down_proj"),
                ("c_fc", "c_proj"), ("fc1", "fc2"))
 
@@ -220,6 +224,12 @@ MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_pro
 def layout(module: nn.Module | None, layouts: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
     """The first of `layouts` whose linears `module` has (gated before gateless), or None."""
     return next((names for names in layouts if _has(module, *names)), None)
+
+
+def _mixer(block: nn.Module) -> nn.Module | None:
+    """The block's token mixer: `self_attn`, or `linear_attn` in a hybrid model's linear-attention blocks."""
+    attn = getattr(block, "self_attn", None)
+    return attn if attn is not None else getattr(block, "linear_attn", None)
 
 
 def _mlp(block: nn.Module) -> nn.Module | None:
@@ -236,7 +246,7 @@ class LlamaAdapter(Adapter):
 
     @classmethod
     def matches(cls, block):
-        attn, mlp = getattr(block, "self_attn", None), _mlp(block)
+        attn, mlp = _mixer(block), _mlp(block)
         return layout(attn, ATTENTION_LAYOUTS) is not None and (layout(mlp, MLP_LAYOUTS) is not None or _is_moe(mlp))
 
     def halves(self, block):
@@ -247,12 +257,13 @@ class LlamaAdapter(Adapter):
             raise PrunelabError(f"{type(block).__name__} runs attention and MLP in parallel (use_parallel_residual), "
                                 "which prunelab's attention-then-MLP halves do not model yet")
         scale = getattr(block, "residual_multiplier", 1.0)  # Granite scales each branch before the residual add
+        mixer = _mixer(block)
         attention = Half(
             "attention",
-            (block.self_attn,),
-            run=lambda h, kw: first_output(block.self_attn(hidden_states=attn_in(h), **kw)),
+            (mixer,),
+            run=lambda h, kw: first_output(mixer(hidden_states=attn_in(h), **kw)),
             finish=lambda h, y: torch.add(h, attn_out(y), alpha=scale),
-            writer=block.self_attn.o_proj,
+            writer=getattr(mixer, layout(mixer, ATTENTION_LAYOUTS)[-1]),
             norms=(attn_in, attn_out),
             output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
             reads_raw_stream=isinstance(attn_in, nn.Identity),
@@ -296,7 +307,7 @@ class LlamaAdapter(Adapter):
         return getattr(self.stack, "norm", None)
 
     def widths(self, block):
-        attn, mlp = block.self_attn, _mlp(block)
+        attn, mlp = _mixer(block), _mlp(block)
         if _is_moe(mlp):
             raise PrunelabError(
                 f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
