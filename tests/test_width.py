@@ -213,7 +213,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
     "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family"),
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
                         ("phi3", "Phi3Attention splits its fused qkv_proj"),
-                        ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent")]
+                        ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),
+                        ("qwen3_next", "routes tokens to experts")]
 )
 def test_flap_refuses_layouts_it_does_not_know(family, message):
     model = tiny_model(family, layers=2)

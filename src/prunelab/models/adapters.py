@@ -316,9 +316,13 @@ class LlamaAdapter(Adapter):
         if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
                                 "qkv_proj at the model config's head counts; this family is not supported yet")
-        if layout(attn, ATTENTION_LAYOUTS) != ATTENTION_LAYOUTS[0]:
+        names = layout(attn, ATTENTION_LAYOUTS)
+        if "kv_b_proj" in names:
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
                                 "values from a shared latent (multi-head latent attention); not supported yet")
+        if names != ATTENTION_LAYOUTS[0]:  # linear attention
+            raise PrunelabError(f"width pruning removes attention heads from q/k/v projections; "
+                                f"{type(attn).__name__} ({', '.join(names)}) is not supported yet")
         head_dim = attn.head_dim
         spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                     not in (0, head_dim)]
