@@ -474,7 +474,7 @@ class UnfusedExperts(nn.Module):
             )
         inter = down.shape[1] if transposed else down.shape[2]
         self.num_experts = experts
-        self.gate = _gate_function(fused, inter)
+        self.gate = _gate_function(fused, torch.zeros(1, 2 * inter, dtype=gate_up.dtype, device=gate_up.device))
 
         def view(weight: torch.Tensor, bias: nn.Parameter | None, e: int, rows=slice(None)) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -511,14 +511,13 @@ class UnfusedExperts(nn.Module):
         return out
 
 
-def _gate_function(fused: nn.Module, inter: int):
-    """[..., 2I] gate_up outputs → [..., I]: the module's own `_apply_gate`, or act(gate) · up; tried on a probe so
-    that a module whose gate cannot run is refused here, in one line."""
-    apply = getattr(fused, "_apply_gate", None)
-    act = getattr(fused, "act_fn", None)
+def _gate_function(fused: nn.Module, probe: torch.Tensor):
+    """[..., 2I] gate_up outputs → [..., I]: the module's own `_apply_gate`, or act(gate) · up; tried on `probe`
+    ([1, 2I], on the experts' device) so that a module whose gate cannot run is refused here, in one line."""
+    apply, act, inter = getattr(fused, "_apply_gate", None), getattr(fused, "act_fn", None), probe.shape[-1] // 2
     gate = apply if callable(apply) else (lambda y: act(y[..., :inter]) * y[..., inter:]) if callable(act) else None
     try:
-        if gate is None or gate(torch.zeros(1, 2 * inter)).shape != (1, inter):
+        if gate is None or gate(probe).shape != (1, inter):
             raise ValueError("no gate function")
     except Exception as exc:  # any failure of a foreign module's gate means we cannot run it
         raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: its gate does not run "
