@@ -48,12 +48,10 @@ INDEX = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    """Tensor names → the safetensors file holding each, in a (sharded or single-file) checkpoint folder.
+    """Tensor names → the safetensors file holding each, in a (sharded or single-file) checkpoint folder; `key(name)`
+    is what a tensor is stored (and written) under."""
 
-    `renamed` ({checkpoint key: the model's name}, `layout.renamed_keys`) shows the keys that `from_pretrained`
-    renames under the model's names; `key(name)` is what a tensor is stored (and written) under."""
-
-    def __init__(self, folder: Path, renamed: dict[str, str] | None = None):
+    def __init__(self, folder: Path):
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
             weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
@@ -64,9 +62,15 @@ class Checkpoint:
         else:
             raise PrunelabError(f"{self.folder} has no model.safetensors or {INDEX}: a model larger than memory is "
                                 "read from safetensors files")
-        self.renamed = renamed or {}
-        self.keys = {self.renamed.get(key, key): key for key in files}
-        self.files = {self.renamed.get(key, key): file for key, file in files.items()}
+        self.stored_files = files
+        self.rename({})
+
+    def rename(self, renamed: dict[str, str]) -> None:
+        """Show the keys that `from_pretrained` renames ({checkpoint key: the model's name}, `layout.renamed_keys`)
+        under the model's names."""
+        self.renamed = renamed
+        self.keys = {renamed.get(key, key): key for key in self.stored_files}
+        self.files = {renamed.get(key, key): file for key, file in self.stored_files.items()}
 
     def key(self, name: str) -> str:
         return self.keys.get(name, name)
@@ -138,7 +142,7 @@ class StreamedModel:
         self.model.tie_weights()  # not done under init_empty_weights
         head = self.model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
-        self.source = self.checkpoint(folder)
+        self.source.rename(renamed_keys(self.model, list(self.source.files)))
         self.adapter: Adapter = find_adapter(self.model)
         self.prefix = self.adapter.blocks_prefix
         self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
@@ -162,7 +166,9 @@ class StreamedModel:
     def checkpoint(self, folder: Path) -> Checkpoint:
         """The checkpoint in `folder` (the input, or an output written from it) with its tensors under the model's
         names where `from_pretrained` renames them."""
-        return Checkpoint(folder, renamed_keys(self.model, list(Checkpoint(folder).files)))
+        checkpoint = Checkpoint(folder)
+        checkpoint.rename(renamed_keys(self.model, list(checkpoint.files)))
+        return checkpoint
 
     def _names(self, prefix: str) -> list[str]:
         return [n for n in self.source.files if n.startswith(prefix)]

@@ -226,16 +226,19 @@ def layout(module: nn.Module | None, layouts: tuple[tuple[str, ...], ...]) -> tu
     return next((names for names in layouts if _has(module, *names)), None)
 
 
+def _child(block: nn.Module, *names: str) -> nn.Module | None:
+    """The first of the block's children `names` it has, or None."""
+    return next((getattr(block, n) for n in names if getattr(block, n, None) is not None), None)
+
+
 def _mixer(block: nn.Module) -> nn.Module | None:
     """The block's token mixer: `self_attn`, or `linear_attn` in a hybrid model's linear-attention blocks."""
-    attn = getattr(block, "self_attn", None)
-    return attn if attn is not None else getattr(block, "linear_attn", None)
+    return _child(block, "self_attn", "linear_attn")
 
 
 def _mlp(block: nn.Module) -> nn.Module | None:
     """The block's MLP (or Mixture-of-Experts) module: `mlp`, or `feed_forward` (Llama 4)."""
-    mlp = getattr(block, "mlp", None)
-    return mlp if mlp is not None else getattr(block, "feed_forward", None)
+    return _child(block, "mlp", "feed_forward")
 
 
 class LlamaAdapter(Adapter):

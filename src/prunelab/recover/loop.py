@@ -172,8 +172,9 @@ def fit(trainable: Trainable, problem: Problem, lr: float, loss: str, epochs: in
         for epoch in range(epochs):
             order = torch.randperm(windows, generator=generator)
             for start in range(0, windows, batch_size):
+                rate = lr * factor(epoch * steps_per_epoch + start // batch_size)
                 for optimizer in optimizers:
-                    optimizer.param_groups[0]["lr"] = lr * factor(epoch * steps_per_epoch + start // batch_size)
+                    optimizer.param_groups[0]["lr"] = rate
                 if shared:
                     optimizers[0].zero_grad(set_to_none=True)
                     _shared_step(trainable, problem, loss, order[start:start + batch_size], offset, local, lr)

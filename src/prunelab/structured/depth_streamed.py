@@ -109,9 +109,10 @@ class StreamedDepth:
             self._load(index)
             old = f"{prefix}.{index}."
             state = streamed.block_state(index)
-            if any(not name.startswith(old) for name in state):  # converted experts stored under another prefix
+            elsewhere = sorted(name for name in state if not name.startswith(old))  # experts stored otherwise
+            if elsewhere:
                 raise PrunelabError(f"cannot renumber block {index}: the checkpoint stores its tensors under "
-                                    f"{sorted(n for n in state if not n.startswith(old))[0]}, not {old}...")
+                                    f"{elsewhere[0]}, not {old}...")
             writer.write(new, {f"{prefix}.{new}.{name[len(old):]}": tensor for name, tensor in state.items()})
             streamed.drop_block(index)
         if self.embed_scale != 1.0:
