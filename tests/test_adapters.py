@@ -16,6 +16,9 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "phi3": ("llama", 2 + 2),  # qkv_proj o_proj, gate_up_proj down_proj
     "glm4": ("llama", 4 + 2),
     "starcoder2": ("llama", 4 + 2),
+    "gpt_neox": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
+    "phi": ("llama", 4 + 2),  # q k v dense, fc1 fc2
+    "falcon": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
     "opt": ("opt", 6),
     "biogpt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down

@@ -3,7 +3,7 @@ import torch
 from tiny import FAMILIES, random_ids, tiny_model
 
 import prunelab
-from prunelab.activations import capture_block_inputs, propagate
+from prunelab.activations import Arena, capture_block_inputs, checked_adapter, linear_inputs, propagate
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 
@@ -22,6 +22,35 @@ def test_block_stream_reproduces_the_models_own_hidden_states(family):
         propagate(attention, stream, i)
         propagate(mlp, stream, i)
         torch.testing.assert_close(stream.hidden, reference[i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, first_mlp", [("gpt_neox", "dense_h_to_4h"), ("phi", "fc1"), ("falcon", "dense_h_to_4h")])
+def test_a_parallel_blocks_mlp_is_pruned_on_what_it_reads_the_block_input(family, first_mlp):
+    """Attention and MLP side by side: the stream between the halves is the block input, not input + attention."""
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    attention, mlp = adapter.halves(adapter.blocks[0])
+    assert attention.deferred and mlp.beside is attention
+    reader = getattr(mlp.modules[0], first_mlp)
+    seen = []
+    handle = reader.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ids = random_ids(4, 16)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
+    propagate(attention, stream, 0)
+    torch.testing.assert_close(linear_inputs(mlp, reader, stream, 0, keep=Arena()), seen[0])
+
+
+def test_a_block_whose_parts_the_adapter_cannot_call_is_refused_in_one_line():
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    torch.manual_seed(0)  # Bloom's attention adds the residual itself, from an argument only its block passes
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval()
+    with pytest.raises(PrunelabError, match=r"cannot call the parts of BloomBlock .*'residual'") as error:
+        checked_adapter(model)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -136,9 +165,9 @@ def test_never_routed_expert_falls_back_to_magnitude():
     assert result["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
 
 
-def test_block_stream_follows_granites_multipliers_and_parallel_branches_are_refused():
+def test_block_stream_follows_granites_multipliers_and_stablelms_parallel_branches():
     """Granite scales each branch by residual_multiplier before the residual add (and the embeddings by
-    embedding_multiplier); StableLM's use_parallel_residual feeds both branches the same input."""
+    embedding_multiplier); StableLM's use_parallel_residual feeds both branches the same input, a norm each."""
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -153,10 +182,17 @@ def test_block_stream_follows_granites_multipliers_and_parallel_branches_are_ref
     for half in adapter.halves(adapter.blocks[0]):
         propagate(half, stream, 0)
     torch.testing.assert_close(stream.hidden, reference[1], rtol=1e-4, atol=1e-5)
-    parallel = transformers.AutoModelForCausalLM.from_config(transformers.StableLmConfig(**common,
-                                                                                       use_parallel_residual=True))
-    with pytest.raises(PrunelabError, match="use_parallel_residual"):
-        find_adapter(parallel).halves(find_adapter(parallel).blocks[0])
+    for parallel in (True, False):
+        stablelm = transformers.AutoModelForCausalLM.from_config(
+            transformers.StableLmConfig(**common, use_parallel_residual=parallel)).eval()
+        adapter = find_adapter(stablelm)
+        assert adapter.halves(adapter.blocks[0])[0].deferred == parallel
+        with torch.no_grad():
+            reference = stablelm(ids, output_hidden_states=True).hidden_states
+        stream = capture_block_inputs(stablelm, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
+        for half in adapter.halves(adapter.blocks[0]):
+            propagate(half, stream, 0)
+        torch.testing.assert_close(stream.hidden, reference[1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_block_whose_forward_the_halves_do_not_reproduce_is_refused_before_any_work(tiny_dir, texts, tmp_path,

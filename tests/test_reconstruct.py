@@ -35,10 +35,14 @@ def zero_masks(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attn_mlp_reconstruction_lowers_the_submodels_loss_and_keeps_the_sparsity(family):
     model = tiny_model(family)
+    parallel = find_adapter(model).halves(find_adapter(model).blocks[0])[0].deferred
     _, report = reconstruct(model)
-    assert len(report["submodels"]) == 4  # two blocks, two halves each
+    # two blocks, two halves each; a parallel block's halves are one submodel (nothing lies between them)
+    assert [r["submodel"] for r in report["submodels"]] == (
+        ["block 0", "block 1"] if parallel else ["block 0 attention", "block 0 mlp", "block 1 attention", "block 1 mlp"])
     trained = [r for r in report["submodels"] if not r.get("kept_untrained")]
-    assert len(trained) >= 3, report["submodels"]  # a routed MLP may overfit 12 tiny windows and be kept as pruned
+    assert len(trained) >= len(report["submodels"]) - 1, report["submodels"]  # a routed MLP may overfit 12 tiny
+    # windows and be kept as pruned
     for record in trained:
         assert record["loss_train_after"] < record["loss_train_before"], record
         assert record["loss_heldout_after"] <= record["loss_heldout_before"], record
@@ -132,6 +136,24 @@ def test_granularities_cover_every_half_once_and_train_every_parameter_once(gran
         attention, mlp = adapter.halves(block)
         ids_a, ids_m = {id(p) for p in attention.parameters()}, {id(p) for p in mlp.parameters()}
         assert not ids_a & ids_m and ids_a | ids_m == {id(p) for p in block.parameters()}
+
+
+def test_a_parallel_blocks_halves_are_one_submodel_and_both_branches_train():
+    parallel = {1}  # attention and MLP side by side: nothing lies between them to match
+    assert submodels(3, RunConfig(reconstruct="attn-mlp"), parallel) == [
+        [(0, 0)], [(0, 1)], [(1, 0), (1, 1)], [(2, 0)], [(2, 1)]]
+    assert submodels(3, RunConfig(reconstruct="matrix"), parallel) == [[(i, p)] for i in range(3) for p in (0, 1)]
+    assert submodels(3, RunConfig(reconstruct="block"), parallel) == [[(i, 0), (i, 1)] for i in range(3)]
+    pruned = tiny_model("phi")
+    reconstruct(pruned, reconstruct={"granularity": "none"})
+    model = tiny_model("phi")
+    _, report = reconstruct(model)
+    assert [r["submodel"] for r in report["submodels"]] == ["block 0", "block 1"]
+    trained, only_pruned = find_adapter(model).blocks[0], find_adapter(pruned).blocks[0]
+    for name in ("self_attn.q_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"):  # both branches moved, masks kept
+        w, w0 = trained.get_submodule(name).weight, only_pruned.get_submodule(name).weight
+        assert torch.equal(w == 0, w0 == 0) and not torch.equal(w, w0), name
+    assert not torch.equal(trained.input_layernorm.weight, only_pruned.input_layernorm.weight)  # the shared norm
 
 
 def test_model_granularity_trains_the_sum_of_the_parts():

@@ -126,7 +126,8 @@ def test_bias_compensation_keeps_the_mean_output_of_the_writer():
     assert find_adapter(plain).blocks[0].self_attn.o_proj.bias is None
 
 
-@pytest.mark.parametrize("family", ["llama", "glm4"])  # glm4: the kept gate and up rows of one fused linear
+@pytest.mark.parametrize("family", ["llama", "glm4", "phi"])  # glm4: the kept gate and up rows of one fused linear;
+# phi: attention and MLP side by side, the attention writer called `dense`
 def test_prunelab_reloads_the_narrow_model_exactly_and_export_loads_in_plain_transformers(family, tmp_path, tokenizer):
     model = tiny_model(family, layers=2)
     dense = tiny_model(family, layers=2)

@@ -21,6 +21,12 @@ CONFIGS = {
     "phi3": ("Phi3Config", dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # fused qkv and gate_up
     "glm4": ("Glm4Config", dict(_COMMON, head_dim=16, pad_token_id=0)),  # norms after each branch too, fused gate_up
     "starcoder2": ("Starcoder2Config", dict(_COMMON)),  # an MLP without a gate (c_fc, c_proj), biases everywhere
+    # attention and MLP side by side (parallel residual): a norm each, fused q/k/v (GPT-NeoX, Pythia) ...
+    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON, rotary_pct=0.25, pad_token_id=0)),
+    # ... one norm for both, the writer called `dense` (Phi-1/2) ...
+    "phi": ("PhiConfig", dict(_COMMON, pad_token_id=0)),
+    # ... a norm each, ln_attn and ln_mlp, one key/value head per group (Falcon-40B/180B)
+    "falcon": ("FalconConfig", dict(_COMMON, new_decoder_architecture=True, num_kv_heads=2, pad_token_id=0)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
     "biogpt": ("BioGptConfig", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

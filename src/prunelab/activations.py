@@ -186,8 +186,12 @@ def check_halves(adapter: Adapter, index: int, stream: BlockStream) -> None:
     hidden = stream.hidden[:stream.batch_size]
     whole = first_output(block(hidden, **kwargs)).float()
     check_finite(whole, f"block {index}")  # broken weights: say so, not that the halves differ
-    for half in adapter.halves(block):
-        hidden = half(hidden, kwargs)
+    try:
+        for half in adapter.halves(block):
+            hidden = half(hidden, kwargs)
+    except TypeError as error:  # the block calls its modules in a way the adapter does not (Bloom's residual)
+        raise PrunelabError(f"unsupported architecture: the {adapter.family} adapter cannot call the parts of "
+                            f"{type(block).__name__} as its forward does ({error})") from None
     with adapter.prunable_linears(block):  # refuses expert layouts it cannot split into linears
         pass
     error = ((hidden.float() - whole).norm() / whole.norm().clamp_min(1e-30)).item()

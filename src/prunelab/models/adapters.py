@@ -30,6 +30,12 @@ class Half:
     (`writer`, whose output it returns); `finish(h, y)` adds that output `y` to the residual
     stream (with any norm the architecture applies), giving the half's output. A half whose
     linears depend on routing (experts) has no single writer: `writer` is None.
+
+    Parallel blocks (GPT-NeoX, GPT-J, Phi-1/2, Falcon, Cohere) compute h + attention(h) + MLP(h): both
+    branches read the block's input, so no point of the residual stream lies between them. Their
+    attention half is `deferred`: its output is its input, and the MLP half, which reads that same
+    input, adds both branches (`beside` is the attention half). Each half is still pruned on its own
+    inputs, in order; the two are trained together, as one submodel.
     """
 
     name: str
@@ -40,6 +46,8 @@ class Half:
     norms: tuple[nn.Module, ...] = ()  # norms the half applies outside `modules` (pre-norm, post-norm)
     output_norm: nn.Module | None = None  # a norm between the writer and the residual add (Gemma's sandwich)
     reads_raw_stream: bool = False  # no norm before the branch (OLMo 2): it sees the stream's magnitude
+    deferred: bool = False  # a parallel block's attention: the MLP half adds its branch
+    beside: Half | None = None  # a parallel block's MLP half: the attention half whose branch it adds
 
     def owns(self, linear: nn.Module) -> bool:
         return any(linear is m for module in self.modules for m in module.modules())
@@ -52,8 +60,15 @@ class Half:
                 found.setdefault(id(p), p)
         return list(found.values())
 
+    def output(self, h: torch.Tensor, y: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The half's output, from its input `h` and what its writer returned, `y`."""
+        if self.deferred:
+            return h
+        out = self.finish(h, y)
+        return out if self.beside is None else self.beside.finish(out, self.beside.run(h, kwargs))
+
     def __call__(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return self.finish(h, self.run(h, kwargs))
+        return h if self.deferred else self.output(h, self.run(h, kwargs), kwargs)
 
 
 @dataclass
@@ -216,9 +231,13 @@ ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_p
                      ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
                      # linear attention (Gated DeltaNet) of Qwen3-Next and Qwen3.5, in the blocks between full ones
                      ("in_proj_qkvz", "in_proj_ba", "out_proj"), ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-                                                                 "out_proj"))
+                                                                 "out_proj"),
+                     # GPT-NeoX, Falcon, Persimmon and CodeGen fuse q/k/v (in their own row orders); Phi-1/2 and GPT-J
+                     # name the writer otherwise
+                     ("query_key_value", "dense"), ("q_proj", "k_proj", "v_proj", "dense"),
+                     ("q_proj", "k_proj", "v_proj", "out_proj"), ("qkv_proj", "out_proj"))
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"), ("up_proj", "down_proj"),
-               ("c_fc", "c_proj"), ("fc1", "fc2"))
+               ("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc_in", "fc_out"))
 
 
 def layout(module: nn.Module | None, layouts: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
@@ -232,8 +251,9 @@ def _child(block: nn.Module, *names: str) -> nn.Module | None:
 
 
 def _mixer(block: nn.Module) -> nn.Module | None:
-    """The block's token mixer: `self_attn`, or `linear_attn` in a hybrid model's linear-attention blocks."""
-    return _child(block, "self_attn", "linear_attn")
+    """The block's token mixer: `self_attn`, `linear_attn` in a hybrid model's linear-attention blocks, or
+    GPT-NeoX's, Falcon's and GPT-J's names for attention."""
+    return _child(block, "self_attn", "linear_attn", "attention", "self_attention", "attn")
 
 
 def _mlp(block: nn.Module) -> nn.Module | None:
@@ -256,9 +276,7 @@ class LlamaAdapter(Adapter):
         # Where each branch is normalised: before it (Llama), before and after it (Gemma's "sandwich"), or
         # only after it (OLMo 2, which has no input norm): the output norm is part of the half.
         attn_in, attn_out, mlp_in, mlp_out = self.branch_norms(block)
-        if getattr(block, "use_parallel_residual", False):  # StableLM's option: both branches read one input
-            raise PrunelabError(f"{type(block).__name__} runs attention and MLP in parallel (use_parallel_residual), "
-                                "which prunelab's attention-then-MLP halves do not model yet")
+        parallel = self.parallel(block)
         scale = getattr(block, "residual_multiplier", 1.0)  # Granite scales each branch before the residual add
         mixer = _mixer(block)
         attention = Half(
@@ -270,6 +288,7 @@ class LlamaAdapter(Adapter):
             norms=(attn_in, attn_out),
             output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
             reads_raw_stream=isinstance(attn_in, nn.Identity),
+            deferred=parallel,
         )
         feed_forward = _mlp(block)
         mlp = Half(
@@ -278,11 +297,21 @@ class LlamaAdapter(Adapter):
             run=lambda h, kw: first_output(feed_forward(mlp_in(h))),  # some MoE blocks also return router logits
             finish=lambda h, y: torch.add(h, mlp_out(y.reshape(h.shape)), alpha=scale),  # Llama 4's: [tokens, H]
             writer=None if _is_moe(feed_forward) else getattr(feed_forward, layout(feed_forward, MLP_LAYOUTS)[-1]),
-            norms=(mlp_in, mlp_out),
+            norms=tuple(n for n in (mlp_in, mlp_out) if n is not attn_in),  # one norm for both branches: attention's
             output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
             reads_raw_stream=isinstance(mlp_in, nn.Identity),
+            beside=attention if parallel else None,
         )
         return attention, mlp
+
+    @staticmethod
+    def parallel(block) -> bool:
+        """Whether attention and MLP read the same input side by side: one norm for both (Cohere, Phi-1/2, GPT-J,
+        Falcon-7B), a norm each but no residual add between them (Falcon-40B's ln_attn/ln_mlp), or a flag
+        (GPT-NeoX and StableLM's use_parallel_residual)."""
+        attn_in, _, mlp_in, _ = LlamaAdapter.branch_norms(block)
+        return (mlp_in is attn_in and not isinstance(attn_in, nn.Identity)) or _has(block, "ln_attn", "ln_mlp") \
+            or bool(getattr(block, "use_parallel_residual", False))
 
     @staticmethod
     def branch_norms(block) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
@@ -298,16 +327,20 @@ class LlamaAdapter(Adapter):
                     block.post_mlp_layernorm)
         if not hasattr(block, "input_layernorm") and _has(block, "post_feedforward_layernorm"):  # OLMo 2
             return none, block.post_attention_layernorm, none, block.post_feedforward_layernorm
-        if not hasattr(block, "post_attention_layernorm"):  # Cohere: one norm, attention and MLP side by side
-            raise PrunelabError(f"{type(block).__name__} has no norm between attention and MLP (parallel branches), "
-                                "which prunelab's attention-then-MLP halves do not model yet")
-        return block.input_layernorm, none, block.post_attention_layernorm, none
+        if _has(block, "ln_attn", "ln_mlp"):  # Falcon-40B/180B: a norm for each of its parallel branches
+            return block.ln_attn, none, block.ln_mlp, none
+        first = _child(block, "input_layernorm", "ln_1")
+        second = _child(block, "post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")
+        if first is None:
+            raise PrunelabError(f"{type(block).__name__} has no norm this adapter knows before its attention "
+                                f"(children: {', '.join(n for n, _ in block.named_children())})")
+        return first, none, (first if second is None else second), none  # one norm only: both branches read it (Cohere, Phi-1/2, GPT-J)
 
     def residual_sources(self):
         return [self.model.get_input_embeddings()]
 
     def final_norm(self):
-        return getattr(self.stack, "norm", None)
+        return _child(self.stack, "norm", "final_layernorm", "final_layer_norm", "ln_f")  # Llama, Phi, NeoX, Falcon
 
     def widths(self, block):
         attn, mlp = _mixer(block), _mlp(block)
@@ -323,7 +356,7 @@ class LlamaAdapter(Adapter):
         if "kv_b_proj" in names:
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
                                 "values from a shared latent (multi-head latent attention); not supported yet")
-        if names != ATTENTION_LAYOUTS[0]:  # linear attention
+        if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # fused q/k/v, linear attention
             raise PrunelabError(f"width pruning removes attention heads from q/k/v projections; "
                                 f"{type(attn).__name__} ({', '.join(names)}) is not supported yet")
         head_dim = attn.head_dim
@@ -333,8 +366,9 @@ class LlamaAdapter(Adapter):
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{spanning[0]} "
                                 f"normalises across all heads; this family is not supported yet")
         # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
+        attn_writer = names[-1]  # o_proj, or dense (Phi-1/2) or out_proj (GPT-J)
         kv_heads = attn.k_proj.out_features // head_dim
-        per_group = attn.o_proj.in_features // head_dim // kv_heads
+        per_group = getattr(attn, attn_writer).in_features // head_dim // kv_heads
 
         def heads(first: int, count: int) -> list[int]:
             return list(range(first * head_dim, (first + count) * head_dim))
@@ -350,9 +384,9 @@ class LlamaAdapter(Adapter):
             Width(
                 "attention",
                 "kv group",
-                "self_attn",
+                next(n for n, m in block.named_children() if m is attn),
                 attn,
-                "o_proj",
+                attn_writer,
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),

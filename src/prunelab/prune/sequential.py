@@ -114,6 +114,7 @@ class HalfPruner:
         written over `stream`. `linears` are the ones the half runs; where the half runs on a copy,
         `originals` are the model's own linears, which are the ones pruned (in their own precision)."""
         members = {n: m for n, m in linears.items() if half.owns(m)}
+        need_output = need_output and not half.deferred  # a parallel block's attention leaves the stream as it is
 
         def prune_group(names, stats):
             if originals is None:
@@ -156,8 +157,9 @@ class HalfPruner:
         if need_output and writer_inputs is None:
             propagate(half, stream, index)
         elif need_output:
-            for _, rows in stream.batches():
-                stream.hidden[rows] = half.finish(stream.hidden[rows], half.writer(writer_inputs[rows]))
+            for b, rows in stream.batches():
+                stream.hidden[rows] = half.output(stream.hidden[rows], half.writer(writer_inputs[rows]),
+                                                  stream.block_kwargs[index][b])
                 check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
 
 

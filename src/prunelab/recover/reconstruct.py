@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import ExitStack, nullcontext
-from typing import Callable
+from typing import Callable, Collection
 
 import psutil
 import torch
@@ -41,11 +41,21 @@ from .step import SPLITS, LinearProblem, SubmodelProblem, Trainer, stream_loss, 
 Unit = tuple[int, int]  # (block index, 0 = attention half / 1 = MLP half)
 
 
-def submodels(blocks: int, config: RunConfig) -> list[list[Unit]]:
-    """The half-blocks of each submodel, in model order; together they cover every half once."""
+def submodels(blocks: int, config: RunConfig, parallel: Collection[int] = ()) -> list[list[Unit]]:
+    """The half-blocks of each submodel, in model order; together they cover every half once. Under attn-mlp,
+    the halves of a `parallel` block (attention and MLP side by side: nothing between them to match) are
+    one submodel."""
     units = [(i, part) for i in range(blocks) for part in (0, 1)]
     size = config.reconstruct.halves_per_submodel or len(units)
-    return [units[start:start + size] for start in range(0, len(units), size)]
+    plan = [units[start:start + size] for start in range(0, len(units), size)]
+    if config.reconstruct.granularity == "attn-mlp":
+        plan = [[(i, 0), (i, 1)] if i in parallel else [(i, part)] for [(i, part)] in plan
+                if i not in parallel or part == 0]
+    return plan
+
+
+def parallel_blocks(adapter: Adapter) -> set[int]:
+    return {i for i, block in enumerate(adapter.blocks) if adapter.halves(block)[0].deferred}
 
 
 def submodel_name(units: list[Unit]) -> str:
@@ -117,7 +127,7 @@ class Reconstructor:
         if self.propagation.keeps_dense:
             dense = {s: self.arena.clone(pruned[s]) for s in SPLITS} if self.propagation.separate_dense else pruned
 
-        plan = submodels(len(blocks), self.config)
+        plan = submodels(len(blocks), self.config, parallel_blocks(self.adapter))
         done = 0
         if self.checkpoints is not None and self.checkpoints.latest_step() is not None:
             done, pruned, dense = self._resume(pruned, dense, len(plan))

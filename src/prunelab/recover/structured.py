@@ -142,7 +142,8 @@ class StructuredRun:
         for d in span:
             self.dense_adapter.blocks[d].to(torch.float32)
         halves = self.adapter.halves(block)
-        groups = [[0], [1]] if self.config.reconstruct.granularity == "attn-mlp" and len(span) == 1 else [[0, 1]]
+        apart = self.config.reconstruct.granularity == "attn-mlp" and len(span) == 1 and not halves[0].deferred
+        groups = [[0], [1]] if apart else [[0, 1]]  # a parallel block's halves have nothing between them to match
         for parts in groups:
             dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
             self._train_halves(j, span, [halves[p] for p in parts], parts, dense_units)
