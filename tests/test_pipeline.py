@@ -24,7 +24,8 @@ def test_block_stream_reproduces_the_models_own_hidden_states(family):
         torch.testing.assert_close(stream.hidden, reference[i + 1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family, first_mlp", [("gpt_neox", "dense_h_to_4h"), ("phi", "fc1"), ("falcon", "dense_h_to_4h")])
+@pytest.mark.parametrize("family, first_mlp", [("gpt_neox", "dense_h_to_4h"), ("phi", "fc1"),
+                                               ("falcon", "dense_h_to_4h")])
 def test_a_parallel_blocks_mlp_is_pruned_on_what_it_reads_the_block_input(family, first_mlp):
     """Attention and MLP side by side: the stream between the halves is the block input, not input + attention."""
     model = tiny_model(family)

@@ -191,6 +191,24 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
                                                                         rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "phi"])
+def test_streamed_parallel_blocks_reconstruct_as_loaded_whole(tmp_path, tokenizer, texts, family):
+    """Attention and MLP side by side: each block one submodel, brought in and out once, streamed or not."""
+    folder = tmp_path / family
+    tiny_model(family, layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    kwargs = dict(reconstruct={"lr": 1e-3, "heldout": 4}, eval_dense=False)
+    whole = run(folder, texts, tmp_path / "whole", **kwargs)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **kwargs)
+    assert [r["submodel"] for r in streamed["reconstruction"]["submodels"]] == [f"block {i}" for i in range(4)]
+    assert "Trained whole (block 0, block 1, block 2, block 3): attention and MLP side by side" in \
+        (tmp_path / "streamed" / "REPORT.md").read_text()
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+
+
 @pytest.mark.harness
 def test_streamed_zero_shot_equals_the_whole_model(four_blocks, texts, tmp_path, monkeypatch):
     """--tasks on a model larger than the budget: lm-eval's requests go through one block at a time, in several

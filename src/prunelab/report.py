@@ -171,6 +171,10 @@ def _reconstruction_markdown(report: Report, plot: str | None) -> list[str]:
              f"{'frozen' if rc['freeze_norms'] else 'trained'}; {targets}Losses are on the training windows and on "
              f"{report['data']['calibration']['heldout']} held-out calibration windows (never the evaluation text)."]
     lines += _learning_rate_markdown(recon["lr"])
+    whole = [r["submodel"] for r in recon["submodels"] if len(r.get("halves", [])) == 2]
+    if whole and rc["granularity"] == "attn-mlp":
+        lines += ["", f"Trained whole ({', '.join(whole)}): attention and MLP side by side, both reading the block "
+                      "input, leave no point of the residual stream between them to match."]
     untrained = [r["submodel"] for r in recon["submodels"] if r.get("kept_untrained")]
     untrained += [f"{r['submodel']}.{m['layer']}" for r in recon["submodels"] for m in r.get("matrices", [])
                   if m.get("kept_untrained")]

@@ -334,7 +334,8 @@ class LlamaAdapter(Adapter):
         if first is None:
             raise PrunelabError(f"{type(block).__name__} has no norm this adapter knows before its attention "
                                 f"(children: {', '.join(n for n, _ in block.named_children())})")
-        return first, none, (first if second is None else second), none  # one norm only: both branches read it (Cohere, Phi-1/2, GPT-J)
+        # one norm only: both branches read it (Cohere, Phi-1/2, GPT-J)
+        return first, none, (first if second is None else second), none
 
     def residual_sources(self):
         return [self.model.get_input_embeddings()]
