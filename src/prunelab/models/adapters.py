@@ -262,10 +262,13 @@ def _mlp(block: nn.Module) -> nn.Module | None:
 
 
 class LlamaAdapter(Adapter):
-    family = "llama"  # Llama, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, Phi-3/4, GLM, DeepSeek-V2/3, MoE variants, ...
-    expects = ("self_attn.{q,k,v,o}_proj (or qkv_proj, o_proj, or latent attention's q_a/q_b/kv_a/kv_b_proj) and "
+    # Llama, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, Phi-3/4, GLM, DeepSeek-V2/3, MoE variants, and the parallel
+    # blocks of GPT-NeoX, Phi-1/2, Falcon, GPT-J, Cohere, ...
+    family = "llama"
+    expects = ("self_attn (or attention, self_attention, attn).{q,k,v,o}_proj (or qkv_proj, o_proj; query_key_value, "
+               "dense; q/k/v_proj with dense or out_proj; latent attention's q_a/q_b/kv_a/kv_b_proj) and "
                "mlp (or feed_forward).{gate,up,down}_proj (or gate_up_proj, down_proj; up_proj, down_proj; c_fc, "
-               "c_proj; fc1, fc2; or experts)")
+               "c_proj; fc1, fc2; dense_h_to_4h, dense_4h_to_h; fc_in, fc_out; or experts)")
 
     @classmethod
     def matches(cls, block):
