@@ -2,6 +2,7 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import UnfusedExperts, find_adapter
@@ -19,6 +20,7 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "gpt_neox": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
     "phi": ("llama", 4 + 2),  # q k v dense, fc1 fc2
     "falcon": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
+    "gpt_bigcode": ("llama", 2 + 2),  # c_attn c_proj, c_fc c_proj
     "opt": ("opt", 6),
     "biogpt": ("opt", 6),
     "qwen2_moe": ("llama", 4 + 2 + 3),  # q k v o, fused gate_up/down, shared expert gate/up/down
@@ -91,15 +93,22 @@ def test_model_without_block_list_is_rejected():
         find_adapter(nn.Sequential(nn.Linear(4, 4)))
 
 
-def test_a_model_that_passes_its_blocks_positional_arguments_is_refused_in_one_line():
-    from transformers import MvpConfig, MvpForCausalLM  # its decoder loop also indexes what a block returns
+def test_blocks_called_with_positional_arguments_are_recorded_by_name_or_refused_in_one_line():
+    from transformers import GPTBigCodeConfig, MvpConfig, MvpForCausalLM
 
-    from prunelab.activations import checked_adapter
+    from prunelab.activations import capture_block_inputs, checked_adapter
 
+    torch.manual_seed(0)  # GPTBigCode passes its (absent) encoder states by position
+    model = AutoModelForCausalLM.from_config(GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).eval()
+    adapter = checked_adapter(model)  # the halves, called with the recorded names, compute block 0
+    stream = capture_block_inputs(model, adapter.blocks, torch.randint(0, 256, (2, 8)), None, 2, torch.float32)
+    assert "encoder_hidden_states" in stream.block_kwargs[1][0] and "layer_past" in stream.block_kwargs[1][0]
+    # MVP's loop also indexes what a block returns, which a stand-in cannot foresee
     config = MvpConfig(vocab_size=256, d_model=64, decoder_layers=12, decoder_attention_heads=4, decoder_ffn_dim=128,
                        encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=64)
-    with pytest.raises(PrunelabError, match="passes positional arguments to its decoder blocks"):
+    with pytest.raises(PrunelabError, match=r"failed after decoder block \d+ was recorded \(IndexError") as error:
         checked_adapter(MvpForCausalLM(config).eval())
+    assert "\n" not in str(error.value)
 
 
 def test_fused_experts_without_an_activation_module_are_refused_in_one_line():

@@ -20,7 +20,8 @@ from prunelab.recover.structured import spans_after_removal
 from prunelab.structured.depth import fold_compensation, prepare_head, prune_depth, remove_blocks, skip_losses, survey
 
 # pre-norm: blocks ignore the stream's magnitude
-DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3", "phi3", "glm4", "biogpt", "starcoder2", "gpt_neox", "phi"]
+DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3", "phi3", "glm4", "biogpt", "starcoder2", "gpt_neox", "phi",
+                  "gpt_bigcode"]
 
 
 def exact_norms(model):

@@ -9,6 +9,7 @@ linear's inputs, to propagate) lives here; what is done with the results lives i
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
@@ -49,13 +50,30 @@ class _Recorder(StandIn):
         self.index, self.sink, self.last = index, sink, last
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:  # said here: such a model's own loop may fail on what a recorder returns before we could say it
-            raise PrunelabError(f"unsupported model: it passes positional arguments to its decoder blocks "
-                                f"({len(args)})")
+        if args:  # GPTBigCode passes its (absent) encoder states by position: recorded by name, called by name
+            kwargs = named_arguments(self.block, hidden_states, args, kwargs)
         self.sink.append((self.index, hidden_states, kwargs))
         if self.last:  # the final norm and LM head would only cost time and memory
             raise Stop
         return hidden_states
+
+
+def named_arguments(block: nn.Module, hidden_states, args: tuple, kwargs: dict) -> dict:
+    """Every argument of a block call but the hidden states, by the name the block's forward gives it."""
+    signature = inspect.signature(block.forward)
+    try:
+        bound = signature.bind(hidden_states, *args, **kwargs)
+    except TypeError as error:
+        raise PrunelabError(f"unsupported model: it calls its decoder blocks with arguments their forward does not "
+                            f"take ({error})") from None
+    named: dict = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            raise PrunelabError(f"unsupported model: it passes its decoder blocks positional arguments that have no "
+                                f"name ({type(block).__name__}.forward's {name})")
+        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return named
 
 
 @dataclass
@@ -138,6 +156,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except Stop:
                 pass
+            except Exception as error:
+                if not sink:  # before the first block: the model's own error
+                    raise
+                what = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                raise PrunelabError(  # MVP indexes what its blocks return, which a stand-in cannot foresee
+                    f"unsupported model: its forward failed after decoder block {sink[-1][0]} was recorded ({what}); "
+                    "prunelab stands in for the blocks to record their inputs, and this model's loop does not take "
+                    "what they return") from None
             seen = {index for index, *_ in sink}
             if seen != set(range(len(originals))):
                 raise PrunelabError(f"the model's forward did not call every decoder block (called {sorted(seen)})")

@@ -235,7 +235,7 @@ ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_p
                      # GPT-NeoX, Falcon, Persimmon and CodeGen fuse q/k/v (in their own row orders); Phi-1/2 and GPT-J
                      # name the writer otherwise
                      ("query_key_value", "dense"), ("q_proj", "k_proj", "v_proj", "dense"),
-                     ("q_proj", "k_proj", "v_proj", "out_proj"), ("qkv_proj", "out_proj"))
+                     ("q_proj", "k_proj", "v_proj", "out_proj"), ("qkv_proj", "out_proj"), ("c_attn", "c_proj"))
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"), ("up_proj", "down_proj"),
                ("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc_in", "fc_out"))
 
@@ -341,7 +341,8 @@ class LlamaAdapter(Adapter):
         return first, none, (first if second is None else second), none
 
     def residual_sources(self):
-        return [self.model.get_input_embeddings()]
+        tokens = self.model.get_input_embeddings()  # and learned positions beside it (GPTBigCode's wpe)
+        return [tokens, *(m for m in self.stack.children() if isinstance(m, nn.Embedding) and m is not tokens)]
 
     def final_norm(self):
         return _child(self.stack, "norm", "final_layernorm", "final_layer_norm", "ln_f")  # Llama, Phi, NeoX, Falcon
@@ -361,8 +362,8 @@ class LlamaAdapter(Adapter):
             raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
                                 "values from a shared latent (multi-head latent attention); not supported yet")
         if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # fused q/k/v, linear attention
-            raise PrunelabError(f"width pruning removes attention heads from q/k/v projections; "
-                                f"{type(attn).__name__} ({', '.join(names)}) is not supported yet")
+            raise PrunelabError(f"width pruning removes attention heads from separate q/k/v projections; "
+                                f"{type(attn).__name__} ({', '.join(names)}) has none; not supported yet")
         head_dim = attn.head_dim
         spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                     not in (0, head_dim)]
