@@ -21,7 +21,7 @@ from prunelab.structured.depth import fold_compensation, prepare_head, prune_dep
 
 # pre-norm: blocks ignore the stream's magnitude
 DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3", "phi3", "glm4", "biogpt", "starcoder2", "gpt_neox", "phi",
-                  "gpt_bigcode"]
+                  "falcon", "gpt_bigcode", "bloom"]
 
 
 def exact_norms(model):
@@ -41,7 +41,8 @@ class _ScaleStream(StandIn):
         self.s = s
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states * self.s
+        out = self.block(hidden_states, *args, **kwargs)  # in the block's own form: Falcon and Bloom return tuples
+        return (hidden_states * self.s, *out[1:]) if isinstance(out, tuple) else hidden_states * self.s
 
 
 def depth_config(**depth):

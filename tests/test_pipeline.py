@@ -44,12 +44,35 @@ def test_a_parallel_blocks_mlp_is_pruned_on_what_it_reads_the_block_input(family
     torch.testing.assert_close(linear_inputs(mlp, reader, stream, 0, keep=Arena()), seen[0])
 
 
-def test_a_block_whose_parts_the_adapter_cannot_call_is_refused_in_one_line():
-    from transformers import AutoModelForCausalLM, BloomConfig
+def test_per_window_arguments_are_told_from_shared_ones_by_how_they_grow_with_the_windows():
+    """Bloom's alibi holds a row per head for each window; MPT's position bias a row per head shared by all
+    windows. With 4 heads and batches of 4 windows both have 4 rows a batch: only the probe tells them apart."""
+    from transformers import AutoModelForCausalLM, MptConfig
 
-    torch.manual_seed(0)  # Bloom's attention adds the residual itself, from an argument only its block passes
-    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval()
-    with pytest.raises(PrunelabError, match=r"cannot call the parts of BloomBlock .*'residual'") as error:
+    ids, mask = random_ids(8, 16), torch.ones(8, 16, dtype=torch.long)
+    mask[6, :5] = 0  # left padding: window 6's alibi differs from the others'
+    bloom = tiny_model("bloom")
+    stream = capture_block_inputs(bloom, find_adapter(bloom).blocks, ids, mask, batch_size=4, dtype=torch.float32)
+    alibi = [batch["alibi"] for batch in stream.block_kwargs[0]]
+    assert alibi[0].shape[0] == 16 and not torch.equal(alibi[1][8:12], alibi[1][4:8])
+    torch.testing.assert_close(stream.window_kwargs(0, [1, 6])["alibi"], torch.cat([alibi[0][4:8], alibi[1][8:12]]))
+    torch.manual_seed(0)
+    mpt = AutoModelForCausalLM.from_config(MptConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                                                     max_seq_len=64)).eval()
+    stream = capture_block_inputs(mpt, find_adapter(mpt).blocks, ids, None, batch_size=4, dtype=torch.float32)
+    bias = stream.block_kwargs[0][0]["position_bias"]
+    assert bias.shape[0] == 4 and stream.window_kwargs(0, [1, 6])["position_bias"] is bias
+
+
+def test_a_block_whose_parts_the_adapter_cannot_call_is_refused_in_one_line(monkeypatch):
+    import transformers
+
+    # Bloom's block hands its attention the residual by position; under another name the halves cannot know it
+    model = tiny_model("bloom")
+    forward = transformers.models.bloom.modeling_bloom.BloomAttention.forward
+    monkeypatch.setattr(transformers.models.bloom.modeling_bloom.BloomAttention, "forward",
+                        lambda self, hidden_states, skip, **kw: forward(self, hidden_states, skip, **kw))
+    with pytest.raises(PrunelabError, match=r"cannot call the parts of BloomBlock .*'skip'") as error:
         checked_adapter(model)
     assert "\n" not in str(error.value)
 

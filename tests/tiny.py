@@ -30,6 +30,9 @@ CONFIGS = {
     # fused c_attn with one key/value head, learned positions, blocks called with positional arguments
     "gpt_bigcode": ("GPTBigCodeConfig", dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_positions=1024,
                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    # attention and MLP that add the residual themselves, alibi, a norm on the embeddings (SparseGPT's BLOOM)
+    "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=64, n_head=4, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2)),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=64)),
     "biogpt": ("BioGptConfig", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -82,6 +82,8 @@ class BlockStream:
     block_kwargs: list[list[dict[str, Any]]]  # [block][batch] -> keyword arguments the model passed
     token_masks: list[torch.Tensor | None]  # [batch] -> [b, seqlen] bool, False at pad tokens
     batch_size: int
+    # [block] -> the keyword arguments' structure with, for each tensor, its rows per window (0: shared by all)
+    window_rows: list | None = None
 
     def batches(self):
         for b, start in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
@@ -89,7 +91,7 @@ class BlockStream:
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockStream:
         """The same windows (arguments, pad masks) with other hidden states, e.g. a working copy."""
-        return BlockStream(hidden, self.block_kwargs, self.token_masks, self.batch_size)
+        return BlockStream(hidden, self.block_kwargs, self.token_masks, self.batch_size, self.window_rows)
 
     def window_kwargs(self, block: int, windows: list[int]) -> dict[str, Any]:
         """The block's keyword arguments for any selection of windows, across capture batches.
@@ -102,7 +104,8 @@ class BlockStream:
             b, offset = divmod(w, self.batch_size)
             rows = min(self.batch_size, self.hidden.shape[0] - b * self.batch_size)
             picks.append((offset, rows))
-        return _select([self.block_kwargs[block][w // self.batch_size] for w in windows], picks)
+        rows = None if self.window_rows is None else self.window_rows[block]
+        return _select([self.block_kwargs[block][w // self.batch_size] for w in windows], picks, rows)
 
     def window_token_mask(self, windows: list[int]) -> torch.Tensor | None:
         """[len(windows), seqlen] bool, False at pad tokens; None when no window has padding."""
@@ -114,22 +117,43 @@ class BlockStream:
                             else m[w % self.batch_size] for m, w in zip(masks, windows)])
 
 
-def _select(values: list, picks: list[tuple[int, int]]):
-    """Row `offset` of each value (one per window, from batches of `rows` windows), concatenated.
+def _select(values: list, picks: list[tuple[int, int]], per_window=None):
+    """Window `offset`'s rows of each value (one per window, from batches of `rows` windows), concatenated.
 
-    A tensor is per window when its first dimension is its batch's size (and it has one beyond
-    that); anything else (broadcast tensors, 1-D positions, flags) is taken from the first window.
+    `per_window` mirrors the values' structure: each tensor's rows per window, found by `_window_rows` (Bloom's
+    alibi has one per head), or 0 where a tensor is shared by every window (MPT's per-head position bias).
+    Where it is not known, a tensor is per window when its first dimension is its batch's size (and it has one
+    beyond that); anything else (broadcast tensors, 1-D positions, flags) is taken from the first window.
     """
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if all(v.dim() >= 2 and v.shape[0] == rows for v, (_, rows) in zip(values, picks)):
-            return torch.cat([v[offset:offset + 1] for v, (offset, _) in zip(values, picks)])
+        k = per_window if isinstance(per_window, int) else None
+        if k is None and all(v.dim() >= 2 and v.shape[0] == rows for v, (_, rows) in zip(values, picks)):
+            k = 1
+        if k:
+            return torch.cat([v[offset * k:(offset + 1) * k] for v, (offset, _) in zip(values, picks)])
         return first
     if isinstance(first, (tuple, list)):
-        return type(first)(_select([v[i] for v in values], picks) for i in range(len(first)))
+        inner = per_window if isinstance(per_window, (tuple, list)) else [None] * len(first)
+        return type(first)(_select([v[i] for v in values], picks, inner[i]) for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: _select([v[k] for v in values], picks) for k in first}
+        inner = per_window if isinstance(per_window, dict) else {}
+        return {k: _select([v[k] for v in values], picks, inner.get(k)) for k in first}
     return first
+
+
+def _window_rows(one, two):
+    """Each tensor's rows per window, from the arguments of a call on one window and on two: a tensor that
+    doubles is per window, one that does not is shared (0); None where the two calls' structures differ."""
+    if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor):
+        if one.dim() >= 1 and two.shape == (2 * one.shape[0], *one.shape[1:]):
+            return one.shape[0]
+        return 0 if one.shape == two.shape else None
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        return type(one)(_window_rows(a, b) for a, b in zip(one, two))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return {k: _window_rows(v, two.get(k)) for k, v in one.items()}
+    return 0 if not isinstance(one, torch.Tensor) and not isinstance(two, torch.Tensor) else None
 
 
 @torch.no_grad()
@@ -138,8 +162,22 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     """Run only the model's embedding and mask preparation, recording what each block receives.
 
     Every block is temporarily replaced by a recorder, so this costs no block computation, and the
-    per-block arguments (position embeddings, per-layer-type masks) come from the model itself.
+    per-block arguments (position embeddings, per-layer-type masks) come from the model itself. Which of
+    them hold rows per window is seen by recording one window, then that window twice (a padded one if
+    any is, so that the masks take the form they take in the batches).
     """
+    stream = _capture(model, blocks, input_ids, attention_mask, batch_size, dtype)
+    if input_ids.shape[0] > 1:
+        padded = [] if attention_mask is None else (~attention_mask.bool()).any(-1).nonzero().flatten().tolist()
+        window = padded[:1] or [0]
+        calls = [_capture(model, blocks, input_ids[window * n], None if attention_mask is None else
+                          attention_mask[window * n], n, dtype).block_kwargs for n in (1, 2)]
+        stream.window_rows = [_window_rows(one[0], two[0]) for one, two in zip(*calls)]
+    return stream
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             batch_size: int, dtype: torch.dtype) -> BlockStream:
     device = next(model.parameters()).device
     originals = list(blocks)
     sink: list = []

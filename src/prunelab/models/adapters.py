@@ -7,6 +7,7 @@ the block (which child modules and projections exist), never by the model's name
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -232,10 +233,11 @@ ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_p
                      # linear attention (Gated DeltaNet) of Qwen3-Next and Qwen3.5, in the blocks between full ones
                      ("in_proj_qkvz", "in_proj_ba", "out_proj"), ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                                                                  "out_proj"),
-                     # GPT-NeoX, Falcon, Persimmon and CodeGen fuse q/k/v (in their own row orders); Phi-1/2 and GPT-J
-                     # name the writer otherwise
+                     # GPT-NeoX, Bloom, Falcon, Persimmon, CodeGen, GPTBigCode and MPT fuse q/k/v (in their own row
+                     # orders); Phi-1/2 and GPT-J name the writer otherwise
                      ("query_key_value", "dense"), ("q_proj", "k_proj", "v_proj", "dense"),
-                     ("q_proj", "k_proj", "v_proj", "out_proj"), ("qkv_proj", "out_proj"), ("c_attn", "c_proj"))
+                     ("q_proj", "k_proj", "v_proj", "out_proj"), ("qkv_proj", "out_proj"), ("c_attn", "c_proj"),
+                     ("Wqkv", "out_proj"))
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"), ("up_proj", "down_proj"),
                ("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc_in", "fc_out"))
 
@@ -257,8 +259,14 @@ def _mixer(block: nn.Module) -> nn.Module | None:
 
 
 def _mlp(block: nn.Module) -> nn.Module | None:
-    """The block's MLP (or Mixture-of-Experts) module: `mlp`, or `feed_forward` (Llama 4)."""
-    return _child(block, "mlp", "feed_forward")
+    """The block's MLP (or Mixture-of-Experts) module: `mlp`, `feed_forward` (Llama 4) or `ffn` (MPT)."""
+    return _child(block, "mlp", "feed_forward", "ffn")
+
+
+def _zero_residual(module: nn.Module) -> dict:
+    """Bloom's attention and MLP and MPT's MLP add the residual themselves, from an argument: given a zero one,
+    they return their branch alone, and the half adds the residual as in every other family."""
+    return {"residual": 0.0} if "residual" in inspect.signature(module.forward).parameters else {}
 
 
 class LlamaAdapter(Adapter):
@@ -281,11 +289,12 @@ class LlamaAdapter(Adapter):
         attn_in, attn_out, mlp_in, mlp_out = self.branch_norms(block)
         parallel = self.parallel(block)
         scale = getattr(block, "residual_multiplier", 1.0)  # Granite scales each branch before the residual add
-        mixer = _mixer(block)
+        mixer, feed_forward = _mixer(block), _mlp(block)
+        attn_zero, mlp_zero = _zero_residual(mixer), _zero_residual(feed_forward)
         attention = Half(
             "attention",
             (mixer,),
-            run=lambda h, kw: first_output(mixer(hidden_states=attn_in(h), **kw)),
+            run=lambda h, kw: first_output(mixer(hidden_states=attn_in(h), **kw, **attn_zero)),
             finish=lambda h, y: torch.add(h, attn_out(y), alpha=scale),
             writer=getattr(mixer, layout(mixer, ATTENTION_LAYOUTS)[-1]),
             norms=(attn_in, attn_out),
@@ -293,11 +302,11 @@ class LlamaAdapter(Adapter):
             reads_raw_stream=isinstance(attn_in, nn.Identity),
             deferred=parallel,
         )
-        feed_forward = _mlp(block)
         mlp = Half(
             "mlp",
             (feed_forward,),
-            run=lambda h, kw: first_output(feed_forward(mlp_in(h))),  # some MoE blocks also return router logits
+            # (some MoE blocks also return router logits)
+            run=lambda h, kw: first_output(feed_forward(mlp_in(h), **mlp_zero)),
             finish=lambda h, y: torch.add(h, mlp_out(y.reshape(h.shape)), alpha=scale),  # Llama 4's: [tokens, H]
             writer=None if _is_moe(feed_forward) else getattr(feed_forward, layout(feed_forward, MLP_LAYOUTS)[-1]),
             norms=tuple(n for n in (mlp_in, mlp_out) if n is not attn_in),  # one norm for both branches: attention's
@@ -332,8 +341,8 @@ class LlamaAdapter(Adapter):
             return none, block.post_attention_layernorm, none, block.post_feedforward_layernorm
         if _has(block, "ln_attn", "ln_mlp"):  # Falcon-40B/180B: a norm for each of its parallel branches
             return block.ln_attn, none, block.ln_mlp, none
-        first = _child(block, "input_layernorm", "ln_1")
-        second = _child(block, "post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")
+        first = _child(block, "input_layernorm", "ln_1", "norm_1")
+        second = _child(block, "post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "norm_2")
         if first is None:
             raise PrunelabError(f"{type(block).__name__} has no norm this adapter knows before its attention "
                                 f"(children: {', '.join(n for n, _ in block.named_children())})")
@@ -341,11 +350,15 @@ class LlamaAdapter(Adapter):
         return first, none, (first if second is None else second), none
 
     def residual_sources(self):
+        normed = _child(self.stack, "word_embeddings_layernorm")  # Bloom normalises the embeddings: that is the source
+        if normed is not None:
+            return [normed]
         tokens = self.model.get_input_embeddings()  # and learned positions beside it (GPTBigCode's wpe)
         return [tokens, *(m for m in self.stack.children() if isinstance(m, nn.Embedding) and m is not tokens)]
 
     def final_norm(self):
-        return _child(self.stack, "norm", "final_layernorm", "final_layer_norm", "ln_f")  # Llama, Phi, NeoX, Falcon
+        # Llama; Phi-1/2; GPT-NeoX; Falcon, Bloom, GPT-J, GPTBigCode; MPT
+        return _child(self.stack, "norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 
     def widths(self, block):
         attn, mlp = _mixer(block), _mlp(block)

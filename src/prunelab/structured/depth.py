@@ -227,9 +227,12 @@ def score_blocks(
     raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
 
 
-def _tied(model: nn.Module) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
+def head_shares_source(model: nn.Module, adapter: Adapter) -> bool:
+    """Whether scaling the residual sources scales the LM head too: its weight is the input embedding's, and that
+    embedding is a source (not so for Bloom, whose source is the norm after its embeddings)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embedding.weight and any(
+        m is embedding for m in adapter.residual_sources())
 
 
 def untie_embeddings(model: nn.Module) -> None:
@@ -244,8 +247,10 @@ def prepare_head(model: nn.Module, adapter: Adapter) -> str:
     """How the LM head keeps its scale when the embeddings are rescaled: with tied embeddings, the
     final norm is scaled by 1/s each time (logits = sW · (g/s ⊙ x̂), exact and free); without a final
     norm the head is untied (a copy of the embedding matrix)."""
-    if not _tied(model):
-        return "separate head"
+    if not head_shares_source(model, adapter):
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        return "tied, unscaled: the stream's source is a norm after the embeddings" if tied else "separate head"
     if adapter.final_norm() is not None:
         return "tied: final norm counter-scaled"
     untie_embeddings(model)
@@ -256,7 +261,7 @@ def fold_compensation(model: nn.Module, adapter: Adapter, before: int, s: float)
     """Multiply the residual stream entering block `before` by `s`: scale everything that writes it."""
     for module in adapter.residual_sources():
         scale_output(module, s)
-    if _tied(model):
+    if head_shares_source(model, adapter):
         scale_output(adapter.final_norm(), 1 / s)
     for block in list(adapter.blocks)[:before]:
         for module in adapter.residual_writers(block):

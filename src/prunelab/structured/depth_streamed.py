@@ -21,7 +21,7 @@ from ..activations import capture_block_inputs
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import first_output, scale_output
-from .depth import Survey, _weights, check_depth, remove_blocks, remove_in_rounds
+from .depth import Survey, _weights, check_depth, head_shares_source, remove_blocks, remove_in_rounds
 
 STREAMED_METRICS = ("bi", "mag")
 
@@ -36,6 +36,7 @@ class StreamedDepth:
         self.block_scale = [1.0] * count  # of each block's residual writers
         self.embed_scale = 1.0  # of the residual sources (embeddings)
         self.norm_scale = 1.0  # of the final norm, when the LM head shares the embedding
+        self.head_scaled = head_shares_source(streamed.model, streamed.adapter)
 
     def _load(self, index: int) -> nn.Module:
         block = self.streamed.load_block(index)
@@ -88,7 +89,7 @@ class StreamedDepth:
     def fold(self, position: int, s: float) -> None:
         """`depth.fold_compensation`, as scale factors."""
         self.embed_scale *= s
-        if self.streamed.tied:
+        if self.head_scaled:
             self.norm_scale /= s
         for index in self.kept[:position]:
             self.block_scale[index] *= s
@@ -118,7 +119,7 @@ class StreamedDepth:
         if self.embed_scale != 1.0:
             for module in streamed.adapter.residual_sources():
                 writer.replace(self._scaled(module, self.embed_scale))
-        if streamed.tied and self.norm_scale != 1.0:
+        if self.head_scaled and self.norm_scale != 1.0:
             writer.replace(self._scaled(streamed.adapter.final_norm(), self.norm_scale))
 
     def _scaled(self, module: nn.Module, s: float) -> dict[str, torch.Tensor]:
@@ -141,7 +142,8 @@ def prune_depth_streamed(visits, ids: torch.Tensor | None, config: RunConfig, pr
     written to `visits.writer`, and the skeleton is shortened as the model would be."""
     dc, streamed = config.depth, visits.streamed
     check_depth(streamed.adapter, config)  # (the metric: refused before any work, job.streaming_source)
-    if dc.compensation and streamed.tied and streamed.adapter.final_norm() is None:
+    head_scaled = head_shares_source(streamed.model, streamed.adapter)
+    if dc.compensation and head_scaled and streamed.adapter.final_norm() is None:
         raise PrunelabError("a streamed model with tied embeddings and no final norm cannot take the compensation "
                             "(--no-compensation)")
     if ids is None and (dc.metric != "mag" or dc.compensation):
@@ -150,7 +152,7 @@ def prune_depth_streamed(visits, ids: torch.Tensor | None, config: RunConfig, pr
     count = len(streamed.adapter.blocks)
     origin = list(range(count))
     report = {"metric": dc.metric, "compensation": dc.compensation, "one_shot": dc.one_shot, "blocks_before": count,
-              "head": ("tied: final norm counter-scaled" if streamed.tied else "separate head")
+              "head": ("tied: final norm counter-scaled" if head_scaled else "separate head")
               if dc.compensation else None, "steps": []}
     target = StreamedDepth(streamed, ids, config.forward_batch, progress)
     remove_in_rounds(target, config, origin, report["steps"], progress)
