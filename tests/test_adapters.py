@@ -112,6 +112,21 @@ def test_blocks_called_with_positional_arguments_are_recorded_by_name_or_refused
     assert "\n" not in str(error.value)
 
 
+def test_block_arguments_that_cannot_be_named_are_refused_in_one_line():
+    from prunelab.activations import named_arguments
+
+    class Unnamed(nn.Module):
+        def forward(self, hidden_states, *extra, scale=1.0):
+            return hidden_states * scale
+
+    h = torch.zeros(1, 2, 4)
+    assert named_arguments(Unnamed(), h, (), {"scale": 2.0}) == {"scale": 2.0}
+    with pytest.raises(PrunelabError, match=r"positional arguments that have no name \(Unnamed.forward's extra\)"):
+        named_arguments(Unnamed(), h, (torch.ones(1),), {})
+    with pytest.raises(PrunelabError, match="calls its decoder blocks with arguments their forward does not take"):
+        named_arguments(nn.Linear(4, 4), h, (torch.ones(1),), {})
+
+
 def test_fused_experts_without_an_activation_module_are_refused_in_one_line():
     model = tiny_model("mixtral")
     adapter = find_adapter(model)
