@@ -197,23 +197,17 @@ def test_block_stream_follows_granites_multipliers_and_stablelms_parallel_branch
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
     torch.manual_seed(0)
-    granite = transformers.AutoModelForCausalLM.from_config(transformers.GraniteConfig(
-        **common, residual_multiplier=0.3, embedding_multiplier=4.0, attention_multiplier=0.1)).eval()
-    adapter, ids = find_adapter(granite), random_ids(4, 16)
-    with torch.no_grad():
-        reference = granite(ids, output_hidden_states=True).hidden_states
-    stream = capture_block_inputs(granite, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
-    for half in adapter.halves(adapter.blocks[0]):
-        propagate(half, stream, 0)
-    torch.testing.assert_close(stream.hidden, reference[1], rtol=1e-4, atol=1e-5)
-    for parallel in (True, False):
-        stablelm = transformers.AutoModelForCausalLM.from_config(
-            transformers.StableLmConfig(**common, use_parallel_residual=parallel)).eval()
-        adapter = find_adapter(stablelm)
+    configs = [(transformers.GraniteConfig(**common, residual_multiplier=0.3, embedding_multiplier=4.0,
+                                           attention_multiplier=0.1), False)]
+    configs += [(transformers.StableLmConfig(**common, use_parallel_residual=p), p) for p in (True, False)]
+    ids = random_ids(4, 16)
+    for config, parallel in configs:
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        adapter = find_adapter(model)
         assert adapter.halves(adapter.blocks[0])[0].deferred == parallel
         with torch.no_grad():
-            reference = stablelm(ids, output_hidden_states=True).hidden_states
-        stream = capture_block_inputs(stablelm, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
+            reference = model(ids, output_hidden_states=True).hidden_states
+        stream = capture_block_inputs(model, adapter.blocks, ids, None, batch_size=4, dtype=torch.float32)
         for half in adapter.halves(adapter.blocks[0]):
             propagate(half, stream, 0)
         torch.testing.assert_close(stream.hidden, reference[1], rtol=1e-4, atol=1e-5)

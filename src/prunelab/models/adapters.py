@@ -287,7 +287,7 @@ class LlamaAdapter(Adapter):
         # Where each branch is normalised: before it (Llama), before and after it (Gemma's "sandwich"), or
         # only after it (OLMo 2, which has no input norm): the output norm is part of the half.
         attn_in, attn_out, mlp_in, mlp_out = self.branch_norms(block)
-        parallel = self.parallel(block)
+        parallel = self.parallel(block, attn_in, mlp_in)
         scale = getattr(block, "residual_multiplier", 1.0)  # Granite scales each branch before the residual add
         mixer, feed_forward = _mixer(block), _mlp(block)
         attn_zero, mlp_zero = _zero_residual(mixer), _zero_residual(feed_forward)
@@ -317,11 +317,10 @@ class LlamaAdapter(Adapter):
         return attention, mlp
 
     @staticmethod
-    def parallel(block) -> bool:
-        """Whether attention and MLP read the same input side by side: one norm for both (Cohere, Phi-1/2, GPT-J,
-        Falcon-7B), a norm each but no residual add between them (Falcon-40B's ln_attn/ln_mlp), or a flag
-        (GPT-NeoX and StableLM's use_parallel_residual)."""
-        attn_in, _, mlp_in, _ = LlamaAdapter.branch_norms(block)
+    def parallel(block, attn_in: nn.Module, mlp_in: nn.Module) -> bool:
+        """Whether attention and MLP read the same input side by side (`attn_in`, `mlp_in`: their norms, from
+        `branch_norms`): one norm for both (Cohere, Phi-1/2, GPT-J, Falcon-7B), a norm each but no residual add
+        between them (Falcon-40B's ln_attn/ln_mlp), or a flag (GPT-NeoX and StableLM's use_parallel_residual)."""
         return (mlp_in is attn_in and not isinstance(attn_in, nn.Identity)) or _has(block, "ln_attn", "ln_mlp") \
             or bool(getattr(block, "use_parallel_residual", False))
 

@@ -227,12 +227,15 @@ def score_blocks(
     raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
 
 
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def head_shares_source(model: nn.Module, adapter: Adapter) -> bool:
     """Whether scaling the residual sources scales the LM head too: its weight is the input embedding's, and that
     embedding is a source (not so for Bloom, whose source is the norm after its embeddings)."""
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and head.weight is embedding.weight and any(
-        m is embedding for m in adapter.residual_sources())
+    return _tied(model) and any(m is model.get_input_embeddings() for m in adapter.residual_sources())
 
 
 def untie_embeddings(model: nn.Module) -> None:
@@ -248,9 +251,7 @@ def prepare_head(model: nn.Module, adapter: Adapter) -> str:
     final norm is scaled by 1/s each time (logits = sW · (g/s ⊙ x̂), exact and free); without a final
     norm the head is untied (a copy of the embedding matrix)."""
     if not head_shares_source(model, adapter):
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is model.get_input_embeddings().weight
-        return "tied, unscaled: the stream's source is a norm after the embeddings" if tied else "separate head"
+        return "tied, unscaled: the stream's source is a norm after the embeddings" if _tied(model) else "separate head"
     if adapter.final_norm() is not None:
         return "tied: final norm counter-scaled"
     untie_embeddings(model)
