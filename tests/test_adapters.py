@@ -21,6 +21,7 @@ EXPECTED = {  # family -> (adapter family, prunable tensors per block)
     "phi": ("llama", 4 + 2),  # q k v dense, fc1 fc2
     "falcon": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
     "gpt_bigcode": ("llama", 2 + 2),  # c_attn c_proj, c_fc c_proj
+    "gpt2": ("llama", 2 + 2),  # c_attn c_proj, c_fc c_proj (Conv1D, held as linears)
     "bloom": ("llama", 2 + 2),  # query_key_value dense, dense_h_to_4h dense_4h_to_h
     "opt": ("opt", 6),
     "biogpt": ("opt", 6),

@@ -21,7 +21,7 @@ from prunelab.structured.depth import fold_compensation, prepare_head, prune_dep
 
 # pre-norm: blocks ignore the stream's magnitude
 DENSE_FAMILIES = ["llama", "gemma3", "opt", "qwen3", "phi3", "glm4", "biogpt", "starcoder2", "gpt_neox", "phi",
-                  "falcon", "gpt_bigcode", "bloom"]
+                  "falcon", "gpt_bigcode", "gpt2", "bloom"]
 
 
 def exact_norms(model):

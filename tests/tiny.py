@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from prunelab.models.conv1d import hold
+
 VOCAB = 256
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -30,6 +32,9 @@ CONFIGS = {
     # fused c_attn with one key/value head, learned positions, blocks called with positional arguments
     "gpt_bigcode": ("GPTBigCodeConfig", dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_positions=1024,
                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    # GPT-2: Conv1D layers (weights stored [in, out]), held as linears; fused c_attn, learned positions
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_positions=1024, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=0)),
     # attention and MLP that add the residual themselves, alibi, a norm on the embeddings (SparseGPT's BLOOM)
     "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=64, n_head=4, pad_token_id=0, bos_token_id=1,
                                   eos_token_id=2)),
@@ -75,6 +80,7 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **override
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
+    hold(model)  # as `load_model` hands a model over: GPT-2's Conv1D layers as linears
     return model.eval()
 
 

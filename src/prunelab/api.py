@@ -14,6 +14,7 @@ from .data.windows import calibration_windows, check_token_ids
 from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
 from .job import retraining_data, run_job
+from .models.conv1d import held
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .structured import prune_structured
@@ -77,6 +78,11 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
+    with held(model):  # GPT-2's Conv1D layers as linears for the work, as its class builds them after
+        return _prune(model, tokenizer, cfg, calibration, attention_mask, heldout, progress)
+
+
+def _prune(model, tokenizer, cfg: RunConfig, calibration, attention_mask, heldout, progress: bool) -> dict:
     adapter = checked_adapter(model)
     ids, attention_mask, heldout = _calibration(model, tokenizer, cfg, calibration, attention_mask, heldout)
     if cfg.structured:

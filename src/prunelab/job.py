@@ -39,6 +39,7 @@ from .evaluate.zeroshot import check_tasks, fetch_task_data, task_names, zero_sh
 from .files import atomic_dir, check_output
 from .measure import StageRecord, large_allocations_mapped, release_memory, stage
 from .models.adapters import find_adapter
+from .models.conv1d import released
 from .models.layout import stored_names
 from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
@@ -501,7 +502,8 @@ def save(model, tokenizer, report: Report, out: Path, weights: dict[str, torch.T
     """Write model, tokenizer and report at once; the sparsity in the report is read back from the files."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with stage("save", stages):  # ends before the report is written, so that it is in it
-            model.save_pretrained(tmp)
+            with released(model):  # GPT-2's Conv1D layers as its checkpoints store them
+                model.save_pretrained(tmp)
             if narrowed:
                 write_structure(tmp, narrowed)
             if tokenizer is not None:

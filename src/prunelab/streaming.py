@@ -41,6 +41,7 @@ from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output
+from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored_by_expert
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
@@ -135,6 +136,8 @@ class StreamedModel:
             self.model = AutoModelForCausalLM.from_config(config)
             if (Path(folder) / STRUCTURE_FILE).is_file():  # narrowed by FLAP: its linears have their own shapes
                 narrow_linears(self.model, read_structure(folder))
+            hold(self.model)
+        self.transposed = held_weights(self.model)  # stored [in, out], held [out, in] (GPT-2's Conv1D)
         self.model.eval()
         self.model.config.use_cache = False
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
@@ -185,6 +188,7 @@ class StreamedModel:
         in_conversions = {key for keys in converted.values() for key in keys}
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
         for name, tensor in source.tensors([n for n in names if n not in in_conversions]):
+            tensor = tensor.t().contiguous() if name in self.transposed else tensor
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         for name, keys in converted.items():
             local = name[len(prefix):]
@@ -280,7 +284,7 @@ class StreamedModel:
                 for pieces in to_stored_by_expert(self.model, name, value, self.stored[name]):
                     state.update({k: stored(v, copy=True) for k, v in pieces.items()})
             else:
-                state[name] = stored(value)
+                state[name] = stored(value.t() if name in self.transposed else value)
         return state
 
 

@@ -128,8 +128,11 @@ def find_block_list(model: nn.Module) -> nn.ModuleList:
         if params > best_params and any(isinstance(m, nn.Linear) for m in module[0].modules()):
             best, best_params = module, params
     if best is None:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
         raise PrunelabError(
             f"unsupported architecture {type(model).__name__}: no list of decoder blocks with linear layers found"
+            + (" (its Conv1D layers are held as linears by prunelab.prune and the loaders, or by "
+               "prunelab.models.conv1d.hold)" if conv1d else "")
         )
     return best
 

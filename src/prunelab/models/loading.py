@@ -14,6 +14,7 @@ from ..assets import SMOLLM2, cache_dir, download
 from ..distributed import device_for
 from ..errors import PrunelabError
 from ..files import atomic_dir, cache_lock
+from .conv1d import hold
 from .narrow import STRUCTURE_FILE, load_narrow
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
@@ -54,7 +55,8 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
-    """Return (model, tokenizer, source) with the model in eval mode on `device`."""
+    """Return (model, tokenizer, source) with the model in eval mode on `device`, its Conv1D layers (GPT-2's) held
+    as linears (`conv1d`)."""
     torch_dt = torch_dtype(dtype)
     target = device_for(resolve_device(device))  # under torchrun, each process's own GPU
     if spec.lower() in EMBEDDED_NAMES:
@@ -83,6 +85,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
                             f"({str(exc).splitlines()[0]})") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise PrunelabError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    hold(model)
     model.to(target).eval()
     model.config.use_cache = False
     return model, tokenizer, str(path if path.exists() else spec)
