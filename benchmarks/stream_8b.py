@@ -10,7 +10,8 @@ measures every layer's sparsity again.
 Other options go to `prunelab run` (`--calib FILE --eval FILE` where the embedded text is not cached,
 `--reconstruct attn-mlp` for reconstruction). `--shape qwen3-30b-a3b` builds a Mixture-of-Experts model
 instead (128 routed experts a block, stored one matrix per expert and projection as on the hub; with
-`--layers 8`, 11 GB of bfloat16, 22 GB in float32).
+`--layers 8`, 11 GB of bfloat16, 22 GB in float32); `--shape gpt2-xl` a GPT-2 XL (1.56 B parameters, Conv1D
+layers stored [in, out]; 3.1 GB of bfloat16).
 
 The model is built once, one block at a time (never whole in memory), into `--folder` (default
 ~/.cache/prunelab/bench/<shape>-random, with `-<N>l` for fewer layers; the output needs as much again
@@ -35,11 +36,12 @@ import psutil
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3MoeConfig
 
 from prunelab.assets import cache_dir
 from prunelab.evaluate.sparsity import zeros_in
 from prunelab.models.adapters import find_adapter
+from prunelab.models.conv1d import hold, released
 from prunelab.models.layout import to_stored
 from prunelab.models.loading import embedded_model_dir
 
@@ -54,7 +56,10 @@ QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144
                      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
                      rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
                      bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
-SHAPES = {"llama-3.1-8b": (LlamaConfig, LLAMA_31_8B), "qwen3-30b-a3b": (Qwen3MoeConfig, QWEN3_30B_A3B)}
+GPT2_XL = dict(vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25, bos_token_id=50256,
+               eos_token_id=50256, torch_dtype="bfloat16")  # Conv1D layers, weights stored [in, out]
+SHAPES = {"llama-3.1-8b": (LlamaConfig, LLAMA_31_8B), "qwen3-30b-a3b": (Qwen3MoeConfig, QWEN3_30B_A3B),
+          "gpt2-xl": (GPT2Config, GPT2_XL)}
 
 
 def build(folder: Path, shape: str = "llama-3.1-8b", layers: int | None = None) -> None:
@@ -72,19 +77,27 @@ def build(folder: Path, shape: str = "llama-3.1-8b", layers: int | None = None) 
     shutil.copy(embedded_model_dir() / "tokenizer_config.json", tmp)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    hold(skeleton)  # to find the blocks; the tensors are taken released, as the model's class stores them
+    prefix_of_blocks = find_adapter(skeleton).blocks_prefix + "."
     generator = torch.Generator().manual_seed(0)
 
     def random(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Norm weights (1-D) are ones, the rest N(0, 0.02); in the checkpoint's layout."""
-        held = {name: torch.ones(t.shape, dtype=torch.bfloat16) if t.dim() == 1 else
+        """Norm weights (1-D) are ones, biases zeros, the rest N(0, 0.02); in the checkpoint's layout."""
+        held = {name: (torch.ones if name.endswith("weight") else torch.zeros)(t.shape, dtype=torch.bfloat16)
+                if t.dim() == 1 else
                 (torch.randn(*t.shape, generator=generator) * 0.02).to(torch.bfloat16) for name, t in tensors.items()}
-        return {k: v.contiguous().clone() for k, v in to_stored(skeleton, held).items()}
+        with released(skeleton):
+            return {k: v.contiguous().clone() for k, v in to_stored(skeleton, held).items()}
 
     blocks, weight_map = config.num_hidden_layers, {}
+    skeleton.tie_weights()  # a tied head is stored once, under the embedding's name, as save_pretrained stores it
+    with released(skeleton):
+        kept = {n for n, _ in skeleton.named_parameters()} | {n for n, _ in skeleton.named_buffers()}
+        stored = {n: t for n, t in skeleton.state_dict().items() if n in kept}
     for i in range(blocks + 1):
-        prefix = f"model.layers.{i}." if i < blocks else None
-        tensors = random({n: t for n, t in skeleton.state_dict().items()
-                          if (n.startswith(prefix) if prefix else not n.startswith("model.layers."))})
+        prefix = f"{prefix_of_blocks}{i}." if i < blocks else None
+        tensors = random({n: t for n, t in stored.items()
+                          if (n.startswith(prefix) if prefix else not n.startswith(prefix_of_blocks))})
         name = f"model-{i + 1:05d}-of-{blocks + 1:05d}.safetensors"
         save_file(tensors, tmp / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
@@ -176,6 +189,7 @@ def summarise(report: dict, seconds: float, peak: float, peak_at: float, folder:
               f"{psutil.virtual_memory().available / 1e9:.1f} GB of memory available")
         return
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    hold(model)  # GPT-2's Conv1D layers as the linears the adapter finds (sparsity is the same either way)
     # the adapter's prunable matrices: linears, and fused expert tensors, which are not nn.Linear modules
     per_layer = [zeros_in(w) / w.numel() for w in find_adapter(model).prunable_weights().values()]
     print(f"reloaded with from_pretrained: {len(per_layer)} prunable matrices, sparsity min {min(per_layer):.6f}, "

@@ -34,6 +34,7 @@ def test_holding_and_releasing_computes_the_same_and_keeps_the_weights():
     with pytest.raises(PrunelabError, match="its Conv1D layers are held as linears by prunelab.prune"):
         find_adapter(model)
     stored = {name: w.detach().clone() for name, w in conv1d_weights(model).items()}
+    pointers = {name: w.data_ptr() for name, w in conv1d_weights(model).items()}
     ids = random_ids(2, 16)
     with torch.no_grad():
         expected = model(ids).logits
@@ -41,11 +42,13 @@ def test_holding_and_releasing_computes_the_same_and_keeps_the_weights():
         torch.testing.assert_close(model(ids).logits, expected)
     held = {name: m for name, m in model.named_modules() if isinstance(m, HeldConv1D)}
     assert all(torch.equal(m.weight, stored[name].t()) for name, m in held.items())
+    assert {name: m.weight.data_ptr() for name, m in held.items()} == pointers  # views: holding copies nothing
     with released(model):
         assert {n: w.shape for n, w in conv1d_weights(model).items()} == {n: w.shape for n, w in stored.items()}
         assert all(torch.equal(w, stored[name]) for name, w in conv1d_weights(model).items())
     assert all(model.get_submodule(name) is m for name, m in held.items())  # the very modules, weights and all
     assert release(model) == 8 and all(torch.equal(w, stored[n]) for n, w in conv1d_weights(model).items())
+    assert {name: w.data_ptr() for name, w in conv1d_weights(model).items()} == pointers
 
 
 @pytest.mark.parametrize("reconstruct, retrain", [("attn-mlp", "none"), ("none", "masklora")])

@@ -247,3 +247,23 @@ def test_reconstruction_flags_and_config_section_reach_the_run(tiny_dir, texts, 
     assert saved["config"]["forward_batch"] == 4
     assert [r["steps"] for r in saved["reconstruction"]["submodels"]] == [4, 4]  # 2 blocks; 2 epochs × ceil(6 / 3)
     assert (out / "reconstruction_loss.png").exists()
+
+
+def test_saved_tensors_are_read_as_safetensors_writes_them(tmp_path):
+    """`read_tensors` reads a file without mapping it (so its pages do not count in the run's peak memory)."""
+    from safetensors.torch import load_file, save_file
+
+    from prunelab.evaluate.sparsity import read_tensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, 2).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.tensor([True, False]), "e": torch.zeros(0, 4), "f": torch.randn(2, 2, 2).half()}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    expected = load_file(path)
+    got = dict(read_tensors(path, {"a", "b", "c", "d", "e", "f", "absent"}))
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape and torch.equal(got[key], tensor), key
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        dict(read_tensors(path, set(tensors)))

@@ -421,3 +421,18 @@ def test_a_checkpoint_stored_under_other_names_streams_as_loaded_whole(tmp_path,
         assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"] == pytest.approx(0.5)
     else:
         assert streamed["structure"]["removed"] == whole["structure"]["removed"]
+
+
+def test_a_head_stored_apart_from_a_tied_embedding_stays_apart_when_streamed(tmp_path, tokenizer, texts):
+    """A config that ties the head to the embedding, a checkpoint that stores both with different values:
+    `from_pretrained` keeps them apart (and warns), so streaming must too."""
+    folder = tmp_path / "apart"
+    tiny_model("llama", layers=4, tie_word_embeddings=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    whole = run(folder, texts, tmp_path / "whole", method="wanda")
+    streamed = run(folder, texts, tmp_path / "streamed", method="wanda", max_memory=TINY_BUDGET)
+    assert streamed["model"]["streamed"]
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)

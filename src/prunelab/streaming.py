@@ -142,10 +142,8 @@ class StreamedModel:
         self.model.config.use_cache = False
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
             set_module_tensor_to_device(self.model, name, device, value=buffer)
-        self.model.tie_weights()  # not done under init_empty_weights
-        head = self.model.get_output_embeddings()
-        self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
         self.source.rename(renamed_keys(self.model, list(self.source.files)))
+        self.tied = self._tie()
         self.adapter: Adapter = find_adapter(self.model)
         self.prefix = self.adapter.blocks_prefix
         self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
@@ -161,6 +159,19 @@ class StreamedModel:
         if missing:
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
+
+    def _tie(self) -> bool:
+        """Tie the LM head to the input embedding as `from_pretrained` does (not done under init_empty_weights):
+        where the config says so, unless the checkpoint stores both with different values, which transformers
+        then keeps apart (with a warning)."""
+        model, text = self.model, self.model.config.get_text_config()
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and getattr(text, "tie_word_embeddings", False):
+            names = [next(f"{n}.weight" for n, m in model.named_modules() if m is x) for x in (embedding, head)]
+            if all(n in self.source.files for n in names) and not torch.equal(*self.source.read(names).values()):
+                text.tie_word_embeddings = False  # for every later tie_weights() too, and in the saved config
+        model.tie_weights()
+        return head is not None and head.weight is embedding.weight
 
     def keys_of(self, names: list[str]) -> dict[str, list[str]]:
         """The checkpoint keys each named tensor is stored under (more than one: routed experts)."""
@@ -188,7 +199,7 @@ class StreamedModel:
         in_conversions = {key for keys in converted.values() for key in keys}
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
         for name, tensor in source.tensors([n for n in names if n not in in_conversions]):
-            tensor = tensor.t().contiguous() if name in self.transposed else tensor
+            tensor = tensor.t() if name in self.transposed else tensor  # held as `conv1d.hold` holds it: a view
             set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
         for name, keys in converted.items():
             local = name[len(prefix):]

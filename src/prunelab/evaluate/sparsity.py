@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -45,9 +46,8 @@ def sparsity_of_saved(folder: str | Path, names: list[str], stored: dict[str, li
     keys = {name: (stored or {}).get(name, [name]) for name in names}
     wanted, found = {key for name in names for key in keys[name]}, {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in wanted.intersection(f.keys()):  # one tensor at a time: the model may not fit in memory
-                found.update(measure_sparsity({key: f.get_tensor(key)})["layers"])
+        for key, tensor in read_tensors(path, wanted):  # one tensor at a time: the model may not fit in memory
+            found.update(measure_sparsity({key: tensor})["layers"])
     missing = wanted - set(found)
     if missing:
         raise KeyError(f"saved model lacks {sorted(missing)[:3]}")
@@ -60,6 +60,33 @@ def sparsity_of_saved(folder: str | Path, names: list[str], stored: dict[str, li
         if len(parts) > 1:
             per_layer[name]["stored_as"] = keys[name]
     return _summary(per_layer)
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(path: Path, keys: set[str]):
+    """(key, tensor) for each of `keys` that the safetensors file `path` holds, one at a time, read with plain file
+    I/O. Memory-mapped (`safe_open`), every page read counts in the process's resident memory until the file
+    is closed: measuring a saved 6 GB GPT-2 XL raised the save stage's peak RSS by 6 GB of a file's pages."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")  # the format: an 8-byte header length, a JSON header, the data
+        header = json.loads(f.read(size))
+        for key in sorted(keys.intersection(header.keys() - {"__metadata__"})):
+            entry = header[key]
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: {key} has dtype {entry['dtype']}, which prunelab does not read")
+            begin, end = entry["data_offsets"]
+            data = bytearray(end - begin)
+            f.seek(8 + size + begin)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{path} is truncated: {key} ends past the end of the file")
+            dtype = _DTYPES[entry["dtype"]]
+            yield key, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(
+                entry["shape"])
 
 
 def parameter_count(model: torch.nn.Module) -> int:

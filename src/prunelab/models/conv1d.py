@@ -23,18 +23,20 @@ class HeldConv1D(nn.Linear):
 
 def _as_linear(conv: Conv1D) -> HeldConv1D:
     linear = HeldConv1D(conv.nx, conv.nf, device="meta").train(conv.training)
-    # a copy, not a view: code that reshapes a weight to write into it needs it contiguous
-    linear.weight = nn.Parameter(conv.weight.data.t().contiguous(), requires_grad=conv.weight.requires_grad)
+    # A view of the stored [in, out] tensor, no copy: a held weight is column-major, so that holding and releasing
+    # a model larger than half the memory costs nothing. Weights are written in place (copy_, mul_, masked_scatter_),
+    # which lands in the view whatever its strides; `view` on it would fail loudly, not write elsewhere.
+    linear.weight = nn.Parameter(conv.weight.data.t(), requires_grad=conv.weight.requires_grad)
     linear.bias = conv.bias
     return linear
 
 
-def _as_conv1d(linear: HeldConv1D, copy: bool) -> Conv1D:
+def _as_conv1d(linear: HeldConv1D) -> Conv1D:
     conv = Conv1D.__new__(Conv1D)
     nn.Module.__init__(conv)
     conv.nf, conv.nx = linear.out_features, linear.in_features
-    weight = linear.weight.data.t()  # a view: save_pretrained makes each tensor contiguous as it writes it
-    conv.weight = nn.Parameter(weight.contiguous() if copy else weight, requires_grad=linear.weight.requires_grad)
+    # the stored tensor again, contiguous, unless something gave the held weight new row-major storage
+    conv.weight = nn.Parameter(linear.weight.data.t().contiguous(), requires_grad=linear.weight.requires_grad)
     conv.bias = linear.bias
     return conv.train(linear.training)
 
@@ -59,7 +61,7 @@ def hold(model: nn.Module) -> int:
 
 def release(model: nn.Module) -> int:
     """Swap every `HeldConv1D` of `model` back to the Conv1D its class builds, in place."""
-    return len(_swap(model, HeldConv1D, lambda linear: _as_conv1d(linear, copy=True)))
+    return len(_swap(model, HeldConv1D, _as_conv1d))
 
 
 @contextmanager
@@ -75,9 +77,9 @@ def held(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def released(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` as its class builds it for the duration (to save it): Conv1D views of the held weights, no copy;
-    after, the very `HeldConv1D` modules it held, so that references to their weights stay valid."""
-    swapped = _swap(model, HeldConv1D, lambda linear: _as_conv1d(linear, copy=False))
+    """`model` as its class builds it for the duration (to save it); after, the very `HeldConv1D` modules it held,
+    so that references to them and their weights stay valid."""
+    swapped = _swap(model, HeldConv1D, _as_conv1d)
     try:
         yield model
     finally:
