@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Moe
 from prunelab.assets import cache_dir
 from prunelab.evaluate.sparsity import zeros_in
 from prunelab.models.adapters import find_adapter
-from prunelab.models.conv1d import hold, released
+from prunelab.models.conv1d import hold, release
 from prunelab.models.layout import to_stored
 from prunelab.models.loading import embedded_model_dir
 
@@ -77,8 +77,9 @@ def build(folder: Path, shape: str = "llama-3.1-8b", layers: int | None = None) 
     shutil.copy(embedded_model_dir() / "tokenizer_config.json", tmp)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    hold(skeleton)  # to find the blocks; the tensors are taken released, as the model's class stores them
+    hold(skeleton)  # GPT-2's Conv1D layers as linears, for the adapter to find the blocks ...
     prefix_of_blocks = find_adapter(skeleton).blocks_prefix + "."
+    release(skeleton)  # ... and back: the tensors are written as the model's class stores them
     generator = torch.Generator().manual_seed(0)
 
     def random(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,14 +87,12 @@ def build(folder: Path, shape: str = "llama-3.1-8b", layers: int | None = None) 
         held = {name: (torch.ones if name.endswith("weight") else torch.zeros)(t.shape, dtype=torch.bfloat16)
                 if t.dim() == 1 else
                 (torch.randn(*t.shape, generator=generator) * 0.02).to(torch.bfloat16) for name, t in tensors.items()}
-        with released(skeleton):
-            return {k: v.contiguous().clone() for k, v in to_stored(skeleton, held).items()}
+        return {k: v.contiguous().clone() for k, v in to_stored(skeleton, held).items()}
 
     blocks, weight_map = config.num_hidden_layers, {}
     skeleton.tie_weights()  # a tied head is stored once, under the embedding's name, as save_pretrained stores it
-    with released(skeleton):
-        kept = {n for n, _ in skeleton.named_parameters()} | {n for n, _ in skeleton.named_buffers()}
-        stored = {n: t for n, t in skeleton.state_dict().items() if n in kept}
+    kept = {n for n, _ in skeleton.named_parameters()} | {n for n, _ in skeleton.named_buffers()}
+    stored = {n: t for n, t in skeleton.state_dict().items() if n in kept}
     for i in range(blocks + 1):
         prefix = f"{prefix_of_blocks}{i}." if i < blocks else None
         tensors = random({n: t for n, t in stored.items()

@@ -40,7 +40,7 @@ from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
-from .models.adapters import Adapter, find_adapter, first_output
+from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored_by_expert
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
@@ -171,7 +171,7 @@ class StreamedModel:
             if all(n in self.source.files for n in names) and not torch.equal(*self.source.read(names).values()):
                 text.tie_word_embeddings = False  # for every later tie_weights() too, and in the saved config
         model.tie_weights()
-        return head is not None and head.weight is embedding.weight
+        return tied_head(model)
 
     def keys_of(self, names: list[str]) -> dict[str, list[str]]:
         """The checkpoint keys each named tensor is stored under (more than one: routed experts)."""

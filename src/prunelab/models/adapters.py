@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import PrunelabError
 
@@ -112,6 +113,12 @@ def scale_output(module: nn.Module, s: float) -> None:
             module.weight.add_(s - 1)  # (1 + w') = s (1 + w)
 
 
+def tied_head(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the input embedding's, one tensor under both names."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -128,7 +135,7 @@ def find_block_list(model: nn.Module) -> nn.ModuleList:
         if params > best_params and any(isinstance(m, nn.Linear) for m in module[0].modules()):
             best, best_params = module, params
     if best is None:
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        conv1d = any(isinstance(m, Conv1D) for m in model.modules())
         raise PrunelabError(
             f"unsupported architecture {type(model).__name__}: no list of decoder blocks with linear layers found"
             + (" (its Conv1D layers are held as linears by prunelab.prune and the loaders, or by "

@@ -34,7 +34,7 @@ from .. import distributed
 from ..activations import StandIn, run_blocks
 from ..config import DEPTH_METRICS, RunConfig
 from ..errors import PrunelabError
-from ..models.adapters import Adapter, scale_output
+from ..models.adapters import Adapter, scale_output, tied_head
 
 
 @dataclass
@@ -227,15 +227,10 @@ def score_blocks(
     raise PrunelabError(f"unknown depth metric {metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
 
 
-def _tied(model: nn.Module) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
-
-
 def head_shares_source(model: nn.Module, adapter: Adapter) -> bool:
     """Whether scaling the residual sources scales the LM head too: its weight is the input embedding's, and that
     embedding is a source (not so for Bloom, whose source is the norm after its embeddings)."""
-    return _tied(model) and any(m is model.get_input_embeddings() for m in adapter.residual_sources())
+    return tied_head(model) and any(m is model.get_input_embeddings() for m in adapter.residual_sources())
 
 
 def untie_embeddings(model: nn.Module) -> None:
@@ -251,7 +246,8 @@ def prepare_head(model: nn.Module, adapter: Adapter) -> str:
     final norm is scaled by 1/s each time (logits = sW · (g/s ⊙ x̂), exact and free); without a final
     norm the head is untied (a copy of the embedding matrix)."""
     if not head_shares_source(model, adapter):
-        return "tied, unscaled: the stream's source is a norm after the embeddings" if _tied(model) else "separate head"
+        return ("tied, unscaled: the stream's source is a norm after the embeddings" if tied_head(model)
+                else "separate head")
     if adapter.final_norm() is not None:
         return "tied: final norm counter-scaled"
     untie_embeddings(model)
