@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunelab.criteria import Hessian, InputNorms, magnitude, sparsegpt, wanda
+from prunelab.criteria import Hessian, InputNorms, magnitude, ria, sparsegpt, wanda
 from prunelab.criteria.sparsegpt import inverse_cholesky
 from prunelab.errors import PrunelabError
 
@@ -83,3 +83,40 @@ def test_failed_cholesky_retries_with_more_damping():
 def test_hopeless_hessian_raises_clear_error():
     with pytest.raises(PrunelabError, match="Cholesky"):
         inverse_cholesky(torch.full((4, 4), float("nan")), damp=0.01)
+
+
+def test_ria_scores_relative_importance_times_a_root_of_the_input_norm():
+    x = correlated_inputs()
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    (pruned,), _ = ria([w], stats_of(InputNorms, x), 0.5, None)
+    a = w.abs()
+    scores = (a / a.sum(0) + a / a.sum(1, keepdim=True)) * x.norm(dim=0) ** 0.5
+    expected = scores.flatten().argsort(stable=True)[:1024]  # compared over the whole matrix, as the reference does
+    assert (pruned.flatten()[expected] == 0).all()
+    assert (pruned == 0).sum() == 1024
+    assert torch.equal(pruned[pruned != 0], w[pruned != 0])
+    # alpha 0 is the data-free relative importance: the input norms no longer matter
+    (free,), _ = ria([w], stats_of(InputNorms, x), 0.5, None, alpha=0.0)
+    (free_other,), _ = ria([w], stats_of(InputNorms, x * torch.linspace(0.1, 10, 64)), 0.5, None, alpha=0.0)
+    assert torch.equal(free, free_other) and not torch.equal(free, pruned)
+
+
+def test_ria_keeps_small_rows_and_columns_that_wanda_would_empty():
+    """A row of uniformly small weights: Wanda's per-matrix ranking would drop it whole, RIA's row share keeps
+    some of it (the reason for the relative term)."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+    w[3] *= 1e-3
+    stats = stats_of(InputNorms, correlated_inputs(features=32))
+    (pruned,), _ = ria([w], stats, 0.5, None)
+    assert (pruned[3] != 0).any()
+    scores = w.abs() * stats.sq_norms.sqrt()
+    dropped = scores.flatten().argsort(stable=True)[:256].reshape(-1)
+    assert set(range(3 * 32, 4 * 32)) <= set(dropped.tolist())  # whole-matrix Wanda scores would empty row 3
+
+
+def test_ria_two_four_and_zero_columns():
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(8))
+    w[:, 5] = 0  # a dead column: its shares are 0, not NaN
+    (pruned,), _ = ria([w], stats_of(InputNorms, correlated_inputs(features=16)), 0.5, (2, 4))
+    assert ((pruned != 0).reshape(8, 4, 4).sum(-1) <= 2).all()
+    assert ((pruned == 0).reshape(8, 4, 4).sum(-1) == 2).all()

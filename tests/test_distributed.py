@@ -42,15 +42,15 @@ def run_args(model_dir, texts, out, *extra):
             "--reconstruct", "none", "--device", DEVICE, "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method):
+@pytest.mark.parametrize("method, layerwise", [("wanda", "uniform"), ("sparsegpt", "uniform"), ("wanda", "owl")])
+def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method, layerwise):
     one = tmp_path / "one"
     calib, evaluation = texts
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
                                device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none",
-                               method=method, out=str(one)), progress=False)
+                               method=method, layerwise=layerwise, out=str(one)), progress=False)
     two = tmp_path / "two"
-    done = torchrun(run_args(tiny_dir, texts, two, "--method", method))
+    done = torchrun(run_args(tiny_dir, texts, two, "--method", method, "--layerwise", layerwise))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((two / "prunelab.json").read_text())
     assert report["data"]["processes"]["world_size"] == 2
@@ -65,6 +65,8 @@ def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method):
     for key in ("dense", "pruned"):
         assert report["metrics"][key]["perplexity"] == pytest.approx(single["metrics"][key]["perplexity"], rel=1e-5)
         assert report["metrics"][key]["predicted_tokens"] == single["metrics"][key]["predicted_tokens"]
+    # owl: the outlier shares from every process's windows, so the same plan
+    assert [r.get("target") for r in report["layers"]] == [r.get("target") for r in single["layers"]]
 
 
 @pytest.mark.parametrize("lr", ["1e-3", "auto"])

@@ -90,7 +90,7 @@ def test_halves_partition_the_prunable_linears(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
 def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
     model = tiny_model(family)
     result = prunelab.prune(
@@ -110,7 +110,7 @@ def test_every_prunable_tensor_gets_the_requested_sparsity(family, method):
         assert torch.isfinite(model(random_ids(2, 16)).logits).all()
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
 def test_two_four_pattern_holds_in_every_row_group(method):
     model = tiny_model("qwen2_moe")
     prunelab.prune(

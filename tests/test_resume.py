@@ -83,11 +83,12 @@ def test_reconstruction_resumed_after_a_crash_gives_the_same_weights(four_blocks
     assert resumed["metrics"]["pruned"] == whole["metrics"]["pruned"]
 
 
-def test_pruning_resumed_after_a_crash_gives_the_same_weights(four_blocks, texts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layerwise", ["uniform", "owl"])  # owl: planned again on the dense model, not the resumed
+def test_pruning_resumed_after_a_crash_gives_the_same_weights(four_blocks, texts, tmp_path, monkeypatch, layerwise):
     from prunelab.prune import sequential
 
     monkeypatch.setattr(Checkpoints, "every_seconds", 0.0)
-    kwargs = dict(method="sparsegpt", reconstruct="none")
+    kwargs = dict(method="sparsegpt", reconstruct="none", layerwise=layerwise)
     run(four_blocks, texts, tmp_path / "whole", **kwargs)
     out = tmp_path / "crashed"
     with monkeypatch.context() as patch:

@@ -191,6 +191,23 @@ def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, 
                                                                         rel=1e-5)
 
 
+@pytest.mark.parametrize("reconstruct", ["none", "attn-mlp"])
+def test_streamed_owl_plans_and_prunes_as_loaded_whole(four_blocks, texts, tmp_path, reconstruct):
+    kwargs = dict(layerwise="owl", owl={"spread": 0.1}, eval_dense=False,
+                  reconstruct={"granularity": reconstruct, "lr": 1e-3, "heldout": 4})
+    whole = run(four_blocks, texts, tmp_path / "whole", **kwargs)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **kwargs)
+    assert streamed["model"]["streamed"]
+    plan = sorted({(r["block"], r["target"], r["outlier_share"]) for r in whole["layers"]})
+    assert sorted({(r["block"], r["target"], r["outlier_share"]) for r in streamed["layers"]}) == plan
+    assert len(plan) == 4 and max(p[1] for p in plan) - min(p[1] for p in plan) > 0.05
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert all(expected[k].equal(got[k]) for k in expected)
+    assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"]
+    report = (tmp_path / "streamed" / "REPORT.md").read_text()
+    assert "## Sparsity per block (layerwise owl)" in report and "| 3 |" in report
+
+
 @pytest.mark.parametrize("family", ["gpt_neox", "phi"])
 def test_streamed_parallel_blocks_reconstruct_as_loaded_whole(tmp_path, tokenizer, texts, family):
     """Attention and MLP side by side: each block one submodel, brought in and out once, streamed or not."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import PrunelabError
 from .models.adapters import Adapter, Half, find_adapter, first_output
 
@@ -361,13 +362,15 @@ def share_inputs(half: Half, linears: dict[str, nn.Linear], stream: BlockStream,
 
 @torch.no_grad()
 def collect_statistics(
-    half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int, stats_cls
+    half: Half, linears: dict[str, nn.Linear], stream: BlockStream, index: int, stats_cls, outputs: bool = False
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run the half over the whole stream, accumulating `stats_cls` of every linear's input.
+    """Run the half over the whole stream, accumulating `stats_cls` of every linear's input (and, with
+    `outputs`, writing the half's outputs over the stream as `propagate` does).
 
     Used where routing decides which linears run (experts), so a pass cannot be stopped at one
     linear: all statistics come from the unpruned half, which is then pruned and propagated
-    (two passes). Returns ({leader: stats}, {linear: leader}), leaders as in `share_inputs`.
+    (two passes); and where every statistic of the unpruned model is wanted (OWL's outlier shares).
+    Returns ({leader: stats}, {linear: leader}), leaders as in `share_inputs`.
     """
     stats: dict[str, Any] = {}
     leader_of: dict[str, str] = {}
@@ -390,14 +393,32 @@ def collect_statistics(
     try:
         for b, rows in stream.batches():
             state["mask"] = stream.token_masks[b]
-            half.run(stream.hidden[rows], stream.block_kwargs[index][b])
+            h, kwargs = stream.hidden[rows], stream.block_kwargs[index][b]
+            y = half.run(h, kwargs)
             state["last"] = (None, None)
+            if outputs:
+                stream.hidden[rows] = half.output(h, y, kwargs)
+                check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
     finally:
         for handle in handles:
             handle.remove()
     check_finite_stats(stats, index)
     for name in linears:
         leader_of.setdefault(name, name)
+    return stats, leader_of
+
+
+def agreed(stats: dict, leader_of: dict[str, str], members: dict[str, nn.Linear], stats_cls) -> tuple[dict, dict]:
+    """Data parallel: a routed half's groups and statistics, the same in every process. Which experts a process's
+    windows reach (and so which linears it found sharing an input) is its own; the statistics are summed over
+    the processes one group at a time, so every process needs every group, in one order, even with no tokens."""
+    if distributed.size() == 1:
+        return stats, leader_of
+    found = distributed.gathered(leader_of)
+    leader_of = {name: next((f[name] for f in found if f[name] != name), name) for name in members}
+    for leader in dict.fromkeys(leader_of.values()):
+        if leader not in stats:  # reached by no window of this process
+            stats[leader] = stats_cls(members[leader].in_features, members[leader].weight.device)
     return stats, leader_of
 
 

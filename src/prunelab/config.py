@@ -2,7 +2,7 @@
 
 Every field is an option of `prunelab run` (the CLI is generated from these dataclasses: the flag is
 the field's name, or its `flag` metadata), a key of a YAML/TOML config file (nested sections for
-`sparsegpt`, `reconstruct`, `depth`, `width`) and a keyword of the Python API. Values are checked
+`sparsegpt`, `ria`, `owl`, `reconstruct`, `depth`, `width`) and a keyword of the Python API. Values are checked
 for their type as given: `overwrite: "false"` is a string, not false, and is refused.
 """
 
@@ -33,6 +33,7 @@ OFFLOAD = ("auto", "on", "off")
 SCOPES = ("adjacent", "all")
 RETRAIN_METHODS = ("none", "full", "masklora")
 PRECISIONS = ("auto", "float32", "bfloat16")
+LAYERWISE = ("uniform", "owl")
 RENAMED = {"batch_size": "forward_batch"}  # top-level keys of earlier versions
 SHORTHANDS = {"reconstruct": "granularity", "retrain": "method"}  # `section: value` means {key: value}
 
@@ -91,6 +92,36 @@ class SparseGPTConfig(Checked):
         if self.damp < 0:
             raise PrunelabError(f"sparsegpt.damp must be >= 0, got {self.damp}")
         positive(self, "blocksize", prefix="sparsegpt.")
+
+
+@dataclass
+class RiaConfig(Checked):
+    section: ClassVar[str] = "ria"
+
+    alpha: float = option(0.5, "RIA: the power of the input norm in the score (0: weights alone)", flag="ria-alpha")
+
+    def validate(self) -> None:
+        if self.alpha < 0:
+            raise PrunelabError(f"ria.alpha must be >= 0, got {self.alpha}")
+
+
+@dataclass
+class OwlConfig(Checked):
+    """OWL's block sparsities (Yin et al., 2024), used by `layerwise: owl`."""
+
+    section: ClassVar[str] = "owl"
+
+    # the paper's M and lambda, with the values of its reference code's examples
+    outlier: float = option(5.0, "owl: a Wanda score is an outlier above this many times its block's mean score",
+                            flag="owl-outlier")
+    spread: float = option(0.08, "owl: block sparsities span 2 x spread around --sparsity, blocks with more outliers "
+                                 "pruned less", flag="owl-spread")
+
+    def validate(self) -> None:
+        if not self.outlier > 0:
+            raise PrunelabError(f"owl.outlier must be > 0, got {self.outlier}")
+        if self.spread < 0:
+            raise PrunelabError(f"owl.spread must be >= 0, got {self.spread}")
 
 
 @dataclass
@@ -254,10 +285,12 @@ class WidthConfig(Checked):
 @dataclass
 class RunConfig(Checked):
     model: str = option("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (embedded)")
-    method: str = option("wanda", "magnitude | wanda | sparsegpt (zero weights) | layers (remove blocks) | "
+    method: str = option("wanda", "magnitude | wanda | sparsegpt | ria (zero weights) | layers (remove blocks) | "
                                   "flap (remove heads, channels)")
     sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
+    layerwise: str = option("uniform", "sparsity per block: uniform | owl (outlier-weighted: blocks with more "
+                                       "outlier Wanda scores keep more weights, the global ratio kept; unstructured)")
     calib: str = option("enwiki", "calibration text: enwiki | web | wiki | new-wiki | wikitext2 | c4 | "
                                    "a .txt/.jsonl/.parquet file")
     samples: int = option(128, "calibration windows")
@@ -290,6 +323,8 @@ class RunConfig(Checked):
     resume: bool = option(False, "continue an interrupted run (the same command and --out) from its newest "
                                  "checkpoint")
     sparsegpt: SparseGPTConfig = option(factory=SparseGPTConfig)
+    ria: RiaConfig = option(factory=RiaConfig)
+    owl: OwlConfig = option(factory=OwlConfig)
     reconstruct: ReconstructConfig = option(factory=ReconstructConfig)
     depth: DepthConfig = option(factory=DepthConfig)
     width: WidthConfig = option(factory=WidthConfig)
@@ -322,6 +357,7 @@ class RunConfig(Checked):
             raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
+        self.validate_layerwise()
         positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch", "task_batch")
         positive(self, "eval_windows", "task_limit", minimum=0)
         if self.threads is not None:
@@ -362,6 +398,18 @@ class RunConfig(Checked):
                 )
         self.validate_retrain()
 
+    def validate_layerwise(self) -> None:
+        one_of("layerwise", self.layerwise, LAYERWISE)
+        if self.layerwise == "uniform":
+            return
+        if self.structured or self.pattern is not None:
+            raise PrunelabError(f"layerwise {self.layerwise} sets unstructured block sparsities; it does not apply to "
+                                f"{'method ' + self.method if self.structured else 'pattern ' + self.pattern}")
+        low, high = self.sparsity - self.owl.spread, self.sparsity + self.owl.spread
+        if low < 0 or high >= 1:
+            raise PrunelabError(f"layerwise owl: sparsity {self.sparsity} ± owl.spread {self.owl.spread} leaves "
+                                f"[0, 1) ({low:.3g} to {high:.3g}); use a smaller owl.spread")
+
     def validate_retrain(self) -> None:
         rt = self.retrain
         if not rt.enabled:
@@ -377,7 +425,7 @@ class RunConfig(Checked):
 
     @property
     def needs_calibration(self) -> bool:
-        if self.method == "flap" or self.reconstruct.enabled or self.retrain.enabled:
+        if self.method == "flap" or self.reconstruct.enabled or self.retrain.enabled or self.layerwise != "uniform":
             return True
         if self.structured:
             return self.depth.metric != "mag" or self.depth.compensation
@@ -389,7 +437,8 @@ class RunConfig(Checked):
             return f"{self.width.ratio:.0%} width"
         if self.structured:
             return f"{self.depth.remove} blocks by {self.depth.metric}"
-        return self.pattern if self.pattern else f"{self.sparsity:.0%}"
+        return self.pattern if self.pattern else f"{self.sparsity:.0%}" + ("" if self.layerwise == "uniform"
+                                                                           else f" {self.layerwise}")
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

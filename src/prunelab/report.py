@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TypedDict
@@ -147,7 +149,9 @@ def method_label(cfg: dict) -> str:
         comp = "with" if depth["compensation"] else "without"
         shot = ", one shot" if depth["one_shot"] else ""
         return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{shot})"
-    return f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}"
+    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL have no such key
+    return f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}" + (
+        "" if layerwise == "uniform" else f" {layerwise}")
 
 
 def _recon_label(rc: dict, recon: dict | None) -> str:
@@ -390,6 +394,24 @@ def _sparsity_markdown(report: Report) -> list[str]:
     return lines
 
 
+def _layerwise_markdown(report: Report) -> list[str]:
+    """OWL's plan per block beside what the saved tensors hold (a block's tensors: the first index in their names)."""
+    planned = {r["block"]: r for r in report["layers"] if "target" in r}
+    measured: dict[int, list[float]] = {}
+    for name, entry in report["sparsity"]["layers"].items():
+        block = int(re.search(r"\.(\d+)\.", name).group(1))
+        numel = math.prod(entry["shape"])
+        zeros, total = measured.get(block, [0.0, 0])
+        measured[block] = [zeros + entry["sparsity"] * numel, total + numel]
+    lines = ["", "## Sparsity per block (layerwise owl)", "",
+             "| block | outlier share | planned | measured |", "|---|---|---|---|"]
+    for block, r in sorted(planned.items()):
+        zeros, total = measured.get(block, [0.0, 0])
+        saved = f"{zeros / total:.2%}" if total else "–"
+        lines.append(f"| {block} | {r['outlier_share']:.3%} | {r['target']:.2%} | {saved} |")
+    return lines
+
+
 def to_markdown(report: Report, plot: str | None = None, retrain_plot: str | None = None) -> str:
     lines = ["# prunelab run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
@@ -404,6 +426,8 @@ def to_markdown(report: Report, plot: str | None = None, retrain_plot: str | Non
         structure = report["structure"]
         lines += _depth_markdown(structure) if "blocks_before" in structure else _width_markdown(structure)
     if report["sparsity"] is not None:
+        if any("target" in r for r in report["layers"]):
+            lines += _layerwise_markdown(report)
         lines += _sparsity_markdown(report)
     lines += ["", "## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Pruning criteria. Each is a pure function of a weight and its input statistics."""
 
 from .magnitude import magnitude
+from .ria import ria
 from .sparsegpt import sparsegpt
 from .stats import Hessian, InputNorms
 from .wanda import wanda
@@ -10,6 +11,7 @@ CRITERIA = {
     "magnitude": (None, magnitude),
     "wanda": (InputNorms, wanda),
     "sparsegpt": (Hessian, sparsegpt),
+    "ria": (InputNorms, ria),
 }
 
-__all__ = ["CRITERIA", "Hessian", "InputNorms", "magnitude", "sparsegpt", "wanda"]
+__all__ = ["CRITERIA", "Hessian", "InputNorms", "magnitude", "ria", "sparsegpt", "wanda"]

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
 from ..activations import (
     Arena,
     BlockStream,
+    agreed,
     capture_block_inputs,
     check_finite,
     check_finite_stats,
@@ -46,6 +46,7 @@ from ..models.adapters import Adapter, Half
 from ..models.loading import torch_dtype
 from ..precision import full_precision
 from ..resume import Checkpoints
+from .layerwise import planned
 
 
 def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
@@ -72,7 +73,9 @@ class HalfPruner:
     def __init__(self, config: RunConfig):
         self.stats_cls, self.criterion = CRITERIA[config.method]
         self.sparsity, self.nm = config.sparsity, config.nm
-        self.options = vars(config.sparsegpt) if config.method == "sparsegpt" else {}
+        self.plan: list[dict] | None = None  # a sparsity per block (layerwise.planned); None: `sparsity` in all
+        knobs = {"sparsegpt": config.sparsegpt, "ria": config.ria}.get(config.method)  # the criterion's own
+        self.options = vars(knobs) if knobs is not None else {}
         self.records: list[dict] = []
         # The writer's inputs are kept from its statistics pass to give the half's outputs without another
         # forward pass; for a model larger than memory they are not (an 8B model's down_proj inputs for 128
@@ -87,13 +90,16 @@ class HalfPruner:
         weights = [linears[name].weight.data for name in names]
         if stats is not None:
             stats.reduce()  # data parallel: the sums over every process's windows (distributed.py)
+        sparsity = self.sparsity if self.plan is None else self.plan[index]["sparsity"]
         with full_precision(weights[0].device):  # inside reconstruction's autocast: SparseGPT's solves stay float32
             if self.stats_cls is not None and (stats is None or stats.tokens == 0):
                 # No calibration token reached these layers (an expert never routed to, or only pad tokens).
-                pruned, _ = magnitude(weights, None, self.sparsity, self.nm)
+                pruned, _ = magnitude(weights, None, sparsity, self.nm)
                 info = {"fallback": "magnitude: no calibration tokens reached this layer"}
             else:
-                pruned, info = self.criterion(weights, stats, self.sparsity, self.nm, **self.options)
+                pruned, info = self.criterion(weights, stats, sparsity, self.nm, **self.options)
+        if self.plan is not None:
+            info = {"target": sparsity, "outlier_share": self.plan[index]["outlier_share"], **info}
         for name, new_weight in zip(names, pruned):
             linears[name].weight.data.copy_(new_weight)
             if mirrors is not None:
@@ -163,20 +169,6 @@ class HalfPruner:
                 check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
 
 
-def agreed(stats: dict, leader_of: dict[str, str], members: dict[str, nn.Linear], stats_cls) -> tuple[dict, dict]:
-    """Data parallel: a routed half's groups and statistics, the same in every process. Which experts a process's
-    windows reach (and so which linears it found sharing an input) is its own; the statistics are summed over
-    the processes one group at a time, so every process needs every group, in one order, even with no tokens."""
-    if distributed.size() == 1:
-        return stats, leader_of
-    found = distributed.gathered(leader_of)
-    leader_of = {name: next((f[name] for f in found if f[name] != name), name) for name in members}
-    for leader in dict.fromkeys(leader_of.values()):
-        if leader not in stats:  # reached by no window of this process
-            stats[leader] = stats_cls(members[leader].in_features, members[leader].weight.device)
-    return stats, leader_of
-
-
 def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | None, config: RunConfig,
                 attention_mask: torch.Tensor | None = None, progress: bool = True,
                 checkpoints: Checkpoints | None = None, visits=None) -> list[dict]:
@@ -187,6 +179,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     pruner = HalfPruner(config)
     pruner.keep_writer_inputs = visits is None
     check_pattern_fits(adapter, config.nm)
+    pruner.plan = planned(model, adapter, input_ids, attention_mask, config, visits, progress)
     compute_dtype = torch_dtype(config.dtype)
     stream = None
     if pruner.stats_cls is not None:

@@ -32,6 +32,7 @@ from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..precision import autocast, matmul_precision, uses_bfloat16
+from ..prune.layerwise import planned
 from ..prune.sequential import HalfPruner, check_halves_cover, check_pattern_fits
 from ..resume import Checkpoints
 from .loop import Trainable
@@ -108,6 +109,8 @@ class Reconstructor:
         check_pattern_fits(self.adapter, self.config.nm)
         if self.rc.granularity == "matrix":
             check_matrix_granularity(self.adapter)
+        self.pruner.plan = planned(self.model, self.adapter, input_ids, attention_mask, self.config, self.visits,
+                                   self.progress)
         self.model.requires_grad_(False)  # only the current submodel's parameters get gradients
         blocks, batch = self.adapter.blocks, self.config.forward_batch
         with self.visits.embedding() if self.visits is not None else nullcontext():
