@@ -318,3 +318,17 @@ def test_a_series_has_one_colour_in_every_panel(tmp_path, monkeypatch):
     colours = [{line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
                for ax in figures[0].axes]
     assert colours[0]["masklora"] == colours[1]["masklora"] != colours[0]["attn-mlp"]
+
+
+def test_owl_runs_are_told_apart_from_uniform_ones_in_the_tables():
+    from prunelab.study import summarise
+
+    def report(**config):
+        cfg = {"method": "wanda", "pattern": None, "sparsity": 0.7, "samples": 8, "seqlen": 32,
+               "reconstruct": {"granularity": "none", "propagation": "mixed", "loss": "mse", "epochs": 1}, **config}
+        return {"config": cfg, "stages": {"prune": {"seconds": 1.0, "peak_rss_gb": 1.0}}, "metrics": {},
+                "sparsity": None}
+
+    assert summarise(report(layerwise="owl"))["pattern"] == "70% owl"
+    assert summarise(report(layerwise="uniform"))["pattern"] == "70%"
+    assert summarise(report())["pattern"] == "70%"  # a report from before OWL

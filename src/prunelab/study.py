@@ -128,9 +128,11 @@ def summarise(report: dict) -> dict:
     cfg, rc = report["config"], report["config"]["reconstruct"]
     stage = report["stages"].get("prune+reconstruct") or report["stages"].get("prune") or {}
     recon = report.get("reconstruction")
+    target = cfg["pattern"] or f"{cfg['sparsity']:.0%}"
+    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL have none
     return {
         "method": cfg["method"],
-        "pattern": cfg["pattern"] or f"{cfg['sparsity']:.0%}",
+        "pattern": target if layerwise == "uniform" else f"{target} {layerwise}",  # "50% owl"
         "granularity": rc["granularity"],
         "propagation": rc["propagation"] if recon else "–",
         "loss": rc["loss"] if recon else "–",
