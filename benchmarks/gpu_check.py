@@ -62,7 +62,9 @@ def agreement(device: str) -> None:
     ids = torch.randint(0, 512, (24, 128), generator=torch.Generator().manual_seed(1))
     test = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(2))
     targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
-    for method, target in ((m, t) for t in targets for m in ("wanda", "sparsegpt")):
+    cases = [(m, t) for t in targets for m in ("wanda", "sparsegpt")]
+    cases += [("ria", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.5, "layerwise": "owl"})]
+    for method, target in cases:
         # float32 for the exact comparison; bfloat16 matmuls (the default on both devices here) once
         recons = [("none", None), ("attn-mlp", "float32")] + [("attn-mlp", "bfloat16")] * (method == "wanda")
         for recon, precision in recons:
