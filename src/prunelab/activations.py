@@ -409,9 +409,9 @@ def collect_statistics(
 
 
 def agreed(stats: dict, leader_of: dict[str, str], members: dict[str, nn.Linear], stats_cls) -> tuple[dict, dict]:
-    """Data parallel: a routed half's groups and statistics, the same in every process. Which experts a process's
-    windows reach (and so which linears it found sharing an input) is its own; the statistics are summed over
-    the processes one group at a time, so every process needs every group, in one order, even with no tokens."""
+    """Data parallel: the groups and statistics `collect_statistics` found, the same in every process. Which experts
+    a process's windows reach (and so which linears it found sharing an input) is its own; the statistics are summed
+    over the processes one group at a time, so every process needs every group, in one order, even with no tokens."""
     if distributed.size() == 1:
         return stats, leader_of
     found = distributed.gathered(leader_of)
