@@ -128,7 +128,7 @@ def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, m
         (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
         (["--pattern", "4:2"], "pattern N:M needs 0 < N < M"),
         (["--pattern", "2-4"], "pattern must look like N:M"),
-        (["--method", "random"], "method must be one of magnitude, wanda, sparsegpt, layers, flap, got 'random'"),
+        (["--method", "random"], "method must be one of magnitude, wanda, sparsegpt, ria, layers, flap, got 'random'"),
         (["--model", "/no/such/model"], "not a model folder (no config.json): /no/such/model"),
         (["--model", "/no/such/model.gguf"], "model file not found"),
         (["--calib", "missing.txt"], "unknown text source"),
