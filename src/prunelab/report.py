@@ -149,9 +149,14 @@ def method_label(cfg: dict) -> str:
         comp = "with" if depth["compensation"] else "without"
         shot = ", one shot" if depth["one_shot"] else ""
         return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{shot})"
+    return f"{cfg['method']} {target_label(cfg)}"
+
+
+def target_label(cfg: dict) -> str:
+    """"2:4", "50%", or with OWL's sparsity per block "50% owl", from a report's config."""
+    target = cfg["pattern"] or format(cfg["sparsity"], ".0%")
     layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL have no such key
-    return f"{cfg['method']} {cfg['pattern'] or format(cfg['sparsity'], '.0%')}" + (
-        "" if layerwise == "uniform" else f" {layerwise}")
+    return target if layerwise == "uniform" else f"{target} {layerwise}"
 
 
 def _recon_label(rc: dict, recon: dict | None) -> str:

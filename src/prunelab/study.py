@@ -34,7 +34,7 @@ from .config import RunConfig, load_config_file
 from .errors import PrunelabError
 from .job import run_job
 from .measure import python_argv
-from .report import zeroshot_means
+from .report import target_label, zeroshot_means
 
 
 def _nest(flat: dict) -> dict:
@@ -128,11 +128,9 @@ def summarise(report: dict) -> dict:
     cfg, rc = report["config"], report["config"]["reconstruct"]
     stage = report["stages"].get("prune+reconstruct") or report["stages"].get("prune") or {}
     recon = report.get("reconstruction")
-    target = cfg["pattern"] or f"{cfg['sparsity']:.0%}"
-    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL have none
     return {
         "method": cfg["method"],
-        "pattern": target if layerwise == "uniform" else f"{target} {layerwise}",  # "50% owl"
+        "pattern": target_label(cfg),
         "granularity": rc["granularity"],
         "propagation": rc["propagation"] if recon else "–",
         "loss": rc["loss"] if recon else "–",
