@@ -109,6 +109,19 @@ def test_existing_output_folder_is_refused_and_untouched(tiny_dir, texts, tmp_pa
     assert (run / "prunelab.json").exists() and not (run / "extra.txt").exists()
 
 
+def test_pattern_that_does_not_divide_a_layer_is_refused_before_the_dense_evaluation(tiny_dir, texts, tmp_path,
+                                                                                     monkeypatch):
+    import prunelab.job
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated before the pattern was checked")
+
+    monkeypatch.setattr(prunelab.job, "perplexity", evaluated)
+    with pytest.raises(PrunelabError, match=r"3:7 does not divide layer 0\.self_attn\.q_proj: 64 inputs"):
+        job(tiny_dir, texts, tmp_path / "out", pattern="3:7")
+    assert not (tmp_path / "out").exists()
+
+
 def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, monkeypatch):
     import prunelab.report
 

@@ -300,6 +300,21 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(four_blocks, texts,
         run(four_blocks, texts, tmp_path / "out", max_memory=1e-5)
     with pytest.raises(PrunelabError, match="max_memory must be > 0"):
         run(four_blocks, texts, tmp_path / "out", max_memory=0)
+    with pytest.raises(PrunelabError, match=r"3:7 does not divide layer 0\.self_attn\.q_proj"):
+        run(four_blocks, texts, tmp_path / "out", pattern="3:7", max_memory=TINY_BUDGET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_refused_before_any_work(four_blocks, texts, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = state(four_blocks)
+    name = "model.layers.2.mlp.down_proj.weight"  # a block far from the first one read
+    tensors[name] = tensors[name].t().contiguous()
+    save_file(tensors, four_blocks / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PrunelabError, match=rf"{re.escape(name)} is stored with shape \[128, 64\], but its "
+                                            r"config.json builds \[64, 128\]"):
+        run(four_blocks, texts, tmp_path / "out", max_memory=TINY_BUDGET)
     assert not (tmp_path / "out").exists()
 
 

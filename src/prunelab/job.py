@@ -43,7 +43,7 @@ from .models.conv1d import released
 from .models.layout import stored_names
 from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
-from .prune.sequential import prune_model
+from .prune.sequential import check_pattern_fits, prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
@@ -172,9 +172,11 @@ class Job:
 
     def begin(self, texts: dict[str, str]) -> None:
         """Once the model is known and before any work on it: refuse a structured method the architecture
-        cannot take, then cut this process's windows from the texts."""
+        cannot take, or an N:M pattern a layer's width does not divide, then cut this process's windows from the
+        texts."""
         if self.config.structured:
             check_structured(self.adapter, self.config)
+        check_pattern_fits(self.adapter, self.config.nm)
         with stage("windows", self.stages):
             self.windows(texts)
             self.share_windows()

@@ -90,6 +90,15 @@ class Checkpoint:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tensors(names))
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by name, from the files' headers (nothing is read)."""
+        shapes = {}
+        for file in set(self.files.values()):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[self.renamed.get(key, key)] = tuple(f.get_slice(key).get_shape())
+        return shapes
+
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
         sizes = {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
@@ -159,6 +168,18 @@ class StreamedModel:
         if missing:
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
+        self._check_shapes(folder)
+
+    def _check_shapes(self, folder: Path) -> None:
+        """Refuse a checkpoint whose tensors do not have the shapes its config builds now, from the headers, not
+        when the block holding one comes to be read."""
+        stored = self.source.shapes()
+        for name, tensor in self.model.state_dict().items():
+            if name in stored:
+                built = tuple(tensor.shape)[::-1] if name in self.transposed else tuple(tensor.shape)
+                if stored[name] != built:
+                    raise PrunelabError(f"{folder}: {self.source.key(name)} is stored with shape {list(stored[name])}, "
+                                        f"but its config.json builds {list(built)}")
 
     def _tie(self) -> bool:
         """Tie the LM head to the input embedding as `from_pretrained` does (not done under init_empty_weights):
