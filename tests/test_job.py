@@ -141,6 +141,7 @@ def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, m
         (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
         (["--pattern", "4:2"], "pattern N:M needs 0 < N < M"),
         (["--pattern", "2-4"], "pattern must look like N:M"),
+        (["--method", "flap", "--pattern", "2:4"], "pattern 2:4 zeroes weights in N:M groups; method flap removes"),
         (["--method", "random"], "method must be one of magnitude, wanda, sparsegpt, ria, layers, flap, got 'random'"),
         (["--model", "/no/such/model"], "not a model folder (no config.json): /no/such/model"),
         (["--model", "/no/such/model.gguf"], "model file not found"),
@@ -159,6 +160,16 @@ def test_cli_bad_input_gives_one_line_error(args, message, tiny_dir, texts, tmp_
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("max_memory", [None, 3e-4])  # loaded whole, streamed
+def test_a_model_folder_without_its_tokenizer_gets_a_one_line_error(tiny_dir, texts, tmp_path, max_memory):
+    for file in tiny_dir.glob("tokenizer*"):
+        file.unlink()
+    with pytest.raises(PrunelabError, match=r"tiny-llama has no tokenizer files \(tokenizer.json,") as error:
+        job(tiny_dir, texts, tmp_path / "out", max_memory=max_memory)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_too_short_calibration_and_empty_text(tiny_dir, texts, tmp_path):

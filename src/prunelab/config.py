@@ -357,6 +357,11 @@ class RunConfig(Checked):
             raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
+            if self.structured:
+                size = "depth.remove" if self.method == "layers" else "width.ratio"
+                whole = "blocks" if self.method == "layers" else "heads and channels"
+                raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
+                                    f"removes whole {whole}, as many as {size} says: leave the pattern out")
         self.validate_layerwise()
         positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch", "task_batch")
         positive(self, "eval_windows", "task_limit", minimum=0)

@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors import SafetensorError
-from transformers import AutoTokenizer
 
 from . import distributed
 from . import report as reporting
@@ -41,7 +40,15 @@ from .measure import StageRecord, large_allocations_mapped, release_memory, stag
 from .models.adapters import find_adapter
 from .models.conv1d import released
 from .models.layout import stored_names
-from .models.loading import EMBEDDED_NAMES, broken_weights, embedded_model_dir, load_model, resolve_device, torch_dtype
+from .models.loading import (
+    EMBEDDED_NAMES,
+    broken_weights,
+    embedded_model_dir,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    torch_dtype,
+)
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
 from .prune.sequential import check_pattern_fits, prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
@@ -408,7 +415,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
-        job.tokenizer = AutoTokenizer.from_pretrained(folder)
+        job.tokenizer = load_tokenizer(folder)
         check_model(job.model, window_lengths(config))
         streamed.check_adapter()
     job.begin(texts)
@@ -553,7 +560,7 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
     """`prunelab eval` of a model larger than the memory budget: perplexity and zero-shot tasks block by block."""
     with large_allocations_mapped():
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
         names = list(streamed.adapter.prunable_weights())
         sparsity = sparsity_of_saved(folder, names, streamed.keys_of(names))
         result = {"model": str(folder), "sparsity": sparsity["sparsity"], "streamed": True}

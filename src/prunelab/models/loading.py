@@ -48,8 +48,21 @@ def _plain(model):
     return model
 
 
+def load_tokenizer(source: str | Path, **kwargs):
+    """The model's own tokenizer (prunelab cuts its text windows with it), or a one-line error."""
+    folder = Path(source)
+    if folder.is_dir() and not any(p.name.startswith(("tokenizer", "vocab")) or p.suffix in (".model", ".gguf")
+                                   for p in folder.iterdir()):
+        raise PrunelabError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json or "
+                            "tokenizer.model): copy them from the model it was made from")
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers explains over several lines
+        raise PrunelabError(f"cannot load the tokenizer of {str(source)!r}: {' '.join(str(exc).split())}") from None
+
+
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return _plain(model), tokenizer
 
@@ -70,13 +83,13 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
         elif path.exists() or spec.startswith((".", "/", "~")):
             if not (path / "config.json").is_file():
                 raise PrunelabError(f"not a model folder (no config.json): {path}")
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
             if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
                 model = load_narrow(path, torch_dt)
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt)
         else:  # a hub id
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+            tokenizer = load_tokenizer(spec)
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt)
     except PrunelabError:
         raise
