@@ -122,6 +122,22 @@ def test_pattern_that_does_not_divide_a_layer_is_refused_before_the_dense_evalua
     assert not (tmp_path / "out").exists()
 
 
+def test_skip_from_the_command_line_is_reported_and_saved(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--model", str(tiny_dir), "--calib", str(calib), "--eval", "none",
+                                 "--samples", "4", "--seqlen", "16", "--reconstruct", "none",
+                                 "--skip", "*.mlp.down_proj, *.o_proj", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "prunelab.json").read_text())
+    assert saved["config"]["skip"] == ["*.mlp.down_proj", "*.o_proj"]
+    layers = saved["sparsity"]["layers"]
+    assert {n for n, e in layers.items() if e["sparsity"] == 0} == {
+        f"model.layers.{i}.{n}.weight" for i in (0, 1) for n in ("mlp.down_proj", "self_attn.o_proj")}
+    assert "| kept dense (skip) | 4 layers matching *.mlp.down_proj, *.o_proj; counted above |" in (
+        out / "REPORT.md").read_text()
+
+
 def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, monkeypatch):
     import prunelab.report
 

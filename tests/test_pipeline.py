@@ -234,3 +234,57 @@ def test_a_block_whose_forward_the_halves_do_not_reproduce_is_refused_before_any
             prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=4, seqlen=16,
                               max_memory=budget, out=str(tmp_path / "out")), progress=False)
         assert not (tmp_path / "out").exists()
+
+
+SKIP = ("*.mlp.down_proj", "model.layers.0.self_attn.*")
+
+
+def _kept_dense(name: str) -> bool:
+    return name.endswith("mlp.down_proj.weight") or name.startswith("model.layers.0.self_attn.")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_skipped_layers_stay_dense_and_the_rest_is_pruned(method):
+    """SparseGPT prunes q, k and v together from one Hessian: the skipped members of a group leave the others'
+    masks to the criterion."""
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in find_adapter(model).prunable_weights().items()}
+    result = prunelab.prune(model, calibration=random_ids(), method=method, pattern="2:4", skip=list(SKIP),
+                            reconstruct="none", progress=False)
+    after = find_adapter(model).prunable_weights()
+    assert sum(map(_kept_dense, after)) == 6
+    for name, weight in after.items():
+        if _kept_dense(name):
+            assert torch.equal(weight, before[name]), name
+        else:
+            assert (weight.reshape(-1, 4) == 0).sum(1).eq(2).all(), name
+    skipped = {(r["block"], r["layer"]) for r in result["layers"] if r.get("skipped")}
+    assert skipped == {(0, "self_attn.q_proj"), (0, "self_attn.k_proj"), (0, "self_attn.v_proj"),
+                       (0, "self_attn.o_proj"), (0, "mlp.down_proj"), (1, "mlp.down_proj")}
+    dense_share = sum(w.numel() for n, w in after.items() if _kept_dense(n)) / sum(w.numel() for w in after.values())
+    assert result["sparsity"]["sparsity"] == pytest.approx(0.5 * (1 - dense_share))
+
+
+def test_skipped_layers_are_reconstructed_without_a_mask():
+    model = tiny_model("llama")
+    result = prunelab.prune(model, calibration=random_ids(8, 16), method="wanda", skip=list(SKIP),
+                            reconstruct={"lr": 1e-3, "heldout": 2}, progress=False)
+    for name, weight in find_adapter(model).prunable_weights().items():
+        assert int((weight == 0).sum()) == (0 if _kept_dense(name) else weight.numel() // 2), name
+    mlp = next(r for r in result["reconstruction"]["submodels"] if r["submodel"] == "block 1 mlp")
+    # half of gate and of up (128 × 64 each), all of the skipped down_proj (64 × 128), the norm (64)
+    assert mlp["trainable"] == 4096 + 4096 + 8192 + 64
+
+
+def test_skip_patterns_are_checked_before_any_work():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for skip, message in [(["*.down"], r"skip pattern '\*\.down' matches no prunable layer \(module names such as "
+                                       r"'model\.layers\.0\.self_attn\.q_proj'\)"),
+                          (["*proj"], "keeps every prunable layer dense: nothing is left to prune"),
+                          ("*.down_proj", r"skip must be a list of strings, got '\*\.down_proj'")]:
+        with pytest.raises(PrunelabError, match=message):
+            prunelab.prune(model, calibration=random_ids(), skip=skip, reconstruct="none", progress=False)
+    with pytest.raises(PrunelabError, match="skip keeps layers dense while weights are zeroed; method flap"):
+        prunelab.prune(model, calibration=random_ids(), method="flap", skip=["*.q_proj"], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

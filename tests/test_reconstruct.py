@@ -396,7 +396,7 @@ def test_pruning_inside_autocast_solves_in_float32():
         stats = Hessian(300, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             stats.add(x)
-            HalfPruner(RunConfig(method="sparsegpt")).prune_group(0, {"l": linear}, ["l"], stats)
+            HalfPruner(RunConfig(method="sparsegpt"), "model.layers").prune_group(0, {"l": linear}, ["l"], stats)
         pruned[bf16] = linear.weight.detach().clone()
     assert torch.equal(pruned[False], pruned[True])
 

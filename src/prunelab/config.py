@@ -289,6 +289,8 @@ class RunConfig(Checked):
                                   "flap (remove heads, channels)")
     sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
+    skip: tuple[str, ...] = option((), "layers to keep dense: glob patterns over module names, comma-separated, "
+                                       "e.g. '*.mlp.down_proj,model.layers.0.*' (zero-weight methods)")
     layerwise: str = option("uniform", "sparsity per block: uniform | owl (outlier-weighted: blocks with more "
                                        "outlier Wanda scores keep more weights, the global ratio kept; unstructured)")
     calib: str = option("enwiki", "calibration text: enwiki | web | wiki | new-wiki | wikitext2 | c4 | "
@@ -362,6 +364,11 @@ class RunConfig(Checked):
                 whole = "blocks" if self.method == "layers" else "heads and channels"
                 raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
                                     f"removes whole {whole}, as many as {size} says: leave the pattern out")
+        if self.skip and self.structured:
+            raise PrunelabError(f"skip keeps layers dense while weights are zeroed; method {self.method} removes "
+                                "whole blocks, heads or channels: leave skip out")
+        if any(not pattern.strip() for pattern in self.skip):
+            raise PrunelabError(f"skip patterns must not be empty, got {list(self.skip)}")
         self.validate_layerwise()
         positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch", "task_batch")
         positive(self, "eval_windows", "task_limit", minimum=0)
@@ -448,6 +455,7 @@ class RunConfig(Checked):
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["reconstruct"]["lr_grid"] = list(self.reconstruct.lr_grid)
+        values["skip"] = list(self.skip)
         if self.retrain.lr_grid is not None:
             values["retrain"]["lr_grid"] = list(self.retrain.lr_grid)
         return values
@@ -501,7 +509,7 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
                 return tuple(check_type(v, args[0], key) for v in value)
         except PrunelabError:
             pass
-        raise PrunelabError(f"{key} must be a list of numbers, got {value!r}")
+        raise PrunelabError(f"{key} must be a list of {'strings' if args[0] is str else 'numbers'}, got {value!r}")
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):

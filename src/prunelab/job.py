@@ -50,7 +50,7 @@ from .models.loading import (
     torch_dtype,
 )
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
-from .prune.sequential import check_pattern_fits, prune_model
+from .prune.sequential import check_layers, prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
 from .report import Report
 from .resume import FREE_KEYS, Checkpoints
@@ -179,11 +179,12 @@ class Job:
 
     def begin(self, texts: dict[str, str]) -> None:
         """Once the model is known and before any work on it: refuse a structured method the architecture
-        cannot take, or an N:M pattern a layer's width does not divide, then cut this process's windows from the
-        texts."""
+        cannot take, an N:M pattern a layer's width does not divide or a `skip` pattern that names no layer, then
+        cut this process's windows from the texts."""
         if self.config.structured:
             check_structured(self.adapter, self.config)
-        check_pattern_fits(self.adapter, self.config.nm)
+        else:
+            check_layers(self.adapter, self.config)
         with stage("windows", self.stages):
             self.windows(texts)
             self.share_windows()

@@ -87,6 +87,9 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
                 f"{sparsity['sparsity']:.2%} (zeros before pruning {sparsity['sparsity_before']:.2%})",
             )
         )
+        dense = sum(1 for r in report.get("layers", []) if r.get("skipped"))
+        if dense:
+            rows.append(("kept dense (skip)", f"{dense} layers matching {', '.join(cfg['skip'])}; counted above"))
     structure = report.get("structure")
     if structure:
         if "blocks_before" in structure:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -49,16 +50,35 @@ from ..resume import Checkpoints
 from .layerwise import planned
 
 
-def check_pattern_fits(adapter: Adapter, nm: tuple[int, int] | None) -> None:
-    """N:M needs every pruned layer's input size to be a multiple of M: check before any work."""
-    if nm is None:
-        return
+def skipped(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether the linear with module name `name` is kept dense by the `skip` glob patterns."""
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_layers(adapter: Adapter, config: RunConfig) -> None:
+    """Before any work: every `skip` pattern names a prunable linear and one is left to prune, and an N:M pattern
+    divides the input size of every linear it prunes (a skipped one need not fit it)."""
+    nm, patterns = config.nm, config.skip
+    matched, pruned, example = set(), 0, None
     for i, block in enumerate(adapter.blocks):
         with adapter.prunable_linears(block) as linears:
             for name, linear in linears.items():
-                if linear.in_features % nm[1]:
+                full = f"{adapter.blocks_prefix}.{i}.{name}"
+                example = example or full
+                hits = {pattern for pattern in patterns if fnmatchcase(full, pattern)}
+                matched |= hits
+                if hits:
+                    continue
+                pruned += 1
+                if nm is not None and linear.in_features % nm[1]:
                     raise PrunelabError(f"pattern {nm[0]}:{nm[1]} does not divide layer {i}.{name}: "
                                         f"{linear.in_features} inputs is not a multiple of {nm[1]}")
+    unmatched = [pattern for pattern in patterns if pattern not in matched]
+    if unmatched:
+        raise PrunelabError(f"skip pattern {unmatched[0]!r} matches no prunable layer (module names such as "
+                            f"{example!r})")
+    if patterns and not pruned:
+        raise PrunelabError(f"skip {list(patterns)} keeps every prunable layer dense: nothing is left to prune")
 
 
 def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
@@ -70,8 +90,9 @@ def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, 
 class HalfPruner:
     """Prunes half-blocks with the configured criterion and pattern; keeps one record per layer."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, prefix: str):
         self.stats_cls, self.criterion = CRITERIA[config.method]
+        self.skip, self.prefix = config.skip, prefix  # `skip` globs match f"{prefix}.{block}.{linear}"
         self.sparsity, self.nm = config.sparsity, config.nm
         self.plan: list[dict] | None = None  # a sparsity per block (layerwise.planned); None: `sparsity` in all
         knobs = {"sparsegpt": config.sparsegpt, "ria": config.ria}.get(config.method)  # the criterion's own
@@ -87,9 +108,15 @@ class HalfPruner:
                     mirrors: dict[str, nn.Linear] | None = None) -> None:
         """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
         (a lower-precision running copy) receive the same pruned weights."""
-        weights = [linears[name].weight.data for name in names]
         if stats is not None:
             stats.reduce()  # data parallel: the sums over every process's windows (distributed.py)
+        dense = [name for name in names if skipped(self.skip, f"{self.prefix}.{index}.{name}")]
+        self.records += [{"block": index, "layer": name, "shape": list(linears[name].weight.shape), "skipped": True}
+                         for name in dense]
+        names = [name for name in names if name not in dense]
+        if not names:
+            return
+        weights = [linears[name].weight.data for name in names]
         sparsity = self.sparsity if self.plan is None else self.plan[index]["sparsity"]
         with full_precision(weights[0].device):  # inside reconstruction's autocast: SparseGPT's solves stay float32
             if self.stats_cls is not None and (stats is None or stats.tokens == 0):
@@ -176,9 +203,9 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     progress is saved as it goes, and a run resumes from the newest checkpoint there. `visits` (a model
     larger than memory: streaming.py) brings each block in before it is pruned (`enter`), takes
     it out after (`leave`), and the embeddings while the windows are embedded (`embedding()`)."""
-    pruner = HalfPruner(config)
+    pruner = HalfPruner(config, adapter.blocks_prefix)
     pruner.keep_writer_inputs = visits is None
-    check_pattern_fits(adapter, config.nm)
+    check_layers(adapter, config)
     pruner.plan = planned(model, adapter, input_ids, attention_mask, config, visits, progress)
     compute_dtype = torch_dtype(config.dtype)
     stream = None

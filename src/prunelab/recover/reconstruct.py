@@ -33,7 +33,7 @@ from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..precision import autocast, matmul_precision, uses_bfloat16
 from ..prune.layerwise import planned
-from ..prune.sequential import HalfPruner, check_halves_cover, check_pattern_fits
+from ..prune.sequential import HalfPruner, check_halves_cover, check_layers
 from ..resume import Checkpoints
 from .loop import Trainable
 from .propagation import Propagation
@@ -97,7 +97,7 @@ class Reconstructor:
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
         self.progress, self.observer, self.checkpoints, self.visits = progress, observer, checkpoints, visits
         self.propagation = Propagation(self.rc.propagation)
-        self.pruner = HalfPruner(config)
+        self.pruner = HalfPruner(config, adapter.blocks_prefix)
         self.pruner.keep_writer_inputs = visits is None
         self.trainer = Trainer(config)
         self.trainer.spill_snapshots = visits is not None
@@ -106,7 +106,7 @@ class Reconstructor:
 
     def run(self, input_ids: torch.Tensor, heldout_ids: torch.Tensor,
             attention_mask: torch.Tensor | None = None) -> dict:
-        check_pattern_fits(self.adapter, self.config.nm)
+        check_layers(self.adapter, self.config)
         if self.rc.granularity == "matrix":
             check_matrix_granularity(self.adapter)
         self.pruner.plan = planned(self.model, self.adapter, input_ids, attention_mask, self.config, self.visits,
