@@ -307,3 +307,14 @@ def test_saved_tensors_are_read_as_safetensors_writes_them(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated"):
         dict(read_tensors(path, set(tensors)))
+
+
+def test_default_output_folders_tell_the_runs_apart():
+    from prunelab.cli import default_out
+    from prunelab.config import RunConfig
+
+    folders = [default_out(RunConfig(**overrides)) for overrides in (
+        {}, {"layerwise": "owl"}, {"skip": ["*.down_proj"]}, {"pattern": "2:4"}, {"reconstruct": "block"})]
+    assert folders[0] == "runs/smollm2-wanda-50pct-attn-mlp"
+    assert folders[1:3] == ["runs/smollm2-wanda-50pct-owl-attn-mlp", "runs/smollm2-wanda-50pct-skip-attn-mlp"]
+    assert len(set(folders)) == len(folders)

@@ -332,3 +332,10 @@ def test_owl_runs_are_told_apart_from_uniform_ones_in_the_tables():
     assert summarise(report(layerwise="owl"))["pattern"] == "70% owl"
     assert summarise(report(layerwise="uniform"))["pattern"] == "70%"
     assert summarise(report())["pattern"] == "70%"  # a report from before OWL
+    skipping = report(skip=["*.down_proj", "model.layers.0.*"])
+    assert summarise(skipping)["pattern"] == "70% skip *.down_proj,model.layers.0.*"
+
+
+def test_a_grid_over_skip_lists_names_its_runs_without_glob_characters(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"grid": {"skip": [[], ["*.mlp.down_proj", "model.layers.0.*"]]}})
+    assert [name for name, _ in plan(grid)] == ["skip-", "skip-.mlp.down_proj+model.layers.0."]

@@ -158,7 +158,7 @@ def default_out(cfg: RunConfig) -> str:
         folder = f"{name}-layers-{cfg.depth.metric}-r{cfg.depth.remove}-{comp}"
     else:
         target = cfg.pattern.replace(":", "of") if cfg.pattern else f"{round(cfg.sparsity * 100)}pct"
-        target += "" if cfg.layerwise == "uniform" else f"-{cfg.layerwise}"
+        target += ("" if cfg.layerwise == "uniform" else f"-{cfg.layerwise}") + ("-skip" if cfg.skip else "")
         folder = f"{name}-{cfg.method}-{target}-{cfg.reconstruct.granularity.replace(':', '')}"
     return str(Path("runs") / re.sub(r"[^\w.-]+", "-", folder))
 

@@ -156,10 +156,12 @@ def method_label(cfg: dict) -> str:
 
 
 def target_label(cfg: dict) -> str:
-    """"2:4", "50%", or with OWL's sparsity per block "50% owl", from a report's config."""
+    """"2:4", "50%", with OWL's sparsity per block "50% owl", with layers kept dense "50% skip *.down_proj",
+    from a report's config."""
     target = cfg["pattern"] or format(cfg["sparsity"], ".0%")
-    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL have no such key
-    return target if layerwise == "uniform" else f"{target} {layerwise}"
+    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL (or skip) have no such key
+    target = target if layerwise == "uniform" else f"{target} {layerwise}"
+    return f"{target} skip {','.join(cfg['skip'])}" if cfg.get("skip") else target
 
 
 def _recon_label(rc: dict, recon: dict | None) -> str:

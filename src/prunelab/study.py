@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,9 @@ def plan(grid_file: Path) -> list[tuple[str, dict]]:
         values = _merge(_nest({k: v for k, v in base.items()}), _nest(overrides))
         values.pop("out", None)
         RunConfig.from_dict(values)  # refuse a bad grid before hours of work
-        name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in overrides.items()).replace(":", "of").replace("/", "-")
+        name = "_".join(f"{k.split('.')[-1]}-{'+'.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in overrides.items()).replace(":", "of").replace("/", "-")
+        name = re.sub(r"[^\w.+-]", "", name)  # skip's globs: no '*' in a file name
         runs.append((name or "base", values))
     names = [n for n, _ in runs]
     if len(set(names)) != len(names):
