@@ -79,7 +79,9 @@ class Flag:
         return value
 
     def option(self):
-        default = ",".join(f"{v:g}" for v in self.default) if isinstance(self.default, tuple) else self.default
+        default = self.default
+        if isinstance(default, tuple):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) or None
         shown = f" (default: {default if default is not None else 'none'})" if self.name != "reconstruct" else ""
         flags = f"--{self.name}/--no-{self.name}" if self.cli_type is bool else f"--{self.name}"
         return typer.Option(None, flags, help=self.help + shown, show_default=False)
