@@ -92,12 +92,8 @@ class Checkpoint:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape by name, from the files' headers (nothing is read)."""
-        shapes = {}
-        for file in set(self.files.values()):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    shapes[self.renamed.get(key, key)] = tuple(f.get_slice(key).get_shape())
-        return shapes
+        return {self.renamed.get(key, key): shape for file in set(self.files.values())
+                for key, (shape, _) in _headers(file).items()}
 
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
@@ -116,15 +112,22 @@ class Checkpoint:
         return torch.float32
 
 
-def _file_sizes(file: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Bytes of every tensor in one safetensors file, from its header: stored, or in `dtype` if floating."""
-    sizes = {}
+def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, stored dtype) of every tensor in one safetensors file, from its header (nothing is read)."""
+    found = {}
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
-            stored = _dtype(piece.get_dtype())
-            as_dtype = dtype if dtype is not None and stored.is_floating_point else stored
-            sizes[key] = math.prod(piece.get_shape()) * torch.empty((), dtype=as_dtype).element_size()
+            found[key] = (tuple(piece.get_shape()), _dtype(piece.get_dtype()))
+    return found
+
+
+def _file_sizes(file: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes of every tensor in one safetensors file, from its header: stored, or in `dtype` if floating."""
+    sizes = {}
+    for key, (shape, stored) in _headers(file).items():
+        as_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+        sizes[key] = math.prod(shape) * torch.empty((), dtype=as_dtype).element_size()
     return sizes
 
 
