@@ -449,8 +449,7 @@ class RunConfig(Checked):
             return f"{self.width.ratio:.0%} width"
         if self.structured:
             return f"{self.depth.remove} blocks by {self.depth.metric}"
-        return self.pattern if self.pattern else f"{self.sparsity:.0%}" + ("" if self.layerwise == "uniform"
-                                                                           else f" {self.layerwise}")
+        return pruning_target(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -470,6 +469,15 @@ class RunConfig(Checked):
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
 
+
+
+def pruning_target(values: dict[str, Any]) -> str:
+    """"2:4", "50%", with OWL's sparsity per block "50% owl", with layers kept dense "50% skip *.down_proj", from a
+    zero-weight run's config as a dict (a report's may predate the `layerwise` and `skip` keys)."""
+    target = values["pattern"] or format(values["sparsity"], ".0%")
+    layerwise = values.get("layerwise", "uniform")
+    target = target if layerwise == "uniform" else f"{target} {layerwise}"
+    return f"{target} skip {','.join(values['skip'])}" if values.get("skip") else target
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from typing import TypedDict
 
 import torch
 
+from .config import pruning_target
 from .evaluate.zeroshot import means
 from .measure import StageRecord
 
@@ -152,16 +153,7 @@ def method_label(cfg: dict) -> str:
         comp = "with" if depth["compensation"] else "without"
         shot = ", one shot" if depth["one_shot"] else ""
         return f"layers: remove {depth['remove']} by {depth['metric']} ({comp} compensation{shot})"
-    return f"{cfg['method']} {target_label(cfg)}"
-
-
-def target_label(cfg: dict) -> str:
-    """"2:4", "50%", with OWL's sparsity per block "50% owl", with layers kept dense "50% skip *.down_proj",
-    from a report's config."""
-    target = cfg["pattern"] or format(cfg["sparsity"], ".0%")
-    layerwise = cfg.get("layerwise", "uniform")  # reports written before OWL (or skip) have no such key
-    target = target if layerwise == "uniform" else f"{target} {layerwise}"
-    return f"{target} skip {','.join(cfg['skip'])}" if cfg.get("skip") else target
+    return f"{cfg['method']} {pruning_target(cfg)}"
 
 
 def _recon_label(rc: dict, recon: dict | None) -> str:

@@ -31,11 +31,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, load_config_file
+from .config import RunConfig, load_config_file, pruning_target
 from .errors import PrunelabError
 from .job import run_job
 from .measure import python_argv
-from .report import target_label, zeroshot_means
+from .report import zeroshot_means
 
 
 def _nest(flat: dict) -> dict:
@@ -133,7 +133,7 @@ def summarise(report: dict) -> dict:
     recon = report.get("reconstruction")
     return {
         "method": cfg["method"],
-        "pattern": target_label(cfg),
+        "pattern": pruning_target(cfg),
         "granularity": rc["granularity"],
         "propagation": rc["propagation"] if recon else "–",
         "loss": rc["loss"] if recon else "–",
