@@ -215,3 +215,20 @@ def test_evaluation_with_bos_predicts_every_text_token(tiny_dir, texts, tokenize
     plain, _ = evaluation_data(RunConfig(eval_seqlen=16, eval_windows=3), tokenizer, text)
     assert windows.shape == (3, 17) and (windows[:, 0] == tokenizer.convert_tokens_to_ids("<eos>")).all()
     assert torch.equal(windows[:, 1:], plain) and protocol["bos"] and protocol["tokens"] == 48
+
+
+def test_more_evaluation_windows_than_the_text_holds_warns_and_uses_them_all(texts, tokenizer):
+    import warnings
+
+    from prunelab.config import RunConfig
+    from prunelab.errors import PrunelabWarning
+    from prunelab.job import evaluation_data
+
+    text = texts[1].read_text()
+    available = evaluation_data(RunConfig(eval_seqlen=16, eval_windows=0), tokenizer, text)[0].shape[0]
+    with pytest.warns(PrunelabWarning, match=f"eval_windows is {available + 5}, but .* has only {available} full"):
+        windows, protocol = evaluation_data(RunConfig(eval_seqlen=16, eval_windows=available + 5), tokenizer, text)
+    assert windows.shape[0] == protocol["windows"] == available
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunelabWarning)  # exactly as many as there are: no warning
+        assert evaluation_data(RunConfig(eval_seqlen=16, eval_windows=available), tokenizer, text)[0].shape[0] == available

@@ -23,7 +23,7 @@ from rich.table import Table
 from . import __version__, distributed
 from .assets import enwiki_dump
 from .config import SHORTHANDS, RunConfig, check_type, load_config_file
-from .errors import MemoryBudgetWarning, PrunelabError
+from .errors import PrunelabError, PrunelabWarning
 from .evaluate.zeroshot import SUITES, bigbench_task_dir, source, standard_task_dir
 from .job import evaluate_model, export_same_shape, run_job
 from .models.loading import embedded_model_dir
@@ -37,7 +37,7 @@ _show_warning = warnings.showwarning
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     """prunelab's own warnings as one line, like its errors; the rest as Python shows them."""
-    if issubclass(category, MemoryBudgetWarning):
+    if issubclass(category, PrunelabWarning):
         console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         _show_warning(message, category, filename, lineno, file, line)

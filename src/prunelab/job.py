@@ -24,7 +24,7 @@ from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, evaluation_windows
-from .errors import MemoryBudgetWarning, PrunelabError
+from .errors import MemoryBudgetWarning, PrunelabError, PrunelabWarning
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import (
     count_zeros,
@@ -153,6 +153,10 @@ def retraining_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tens
 def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, dict]:
     """Non-overlapping windows of `eval_seqlen` text tokens (with `eval_bos`, each after a BOS token)."""
     windows = evaluation_windows(tokenizer, text, config.eval_seqlen, config.eval_windows)
+    if windows.shape[0] < config.eval_windows:
+        warnings.warn(PrunelabWarning(f"eval_windows is {config.eval_windows}, but {config.eval} has only "
+                                      f"{windows.shape[0]} full windows of {config.eval_seqlen} tokens: "
+                                      f"perplexity is measured on those {windows.shape[0]}"))
     text_tokens = windows.numel()
     if config.eval_bos:
         if tokenizer.bos_token_id is None:
