@@ -156,7 +156,7 @@ def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tens
     if windows.shape[0] < config.eval_windows:
         warnings.warn(PrunelabWarning(f"eval_windows is {config.eval_windows}, but {config.eval} has only "
                                       f"{windows.shape[0]} full windows of {config.eval_seqlen} tokens: "
-                                      f"perplexity is measured on those {windows.shape[0]}"))
+                                      f"perplexity is measured on those {windows.shape[0]}"), stacklevel=2)
     text_tokens = windows.numel()
     if config.eval_bos:
         if tokenizer.bos_token_id is None:
