@@ -305,9 +305,10 @@ def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lower
     assert model.config.num_hidden_layers == 3
 
 
-@pytest.mark.parametrize("mode, precision", [("sparse", "float32"), ("mixed", "float32"), ("dense", "float32"),
-                                             ("mixed", "bfloat16")])
-def test_reconstruction_after_flap_trains_every_half(mode, precision):
+@pytest.mark.parametrize("mode, precision, loss", [("sparse", "float32", "mse"), ("mixed", "float32", "mse"),
+                                                   ("dense", "float32", "mse"), ("mixed", "bfloat16", "mse"),
+                                                   ("mixed", "float32", "cmse")])
+def test_reconstruction_after_flap_trains_every_half(mode, precision, loss):
     model = tiny_model("qwen3", layers=2)
     result = prunelab.prune(
         model,
@@ -316,7 +317,7 @@ def test_reconstruction_after_flap_trains_every_half(mode, precision):
         calibration=random_ids(8, 16),
         heldout=random_ids(4, 16, seed=1),
         progress=False,
-        reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": mode, "precision": precision},
+        reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": mode, "precision": precision, "loss": loss},
     )
     assert result["reconstruction"]["propagation"] == mode and result["reconstruction"]["precision"] == precision
     records = result["reconstruction"]["submodels"]

@@ -15,6 +15,7 @@ from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 from prunelab.recover import Trainable, fit, schedule, submodels, token_loss
+from prunelab.recover.loop import channel_scale
 from prunelab.recover.reconstruct import prune_and_reconstruct
 from prunelab.recover.step import LearningRate
 
@@ -64,6 +65,8 @@ def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
     x, y = torch.randn(6, 5, 16), torch.randn(6, 5, 8)
 
     class Problem:
+        scale = None
+
         def windows(self, split):
             return 6
 
@@ -290,9 +293,41 @@ def test_pad_tokens_do_not_count_in_the_loss():
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     changed = pred.clone()
     changed[0, 2:] += 100
-    for loss in ("mse", "nmse", "cosine"):
-        assert token_loss(loss, pred, target, mask) == token_loss(loss, changed, target, mask)
-        assert token_loss(loss, pred, target, None) != token_loss(loss, changed, target, None)
+    scale = torch.rand(8) + 0.5
+    for loss in ("mse", "cmse", "nmse", "cosine"):
+        assert token_loss(loss, pred, target, mask, scale) == token_loss(loss, changed, target, mask, scale)
+        assert token_loss(loss, pred, target, None, scale) != token_loss(loss, changed, target, None, scale)
+
+
+def test_cmse_weighs_each_channel_by_its_size_over_the_non_pad_tokens():
+    torch.manual_seed(0)
+    target = torch.randn(4, 6, 5)
+    target[..., 0] *= 1000  # one massive channel, as in Gemma's and SmolLM2's residual streams
+    target[..., 4] = 0  # and a dead one
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    target[1, 3:] = 1e6  # pad tokens: their size must not count
+    scale = channel_scale(target, lambda rows: mask[rows], chunk=3)
+    kept = target[mask]
+    assert torch.allclose(scale[:4], kept[:, :4].pow(2).mean(0).rsqrt(), rtol=1e-5)
+    assert torch.isfinite(scale[4]) and scale[4] > 100 * scale[:4].max()  # floored, not infinite
+    # an error of 1 % of each channel's size costs the same in every channel; under mse the massive one dominates
+    pred = target.clone()
+    pred[..., :4] += 0.01 * kept[:, :4].abs().mean(0)
+    assert token_loss("mse", pred, target, mask) > 1e4 * token_loss("mse", pred[..., 1:], target[..., 1:], mask)
+    per_channel = [token_loss("cmse", pred[..., c:c + 1], target[..., c:c + 1], mask, scale[c:c + 1]) for c in range(4)]
+    assert max(per_channel) < 2 * min(per_channel)
+    with pytest.raises(PrunelabError, match="needs the targets' channel scale"):
+        token_loss("cmse", pred, target, mask)
+
+
+@pytest.mark.parametrize("granularity", ["attn-mlp", "matrix"])
+def test_cmse_reconstruction_lowers_its_loss_on_the_scale_it_trains_on(granularity):
+    _, report = reconstruct(tiny_model("llama"), reconstruct={"loss": "cmse", "granularity": granularity})
+    submodels = report["submodels"]
+    assert len(submodels) == 4 and all(r["loss_train_after"] < r["loss_train_before"] for r in submodels)
+    if granularity == "matrix":
+        assert all(m["loss_train_after"] < m["loss_train_before"] for r in submodels for m in r["matrices"])
 
 
 def test_schedule_warms_up_then_decays_to_zero():

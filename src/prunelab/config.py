@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # granularity -> half-blocks per submodel (None: every half of the model; blocks:K is 2K)
 GRANULARITIES = {"none": 0, "matrix": 1, "attn-mlp": 1, "block": 2, "blocks:K": None, "model": None}
 PROPAGATIONS = ("dense", "sparse", "mixed")
-LOSSES = ("mse", "nmse", "cosine")
+LOSSES = ("mse", "cmse", "nmse", "cosine")
 OFFLOAD = ("auto", "on", "off")
 SCOPES = ("adjacent", "all")
 RETRAIN_METHODS = ("none", "full", "masklora")
@@ -136,7 +136,8 @@ class ReconstructConfig(Checked):
     # mixed measured best on SmolLM2: the dense model's own activations as targets let every
     # submodel correct the error that reaches it from upstream
     propagation: str = option("mixed", "what each submodel reads and is trained to produce: dense | sparse | mixed")
-    loss: str = option("mse", "reconstruction loss: mse | nmse (per-token normalised) | cosine")
+    loss: str = option("mse", "reconstruction loss: mse | cmse (per-channel normalised) | nmse (per-token "
+                              "normalised) | cosine")
     lr: float | str = option("auto", "reconstruction learning rate, or 'auto' (chosen from --lr-grid on held-out "
                                      "calibration windows)")
     lr_grid: tuple[float, ...] = option((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "learning rates 'auto' tries (comma-separated)")

@@ -222,10 +222,12 @@ class Reconstructor:
 
             linears = {i: stack.enter_context(adapter.prunable_linears(blocks[i])) for i in indices}
             halves = [adapter.halves(blocks[i])[p] for i, p in units]
-            work, before = self._prune(units, halves, linears, inputs, targets)
+            scale = self.trainer.channel_scale(targets["train"], self.streams["train"])
+            work, before = self._prune(units, halves, linears, inputs, targets, scale)
             lap("prune")
 
-            problem = SubmodelProblem(halves, unit_blocks, {s: self._stream(s, inputs[s]) for s in SPLITS}, targets)
+            problem = SubmodelProblem(halves, unit_blocks, {s: self._stream(s, inputs[s]) for s in SPLITS}, targets,
+                                      scale)
             self._train(problem, record, units, linears, dense_blocks, dense_halves, inputs, dense, before)
             lap("train")
 
@@ -261,7 +263,7 @@ class Reconstructor:
     def _empty(self, like: torch.Tensor) -> torch.Tensor:
         return self.arena.empty(like.shape, like.dtype, like.device)
 
-    def _prune(self, units, halves, linears, inputs, targets):
+    def _prune(self, units, halves, linears, inputs, targets, scale):
         """Prune the submodel's halves in order on the training windows (their outputs come with it) and
         run the pruned submodel on the held-out ones; returns (outputs, losses before training)."""
         for index, _ in units:
@@ -276,7 +278,7 @@ class Reconstructor:
             self._empty(inputs["heldout"]),
             submodel_name(units),
         )
-        return work, {s: stream_loss(self.rc.loss, work[s], targets[s], self.streams[s]) for s in SPLITS}
+        return work, {s: stream_loss(self.rc.loss, work[s], targets[s], self.streams[s], scale) for s in SPLITS}
 
     def _train_each_linear(
         self,
@@ -314,7 +316,8 @@ class Reconstructor:
                 with torch.no_grad():
                     targets = {s: dense_linears[name](x_dense[s]) for s in SPLITS}
                 linear = members[name]
-                problem = LinearProblem(linear, x, targets, self.streams)
+                problem = LinearProblem(linear, x, targets, self.streams,
+                                        self.trainer.channel_scale(targets["train"], self.streams["train"]))
                 trainable = Trainable.of(list(linear.parameters()), {id(linear.weight)})
                 before = {s: self.trainer.evaluate(problem, s) for s in SPLITS}
                 result = self.trainer.train(problem, trainable, before["heldout"])

@@ -20,7 +20,7 @@ from .. import distributed
 from ..activations import BlockStream, run_halves
 from ..config import RunConfig
 from ..models.adapters import Half
-from .loop import Diverged, Trainable, evaluate, finite_or_inf, fit, token_loss
+from .loop import SCALED_LOSSES, Diverged, Trainable, channel_scale, evaluate, finite_or_inf, fit, token_loss
 
 SPLITS = ("train", "heldout")
 
@@ -34,13 +34,14 @@ def trainable_parameters(half: Half, freeze_norms: bool) -> list[nn.Parameter]:
     return [p for p in half.parameters() if id(p) in linear]
 
 
-def stream_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream) -> float:
+def stream_loss(loss: str, pred: torch.Tensor, target: torch.Tensor, stream: BlockStream,
+                scale: torch.Tensor | None = None) -> float:
     """The loss over every non-pad token of the stream's windows, from outputs already computed."""
     total, tokens = 0.0, 0
     for b, rows in stream.batches():
         mask = stream.token_masks[b]
         count = int(mask.sum()) if mask is not None else pred[rows].shape[0] * pred[rows].shape[1]
-        total += token_loss(loss, pred[rows], target[rows], mask).item() * count
+        total += token_loss(loss, pred[rows], target[rows], mask, scale).item() * count
         tokens += count
     total, tokens = distributed.all_sum_float(total), distributed.all_sum_float(tokens)  # data parallel
     return total / max(tokens, 1)
@@ -55,6 +56,7 @@ class SubmodelProblem:
     blocks: list[int]  # the decoder block of each half
     inputs: dict[str, BlockStream]
     targets: dict[str, torch.Tensor]
+    scale: torch.Tensor | None = None  # see loop.Problem
 
     def windows(self, split: str) -> int:
         return self.inputs[split].hidden.shape[0]
@@ -75,6 +77,7 @@ class LinearProblem:
     inputs: dict[str, torch.Tensor]
     targets: dict[str, torch.Tensor]
     streams: dict[str, BlockStream]  # for the windows' pad masks
+    scale: torch.Tensor | None = None  # see loop.Problem
 
     def windows(self, split: str) -> int:
         return self.inputs[split].shape[0]
@@ -165,6 +168,10 @@ class Trainer:
         self.problems = 0
         self.spill_snapshots = False  # a streamed model: the start and best weights wait in temporary files
 
+    def channel_scale(self, targets: torch.Tensor, stream: BlockStream) -> torch.Tensor | None:
+        """What a problem on these training targets needs beside them for the configured loss (`cmse`)."""
+        return channel_scale(targets, stream.window_token_mask) if self.rc.loss in SCALED_LOSSES else None
+
     def evaluate(self, problem, split: str) -> float:
         return evaluate(problem, split, self.rc.loss, max(self.rc.batch_size, self.forward_batch))
 
@@ -239,5 +246,5 @@ class Trainer:
             stream = problem.inputs[s]
             buffer = buffers[s] if buffers is not None else torch.empty_like(stream.hidden)
             out[s] = run_halves(problem.halves, problem.blocks, stream, buffer, name)
-            record[f"loss_{s}_after"] = stream_loss(self.rc.loss, out[s], problem.targets[s], stream)
+            record[f"loss_{s}_after"] = stream_loss(self.rc.loss, out[s], problem.targets[s], stream, problem.scale)
         return out

@@ -161,9 +161,9 @@ class StructuredRun:
             targets = {s: t * b for s, t in self.dense_run(dense_units, {s: self.h[s] / a for s in SPLITS}).items()}
         else:
             targets = {s: next_dense[s] * b for s in SPLITS}
-        problem = SubmodelProblem(
-            trained, [j] * len(parts), {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}, targets
-        )
+        streams = {s: self.streams[s].with_hidden(inputs[s]) for s in SPLITS}
+        problem = SubmodelProblem(trained, [j] * len(parts), streams, targets,
+                                  self.trainer.channel_scale(targets["train"], self.streams["train"]))
         name = f"block {j}" + ("" if len(parts) == 2 else f" {trained[0].name}")
         trainable = Trainable.of([p for half in trained for p in trainable_parameters(half, rc.freeze_norms)], set())
         record = {"submodel": name, "dense_blocks": list(span), **self.trainer.fit(problem, trainable)}
