@@ -69,18 +69,19 @@ def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method, layerwi
     assert [r.get("target") for r in report["layers"]] == [r.get("target") for r in single["layers"]]
 
 
-@pytest.mark.parametrize("lr", ["1e-3", "auto"])
-def test_two_processes_reconstruct_like_one(tiny_dir, texts, tmp_path, lr):
+@pytest.mark.parametrize("lr, loss", [("1e-3", "cmse"), ("auto", "mse")])
+def test_two_processes_reconstruct_like_one(tiny_dir, texts, tmp_path, lr, loss):
     """Each step's windows split between the processes, gradients summed: the same training as one process
-    holding every window, to floating-point summation order."""
+    holding every window, to floating-point summation order (cmse: with the channel scale of every window)."""
     calib, evaluation = texts
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
                                device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, eval_dense=False,
-                               reconstruct={"lr": lr, "heldout": 4, "batch_size": 2}, out=str(tmp_path / "one")),
+                               reconstruct={"lr": lr, "heldout": 4, "batch_size": 2, "loss": loss},
+                               out=str(tmp_path / "one")),
                           progress=False)
     two = tmp_path / "two"
     done = torchrun(run_args(tiny_dir, texts, two, "--reconstruct", "attn-mlp", "--lr", lr, "--heldout", "4",
-                             "--batch-size", "2", "--no-eval-dense"))
+                             "--batch-size", "2", "--loss", loss, "--no-eval-dense"))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((two / "prunelab.json").read_text())
     assert report["data"]["processes"]["windows"]["heldout"] == [0, 2]

@@ -178,9 +178,9 @@ def test_vocabulary_matrices_larger_than_a_block_get_a_shard_each(tmp_path, toke
                                                                         rel=1e-5)
 
 
-@pytest.mark.parametrize("granularity", ["attn-mlp", "blocks:2"])
-def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, tmp_path, granularity):
-    kwargs = dict(reconstruct={"granularity": granularity, "lr": 1e-3, "heldout": 4}, eval_dense=False)
+@pytest.mark.parametrize("granularity, loss", [("attn-mlp", "mse"), ("blocks:2", "cmse")])
+def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, tmp_path, granularity, loss):
+    kwargs = dict(reconstruct={"granularity": granularity, "lr": 1e-3, "heldout": 4, "loss": loss}, eval_dense=False)
     whole = run(four_blocks, texts, tmp_path / "whole", **kwargs)
     streamed = run(four_blocks, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **kwargs)
     expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
