@@ -16,9 +16,10 @@ and the loop minimises, over the submodel's trainable parameters θ,
     nmse    ℓ = ‖p − y‖² / ‖y‖²            (each token's error relative to its target's size)
     cosine  ℓ = 1 − cos(p, y)
 
-`cmse` is there for residual streams in which a few massive channels hold most of the energy (5 of
-Gemma 3 270M's 640 channels hold 80–98 % of it from block 1 on, 5 of SmolLM2's 576 about 55 %): plain
-MSE spends the submodel's training on them, though the next norms read them with small weights.
+`cmse` is there for residual streams in which a few massive channels hold most of the energy
+(`benchmarks/massive_channels.py`: 5 of Gemma 3 270M's 640 hold 78–99 % of it after every block, and the
+next pre-norm reads them at 0.01–0.5× its median gain). Plain MSE spends the submodel's training on them;
+on Gemma, Wanda 50 % + attn-mlp gives perplexity 93.76 with mse and 67.73 with cmse (dense 55.04).
 
 with AdamW, a linear warm-up over the first `warmup` fraction of steps and a linear decay to 0.
 Pruned weights are zeroed again after every step, so the mask is exact; AdamW is elementwise, so
