@@ -114,6 +114,9 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
 
     assert sorted(f.path for f in FLAGS) == sorted(leaves(RunConfig))
     assert all(f.help for f in FLAGS), [f.name for f in FLAGS if not f.help]
+    shown = {f.name: f.option().help for f in FLAGS}  # one default each: the literal one, or the help's own words
+    assert [n for n, text in shown.items() if text.count("(default:") != 1] == []
+    assert shown["lr"].endswith("(default: auto)") and shown["threads"].endswith("(default: torch's choice)")
     assert {f.path[0] for f in EVAL_FLAGS} == {"model", "eval", "eval_seqlen", "eval_windows", "eval_batch",
                                                "eval_bos", "tasks", "task_limit", "task_batch", "model_dtype",
                                                "device", "threads", "max_memory"}

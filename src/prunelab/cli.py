@@ -82,7 +82,8 @@ class Flag:
         default = self.default
         if isinstance(default, tuple):
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) or None
-        shown = f" (default: {default if default is not None else 'none'})" if self.name != "reconstruct" else ""
+        # a help that words its own default ("half the free memory") is not followed by the literal one
+        shown = "" if "(default:" in self.help else f" (default: {default if default is not None else 'none'})"
         flags = f"--{self.name}/--no-{self.name}" if self.cli_type is bool else f"--{self.name}"
         return typer.Option(None, flags, help=self.help + shown, show_default=False)
 
