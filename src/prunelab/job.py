@@ -44,8 +44,11 @@ from .models.loading import (
     EMBEDDED_NAMES,
     broken_weights,
     embedded_model_dir,
+    float_nbytes,
+    float_weights,
     load_model,
     load_tokenizer,
+    quantization,
     resolve_device,
     torch_dtype,
 )
@@ -300,6 +303,16 @@ class Job:
 RECONSTRUCTION_BLOCKS = 4.5
 
 
+def memory_budget(config: RunConfig) -> float:
+    """GB the model's weights may take: --max-memory, or half the free memory (room for activations, statistics
+    and the optimiser beside the weights)."""
+    if config.max_memory is not None:
+        return config.max_memory
+    device = resolve_device(config.device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return 0.5 * free / 1e9
+
+
 def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, float, float] | None:
     """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
     streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
@@ -307,17 +320,22 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     path = embedded_model_dir() if config.model.lower() in EMBEDDED_NAMES else Path(config.model).expanduser()
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
+    quant = quantization(path)
+    if quant is not None:  # loaded whole and dequantized, or refused: its stored sizes are not its float sizes
+        float_weights(config.model, quant)
+        size, budget = float_nbytes(path, torch_dtype(config.model_dtype)) / 1e9, memory_budget(config)
+        if size > budget:
+            raise PrunelabError(f"{config.model} holds {quant['quant_method']}-quantized weights that take "
+                                f"{size:.1f} GB as {config.model_dtype}, more than the memory budget {budget:.1f} GB "
+                                "(--max-memory); prunelab streams only float checkpoints: raise the budget or "
+                                "dequantize it first")
+        return None
     try:
         sizes = Checkpoint(path).nbytes(torch_dtype(config.model_dtype))
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise PrunelabError(f"cannot load model {config.model!r}: {broken_weights(path)} is corrupt or truncated "
                             f"({str(exc).splitlines()[0]})") from None
-    size = sum(sizes.values()) / 1e9
-    budget = config.max_memory
-    if budget is None:  # room for activations, statistics and the optimiser beside the weights
-        device = resolve_device(config.device)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-        budget = 0.5 * free / 1e9
+    size, budget = sum(sizes.values()) / 1e9, memory_budget(config)
     if size <= budget:
         return None
     block = largest_block(sizes) / 1e9

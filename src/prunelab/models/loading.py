@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.quantizers.auto import AutoQuantizationConfig
 
 from ..assets import SMOLLM2, cache_dir, download
 from ..distributed import device_for
@@ -18,6 +21,10 @@ from .conv1d import hold
 from .narrow import STRUCTURE_FILE, load_narrow
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
+# Quantized checkpoints whose weights transformers turns back into floats when asked: MXFP4 (GPT-OSS) and block
+# FP8 (DeepSeek-V3, the Qwen3 FP8 releases). prunelab always asks: on a GPU with the kernels transformers would
+# otherwise keep them packed (FP8Linear is an nn.Linear), and pruning would zero codes instead of weights.
+DEQUANTIZED_ON_LOAD = ("mxfp4", "fp8")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -46,6 +53,37 @@ def _plain(model):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+def quantization(config) -> dict | None:
+    """The `quantization_config` of a config (or of a folder's config.json) as a dict, None for float weights."""
+    if isinstance(config, Path):
+        return json.loads((config / "config.json").read_text()).get("quantization_config")
+    quant = getattr(config, "quantization_config", None)
+    return quant if quant is None or isinstance(quant, dict) else quant.to_dict()
+
+
+def float_weights(spec: str, quant: dict | None) -> dict:
+    """from_pretrained's arguments that load a checkpoint quantized as `quant` says as float weights; a
+    quantization that transformers cannot undo on load is refused in one line."""
+    if quant is None:
+        return {}
+    method = quant.get("quant_method")
+    if method not in DEQUANTIZED_ON_LOAD:
+        raise PrunelabError(f"{spec} holds {method}-quantized weights; prunelab prunes float weights, and transformers "
+                            f"dequantizes only {' and '.join(DEQUANTIZED_ON_LOAD)} checkpoints on load: start from the "
+                            "unquantized model")
+    return {"quantization_config": AutoQuantizationConfig.from_dict({**quant, "dequantize": True})}
+
+
+def float_nbytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes of a checkpoint's weights once dequantized to `dtype` (its stored sizes say nothing about that):
+    the parameters of the model its config describes, built on the meta device."""
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
 def load_tokenizer(source: str | Path, **kwargs):
@@ -87,10 +125,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
             if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
                 model = load_narrow(path, torch_dt)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt,
+                                                             **float_weights(spec, quantization(path)))
         else:  # a hub id
             tokenizer = load_tokenizer(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt)
+            quant = quantization(AutoConfig.from_pretrained(spec))
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt, **float_weights(spec, quant))
     except PrunelabError:
         raise
     except SafetensorError as exc:
