@@ -10,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_inputs import base_args, cli
-from tiny import tiny_model
+from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+import prunelab
+from prunelab.errors import PrunelabError
 from prunelab.models.loading import float_weights, load_model
 
 
@@ -94,3 +96,14 @@ def test_a_quantized_checkpoint_larger_than_the_budget_is_refused_not_streamed(m
     code, output = cli(*base_args(mxfp4_dir, texts, tmp_path / "out"), "--max-memory", "0.0001")
     assert code == 2 and "mxfp4-quantized weights that take" in output and "streams only float checkpoints" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_quantized_in_memory_is_refused_by_the_api_before_any_work():
+    model = tiny_model("llama")
+    linear = model.model.layers[1].self_attn.v_proj
+    linear.weight.data = linear.weight.data.to(torch.float8_e4m3fn)  # as FP8Linear holds them on a GPU
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match=r"model.layers.1.self_attn.v_proj.weight holds float8_e4m3fn weights "
+                                            r"\(Linear\): prunelab prunes float weights"):
+        prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.5, progress=False)
+    assert all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())

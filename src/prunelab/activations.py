@@ -227,6 +227,12 @@ def checked_adapter(model: nn.Module) -> Adapter:
     pruned and reconstructed against wrong activations without a word. 16 random tokens, before any work.
     """
     adapter = find_adapter(model)
+    packed = {name: w for name, w in adapter.prunable_weights().items() if not _float_dtype(w.dtype)}
+    if packed:  # a model quantized in memory (bitsandbytes, FP8 kept by its kernels): pruning would zero codes
+        name, weight = next(iter(packed.items()))
+        raise PrunelabError(f"{name} holds {str(weight.dtype).removeprefix('torch.')} weights "
+                            f"({type(model.get_submodule(name.rpartition('.')[0])).__name__}): prunelab prunes float "
+                            "weights; load the model unquantized or dequantized")
     was_training = model.training
     model.eval()  # no dropout
     try:
@@ -236,6 +242,10 @@ def checked_adapter(model: nn.Module) -> Adapter:
     finally:
         model.train(was_training)
     return adapter
+
+
+def _float_dtype(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
