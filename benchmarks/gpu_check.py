@@ -15,6 +15,7 @@
    log-likelihoods (`streamed_loglikelihoods`, what `--tasks` uses on a streamed model; lm-eval itself
    is not in the device image) against a forward of the whole model, and a CUDA peak that does not grow
    with the number of blocks.
+6. Quantized checkpoints: a tiny MXFP4 GPT-OSS loaded onto the GPU, dequantized whatever kernels are installed.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--blocks 4] [--windows 64] [--seqlen 2048]
 
@@ -133,6 +134,27 @@ def retraining(device: str) -> None:
             losses.items()), flush=True)
 
 
+def quantized(device: str) -> None:
+    """A tiny MXFP4 GPT-OSS loaded onto `device`: on a GPU with triton and the `kernels` package transformers would
+    keep the codes unless asked to dequantize, which `load_model` always does."""
+    from conftest import make_tokenizer
+    from safetensors.torch import load_file
+    from tiny import mxfp4_checkpoint
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from prunelab.models.loading import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mxfp4_checkpoint(Path(tmp) / "mxfp4", make_tokenizer())
+        stored = load_file(folder / "model.safetensors")
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        expected = convert_moe_packed_tensors(stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype=torch.float32)
+        model = load_model(str(folder), device=device)[0]
+        got, experts = model.get_parameter(name), type(model.get_submodule(name.rpartition(".")[0])).__name__
+        print(f"quantized on {device}: MXFP4 experts load as {got.dtype} ({experts}), equal to transformers' "
+              f"dequantization: {torch.equal(got.cpu(), expected)}", flush=True)
+
+
 def whole_job(device: str) -> None:
     from conftest import TEXT, make_tokenizer
     from tiny import tiny_model
@@ -227,7 +249,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["agreement", "retraining", "shapes", "job", "onloading"])
+                        choices=["agreement", "retraining", "shapes", "job", "onloading", "quantized"])
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -235,6 +257,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}", flush=True)
     started = time.perf_counter()
+    if "quantized" not in args.skip:
+        quantized(args.device)
     if "job" not in args.skip:
         whole_job(args.device)
     if "onloading" not in args.skip:

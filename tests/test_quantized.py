@@ -4,13 +4,12 @@ it cannot, and saved as plain float checkpoints."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_inputs import base_args, cli
-from tiny import random_ids, tiny_model
+from tiny import mxfp4_checkpoint, quantized_checkpoint, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -19,30 +18,9 @@ from prunelab.errors import PrunelabError
 from prunelab.models.loading import float_weights, load_model
 
 
-def quantized(folder: Path, state: dict, quantization_config: dict) -> Path:
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
-    return folder
-
-
 @pytest.fixture()
 def mxfp4_dir(tmp_path, tokenizer):
-    """A tiny GPT-OSS whose experts are stored as on the hub: MXFP4, 32 four-bit codes (random here) per 8-bit
-    power-of-two scale."""
-    folder = tmp_path / "gpt-oss-mxfp4"
-    tiny_model("gpt_oss").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    state = load_file(folder / "model.safetensors")
-    generator = torch.Generator().manual_seed(1)
-    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        experts, inputs, outputs = state.pop(name).shape  # held [E, in, out]; stored [E, out, in / 32, 16 bytes]
-        state[f"{name}_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), generator=generator,
-                                                dtype=torch.uint8)
-        state[f"{name}_scales"] = torch.randint(118, 124, (experts, outputs, inputs // 32), generator=generator,
-                                                dtype=torch.uint8)  # 2^-9 ... 2^-4
-    return quantized(folder, state, {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    return mxfp4_checkpoint(tmp_path / "gpt-oss-mxfp4", tokenizer)
 
 
 def test_mxfp4_experts_load_as_transformers_dequantizes_them_and_save_as_plain_floats(mxfp4_dir, texts, tmp_path):
@@ -73,7 +51,7 @@ def test_block_fp8_linears_load_as_their_codes_times_their_scales(tiny_dir, text
         rows, cols = state[key].shape
         state[key] = (state[key] / 0.01).to(torch.float8_e4m3fn)
         state[key.removesuffix("weight") + "weight_scale_inv"] = torch.full((rows // 32, cols // 32), 0.01)
-    quantized(tiny_dir, state, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+    quantized_checkpoint(tiny_dir, state, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [32, 32]})
     model = load_model(str(tiny_dir))[0]
     assert type(model.get_submodule(name.removesuffix(".weight"))) is torch.nn.Linear
@@ -86,7 +64,7 @@ def test_block_fp8_linears_load_as_their_codes_times_their_scales(tiny_dir, text
 
 @pytest.mark.parametrize("method", ["gptq", "bitsandbytes"])
 def test_a_quantization_transformers_cannot_undo_is_refused_before_any_work(method, tiny_dir, texts, tmp_path):
-    quantized(tiny_dir, load_file(tiny_dir / "model.safetensors"), {"quant_method": method, "bits": 4})
+    quantized_checkpoint(tiny_dir, load_file(tiny_dir / "model.safetensors"), {"quant_method": method, "bits": 4})
     code, output = cli(*base_args(tiny_dir, texts, tmp_path / "out"))
     assert code == 2 and f"holds {method}-quantized weights" in output and "start from the unquantized model" in output
     assert not (tmp_path / "out").exists()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from prunelab.models.conv1d import hold
@@ -86,3 +90,28 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **override
 
 def random_ids(samples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def quantized_checkpoint(folder: Path, state: dict, quantization_config: dict) -> Path:
+    """`folder`'s checkpoint rewritten with `state` as its weights and `quantization_config` in its config."""
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return folder
+
+
+def mxfp4_checkpoint(folder: Path, tokenizer) -> Path:
+    """A tiny GPT-OSS whose experts are stored as on the hub: MXFP4, 32 four-bit codes (random here) per 8-bit
+    power-of-two scale."""
+    tiny_model("gpt_oss").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = state.pop(name).shape  # held [E, in, out]; stored [E, out, in / 32, 16 bytes]
+        state[f"{name}_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), generator=generator,
+                                                dtype=torch.uint8)
+        state[f"{name}_scales"] = torch.randint(118, 124, (experts, outputs, inputs // 32), generator=generator,
+                                                dtype=torch.uint8)  # 2^-9 ... 2^-4
+    return quantized_checkpoint(folder, state, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
