@@ -283,6 +283,14 @@ def test_corrupt_safetensors_is_one_line_in_run_and_eval(tiny_dir, texts, tmp_pa
     assert code == 2 and "cannot load model" in output
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_config_json_that_is_not_an_object_is_one_line(text, tiny_dir, texts, tmp_path):
+    (tiny_dir / "config.json").write_text(text)
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "out"))
+    assert code == 2 and "its config.json is not a JSON object" in output
+    assert not (tmp_path / "out").exists()
+
+
 def test_windows_longer_than_the_model_allows_are_refused(tiny_dir, texts, tmp_path):
     code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), "--eval-seqlen", "4096")
     assert code == 2 and "eval_seqlen 4096 exceeds the model's max_position_embeddings 1024" in output

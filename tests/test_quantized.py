@@ -85,3 +85,4 @@ def test_a_model_quantized_in_memory_is_refused_by_the_api_before_any_work():
                                             r"\(Linear\): prunelab prunes float weights"):
         prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.5, progress=False)
     assert all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())
+

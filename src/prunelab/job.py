@@ -323,7 +323,11 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     quant = quantization(path)
     if quant is not None:  # loaded whole and dequantized, or refused: its stored sizes are not its float sizes
         float_weights(config.model, quant)
-        size, budget = float_nbytes(path, torch_dtype(config.model_dtype)) / 1e9, memory_budget(config)
+        try:
+            size = float_nbytes(path, torch_dtype(config.model_dtype)) / 1e9
+        except (OSError, ValueError, KeyError) as exc:
+            raise PrunelabError(f"cannot load model {config.model!r}: {str(exc).splitlines()[0]}") from None
+        budget = memory_budget(config)
         if size > budget:
             raise PrunelabError(f"{config.model} holds {quant['quant_method']}-quantized weights that take "
                                 f"{size:.1f} GB as {config.model_dtype}, more than the memory budget {budget:.1f} GB "

@@ -58,7 +58,11 @@ def _plain(model):
 def quantization(config) -> dict | None:
     """The `quantization_config` of a config (or of a folder's config.json) as a dict, None for float weights."""
     if isinstance(config, Path):
-        return json.loads((config / "config.json").read_text()).get("quantization_config")
+        try:
+            return json.loads((config / "config.json").read_text()).get("quantization_config")
+        except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+            raise PrunelabError(f"cannot load model {str(config)!r}: its config.json is not a JSON object "
+                                f"({exc})") from None
     quant = getattr(config, "quantization_config", None)
     return quant if quant is None or isinstance(quant, dict) else quant.to_dict()
 
