@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _plain(model):
-    """Drop the GGUF quantizer bookkeeping: the weights are already dequantised floats."""
+    """Drop the quantizer's bookkeeping (GGUF, MXFP4, FP8): the weights are already dequantized floats."""
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -78,6 +78,17 @@ def float_weights(spec: str, quant: dict | None) -> dict:
                             f"dequantizes only {' and '.join(DEQUANTIZED_ON_LOAD)} checkpoints on load: start from the "
                             "unquantized model")
     return {"quantization_config": AutoQuantizationConfig.from_dict({**quant, "dequantize": True})}
+
+
+def load_float(source: str | Path, spec: str, quant: dict | None, dtype: torch.dtype):
+    """from_pretrained of a checkpoint of float weights, or of one quantized as `quant` says, dequantized."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **float_weights(spec, quant))
+    if quant is not None:  # plain float weights in `dtype` from here on, saved as a float checkpoint of its type
+        _plain(model).to(dtype)  # (transformers 5.17 dequantizes to bfloat16 whatever dtype it is asked for)
+        # the conversions it loaded with include the dequantization, which 5.17 reverts on save (quantizes again);
+        # without them, save_pretrained converts as for a model of this type built from its config
+        model._weight_conversions = None
+    return model
 
 
 def float_nbytes(folder: Path, dtype: torch.dtype) -> int:
@@ -129,12 +140,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
             if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
                 model = load_narrow(path, torch_dt)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dt,
-                                                             **float_weights(spec, quantization(path)))
+                model = load_float(path, spec, quantization(path), torch_dt)
         else:  # a hub id
             tokenizer = load_tokenizer(spec)
-            quant = quantization(AutoConfig.from_pretrained(spec))
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dt, **float_weights(spec, quant))
+            model = load_float(spec, spec, quantization(AutoConfig.from_pretrained(spec)), torch_dt)
     except PrunelabError:
         raise
     except SafetensorError as exc:
