@@ -35,6 +35,8 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them_and_save_as_plain_f
     code, output = cli(*base_args(mxfp4_dir, texts, tmp_path / "out"), "--reconstruct", "none")
     assert code == 0, output
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "prunelab.json").read_text())["model"]["dequantized_from"] == "mxfp4"
+    assert f"{mxfp4_dir} (dequantized from mxfp4)" in (tmp_path / "out" / "REPORT.md").read_text()
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert saved[name].dtype == torch.float32 and f"{name}_blocks" not in saved
     assert float((saved[name] == 0).float().mean()) == 0.5

@@ -290,7 +290,8 @@ class Job:
         return Report(
             config=config.to_dict(),
             model={"source": self.source, "family": self.adapter.family, "class": type(model).__name__,
-                   "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(self.adapter.blocks)},
+                   "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(self.adapter.blocks),
+                   **({"dequantized_from": model.dequantized_from} if hasattr(model, "dequantized_from") else {})},
             data=self.data, metrics=self.metrics,
             sparsity=sparsity,
             stages=self.stages, layers=self.layers, reconstruction=self.reconstruction, structure=self.structure,

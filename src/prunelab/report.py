@@ -79,7 +79,9 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
     recon = report.get("reconstruction")
     name = "prune+reconstruct" if "prune+reconstruct" in stages else "prune"
     prune = stages.get(name, {})
-    rows = [("model", report["model"]["source"]), ("method", method_label(cfg)),
+    model = report["model"]["source"] + (f" (dequantized from {report['model']['dequantized_from']})"
+                                         if "dequantized_from" in report["model"] else "")
+    rows = [("model", model), ("method", method_label(cfg)),
             ("reconstruction", _recon_label(cfg["reconstruct"], recon))]
     if sparsity is not None:
         rows.append(

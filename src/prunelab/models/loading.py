@@ -88,6 +88,7 @@ def load_float(source: str | Path, spec: str, quant: dict | None, dtype: torch.d
         # the conversions it loaded with include the dequantization, which 5.17 reverts on save (quantizes again);
         # without them, save_pretrained converts as for a model of this type built from its config
         model._weight_conversions = None
+        model.dequantized_from = quant["quant_method"]  # for the report
     return model
 
 
