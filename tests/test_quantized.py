@@ -54,7 +54,7 @@ def test_block_fp8_linears_load_as_their_codes_times_their_scales(tiny_dir, text
         state[key] = (state[key] / 0.01).to(torch.float8_e4m3fn)
         state[key.removesuffix("weight") + "weight_scale_inv"] = torch.full((rows // 32, cols // 32), 0.01)
     quantized_checkpoint(tiny_dir, state, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [32, 32]})
+                                           "weight_block_size": [32, 32]})
     model = load_model(str(tiny_dir))[0]
     assert type(model.get_submodule(name.removesuffix(".weight"))) is torch.nn.Linear
     assert torch.allclose(model.get_parameter(name), state[name].float() * 0.01, rtol=1e-6, atol=0)
@@ -87,4 +87,3 @@ def test_a_model_quantized_in_memory_is_refused_by_the_api_before_any_work():
                                             r"\(Linear\): prunelab prunes float weights"):
         prunelab.prune(model, calibration=random_ids(), method="wanda", sparsity=0.5, progress=False)
     assert all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())
-
