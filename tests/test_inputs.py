@@ -83,6 +83,7 @@ def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_di
     (["--lr-grid", "abc"], "--lr-grid must be a list of numbers"),
     (["--threads", "-1"], "threads must be a positive integer"),
     (["--out", ""], "out must not be empty"),
+    (["--permute"], "permute reorders channels so that an N:M pattern keeps more of each layer: it needs a pattern"),
     (["--lr", "fast"], "reconstruct.lr must be a positive number or 'auto', got 'fast'"),
     (["--device", "gpu7"], "unknown device 'gpu7'"),
     (["--device", f"cuda:{torch.cuda.device_count()}"],

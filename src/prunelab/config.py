@@ -290,6 +290,10 @@ class RunConfig(Checked):
                                   "flap (remove heads, channels)")
     sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
+    permute: bool = option(False, "N:M: first reorder the input channels of each down_proj (with gate/up's rows) "
+                                  "and of o_proj within each value head (with v_proj's rows) so that the pattern keeps "
+                                  "more of the criterion's score; the model computes the same (RIA's channel "
+                                  "permutation)")
     skip: tuple[str, ...] = option((), "layers to keep dense: glob patterns over module names, comma-separated, "
                                        "e.g. '*.mlp.down_proj,model.layers.0.*' (zero-weight methods)")
     layerwise: str = option("uniform", "sparsity per block: uniform | owl (outlier-weighted: blocks with more "
@@ -365,6 +369,10 @@ class RunConfig(Checked):
                 whole = "blocks" if self.method == "layers" else "heads and channels"
                 raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
                                     f"removes whole {whole}, as many as {size} says: leave the pattern out")
+        if self.permute and (self.pattern is None or self.structured):
+            raise PrunelabError("permute reorders channels so that an N:M pattern keeps more of each layer: it needs "
+                                "a pattern (e.g. 2:4), not "
+                                + (f"method {self.method}" if self.structured else "an unstructured sparsity"))
         if self.skip and self.structured:
             raise PrunelabError(f"skip keeps layers dense while weights are zeroed; method {self.method} removes "
                                 "whole blocks, heads or channels: leave skip out")

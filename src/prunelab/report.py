@@ -93,6 +93,8 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
         dense = sum(1 for r in report.get("layers", []) if r.get("skipped"))
         if dense:
             rows.append(("kept dense (skip)", f"{dense} layers matching {', '.join(cfg['skip'])}; counted above"))
+        if cfg.get("permute"):
+            rows.append(("channels permuted", _permuted_label(report.get("layers", []))))
     structure = report.get("structure")
     if structure:
         if "blocks_before" in structure:
@@ -370,6 +372,14 @@ def _data_markdown(data: dict) -> list[str]:
                   f"`{cal['source']}` ({cal['description']}, {cal['text_tokens']} tokens); window starts are in "
                   "prunelab.json."]
     return lines
+
+
+def _permuted_label(layers: list[dict]) -> str:
+    permuted = [r["permuted"] for r in layers if "permuted" in r]
+    if not permuted:
+        return "none (no layer's input channels could be reordered)"
+    before, after = (sum(p[key] for p in permuted) / len(permuted) for key in ("kept_before", "kept_after"))
+    return f"{len(permuted)} layers; the pattern keeps {before:.2%} → {after:.2%} of their scores (mean)"
 
 
 def _stages_markdown(stages: dict[str, StageRecord]) -> list[str]:

@@ -1,10 +1,10 @@
 """Pruning criteria. Each is a pure function of a weight and its input statistics."""
 
 from .magnitude import magnitude
-from .ria import ria
+from .ria import ria, ria_scores
 from .sparsegpt import sparsegpt
 from .stats import Hessian, InputNorms
-from .wanda import wanda
+from .wanda import wanda, wanda_scores
 
 # name -> (statistics the criterion needs from layer inputs, or None when data-free; the criterion)
 CRITERIA = {
@@ -14,4 +14,13 @@ CRITERIA = {
     "ria": (InputNorms, ria),
 }
 
-__all__ = ["CRITERIA", "Hessian", "InputNorms", "magnitude", "ria", "sparsegpt", "wanda"]
+# name -> the score a channel permutation maximises under N:M (criteria/permutation.py): the criterion's own;
+# SparseGPT's under a diagonal Hessian, |W_ij| · ‖X_j‖ (its sweep's w²/[H⁻¹]²_jj changes as it updates weights)
+SALIENCY = {
+    "magnitude": lambda w, stats, **_: w.float().abs(),
+    "wanda": wanda_scores,
+    "sparsegpt": wanda_scores,
+    "ria": ria_scores,
+}
+
+__all__ = ["CRITERIA", "SALIENCY", "Hessian", "InputNorms", "magnitude", "ria", "sparsegpt", "wanda"]

@@ -19,13 +19,13 @@ from .stats import InputNorms
 
 def ria(weights: list[torch.Tensor], stats: InputNorms, sparsity: float, nm: tuple[int, int] | None,
         alpha: float = 0.5, **_) -> tuple[list[torch.Tensor], dict]:
-    activation = stats.sq_norms.sqrt() ** alpha
-    pruned = []
-    for w in weights:
-        magnitude = w.float().abs()
-        # a column or row of zeros scores 0 (not NaN): nothing in it to keep
-        column_share = magnitude / magnitude.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        row_share = magnitude / magnitude.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        scores = (column_share + row_share) * activation.to(w.device)
-        pruned.append(w.masked_fill(prune_mask(scores, sparsity, nm, per_row=False), 0))
-    return pruned, {}
+    return [w.masked_fill(prune_mask(ria_scores(w, stats, alpha), sparsity, nm, per_row=False), 0)
+            for w in weights], {}
+
+
+def ria_scores(w: torch.Tensor, stats: InputNorms, alpha: float = 0.5, **_) -> torch.Tensor:
+    magnitude = w.float().abs()
+    # a column or row of zeros scores 0 (not NaN): nothing in it to keep
+    column_share = magnitude / magnitude.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    row_share = magnitude / magnitude.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (column_share + row_share) * (stats.sq_norms.sqrt() ** alpha).to(w.device)

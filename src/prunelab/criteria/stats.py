@@ -27,6 +27,10 @@ class InputNorms:
         all_sum(self.sq_norms)
         self.tokens = int(all_sum_float(self.tokens))
 
+    def reorder(self, order: torch.Tensor) -> None:
+        """The statistics of the inputs reordered as `x[..., order]` (channel permutation)."""
+        self.sq_norms = self.sq_norms[order.to(self.sq_norms.device)]
+
 
 class Hessian:
     """SparseGPT's H = 2 XᵀX / n, kept as the running sum XᵀX and the token count n."""
@@ -45,9 +49,19 @@ class Hessian:
     def matrix(self) -> torch.Tensor:
         return self.xtx * (2.0 / max(self.tokens, 1))
 
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """‖X_j‖², as InputNorms has it: the diagonal of XᵀX."""
+        return self.xtx.diagonal()
+
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.xtx).all())
 
     def reduce(self) -> None:
         all_sum(self.xtx)
         self.tokens = int(all_sum_float(self.tokens))
+
+    def reorder(self, order: torch.Tensor) -> None:
+        order = order.to(self.xtx.device)
+        self.xtx = self.xtx[order][:, order]
+        self.solved = {}

@@ -11,9 +11,8 @@ from .stats import InputNorms
 def wanda(
     weights: list[torch.Tensor], stats: InputNorms, sparsity: float, nm: tuple[int, int] | None, **_
 ) -> tuple[list[torch.Tensor], dict]:
-    input_norms = stats.sq_norms.sqrt()
-    pruned = []
-    for w in weights:
-        scores = w.float().abs() * input_norms.to(w.device)
-        pruned.append(w.masked_fill(prune_mask(scores, sparsity, nm, per_row=True), 0))
-    return pruned, {}
+    return [w.masked_fill(prune_mask(wanda_scores(w, stats), sparsity, nm, per_row=True), 0) for w in weights], {}
+
+
+def wanda_scores(w: torch.Tensor, stats: InputNorms, **_) -> torch.Tensor:
+    return w.float().abs() * stats.sq_norms.sqrt().to(w.device)

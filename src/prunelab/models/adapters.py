@@ -91,6 +91,29 @@ class Width:
         return getattr(self.module, name)
 
 
+@dataclass
+class Channels:
+    """Input channels of a half's writer that can be reordered without changing what the half computes.
+
+    Channel c of pool p is the writer's input columns `columns[p, :, c]` (one for an MLP channel; one per
+    query head reading a value head's dimension) and the output rows `rows[name][p, :, c]` (biases too) of
+    each linear that produces it (gate and up; fused gate_up: two rows; the value projection). Permuting a
+    pool's channels in all of these at once leaves the half's output as it was. Each `columns[p, j]` is a run
+    of consecutive columns, so an N:M group of the reordered writer lies within one pool.
+    """
+
+    writer: str  # linear names as `prunable_linears` gives them
+    columns: torch.Tensor  # [pools, copies, channels]
+    rows: dict[str, torch.Tensor]  # producer -> [pools, copies, channels]
+
+
+def _runs(pools: int, copies: int, channels: int, stride: int | None = None) -> torch.Tensor:
+    """[pools, copies, channels] indices: copy j of pool p is the run of `channels` from (p·copies + j)·stride."""
+    stride = channels if stride is None else stride
+    starts = torch.arange(pools * copies).reshape(pools, copies, 1) * stride
+    return starts + torch.arange(channels)
+
+
 def scale_output(module: nn.Module, s: float) -> None:
     """Multiply what `module` (a linear, an embedding or a norm) returns by `s`, in its weights.
 
@@ -188,6 +211,10 @@ class Adapter(ABC):
     def widths(self, block: nn.Module) -> tuple[Width, Width]:
         """(attention width, MLP width) of `block`, for width pruning."""
         raise PrunelabError(f"width pruning is not supported for the {self.family} family yet")
+
+    def channels(self, block: nn.Module) -> dict[str, Channels]:
+        """{writer: its reorderable input channels} for the halves of `block` whose structure allows it."""
+        return {}
 
     @property
     def stack(self) -> nn.Module:
@@ -422,6 +449,50 @@ class LlamaAdapter(Adapter):
         )
 
 
+    def channels(self, block):
+        found = [_mlp_channels(block, _mlp(block)), _value_channels(block, _mixer(block))]
+        return {c.writer: c for c in found if c is not None}
+
+
+def _name_in(block: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in block.named_modules() if m is module)
+
+
+def _mlp_channels(block: nn.Module, mlp: nn.Module | None) -> Channels | None:
+    """An MLP's hidden channels (experts: none, yet): act(gate) · up, or act(up), one channel per writer column."""
+    names = layout(mlp, MLP_LAYOUTS)
+    if names is None or _is_moe(mlp):
+        return None
+    *producers, writer = names
+    inner = getattr(mlp, writer).in_features
+    one = _runs(1, 1, inner)
+    rows = {name: _runs(1, 2, inner) if name == "gate_up_proj" else one for name in producers}  # chunk(2) halves
+    if any(getattr(mlp, name).out_features != r.numel() for name, r in rows.items()):
+        return None
+    prefix = _name_in(block, mlp)
+    return Channels(f"{prefix}.{writer}", one, {f"{prefix}.{name}": r for name, r in rows.items()})
+
+
+def _value_channels(block: nn.Module, attn: nn.Module | None) -> Channels | None:
+    """Attention's value dimensions, one pool per value head: dimension d of value head g feeds column d of
+    every query head of its group; queries and keys stay as they are (rotary embeddings pair their dimensions).
+    Separate q/k/v projections of plain (grouped) multi-head attention only."""
+    names = layout(attn, ATTENTION_LAYOUTS)
+    if names is None or names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:
+        return None
+    head_dim = getattr(attn, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0 or isinstance(getattr(attn, "v_norm", None), nn.Module):
+        return None
+    writer = getattr(attn, names[-1])
+    heads, kv_heads = divmod(writer.in_features, head_dim), divmod(attn.v_proj.out_features, head_dim)
+    if heads[1] or kv_heads[1] or heads[0] % kv_heads[0] or attn.q_proj.out_features != writer.in_features:
+        return None  # a gate in q_proj's rows (Qwen3-Next), a value head size of its own (latent attention)
+    per_group = heads[0] // kv_heads[0]
+    prefix = _name_in(block, attn)
+    return Channels(f"{prefix}.{names[-1]}", _runs(kv_heads[0], per_group, head_dim),
+                    {f"{prefix}.v_proj": _runs(kv_heads[0], 1, head_dim)})
+
+
 class OPTAdapter(Adapter):
     family = "opt"  # OPT, BioGPT
     expects = "self_attn.{q,k,v,out}_proj and fc1, fc2"
@@ -457,6 +528,17 @@ class OPTAdapter(Adapter):
             norms=(block.final_layer_norm,),
         )
         return attention, mlp
+
+    def channels(self, block):
+        mlp = _runs(1, 1, block.fc2.in_features)
+        attn = block.self_attn
+        found = {"fc2": Channels("fc2", mlp, {"fc1": mlp})}
+        head_dim = getattr(attn, "head_dim", None)
+        if isinstance(head_dim, int) and head_dim > 0 and attn.out_proj.in_features % head_dim == 0:
+            heads = attn.out_proj.in_features // head_dim
+            found["self_attn.out_proj"] = Channels("self_attn.out_proj", _runs(heads, 1, head_dim),
+                                                   {"self_attn.v_proj": _runs(heads, 1, head_dim)})
+        return found
 
     def residual_writers(self, block):
         if not getattr(block, "do_layer_norm_before", True):

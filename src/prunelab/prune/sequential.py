@@ -20,6 +20,7 @@ Data-free criteria (magnitude) skip the calibration entirely.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import nullcontext
 from fnmatch import fnmatchcase
 
@@ -41,13 +42,14 @@ from ..activations import (
 )
 from ..config import RunConfig
 from ..criteria import CRITERIA, magnitude
-from ..errors import PrunelabError
+from ..errors import PrunelabError, PrunelabWarning
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..models.loading import torch_dtype
 from ..precision import full_precision
 from ..resume import Checkpoints
 from .layerwise import planned
+from .permute import aligned, best_orders, reorder
 
 
 def skipped(patterns: tuple[str, ...], name: str) -> bool:
@@ -79,6 +81,11 @@ def check_layers(adapter: Adapter, config: RunConfig) -> None:
                             f"{example!r})")
     if patterns and not pruned:
         raise PrunelabError(f"skip {list(patterns)} keeps every prunable layer dense: nothing is left to prune")
+    reorderable = (c for block in adapter.blocks for c in adapter.channels(block).values())
+    if config.permute and not any(aligned(c, nm[1]) for c in reorderable):
+        warnings.warn(PrunelabWarning(f"permute: no layer of this {adapter.family} model has input channels that can "
+                                      f"be reordered in groups of {nm[1]} (those of dense MLPs and of separate q/k/v "
+                                      "attention): pruned without permutation"), stacklevel=2)
 
 
 def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
@@ -90,10 +97,13 @@ def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, 
 class HalfPruner:
     """Prunes half-blocks with the configured criterion and pattern; keeps one record per layer."""
 
-    def __init__(self, config: RunConfig, prefix: str):
-        self.stats_cls, self.criterion = CRITERIA[config.method]
+    def __init__(self, config: RunConfig, prefix: str, adapter: Adapter | None = None):
+        self.method, (self.stats_cls, self.criterion) = config.method, CRITERIA[config.method]
         self.skip, self.prefix = config.skip, prefix  # `skip` globs match f"{prefix}.{block}.{linear}"
         self.sparsity, self.nm = config.sparsity, config.nm
+        self.adapter = adapter  # whose `channels` a permuting pruner reorders
+        self.permute = config.permute
+        self.reorders: dict[int, list[dict]] = {}  # block -> the reorderings done to it (matrix: its dense copy too)
         self.plan: list[dict] | None = None  # a sparsity per block (layerwise.planned); None: `sparsity` in all
         knobs = {"sparsegpt": config.sparsegpt, "ria": config.ria}.get(config.method)  # the criterion's own
         self.options = vars(knobs) if knobs is not None else {}
@@ -105,9 +115,11 @@ class HalfPruner:
         self.group_cache: dict[tuple[str, ...], dict[str, str]] = {}  # blocks of one structure share groups
 
     def prune_group(self, index: int, linears: dict[str, nn.Linear], names: list[str], stats,
-                    mirrors: dict[str, nn.Linear] | None = None) -> None:
+                    mirrors: dict[str, nn.Linear] | None = None, probe=None) -> torch.Tensor | None:
         """Prune the linears `names` (which read one input, described by `stats`) in place; `mirrors`
-        (a lower-precision running copy) receive the same pruned weights."""
+        (a lower-precision running copy) receive the same pruned weights. Returns the new order of the
+        input channels where `permute` reordered them first (`probe()`: the half's branch output on a few
+        windows, which the reordering must leave as it was), else None."""
         if stats is not None:
             stats.reduce()  # data parallel: the sums over every process's windows (distributed.py)
         dense = [name for name in names if skipped(self.skip, f"{self.prefix}.{index}.{name}")]
@@ -115,7 +127,8 @@ class HalfPruner:
                          for name in dense]
         names = [name for name in names if name not in dense]
         if not names:
-            return
+            return None
+        order, permuted = self._permute(index, linears, names, stats, mirrors, probe)
         weights = [linears[name].weight.data for name in names]
         sparsity = self.sparsity if self.plan is None else self.plan[index]["sparsity"]
         with full_precision(weights[0].device):  # inside reconstruction's autocast: SparseGPT's solves stay float32
@@ -132,7 +145,33 @@ class HalfPruner:
             if mirrors is not None:
                 mirrors[name].weight.data.copy_(new_weight)
             self.records.append({"block": index, "layer": name, "shape": list(new_weight.shape),
-                                 "tokens": 0 if stats is None else stats.tokens, **info})
+                                 "tokens": 0 if stats is None else stats.tokens, **info, **permuted.get(name, {})})
+        return order
+
+    def _permute(self, index: int, linears: dict[str, nn.Linear], names: list[str], stats, mirrors,
+                 probe) -> tuple[torch.Tensor | None, dict]:
+        """Reorder the input channels of the writer among `names`, if it has any to reorder (prune/permute.py)."""
+        if not self.permute or (self.stats_cls is not None and (stats is None or stats.tokens == 0)):
+            return None, {}
+        found = self.adapter.channels(self.adapter.blocks[index])
+        channels = next((found[name] for name in names if name in found), None)
+        if channels is None or not aligned(channels, self.nm[1]):
+            return None, {}
+        orders, kept = best_orders(channels, linears, stats, self.method, self.options, self.nm)
+        before = probe() if probe is not None else None
+        for target in (linears, mirrors) if mirrors is not None else (linears,):
+            reorder(target, orders)
+        if before is not None:
+            error = float((probe() - before).float().norm() / before.float().norm().clamp_min(1e-30))
+            if not error < (1e-4 if before.dtype == torch.float32 else 2e-2):
+                raise PrunelabError(f"permute: reordering the inputs of layer {index}.{channels.writer} changed its "
+                                    f"half's output (relative difference {error:.2g}); the {self.adapter.family} "
+                                    "adapter does not know this block's channels: run without --permute")
+        order = orders[channels.writer][1]
+        if stats is not None:
+            stats.reorder(order)
+        self.reorders.setdefault(index, []).append(orders)
+        return order, {channels.writer: {"permuted": kept}}
 
     def groups(self, half: Half, members: dict[str, nn.Linear], stream: BlockStream, index: int) -> dict[str, str]:
         """{linear: the first linear of its group}, in the order the half runs them (cached per structure)."""
@@ -149,15 +188,14 @@ class HalfPruner:
         members = {n: m for n, m in linears.items() if half.owns(m)}
         need_output = need_output and not half.deferred  # a parallel block's attention leaves the stream as it is
 
-        def prune_group(names, stats):
+        def prune_group(names, stats, probe=None):
             if originals is None:
-                self.prune_group(index, linears, names, stats)
-            else:
-                self.prune_group(index, originals, names, stats, mirrors=linears)
+                return self.prune_group(index, linears, names, stats, probe=probe)
+            return self.prune_group(index, originals, names, stats, mirrors=linears, probe=probe)
 
         if self.stats_cls is None:  # data-free: each linear alone
             for name in members:
-                prune_group([name], None)
+                prune_group([name], None, self._probe(half, stream, index))
             if need_output:
                 propagate(half, stream, index)
         elif half.writer is not None:
@@ -170,6 +208,17 @@ class HalfPruner:
             if need_output:
                 propagate(half, stream, index)
 
+    def _probe(self, half: Half, stream: BlockStream, index: int):
+        """The half's branch output on the stream's first batch, as a function (None unless permuting)."""
+        if not self.permute:
+            return None
+        b, rows = next(stream.batches())
+
+        @torch.no_grad()
+        def probe() -> torch.Tensor:
+            return half.run(stream.hidden[rows], stream.block_kwargs[index][b])
+        return probe
+
     @torch.no_grad()
     def _prune_in_order(self, half: Half, members: dict[str, nn.Linear], stream: BlockStream, index: int,
                         prune_group, need_output: bool) -> None:
@@ -177,7 +226,7 @@ class HalfPruner:
         the writer's, whose inputs are kept to compute the half's outputs once it is pruned."""
         leader_of = self.groups(half, members, stream, index)
         writer = next(n for n, m in members.items() if m is half.writer)
-        writer_inputs = None
+        writer_inputs = order = None
         for leader in dict.fromkeys(leader_of.values()):
             linear = members[leader]
             stats = self.stats_cls(linear.in_features, linear.weight.device)
@@ -186,13 +235,15 @@ class HalfPruner:
             if keep is not None:
                 writer_inputs = kept
             check_finite_stats({leader: stats}, index)
-            prune_group([n for n in members if leader_of[n] == leader], stats)
+            reordered = prune_group([n for n in members if leader_of[n] == leader], stats,
+                                    self._probe(half, stream, index))
+            order = reordered if leader == leader_of[writer] else order
         if need_output and writer_inputs is None:
             propagate(half, stream, index)
         elif need_output:
             for b, rows in stream.batches():
-                stream.hidden[rows] = half.output(stream.hidden[rows], half.writer(writer_inputs[rows]),
-                                                  stream.block_kwargs[index][b])
+                x = writer_inputs[rows] if order is None else writer_inputs[rows][..., order.to(writer_inputs.device)]
+                stream.hidden[rows] = half.output(stream.hidden[rows], half.writer(x), stream.block_kwargs[index][b])
                 check_finite(stream.hidden[rows], f"the {half.name} of block {index}")
 
 
@@ -203,7 +254,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
     progress is saved as it goes, and a run resumes from the newest checkpoint there. `visits` (a model
     larger than memory: streaming.py) brings each block in before it is pruned (`enter`), takes
     it out after (`leave`), and the embeddings while the windows are embedded (`embedding()`)."""
-    pruner = HalfPruner(config, adapter.blocks_prefix)
+    pruner = HalfPruner(config, adapter.blocks_prefix, adapter)
     pruner.keep_writer_inputs = visits is None
     check_layers(adapter, config)
     pruner.plan = planned(model, adapter, input_ids, attention_mask, config, visits, progress)
@@ -246,6 +297,7 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                     pruner.prune_half(index, half, run_linears, stream, need_output=not last,
                                       originals=linears if separate_runner else None)
         del runner, linears, run_linears  # per-expert linears are views: kept, they hold a streamed block
+        pruner.reorders.clear()  # (for reconstruction's dense copies)
         if visits is not None:
             visits.leave(index)
         if checkpoints is not None:

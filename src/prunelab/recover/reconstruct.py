@@ -33,6 +33,7 @@ from ..measure import release_memory
 from ..models.adapters import Adapter, Half
 from ..precision import autocast, matmul_precision, uses_bfloat16
 from ..prune.layerwise import planned
+from ..prune.permute import reorder
 from ..prune.sequential import HalfPruner, check_halves_cover, check_layers
 from ..resume import Checkpoints
 from .loop import Trainable
@@ -97,7 +98,7 @@ class Reconstructor:
         self.model, self.adapter, self.config, self.rc = model, adapter, config, config.reconstruct
         self.progress, self.observer, self.checkpoints, self.visits = progress, observer, checkpoints, visits
         self.propagation = Propagation(self.rc.propagation)
-        self.pruner = HalfPruner(config, adapter.blocks_prefix)
+        self.pruner = HalfPruner(config, adapter.blocks_prefix, adapter)
         self.pruner.keep_writer_inputs = visits is None
         self.trainer = Trainer(config)
         self.trainer.spill_snapshots = visits is not None
@@ -224,6 +225,11 @@ class Reconstructor:
             halves = [adapter.halves(blocks[i])[p] for i, p in units]
             scale = self.trainer.channel_scale(targets["train"], self.streams["train"])
             work, before = self._prune(units, halves, linears, inputs, targets, scale)
+            for i in indices:  # `permute` reordered channels: `matrix` compares linear by linear with the dense copy
+                for orders in self.pruner.reorders.pop(i, []) if dense_blocks is not None else ():
+                    with adapter.prunable_linears(dense_blocks[i]) as dense_linears:
+                        reorder(dense_linears, orders)
+            self.pruner.reorders.clear()
             lap("prune")
 
             problem = SubmodelProblem(halves, unit_blocks, {s: self._stream(s, inputs[s]) for s in SPLITS}, targets,

@@ -1,0 +1,61 @@
+"""Channel permutation for N:M patterns (Zhang et al., ICLR 2024, "Plug-and-Play", §3.2).
+
+An N:M pattern keeps N of every M *consecutive* inputs of a row. Which inputs sit next to each other is
+arbitrary where the writer's input channels can be reordered together with the rows that produce them
+(down_proj's inputs with gate/up's rows): a permutation then changes what the pattern may keep, not what
+the model computes. With S the criterion's scores, laid out [rows, C] over C channels in C/M groups,
+
+    find the partition of the channels into groups of M maximising  Σ_rows Σ_groups top_N(S[row, group])
+
+in two steps, as in the reference:
+  1. allocation: channels sorted by total score Σ_rows S, the r-th best to group r mod (C/M), so every
+     group gets one of the C/M strongest channels, one of the next C/M, and so on;
+  2. refinement, `rounds` times: take channel slot k (k = round mod M) out of every group and put the
+     C/M channels back, one per group, by a linear assignment. With τ[row, g] the N-th largest score of
+     the M − 1 channels group g keeps, channel c adds Σ_rows max(0, S[row, c] − τ[row, g]) to it; every
+     other term is fixed, so the assignment maximising that gain is the best for this slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def retained(scores: torch.Tensor, n: int, m: int) -> float:
+    """Σ of the scores an N:M pattern keeps over consecutive groups of `scores`' columns."""
+    rows, cols = scores.shape
+    return float(scores.reshape(rows, cols // m, m).topk(n, dim=-1).values.sum(dtype=torch.float64))
+
+
+def channel_permutation(scores: torch.Tensor, n: int, m: int, rounds: int | None = None,
+                        chunk: int = 1 << 26) -> torch.Tensor:
+    """`order` such that `scores[:, order]` keeps at least as much under N:M as `scores` itself.
+
+    `scores` [rows, C], C a multiple of M. `rounds` defaults to M (each slot refined once); the gain
+    matrix is summed `chunk` entries at a time (an 8B down_proj's would take 200 GB at once).
+    """
+    rows, channels = scores.shape
+    groups = channels // m
+    scores = scores.float()
+    by_total = scores.sum(0).argsort(descending=True, stable=True)
+    slots = by_total.reshape(m, groups).T.contiguous()  # slots[g, k]: the k-th channel of group g
+    if n >= m:
+        return torch.arange(channels, device=scores.device)
+    step = max(1, chunk // (groups * groups))
+    for round_ in range(m if rounds is None else rounds):
+        k = round_ % m
+        out = slots[:, k]
+        kept = slots[:, [j for j in range(m) if j != k]].reshape(-1)
+        tau = scores[:, kept].reshape(rows, groups, m - 1).topk(n, dim=-1).values[..., -1]  # [rows, groups]
+        gain = torch.zeros(groups, groups, dtype=torch.float64, device=scores.device)
+        for start in range(0, rows, step):
+            s, t = scores[start:start + step, out], tau[start:start + step]
+            gain += (s[:, :, None] - t[:, None, :]).clamp_min_(0).sum(0, dtype=torch.float64)
+        channel, group = linear_sum_assignment(gain.cpu().numpy(), maximize=True)
+        slots[torch.as_tensor(group, device=slots.device), k] = out[torch.as_tensor(channel, device=slots.device)]
+    order = slots.reshape(-1)
+    # the allocation may start below the identity, and the refinement never goes down: keep the better
+    if retained(scores, n, m) >= retained(scores[:, order], n, m):
+        return torch.arange(channels, device=scores.device)
+    return order

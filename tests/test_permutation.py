@@ -1,0 +1,188 @@
+"""Channel permutation for N:M patterns (`permute`): the maths, the adapters' reorderable channels, and the pass."""
+
+import copy
+
+import pytest
+import torch
+from tiny import random_ids, tiny_model
+
+import prunelab
+from prunelab.activations import capture_block_inputs
+from prunelab.config import RunConfig
+from prunelab.criteria import Hessian, InputNorms
+from prunelab.criteria.permutation import channel_permutation, retained
+from prunelab.errors import PrunelabError
+from prunelab.models.adapters import Channels, find_adapter
+from prunelab.prune.permute import permuted_index, reorder
+from prunelab.prune.sequential import HalfPruner
+
+
+def test_a_pattern_that_keeps_the_best_channels_apart_keeps_them_all():
+    # 2:4 over [10, 9, 8, 7 | 1, 1, 1, 1] drops 8 and 7; with one strong pair per group it keeps 10, 9, 8 and 7
+    scores = torch.tensor([[10.0, 9, 8, 7, 1, 1, 1, 1]])
+    order = channel_permutation(scores, 2, 4)
+    assert sorted(order.tolist()) == list(range(8))
+    assert retained(scores, 2, 4) == 21 and retained(scores[:, order], 2, 4) == 34
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_the_permutation_never_keeps_less_than_the_stored_order(n, m):
+    g = torch.Generator().manual_seed(n * m)
+    for _ in range(5):
+        scores = torch.rand(24, 64, generator=g) * torch.rand(64, generator=g) ** 3  # uneven channels, as in LLMs
+        order = channel_permutation(scores, n, m)
+        assert sorted(order.tolist()) == list(range(64))
+        assert retained(scores[:, order], n, m) > retained(scores, n, m)
+
+
+def test_reordered_statistics_are_those_of_the_reordered_inputs():
+    x = torch.randn(100, 12, generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    for cls in (InputNorms, Hessian):
+        stats, expected = cls(12, x.device), cls(12, x.device)
+        stats.add(x)
+        expected.add(x[:, order])
+        stats.reorder(order)
+        assert torch.allclose(stats.sq_norms, expected.sq_norms)
+        if cls is Hessian:
+            assert torch.allclose(stats.matrix, expected.matrix)
+
+
+def random_reordering(channels: Channels, linears: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    pools, _, width = channels.columns.shape
+    perms = torch.stack([torch.randperm(width, generator=g) for _ in range(pools)])
+    orders = {channels.writer: (1, permuted_index(channels.columns, perms, linears[channels.writer].in_features))}
+    orders.update({name: (0, permuted_index(rows, perms, linears[name].out_features))
+                   for name, rows in channels.rows.items()})
+    return orders
+
+
+# Every family whose blocks have reorderable channels: dense MLPs (gated, fused gate_up, gateless, with biases,
+# Conv1D held as linears) and separate q/k/v attention (grouped, with q/k norms, parallel blocks, OPT's).
+@pytest.mark.parametrize("family, writers", [
+    ("llama", {"self_attn.o_proj", "mlp.down_proj"}), ("qwen3", {"self_attn.o_proj", "mlp.down_proj"}),
+    ("gemma3", {"self_attn.o_proj", "mlp.down_proj"}), ("olmo2", {"self_attn.o_proj", "mlp.down_proj"}),
+    ("phi3", {"mlp.down_proj"}), ("starcoder2", {"self_attn.o_proj", "mlp.c_proj"}),
+    ("gpt_neox", {"mlp.dense_4h_to_h"}), ("phi", {"self_attn.dense", "mlp.fc2"}), ("gpt2", {"mlp.c_proj"}),
+    ("bloom", {"mlp.dense_4h_to_h"}), ("opt", {"self_attn.out_proj", "fc2"}), ("qwen3_moe", {"self_attn.o_proj"}),
+    ("gpt_oss", {"self_attn.o_proj"}), ("deepseek_v3", {"mlp.down_proj"}),
+])
+def test_reordering_an_adapters_channels_leaves_the_model_computing_the_same(family, writers):
+    model = tiny_model(family)
+    adapter = find_adapter(model)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    block = adapter.blocks[0]
+    channels = adapter.channels(block)
+    assert set(channels) == writers
+    with adapter.prunable_linears(block) as linears:
+        for seed, found in enumerate(channels.values()):
+            orders = random_reordering(found, linears, seed)
+            assert not torch.equal(orders[found.writer][1], torch.arange(linears[found.writer].in_features))
+            reorder(linears, orders)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_with_a_gate_in_its_query_rows_has_no_reorderable_values():
+    # Qwen3-Next's full attention: q_proj also produces an output gate per value dimension
+    model = tiny_model("qwen3_next")
+    adapter = find_adapter(model)
+    assert all(not adapter.channels(block) for block in adapter.blocks)
+    with pytest.warns(prunelab.errors.PrunelabWarning, match="no layer of this llama model has input channels"):
+        prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
+                       reconstruct="none", progress=False)
+
+
+def two_four_in_the_stored_layout(model) -> bool:
+    weights = find_adapter(model).prunable_weights()
+    return all(((w.reshape(-1, w.shape[-1] // 4, 4) != 0).sum(-1) <= 2).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
+def test_permuted_pruning_keeps_more_of_the_score_and_stays_two_four(method):
+    model = tiny_model("llama", intermediate_size=256)
+    ids = random_ids(16, 32)
+    report = prunelab.prune(model, calibration=ids, method=method, pattern="2:4", permute=True, reconstruct="none",
+                            progress=False)
+    permuted = {r["layer"]: r["permuted"] for r in report["layers"] if "permuted" in r}
+    assert set(permuted) == {"self_attn.o_proj", "mlp.down_proj"} and len(report["layers"]) == 14
+    assert all(p["kept_after"] > p["kept_before"] for p in permuted.values())
+    assert two_four_in_the_stored_layout(model)
+    assert report["sparsity"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_the_pruned_model_computes_what_the_same_masks_compute_in_the_stored_order():
+    # Wanda's masks on a reordered down_proj are those of the reordered scores: undo the reordering, and the
+    # model pruned with `permute` is the dense model with those masks, weights unchanged
+    dense = tiny_model("llama", layers=1)
+    model = copy.deepcopy(dense)
+    ids = random_ids(16, 32)
+    prunelab.prune(model, calibration=ids, method="wanda", pattern="2:4", permute=True, reconstruct="none",
+                   progress=False)
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        x = adapter.blocks[0].mlp.down_proj.weight
+        kept = x != 0
+        assert kept.float().mean() == 0.5
+        # every kept weight is one of the dense weights of its output row, moved with its column
+        dense_rows = dense.model.layers[0].mlp.down_proj.weight
+        assert all(set(x[r][kept[r]].tolist()) <= set(dense_rows[r].tolist()) for r in range(x.shape[0]))
+
+
+def test_a_wrong_channel_map_is_caught_before_any_weight_is_pruned(monkeypatch):
+    model = tiny_model("llama")
+    adapter_cls = type(find_adapter(model))
+    right = adapter_cls.channels
+
+    def gate_forgotten(self, block):  # up_proj's rows move, gate_proj's stay: act(gate) · up no longer pairs up
+        found = right(self, block)
+        mlp = found["mlp.down_proj"]
+        found["mlp.down_proj"] = Channels(mlp.writer, mlp.columns, {"mlp.up_proj": mlp.rows["mlp.up_proj"]})
+        return found
+
+    monkeypatch.setattr(adapter_cls, "channels", gate_forgotten)
+    with pytest.raises(PrunelabError, match=r"permute: reordering the inputs of layer 0.mlp.down_proj changed its "
+                                            r"half's output \(relative difference"):
+        prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
+                       reconstruct="none", progress=False)
+
+
+def test_matrix_reconstruction_compares_each_linear_with_its_reordered_dense_copy():
+    # dense propagation: the MLP reads the dense model's activations, so gate/up are pruned as without permute;
+    # their dense copies must be reordered too, or their targets come in another order than their outputs
+    ids = random_ids(24, 32)
+    runs = {}
+    for permute in (False, True):
+        model = tiny_model("llama", intermediate_size=256)
+        report = prunelab.prune(model, calibration=ids, method="wanda", pattern="2:4", permute=permute,
+                                reconstruct={"granularity": "matrix", "propagation": "dense", "lr": 1e-3},
+                                samples=16, progress=False)
+        runs[permute] = {(r["submodel"], m["layer"]): m for r in report["reconstruction"]["submodels"]
+                         for m in r.get("matrices", [])}
+        assert two_four_in_the_stored_layout(model)
+    for key in runs[True]:
+        plain, permuted = runs[False][key], runs[True][key]
+        assert permuted["loss_heldout_after"] < permuted["loss_heldout_before"]
+        if key[1] in ("mlp.gate_proj", "mlp.up_proj"):
+            assert permuted["loss_train_before"] == pytest.approx(plain["loss_train_before"], rel=1e-4)
+
+
+@pytest.mark.parametrize("half_index", [0, 1])
+def test_a_reordered_half_passes_on_what_its_pruned_weights_compute(half_index):
+    # the writer's inputs, kept from its statistics pass, are in the old order: its outputs must read them reordered
+    model = tiny_model("llama")
+    adapter = find_adapter(model)
+    stream = capture_block_inputs(model, adapter.blocks, random_ids(16, 32), None, 8, torch.float32)
+    inputs = stream.hidden.clone()
+    pruner = HalfPruner(RunConfig(method="wanda", pattern="2:4", permute=True), adapter.blocks_prefix, adapter)
+    half = adapter.halves(adapter.blocks[0])[half_index]
+    with adapter.prunable_linears(adapter.blocks[0]) as linears:
+        pruner.prune_half(0, half, linears, stream, need_output=True)
+    assert "permuted" in pruner.records[-1]
+    with torch.no_grad():
+        for b, rows in stream.batches():
+            assert torch.allclose(stream.hidden[rows], half(inputs[rows], stream.block_kwargs[0][b]), atol=1e-5)
