@@ -42,15 +42,18 @@ def run_args(model_dir, texts, out, *extra):
             "--reconstruct", "none", "--device", DEVICE, "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("method, layerwise", [("wanda", "uniform"), ("sparsegpt", "uniform"), ("wanda", "owl")])
-def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method, layerwise):
+@pytest.mark.parametrize("method, layerwise, pattern", [("wanda", "uniform", None), ("sparsegpt", "uniform", None),
+                                                       ("wanda", "owl", None), ("wanda", "uniform", "2:4")])
+def test_two_processes_prune_like_one(tiny_dir, texts, tmp_path, method, layerwise, pattern):
     one = tmp_path / "one"
     calib, evaluation = texts
+    nm = dict(pattern=pattern, permute=True) if pattern else {}  # N:M here with channel permutation
     single = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
                                device=DEVICE, eval_seqlen=32, eval_windows=6, forward_batch=2, reconstruct="none",
-                               method=method, layerwise=layerwise, out=str(one)), progress=False)
+                               method=method, layerwise=layerwise, out=str(one), **nm), progress=False)
     two = tmp_path / "two"
-    done = torchrun(run_args(tiny_dir, texts, two, "--method", method, "--layerwise", layerwise))
+    done = torchrun(run_args(tiny_dir, texts, two, "--method", method, "--layerwise", layerwise,
+                             *(["--pattern", pattern, "--permute"] if pattern else [])))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((two / "prunelab.json").read_text())
     assert report["data"]["processes"]["world_size"] == 2

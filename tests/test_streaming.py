@@ -178,6 +178,21 @@ def test_vocabulary_matrices_larger_than_a_block_get_a_shard_each(tmp_path, toke
                                                                         rel=1e-5)
 
 
+@pytest.mark.parametrize("reconstruct", ["none", "attn-mlp"])
+def test_streamed_channel_permutation_equals_the_whole_model_run(four_blocks, texts, tmp_path, reconstruct):
+    # streamed, the writer's inputs are not kept: the reordered half runs again instead
+    kwargs = dict(pattern="2:4", permute=True, reconstruct={"granularity": reconstruct, "lr": 1e-3, "heldout": 4},
+                  eval_dense=False)
+    whole = run(four_blocks, texts, tmp_path / "whole", **kwargs)
+    streamed = run(four_blocks, texts, tmp_path / "streamed", max_memory=TINY_BUDGET, **kwargs)
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert all(expected[k].equal(got[k]) for k in expected)
+    assert [r["permuted"] for r in streamed["layers"] if "permuted" in r] == \
+        [r["permuted"] for r in whole["layers"] if "permuted" in r] != []
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+
+
 @pytest.mark.parametrize("granularity, loss", [("attn-mlp", "mse"), ("blocks:2", "cmse")])
 def test_streamed_reconstruction_equals_the_whole_model_run(four_blocks, texts, tmp_path, granularity, loss):
     kwargs = dict(reconstruct={"granularity": granularity, "lr": 1e-3, "heldout": 4, "loss": loss}, eval_dense=False)

@@ -103,7 +103,7 @@ class HalfPruner:
         self.sparsity, self.nm = config.sparsity, config.nm
         self.adapter = adapter  # whose `channels` a permuting pruner reorders
         self.permute = config.permute
-        self.reorders: dict[int, list[dict]] = {}  # block -> the reorderings done to it (matrix: its dense copy too)
+        self.reorders: dict[int, list[dict]] | None = None  # block -> its reorderings, where someone keeps them
         self.plan: list[dict] | None = None  # a sparsity per block (layerwise.planned); None: `sparsity` in all
         knobs = {"sparsegpt": config.sparsegpt, "ria": config.ria}.get(config.method)  # the criterion's own
         self.options = vars(knobs) if knobs is not None else {}
@@ -170,7 +170,8 @@ class HalfPruner:
         order = orders[channels.writer][1]
         if stats is not None:
             stats.reorder(order)
-        self.reorders.setdefault(index, []).append(orders)
+        if self.reorders is not None:
+            self.reorders.setdefault(index, []).append(orders)
         return order, {channels.writer: {"permuted": kept}}
 
     def groups(self, half: Half, members: dict[str, nn.Linear], stream: BlockStream, index: int) -> dict[str, str]:
@@ -297,7 +298,6 @@ def prune_model(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | No
                     pruner.prune_half(index, half, run_linears, stream, need_output=not last,
                                       originals=linears if separate_runner else None)
         del runner, linears, run_linears  # per-expert linears are views: kept, they hold a streamed block
-        pruner.reorders.clear()  # (for reconstruction's dense copies)
         if visits is not None:
             visits.leave(index)
         if checkpoints is not None:

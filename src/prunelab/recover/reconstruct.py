@@ -100,6 +100,8 @@ class Reconstructor:
         self.propagation = Propagation(self.rc.propagation)
         self.pruner = HalfPruner(config, adapter.blocks_prefix, adapter)
         self.pruner.keep_writer_inputs = visits is None
+        if self.rc.granularity == "matrix":
+            self.pruner.reorders = {}  # its dense copies are reordered as the pruned blocks were
         self.trainer = Trainer(config)
         self.trainer.spill_snapshots = visits is not None
         self.records: list[dict] = []
@@ -225,11 +227,7 @@ class Reconstructor:
             halves = [adapter.halves(blocks[i])[p] for i, p in units]
             scale = self.trainer.channel_scale(targets["train"], self.streams["train"])
             work, before = self._prune(units, halves, linears, inputs, targets, scale)
-            for i in indices:  # `permute` reordered channels: `matrix` compares linear by linear with the dense copy
-                for orders in self.pruner.reorders.pop(i, []) if dense_blocks is not None else ():
-                    with adapter.prunable_linears(dense_blocks[i]) as dense_linears:
-                        reorder(dense_linears, orders)
-            self.pruner.reorders.clear()
+            self._reorder_dense(dense_blocks)
             lap("prune")
 
             problem = SubmodelProblem(halves, unit_blocks, {s: self._stream(s, inputs[s]) for s in SPLITS}, targets,
@@ -252,6 +250,15 @@ class Reconstructor:
                 if (i, 1) in units:
                     self.visits.leave(i)
         return self.propagation.advance(out, targets)
+
+    def _reorder_dense(self, dense_blocks: dict[int, nn.Module] | None) -> None:
+        """`matrix` compares linear by linear with the dense copy: it takes the channel orders `permute` gave."""
+        for i, reorderings in (self.pruner.reorders or {}).items():
+            with self.adapter.prunable_linears(dense_blocks[i]) as dense_linears:
+                for orders in reorderings:
+                    reorder(dense_linears, orders)
+        if self.pruner.reorders:
+            self.pruner.reorders.clear()
 
     def _train(self, problem, record, units, linears, dense_blocks, dense_halves, inputs, dense, before) -> None:
         """Train the pruned submodel (`matrix`: each of its linears alone); the masks stay exact."""
