@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.text import Text
 
 from prunelab import report as reporting
 from prunelab.cli import EVAL_FLAGS, FLAGS, apply_flags
@@ -117,6 +118,8 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
     shown = {f.name: f.option().help for f in FLAGS}  # one default each: the literal one, or the help's own words
     assert [n for n, text in shown.items() if text.count("(default:") != 1] == []
     assert shown["lr"].endswith("(default: auto)") and shown["threads"].endswith("(default: torch's choice)")
+    # typer prints helps through rich: `N:M:` would show an emoji for `:M:`, `[b]` would vanish as markup
+    assert [n for n, text in shown.items() if Text.from_markup(text).plain != text] == []
     assert {f.path[0] for f in EVAL_FLAGS} == {"model", "eval", "eval_seqlen", "eval_windows", "eval_batch",
                                                "eval_bos", "tasks", "task_limit", "task_batch", "model_dtype",
                                                "device", "threads", "max_memory"}

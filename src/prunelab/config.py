@@ -290,10 +290,9 @@ class RunConfig(Checked):
                                   "flap (remove heads, channels)")
     sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
-    permute: bool = option(False, "N:M: first reorder the input channels of each down_proj (with gate/up's rows) "
-                                  "and of o_proj within each value head (with v_proj's rows) so that the pattern keeps "
-                                  "more of the criterion's score; the model computes the same (RIA's channel "
-                                  "permutation)")
+    permute: bool = option(False, "reorder the input channels of each down_proj (with gate/up's rows) and of o_proj "
+                                  "within each value head (with v_proj's rows) so that the N:M pattern keeps more of "
+                                  "the criterion's score; the model computes the same (RIA's channel permutation)")
     skip: tuple[str, ...] = option((), "layers to keep dense: glob patterns over module names, comma-separated, "
                                        "e.g. '*.mlp.down_proj,model.layers.0.*' (zero-weight methods)")
     layerwise: str = option("uniform", "sparsity per block: uniform | owl (outlier-weighted: blocks with more "
