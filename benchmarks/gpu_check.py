@@ -1,8 +1,9 @@
 """GPU check: models built from configs (random weights), no downloads.
 
-1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4) and reconstructed (attn-mlp, fixed lr;
-   float32 matmuls, and for Wanda also bfloat16) on the CPU and on the GPU from the same weights and
-   windows: share of equal mask entries, relative perplexity difference on held-out random windows.
+1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4; RIA, OWL, 2:4 with channel permutation)
+   and reconstructed (attn-mlp, fixed lr; float32 matmuls, and for Wanda also bfloat16) on the CPU and on
+   the GPU from the same weights and windows: share of equal mask entries, relative perplexity difference
+   on held-out random windows.
 2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
    blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction (float32 and bfloat16 matmuls), each
    stage's seconds and CUDA peak.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import sys
@@ -65,6 +67,10 @@ def agreement(device: str) -> None:
     targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
     cases = [(m, t) for t in targets for m in ("wanda", "sparsegpt")]
     cases += [("ria", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.5, "layerwise": "owl"})]
+    if importlib.util.find_spec("scipy") is not None:  # the image lacks it unless gpu_wheels.sh's wheels came along
+        cases.append(("wanda", {"pattern": "2:4", "permute": True}))
+    else:
+        print("agreement wanda 2:4 permute: skipped, no scipy (run benchmarks/gpu_wheels.sh, carry .whl)", flush=True)
     for method, target in cases:
         # float32 for the exact comparison; bfloat16 matmuls (the default on both devices here) once
         recons = [("none", None), ("attn-mlp", "float32")] + [("attn-mlp", "bfloat16")] * (method == "wanda")

@@ -21,16 +21,17 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 PRUNELAB_CACHE=/tmp/prunelab-cache
 peft.__version__, 'accelerate', a.__version__)"
 } 2>&1 | tee "$out/versions.txt"
 
-timeout 270 python3 benchmarks/gpu_check.py --skip shapes 2>&1 | tee "$out/gpu_check.txt"
-echo "gpu_check: exit ${PIPESTATUS[0]}" | tee -a "$out/gpu_check.txt"
-
 selection="not embedded and not harness"
 if compgen -G ".whl/*.whl" > /dev/null &&
    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-   PYTHONPATH=src:/tmp/site python3 -c "import datasets, lm_eval.evaluator"; then
+   PYTHONPATH=src:/tmp/site python3 -c "import datasets, lm_eval.evaluator, scipy"; then
     export PYTHONPATH=src:/tmp/site
     selection="not embedded"
 fi
+
+timeout 270 python3 benchmarks/gpu_check.py --skip shapes 2>&1 | tee "$out/gpu_check.txt"
+echo "gpu_check: exit ${PIPESTATUS[0]}" | tee -a "$out/gpu_check.txt"
+
 echo "tests: -m '$selection'" | tee "$out/suite.txt"
 # pytest-xdist is in the image; the tests keep their files under their own tmp_path
 timeout 240 python3 -m pytest -q -m "$selection" -p no:cacheprovider -n 8 --durations 15 \

@@ -19,7 +19,6 @@ in two steps, as in the reference:
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def retained(scores: torch.Tensor, n: int, m: int) -> float:
@@ -35,6 +34,8 @@ def channel_permutation(scores: torch.Tensor, n: int, m: int, rounds: int | None
     `scores` [rows, C], C a multiple of M. `rounds` defaults to M (each slot refined once); the gain
     matrix is summed `chunk` entries at a time (an 8B down_proj's would take 200 GB at once).
     """
+    from scipy.optimize import linear_sum_assignment  # here: the GPU image runs everything else without scipy
+
     rows, channels = scores.shape
     groups = channels // m
     scores = scores.float()
