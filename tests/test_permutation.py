@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from tiny import random_ids, tiny_model
+from transformers import AutoModelForCausalLM
 
 import prunelab
 from prunelab.activations import capture_block_inputs
@@ -186,3 +187,19 @@ def test_a_reordered_half_passes_on_what_its_pruned_weights_compute(half_index):
     with torch.no_grad():
         for b, rows in stream.batches():
             assert torch.allclose(stream.hidden[rows], half(inputs[rows], stream.block_kwargs[0][b]), atol=1e-5)
+
+
+def test_a_permuted_run_saves_a_two_four_checkpoint_that_reloads_and_says_what_it_kept(tiny_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "run"
+    report = prunelab.run(dict(model=str(tiny_dir), calib=str(calib), eval=str(evaluation), samples=8, seqlen=32,
+                               eval_seqlen=32, eval_windows=4, pattern="2:4", permute=True, reconstruct="none",
+                               out=str(out)), progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert two_four_in_the_stored_layout(reloaded)
+    permuted = [r for r in report["layers"] if "permuted" in r]
+    assert len(permuted) == 4  # o_proj and down_proj of both blocks
+    markdown = (out / "REPORT.md").read_text()
+    assert "| channels permuted | 4 layers; the pattern keeps " in markdown
+    before = sum(r["permuted"]["kept_before"] for r in permuted) / 4
+    assert f"keeps {before:.2%} → " in markdown
