@@ -163,7 +163,8 @@ class HalfPruner:
             reorder(target, orders)
         if before is not None:
             error = float((probe() - before).float().norm() / before.float().norm().clamp_min(1e-30))
-            if not error < (1e-4 if before.dtype == torch.float32 else 2e-2):
+            exact = before.dtype == torch.float32 and not torch.is_autocast_enabled(before.device.type)
+            if not error < (1e-4 if exact else 2e-2):  # summation order moves, in half precision by its rounding
                 raise PrunelabError(f"permute: reordering the inputs of layer {index}.{channels.writer} changed its "
                                     f"half's output (relative difference {error:.2g}); the {self.adapter.family} "
                                     "adapter does not know this block's channels: run without --permute")
