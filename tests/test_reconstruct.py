@@ -107,10 +107,11 @@ def test_saved_model_has_exactly_the_mask_pruning_chose(tiny_dir, texts, tmp_pat
     chosen = {}
     real = HalfPruner.prune_group
 
-    def record_masks(self, index, linears, names, stats, mirrors=None):
-        real(self, index, linears, names, stats, mirrors)
+    def record_masks(self, index, linears, names, stats, mirrors=None, **kwargs):
+        order = real(self, index, linears, names, stats, mirrors, **kwargs)
         for name in names:
             chosen[f"model.layers.{index}.{name}.weight"] = linears[name].weight == 0
+        return order
 
     monkeypatch.setattr(HalfPruner, "prune_group", record_masks)
     out = tmp_path / "out"
