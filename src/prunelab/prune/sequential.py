@@ -85,7 +85,8 @@ def check_layers(adapter: Adapter, config: RunConfig) -> None:
     if config.permute and not any(aligned(c, nm[1]) for c in reorderable):
         warnings.warn(PrunelabWarning(f"permute: no layer of this {adapter.family} model has input channels that can "
                                       f"be reordered in groups of {nm[1]} (those of dense MLPs and of separate q/k/v "
-                                      "attention): pruned without permutation"), stacklevel=2)
+                                      "attention): pruned without permutation"),
+                      stacklevel=1)  # one place, so the second check of a job repeats nothing
 
 
 def check_halves_cover(adapter: Adapter, index: int, halves, linears: dict[str, nn.Linear]) -> None:
