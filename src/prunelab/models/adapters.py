@@ -429,11 +429,6 @@ class LlamaAdapter(Adapter):
 
         groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
         kv = [heads(g, 1) for g in range(kv_heads)]
-        *reader_names, writer = layout(mlp, MLP_LAYOUTS)
-        inner = getattr(mlp, writer).in_features
-        channels = [[c] for c in range(inner)]
-        readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if reader_names == ["gate_up_proj"]
-                   else {name: channels for name in reader_names})
         return (
             Width(
                 "attention",
@@ -444,10 +439,8 @@ class LlamaAdapter(Adapter):
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),
-            Width("mlp", "channel", next(n for n, m in block.named_children() if m is mlp), mlp, writer, readers,
-                  channels),
+            _mlp_width(block, mlp),
         )
-
 
     def channels(self, block):
         found = [_mlp_channels(block, _mlp(block)), _value_channels(block, _mixer(block))]
@@ -458,19 +451,27 @@ def _name_in(block: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in block.named_modules() if m is module)
 
 
-def _mlp_channels(block: nn.Module, mlp: nn.Module | None) -> Channels | None:
-    """An MLP's hidden channels (experts: none, yet): act(gate) · up, or act(up), one channel per writer column."""
-    names = layout(mlp, MLP_LAYOUTS)
-    if names is None or _is_moe(mlp):
-        return None
-    *producers, writer = names
+def _mlp_width(block: nn.Module, mlp: nn.Module) -> Width:
+    """A dense MLP's hidden channels, one unit each: act(gate) · up, or act(up); fused gate_up: two rows."""
+    *reader_names, writer = layout(mlp, MLP_LAYOUTS)
     inner = getattr(mlp, writer).in_features
-    one = _runs(1, 1, inner)
-    rows = {name: _runs(1, 2, inner) if name == "gate_up_proj" else one for name in producers}  # chunk(2) halves
-    if any(getattr(mlp, name).out_features != r.numel() for name, r in rows.items()):
+    channels = [[c] for c in range(inner)]
+    readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if reader_names == ["gate_up_proj"]
+               else {name: channels for name in reader_names})
+    return Width("mlp", "channel", next(n for n, m in block.named_children() if m is mlp), mlp, writer, readers,
+                 channels)
+
+
+def _mlp_channels(block: nn.Module, mlp: nn.Module | None) -> Channels | None:
+    """The units of `_mlp_width` as one pool (experts: none, yet)."""
+    if layout(mlp, MLP_LAYOUTS) is None or _is_moe(mlp):
         return None
-    prefix = _name_in(block, mlp)
-    return Channels(f"{prefix}.{writer}", one, {f"{prefix}.{name}": r for name, r in rows.items()})
+    width = _mlp_width(block, mlp)
+    rows = {name: torch.tensor(units).T.unsqueeze(0) for name, units in width.readers.items()}  # [1, copies, inner]
+    if any(width.linear(name).out_features != r.numel() for name, r in rows.items()):
+        return None
+    return Channels(f"{width.path}.{width.writer}", torch.tensor(width.units).T.unsqueeze(0),
+                    {f"{width.path}.{name}": r for name, r in rows.items()})
 
 
 def _value_channels(block: nn.Module, attn: nn.Module | None) -> Channels | None:
