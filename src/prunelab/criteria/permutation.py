@@ -16,8 +16,8 @@ in two steps, as in the reference:
      other term is fixed, so the assignment maximising that gain is the best for this slot.
 
 The gain matrix is computed as max(0, x) = (|x| + x) / 2, its |x| part as an L1 distance (`torch.cdist`,
-p = 1), which never holds the [rows, C/M, C/M] differences: 22 s a round for an 8B down_proj on 2 CPU
-cores, 11× faster than broadcasting.
+p = 1), which never holds the [rows, C/M, C/M] differences: for an 8B down_proj on 2 CPU cores it takes 22 s
+of a 28 s round, where broadcasting took 245 s.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def channel_permutation(scores: torch.Tensor, n: int, m: int, rounds: int | None
     from scipy.optimize import linear_sum_assignment  # here: the GPU image runs everything else without scipy
 
     rows, channels = scores.shape
+    if n >= m:  # every weight is kept, whatever the order
+        return torch.arange(channels, device=scores.device)
     groups = channels // m
     scores = scores.float()
     by_total = scores.sum(0).argsort(descending=True, stable=True)
     slots = by_total.reshape(m, groups).T.contiguous()  # slots[g, k]: the k-th channel of group g
-    if n >= m:
-        return torch.arange(channels, device=scores.device)
     for round_ in range(m if rounds is None else rounds):
         k = round_ % m
         out = slots[:, k]
