@@ -15,7 +15,7 @@ from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
 from prunelab.recover import Trainable, fit, schedule, submodels, token_loss
-from prunelab.recover.loop import channel_scale
+from prunelab.recover.loop import adamw, channel_scale
 from prunelab.recover.reconstruct import prune_and_reconstruct
 from prunelab.recover.step import LearningRate
 
@@ -79,6 +79,26 @@ def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
         on_step=lambda: checks.append(torch.equal(linear.weight == 0, pruned)))
     assert len(checks) == 9 and all(checks)
     assert trainable.count() == linear.weight.numel() // 2 + linear.bias.numel()
+
+
+@pytest.mark.parametrize("view", ["transposed", "transposed rows", "every other row"])
+def test_adamw_steps_a_strided_parameter_like_a_contiguous_one(view):
+    # GPT-2's held Conv1D weights are transposes, Llama 4's and GPT-OSS's expert views slices of transposes
+    base = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    stored = base.clone()
+    held = {"transposed": lambda t: t[0].T, "transposed rows": lambda t: t[0].T[:4],
+            "every other row": lambda t: t[1].T[0::2]}[view]
+    strided, plain = nn.Parameter(held(base)), nn.Parameter(held(stored).contiguous())
+    assert not strided.is_contiguous() and plain.is_contiguous()
+    grads = torch.randn(3, *plain.shape, generator=torch.Generator().manual_seed(1))
+    for param in (strided, plain):
+        optimizer = adamw([param], lr=1e-2, weight_decay=0.01)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+    torch.testing.assert_close(strided.detach(), plain.detach(), rtol=1e-6, atol=1e-7)
+    held(stored).copy_(plain.detach())
+    assert torch.equal(base, stored)  # and nothing outside the view moved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -625,7 +625,9 @@ class UnfusedExperts(nn.Module):
 
         def view(weight: torch.Tensor, bias: nn.Parameter | None, e: int, rows=slice(None)) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=False)  # shares storage with `fused`
+            # shares storage with `fused`; `.data`: a version counter of its own, so that an expert's weights
+            # stepped in place inside a backward pass do not look modified to the other experts' (loop.fit)
+            linear.weight = nn.Parameter(weight.data, requires_grad=False)
             if bias is not None:
                 linear.bias = nn.Parameter(bias.data[e, rows], requires_grad=False)
             return linear

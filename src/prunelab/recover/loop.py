@@ -164,8 +164,12 @@ class Spilled:
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel where PyTorch has one: on CPU the default per-tensor loop took 11 ms
-    a step for one MLP half of SmolLM2 (1.3 M weights), as long as its forward pass; fused, 1.1 ms."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    a step for one MLP half of SmolLM2 (1.3 M weights), as long as its forward pass; fused, 1.1 ms.
+
+    Not for a strided parameter (GPT-2's held Conv1D weights, transposed expert views): PyTorch 2.13's fused CPU
+    kernel steps its memory as if it were contiguous, so each weight takes another one's update and a slice
+    writes past its own elements (`test_adamw_steps_a_strided_parameter_like_a_contiguous_one`)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_contiguous() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
