@@ -66,8 +66,7 @@ def random_reordering(channels: Channels, linears: dict, seed: int) -> dict:
     ("gemma3", {"self_attn.o_proj", "mlp.down_proj"}), ("olmo2", {"self_attn.o_proj", "mlp.down_proj"}),
     ("phi3", {"mlp.down_proj"}), ("starcoder2", {"self_attn.o_proj", "mlp.c_proj"}),
     ("gpt_neox", {"mlp.dense_4h_to_h"}), ("phi", {"self_attn.dense", "mlp.fc2"}), ("gpt2", {"mlp.c_proj"}),
-    ("bloom", {"mlp.dense_4h_to_h"}), ("opt", {"self_attn.out_proj", "fc2"}), ("qwen3_moe", {"self_attn.o_proj"}),
-    ("gpt_oss", {"self_attn.o_proj"}), ("deepseek_v3", {"mlp.down_proj"}),
+    ("bloom", {"mlp.dense_4h_to_h"}), ("opt", {"self_attn.out_proj", "fc2"}), ("deepseek_v3", {"mlp.down_proj"}),
 ])
 def test_reordering_an_adapters_channels_leaves_the_model_computing_the_same(family, writers):
     model = tiny_model(family)
@@ -88,14 +87,72 @@ def test_reordering_an_adapters_channels_leaves_the_model_computing_the_same(fam
     assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)
 
 
+EXPERTS = {f"experts.down_proj.{e}" for e in range(4)}
+
+
+# Mixture-of-Experts blocks: every expert's hidden channels, through the views of the fused tensors (gate and up
+# rows as halves, or interleaved: GPT-OSS), and the shared experts' (Qwen2-MoE, Qwen3-Next, Llama 4, DeepSeek-V3)
+@pytest.mark.parametrize("family, attention, shared", [
+    ("qwen2_moe", True, "shared_expert"), ("mixtral", True, None), ("qwen3_moe", True, None),
+    ("llama4", True, "shared_expert"), ("gpt_oss", True, None), ("qwen3_next", False, "shared_expert"),
+    ("deepseek_v3", False, "shared_experts"),
+])
+def test_reordering_every_experts_channels_leaves_the_model_computing_the_same(family, attention, shared):
+    model = tiny_model(family)
+    with torch.no_grad():  # GPT-OSS's expert biases start at zero: make the reordered biases count
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_(0, 0.1)
+    adapter = find_adapter(model)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    block = adapter.blocks[-1]  # (the first blocks of Llama 4 and DeepSeek-V3 are dense)
+    moe = adapter.halves(block)[1].modules[0]
+    prefix = next(name for name, m in block.named_children() if m is moe)
+    channels = adapter.channels(block)
+    expected = {f"{prefix}.{name}" for name in EXPERTS | ({f"{shared}.down_proj"} if shared else set())}
+    assert set(channels) == expected | ({"self_attn.o_proj"} if attention else set())
+    fused = moe.experts.down_proj.detach().clone()
+    with adapter.prunable_linears(block) as linears:
+        for seed, found in enumerate(channels.values()):
+            reorder(linears, random_reordering(found, linears, seed))
+    assert not torch.equal(moe.experts.down_proj, fused)  # written through the views into the fused tensors
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_the_gate_and_up_views_of_interleaved_experts_hold_the_gate_and_up_rows():
+    # GPT-OSS's gate function reads gate rows at even and up rows at odd positions of gate_up ([E, H, 2I] stored)
+    model = tiny_model("gpt_oss")
+    adapter = find_adapter(model)
+    block = adapter.blocks[0]
+    gate_up = block.mlp.experts.gate_up_proj.detach().clone()
+    with adapter.prunable_linears(block) as linears:
+        assert block.mlp.experts.layout == "interleaved"
+        assert torch.equal(linears["mlp.experts.gate_proj.1"].weight, gate_up[1].T[0::2])
+        assert torch.equal(linears["mlp.experts.up_proj.1"].weight, gate_up[1].T[1::2])
+    qwen = tiny_model("qwen3_moe")
+    with find_adapter(qwen).prunable_linears(qwen.model.layers[0]):
+        assert qwen.model.layers[0].mlp.experts.layout == "halves"
+
+
 def test_attention_with_a_gate_in_its_query_rows_has_no_reorderable_values():
-    # Qwen3-Next's full attention: q_proj also produces an output gate per value dimension
+    # Qwen3-Next's full attention: q_proj also produces an output gate per value dimension; its experts have some
     model = tiny_model("qwen3_next")
     adapter = find_adapter(model)
-    assert all(not adapter.channels(block) for block in adapter.blocks)
+    assert all(not any(".experts." not in n and "shared" not in n for n in adapter.channels(block))
+               for block in adapter.blocks)
+
+
+def test_a_model_with_nothing_to_reorder_is_pruned_without_and_says_so(monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.setattr(type(find_adapter(model)), "channels", lambda self, block: {})
     with pytest.warns(prunelab.errors.PrunelabWarning, match="no layer of this llama model has input channels"):
-        prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
-                       reconstruct="none", progress=False)
+        report = prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
+                                reconstruct="none", progress=False)
+    assert not any("permuted" in r for r in report["layers"]) and two_four_in_the_stored_layout(model)
 
 
 def two_four_in_the_stored_layout(model) -> bool:
@@ -146,10 +203,54 @@ def test_a_wrong_channel_map_is_caught_before_any_weight_is_pruned(monkeypatch):
         return found
 
     monkeypatch.setattr(adapter_cls, "channels", gate_forgotten)
-    with pytest.raises(PrunelabError, match=r"permute: reordering the inputs of layer 0.mlp.down_proj changed its "
-                                            r"half's output \(relative difference"):
+    with pytest.raises(PrunelabError, match=r"permute: reordering the inputs of layer 0.mlp.down_proj changed what "
+                                            r"it computes \(relative difference"):
         prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
                        reconstruct="none", progress=False)
+
+
+def test_a_wrong_expert_channel_map_is_caught_on_the_expert(monkeypatch):
+    # the routed half runs its experts as routing decides: each reordering is checked on its expert alone
+    model = tiny_model("qwen3_moe")
+    adapter_cls = type(find_adapter(model))
+    right = adapter_cls.channels
+
+    def up_forgotten(self, block):
+        found = right(self, block)
+        down = found["mlp.experts.down_proj.2"]
+        found[down.writer] = Channels(down.writer, down.columns, {"mlp.experts.gate_proj.2":
+                                                                  down.rows["mlp.experts.gate_proj.2"]}, down.unit)
+        return found
+
+    monkeypatch.setattr(adapter_cls, "channels", up_forgotten)
+    with pytest.raises(PrunelabError, match=r"layer 0.mlp.experts.down_proj.2 changed what it computes"):
+        prunelab.prune(model, calibration=random_ids(8, 32), method="wanda", pattern="2:4", permute=True,
+                       reconstruct="none", progress=False)
+
+
+def two_four_views(model) -> bool:
+    """2:4 along every prunable linear's inputs, fused experts through their per-expert views."""
+    adapter = find_adapter(model)
+    for block in adapter.blocks:
+        with adapter.prunable_linears(block) as linears:
+            for linear in linears.values():
+                if ((linear.weight.reshape(linear.out_features, -1, 4) != 0).sum(-1) > 2).any():
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("family, method", [("qwen3_moe", "wanda"), ("gpt_oss", "sparsegpt"),
+                                            ("qwen2_moe", "magnitude")])
+def test_permuted_experts_keep_more_of_the_score_and_stay_two_four(family, method):
+    model = tiny_model(family)
+    report = prunelab.prune(model, calibration=random_ids(16, 32), method=method, pattern="2:4", permute=True,
+                            reconstruct="none", progress=False)
+    permuted = {(r["block"], r["layer"]): r["permuted"] for r in report["layers"] if "permuted" in r}
+    experts = [p for (_, layer), p in permuted.items() if ".experts.down_proj." in layer]
+    assert len(experts) == 2 * 4  # every expert of both blocks (each reached by a calibration token)
+    assert all(p["kept_after"] >= p["kept_before"] for p in permuted.values())
+    assert sum(p["kept_after"] - p["kept_before"] for p in experts) > 0
+    assert two_four_views(model)
 
 
 def test_matrix_reconstruction_compares_each_linear_with_its_reordered_dense_copy():

@@ -364,6 +364,22 @@ def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, token
     assert any(".experts." in name for name in streamed["sparsity"]["layers"])
 
 
+def test_streamed_expert_permutation_equals_the_whole_model_run(tmp_path, tokenizer, texts):
+    # the reordering writes through the per-expert views into the fused tensors, which are stored per expert
+    folder = tmp_path / "tiny-qwen2_moe"
+    tiny_model("qwen2_moe", layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    kwargs = dict(pattern="2:4", permute=True, eval_dense=False)
+    whole = run(folder, texts, tmp_path / "whole", **kwargs)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=3e-4, **kwargs)
+    assert streamed["model"]["streamed"]["shards"] == 5
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    permuted = {(r["block"], r["layer"]): r["permuted"] for r in streamed["layers"] if "permuted" in r}
+    assert permuted == {(r["block"], r["layer"]): r["permuted"] for r in whole["layers"] if "permuted" in r}
+    assert {(3, "mlp.experts.down_proj.0"), (3, "mlp.shared_expert.down_proj")} <= set(permuted)
+
+
 def test_expert_groups_split_by_the_one_varying_number():
     keys = [f"model.layers.3.mlp.experts.{e}.{p}_proj.weight" for e in (10, 2, 0) for p in ("gate", "up")]
     assert expert_groups(keys, 3) == [keys[4:6], keys[2:4], keys[0:2]]  # by expert, in numeric order

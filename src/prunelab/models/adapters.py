@@ -7,6 +7,7 @@ the block (which child modules and projections exist), never by the model's name
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -105,6 +106,9 @@ class Channels:
     writer: str  # linear names as `prunable_linears` gives them
     columns: torch.Tensor  # [pools, copies, channels]
     rows: dict[str, torch.Tensor]  # producer -> [pools, copies, channels]
+    # What the producers and the writer compute together, x -> output (an MLP, an expert), on which a reordering
+    # can be checked where the half's output cannot be (a routed half runs its experts as routing decides)
+    unit: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _runs(pools: int, copies: int, channels: int, stride: int | None = None) -> torch.Tensor:
@@ -443,7 +447,9 @@ class LlamaAdapter(Adapter):
         )
 
     def channels(self, block):
-        found = [_mlp_channels(block, _mlp(block)), _value_channels(block, _mixer(block))]
+        with self.prunable_linears(block):  # fused experts as the per-expert views the pass prunes, and names
+            mlp = _mlp(block)
+            found = [_mlp_channels(block, mlp), _value_channels(block, _mixer(block)), *_expert_channels(block, mlp)]
         return {c.writer: c for c in found if c is not None}
 
 
@@ -458,20 +464,33 @@ def _mlp_width(block: nn.Module, mlp: nn.Module) -> Width:
     channels = [[c] for c in range(inner)]
     readers = ({"gate_up_proj": [[c, inner + c] for c in range(inner)]} if reader_names == ["gate_up_proj"]
                else {name: channels for name in reader_names})
-    return Width("mlp", "channel", next(n for n, m in block.named_children() if m is mlp), mlp, writer, readers,
-                 channels)
+    return Width("mlp", "channel", _name_in(block, mlp), mlp, writer, readers, channels)
 
 
 def _mlp_channels(block: nn.Module, mlp: nn.Module | None) -> Channels | None:
-    """The units of `_mlp_width` as one pool (experts: none, yet)."""
-    if layout(mlp, MLP_LAYOUTS) is None or _is_moe(mlp):
+    """The units of `_mlp_width` as one pool, for a dense MLP (a shared expert, an expert of a list too)."""
+    if layout(mlp, MLP_LAYOUTS) is None or _is_moe(mlp) or isinstance(mlp, UnfusedExperts):
         return None
     width = _mlp_width(block, mlp)
     rows = {name: torch.tensor(units).T.unsqueeze(0) for name, units in width.readers.items()}  # [1, copies, inner]
     if any(width.linear(name).out_features != r.numel() for name, r in rows.items()):
         return None
     return Channels(f"{width.path}.{width.writer}", torch.tensor(width.units).T.unsqueeze(0),
-                    {f"{width.path}.{name}": r for name, r in rows.items()})
+                    {f"{width.path}.{name}": r for name, r in rows.items()}, unit=mlp)
+
+
+def _expert_channels(block: nn.Module, moe: nn.Module | None) -> list[Channels]:
+    """Within a Mixture-of-Experts module: each expert's hidden channels (fused experts through their per-expert
+    views, where their gate layout is known) and those of its shared experts."""
+    if not _is_moe(moe):
+        return []
+    found = []
+    for module in moe.modules():
+        if isinstance(module, UnfusedExperts):
+            found += module.channels(_name_in(block, module))
+        elif module is not moe:
+            found.append(_mlp_channels(block, module))
+    return found
 
 
 def _value_channels(block: nn.Module, attn: nn.Module | None) -> Channels | None:
@@ -596,10 +615,12 @@ class UnfusedExperts(nn.Module):
     stored transposed, [E, H, 2I] and [E, I, H] (Llama 4, GPT-OSS), told apart by which shapes fit together;
     with their biases where the module has them (GPT-OSS).
 
-    `gate_proj` and `up_proj` view the first and second half of each expert's gate_up rows; the module's own
-    gate function (`_apply_gate`, where transformers gives it one) gets them back side by side, so a module
-    that lays its rows out otherwise (GPT-OSS interleaves gate and up rows) computes exactly as it does. Every
-    row is one output of the projection whichever view holds it, which is all a pruning criterion sees.
+    `gate_proj` and `up_proj` view each expert's gate rows and up rows: the first and second half of its
+    gate_up rows, or the even and odd ones where the module's own gate function (`_apply_gate`, where
+    transformers gives it one) interleaves them (GPT-OSS), which `_gate_layout` tells by trying it. They are put
+    back in the module's layout for its gate function, so the views compute exactly as the module does. A gate
+    function of neither layout gets the two halves, each row still one output of the projection, which is all a
+    pruning criterion sees; only the channels to reorder (`channels`) need to know which rows pair up.
 
     Runs the reference (eager) loop over the experts, so hooks on the per-expert linears see exactly the
     tokens routed to each expert. Most MoE modules call their experts with the routing (`top_k_index`,
@@ -620,8 +641,9 @@ class UnfusedExperts(nn.Module):
                 f"gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}"
             )
         inter = down.shape[1] if transposed else down.shape[2]
-        self.num_experts = experts
+        self.num_experts, self.inter = experts, inter
         self.gate = _gate_function(fused, torch.zeros(1, 2 * inter, dtype=gate_up.dtype, device=gate_up.device))
+        self.layout = _gate_layout(self.gate, inter)
 
         def view(weight: torch.Tensor, bias: nn.Parameter | None, e: int, rows=slice(None)) -> nn.Linear:
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -633,13 +655,26 @@ class UnfusedExperts(nn.Module):
             return linear
 
         up, dn = (gate_up.data.transpose(1, 2), down.data.transpose(1, 2)) if transposed else (gate_up.data, down.data)
-        first, second = slice(inter), slice(inter, None)
+        first, second = _gate_rows(self.layout or "halves", inter)
         self.gate_proj = nn.ModuleList(view(up[e, first], up_bias, e, first) for e in range(experts))
         self.up_proj = nn.ModuleList(view(up[e, second], up_bias, e, second) for e in range(experts))
         self.down_proj = nn.ModuleList(view(dn[e], down_bias, e) for e in range(experts))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj[e](self.gate(torch.cat((self.gate_proj[e](x), self.up_proj[e](x)), dim=-1)))
+        gate, up = self.gate_proj[e](x), self.up_proj[e](x)
+        gate_up = torch.stack((gate, up), -1).flatten(-2) if self.layout == "interleaved" else torch.cat((gate, up), -1)
+        return self.down_proj[e](self.gate(gate_up))
+
+    def channels(self, prefix: str) -> list[Channels]:
+        """Each expert's hidden channels (`prefix`: this module's name in the block), where the gate layout is
+        known: channel c is down's column c with row c of the gate and the up view."""
+        if self.layout is None:
+            return []
+        index = _runs(1, 1, self.inter)
+        return [Channels(f"{prefix}.down_proj.{e}", index, {f"{prefix}.gate_proj.{e}": index,
+                                                            f"{prefix}.up_proj.{e}": index},
+                         unit=functools.partial(self.expert, e))
+                for e in range(self.num_experts)]
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
         if top_k_index is None:  # Llama 4: [E * tokens, H], expert e's block zero where it was not chosen
@@ -672,6 +707,28 @@ def _gate_function(fused: nn.Module, probe: torch.Tensor):
         raise PrunelabError(f"unsupported fused expert layout in {type(fused).__name__}: its gate does not run "
                             f"({exc})") from None
     return gate
+
+
+def _gate_rows(layout: str, inter: int) -> tuple[slice, slice]:
+    """Which of an expert's 2·inter gate_up rows are its gate rows and its up rows, channel by channel."""
+    return (slice(0, None, 2), slice(1, None, 2)) if layout == "interleaved" else (slice(inter), slice(inter, None))
+
+
+def _gate_layout(gate, inter: int) -> str | None:
+    """"halves" or "interleaved" (`_gate_rows`): the one the gate function reads, found by trying it. Moving the
+    channels of a random input in its gate and up rows alike must move the output's channels the same way."""
+    g = torch.Generator().manual_seed(0)
+    y, order = torch.randn(4, 2 * inter, generator=g), torch.randperm(inter, generator=g)
+    for name in ("halves", "interleaved"):
+        moved = y.clone()
+        for part in _gate_rows(name, inter):
+            moved[:, part] = y[:, part][:, order]
+        try:
+            if torch.allclose(gate(moved), gate(y)[:, order]):
+                return name
+        except Exception:  # a foreign gate function that cannot run on a CPU probe: no layout known
+            return None
+    return None
 
 
 def _unfuse_experts(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

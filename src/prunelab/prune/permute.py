@@ -59,3 +59,18 @@ def best_orders(channels: Channels, linears: dict[str, nn.Linear], stats, method
                    for name, rows in channels.rows.items()})
     total = total or 1.0
     return orders, {"kept_before": round(before / total, 6), "kept_after": round(after / total, 6)}
+
+
+def unit_probe(channels: Channels, linears: dict[str, nn.Linear]):
+    """What the channels' unit (an MLP, an expert) computes on a few random inputs, as a function (None without a
+    unit): a reordering that leaves it as it was is right for any input, routed to the expert or not."""
+    if channels.unit is None:
+        return None
+    producer = linears[next(iter(channels.rows))].weight
+    x = torch.randn(8, producer.shape[1], generator=torch.Generator().manual_seed(0))
+    x = x.to(producer.device, producer.dtype)
+
+    @torch.no_grad()
+    def probe() -> torch.Tensor:
+        return channels.unit(x)
+    return probe

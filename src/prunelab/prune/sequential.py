@@ -49,7 +49,7 @@ from ..models.loading import torch_dtype
 from ..precision import full_precision
 from ..resume import Checkpoints
 from .layerwise import planned
-from .permute import aligned, best_orders, reorder
+from .permute import aligned, best_orders, reorder, unit_probe
 
 
 def skipped(patterns: tuple[str, ...], name: str) -> bool:
@@ -84,7 +84,7 @@ def check_layers(adapter: Adapter, config: RunConfig) -> None:
     reorderable = (c for block in adapter.blocks for c in adapter.channels(block).values())
     if config.permute and not any(aligned(c, nm[1]) for c in reorderable):
         warnings.warn(PrunelabWarning(f"permute: no layer of this {adapter.family} model has input channels that can "
-                                      f"be reordered in groups of {nm[1]} (those of dense MLPs and of separate q/k/v "
+                                      f"be reordered in groups of {nm[1]} (those of MLPs, experts and separate q/k/v "
                                       "attention): pruned without permutation"),
                       stacklevel=1)  # one place, so the second check of a job repeats nothing
 
@@ -114,6 +114,7 @@ class HalfPruner:
         # windows of 512 tokens take 3.8 GB): the pruned half runs again instead, to the same values.
         self.keep_writer_inputs = True
         self.group_cache: dict[tuple[str, ...], dict[str, str]] = {}  # blocks of one structure share groups
+        self.found: tuple[nn.Module, dict] | None = None  # (a block, its reorderable channels)
 
     def prune_group(self, index: int, linears: dict[str, nn.Linear], names: list[str], stats,
                     mirrors: dict[str, nn.Linear] | None = None, probe=None) -> torch.Tensor | None:
@@ -154,11 +155,14 @@ class HalfPruner:
         """Reorder the input channels of the writer among `names`, if it has any to reorder (prune/permute.py)."""
         if not self.permute or (self.stats_cls is not None and (stats is None or stats.tokens == 0)):
             return None, {}
-        found = self.adapter.channels(self.adapter.blocks[index])
-        channels = next((found[name] for name in names if name in found), None)
+        block = self.adapter.blocks[index]
+        if self.found is None or self.found[0] is not block:  # a block with experts has many writers: ask once
+            self.found = (block, self.adapter.channels(block))
+        channels = next((self.found[1][name] for name in names if name in self.found[1]), None)
         if channels is None or not aligned(channels, self.nm[1]):
             return None, {}
         orders, kept = best_orders(channels, linears, stats, self.method, self.options, self.nm)
+        probe = probe or unit_probe(channels, linears)
         before = probe() if probe is not None else None
         for target in (linears, mirrors) if mirrors is not None else (linears,):
             reorder(target, orders)
@@ -166,8 +170,8 @@ class HalfPruner:
             error = float((probe() - before).float().norm() / before.float().norm().clamp_min(1e-30))
             exact = before.dtype == torch.float32 and not torch.is_autocast_enabled(before.device.type)
             if not error < (1e-4 if exact else 2e-2):  # summation order moves, in half precision by its rounding
-                raise PrunelabError(f"permute: reordering the inputs of layer {index}.{channels.writer} changed its "
-                                    f"half's output (relative difference {error:.2g}); the {self.adapter.family} "
+                raise PrunelabError(f"permute: reordering the inputs of layer {index}.{channels.writer} changed what "
+                                    f"it computes (relative difference {error:.2g}); the {self.adapter.family} "
                                     "adapter does not know this block's channels: run without --permute")
         order = orders[channels.writer][1]
         if stats is not None:
