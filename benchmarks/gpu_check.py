@@ -3,7 +3,8 @@
 1. Agreement: a tiny Llama pruned (Wanda, SparseGPT; 50 % and 2:4; RIA, OWL, 2:4 with channel permutation)
    and reconstructed (attn-mlp, fixed lr; float32 matmuls, and for Wanda also bfloat16) on the CPU and on
    the GPU from the same weights and windows: share of equal mask entries, relative perplexity difference
-   on held-out random windows.
+   on held-out random windows. Then tiny Qwen3-MoE and GPT-OSS (fused experts, GPT-OSS's transposed and
+   interleaved), Wanda 2:4 with permutation, alone and with attn-mlp.
 2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
    blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction (float32 and bfloat16 matmuls), each
    stage's seconds and CUDA peak.
@@ -67,7 +68,8 @@ def agreement(device: str) -> None:
     targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
     cases = [(m, t) for t in targets for m in ("wanda", "sparsegpt")]
     cases += [("ria", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.5, "layerwise": "owl"})]
-    if importlib.util.find_spec("scipy") is not None:  # the image lacks it unless gpu_wheels.sh's wheels came along
+    permute = importlib.util.find_spec("scipy") is not None  # the image lacks it unless gpu_wheels.sh's wheels came
+    if permute:
         cases.append(("wanda", {"pattern": "2:4", "permute": True}))
     else:
         print("agreement wanda 2:4 permute: skipped, no scipy (run benchmarks/gpu_wheels.sh, carry .whl)", flush=True)
@@ -75,20 +77,33 @@ def agreement(device: str) -> None:
         # float32 for the exact comparison; bfloat16 matmuls (the default on both devices here) once
         recons = [("none", None), ("attn-mlp", "float32")] + [("attn-mlp", "bfloat16")] * (method == "wanda")
         for recon, precision in recons:
-            models = {}
-            for where in ("cpu", device):
-                model = copy.deepcopy(base).to(where)
-                options = dict(method=method, forward_batch=8, progress=False, **target)
-                options["reconstruct"] = ("none" if recon == "none" else
-                                          {"lr": 1e-3, "heldout": 4, "precision": precision})
-                prunelab.prune(model, calibration=ids, **options)
-                models[where] = model
-            cpu, gpu = (find_adapter(models[d]).prunable_weights() for d in ("cpu", device))
-            equal = sum(int(((cpu[k] == 0) == (gpu[k].cpu() == 0)).sum()) for k in cpu)
-            same = equal / sum(v.numel() for v in cpu.values())
-            p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
-            print(f"agreement {method} {target} reconstruct={recon} {precision or ''}: masks equal {same:.4%}, "
-                  f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
+            agree(base, method, target, recon, precision, ids, test, device, "")
+    # experts: fused views (GPT-OSS's transposed, interleaved, with biases), trained and reordered through them
+    from tiny import tiny_model
+    for family in ("qwen3_moe", "gpt_oss"):
+        moe = tiny_model(family)
+        moe_ids, moe_test = ids % moe.config.vocab_size, test % moe.config.vocab_size
+        target = {"pattern": "2:4", "permute": True} if permute else {"pattern": "2:4"}
+        for recon, precision in (("none", None), ("attn-mlp", "float32")):
+            agree(moe, "wanda", target, recon, precision, moe_ids, moe_test, device, f"{family} ")
+
+
+def agree(base, method: str, target: dict, recon: str, precision: str | None, ids, test, device: str,
+          label: str) -> None:
+    """Prune (and reconstruct) copies of `base` on the CPU and on `device`; print how far they agree."""
+    models = {}
+    for where in ("cpu", device):
+        model = copy.deepcopy(base).to(where)
+        options = dict(method=method, forward_batch=8, progress=False, **target)
+        options["reconstruct"] = "none" if recon == "none" else {"lr": 1e-3, "heldout": 4, "precision": precision}
+        prunelab.prune(model, calibration=ids, **options)
+        models[where] = model
+    cpu, gpu = (find_adapter(models[d]).prunable_weights() for d in ("cpu", device))
+    equal = sum(int(((cpu[k] == 0) == (gpu[k].cpu() == 0)).sum()) for k in cpu)
+    same = equal / sum(v.numel() for v in cpu.values())
+    p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
+    print(f"agreement {label}{method} {target} reconstruct={recon} {precision or ''}: masks equal {same:.4%}, "
+          f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
 
 
 def shapes(blocks: int, windows: int, seqlen: int, device: str) -> None:
