@@ -166,11 +166,23 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.o
     """AdamW with the fused kernel where PyTorch has one: on CPU the default per-tensor loop took 11 ms
     a step for one MLP half of SmolLM2 (1.3 M weights), as long as its forward pass; fused, 1.1 ms.
 
-    Not for a strided parameter (GPT-2's held Conv1D weights, transposed expert views): PyTorch 2.13's fused CPU
-    kernel steps its memory as if it were contiguous, so each weight takes another one's update and a slice
-    writes past its own elements (`test_adamw_steps_a_strided_parameter_like_a_contiguous_one`)."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_contiguous() for p in params)
+    Not for a parameter with gaps in its memory (the per-expert views of Llama 4's and GPT-OSS's transposed
+    expert tensors): PyTorch 2.13's fused CPU kernel walks each tensor's memory in order, which is right where
+    the parameter, its gradient and its moments share one dense layout (autograd gives a dense parameter's
+    gradient its strides: GPT-2's held Conv1D weights), and for a slice of a transposed tensor takes the wrong
+    gradient entries and writes past the slice (`test_adamw_steps_a_strided_parameter_like_a_contiguous_one`)."""
+    fused = all(p.device.type in ("cpu", "cuda") and dense(p) for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill its memory span without gaps, in some order of its dimensions."""
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
 
 
 def schedule(steps: int, warmup: float) -> Callable[[int], float]:
