@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -186,6 +187,26 @@ def test_a_model_folder_without_its_tokenizer_gets_a_one_line_error(tiny_dir, te
         job(tiny_dir, texts, tmp_path / "out", max_memory=max_memory)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_memory", [None, 3e-4])  # loaded whole, streamed
+def test_a_tokenizer_that_is_not_the_models_gets_a_one_line_error(tokenizer, texts, tmp_path, max_memory):
+    folder = tmp_path / "small-vocabulary"
+    tiny_model("llama", vocab_size=64).save_pretrained(folder)  # the tokenizer's ids go up to 255
+    tokenizer.save_pretrained(folder)
+    message = r"the calibration windows hold token id \d+, but the model's embeddings have 64 rows: the tokenizer of "
+    with pytest.raises(PrunelabError, match=message + ".*small-vocabulary is not this model's") as error:
+        job(folder, texts, tmp_path / "out", max_memory=max_memory)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    budget = [] if max_memory is None else ["--max-memory", str(max_memory)]
+    result = runner.invoke(app, ["eval", "--model", str(folder), "--eval", str(texts[1]), "--eval-seqlen", "32",
+                                 "--eval-windows", "4", *budget])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the evaluation windows hold token id" in " ".join(result.output.split()), result.output
+    with pytest.raises(PrunelabError, match=r"have 64 rows: the tokenizer given is not this model's"):
+        prunelab.prune(tiny_model("llama", vocab_size=64), tokenizer, calibration=str(texts[0]), samples=8,
+                       seqlen=32, progress=False)
 
 
 def test_cli_too_short_calibration_and_empty_text(tiny_dir, texts, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import load_text
-from .data.windows import calibration_windows, check_token_ids
+from .data.windows import calibration_windows, check_token_ids, check_tokenizer_fits, embedding_rows
 from .errors import PrunelabError
 from .evaluate.sparsity import count_zeros, measure_sparsity
 from .job import retraining_data, run_job
@@ -41,8 +41,9 @@ def _calibration(model, tokenizer, cfg: RunConfig, calibration, attention_mask, 
         text = load_text(calibration or cfg.calib, role="calib")
         held = cfg.reconstruct.heldout if cfg.reconstruct.enabled else 0
         ids, _, drawn = calibration_windows(tokenizer, text, cfg.samples, cfg.seqlen, cfg.seed, held)
+        check_tokenizer_fits(embedding_rows(model), "the tokenizer given", {"calibration": ids, "held-out": drawn})
         return ids, None, drawn if heldout is None else heldout
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    vocab = embedding_rows(model)
     check_token_ids(calibration, vocab, "calibration", attention_mask)
     ids = calibration
     if cfg.reconstruct.enabled and heldout is None:

@@ -23,7 +23,7 @@ from . import report as reporting
 from .activations import checked_adapter
 from .config import RunConfig
 from .data.sources import check_disjoint, describe, load_text
-from .data.windows import calibration_windows, evaluation_windows
+from .data.windows import calibration_windows, check_tokenizer_fits, embedding_rows, evaluation_windows
 from .errors import MemoryBudgetWarning, PrunelabError, PrunelabWarning
 from .evaluate.perplexity import perplexity
 from .evaluate.sparsity import (
@@ -181,7 +181,7 @@ class Job:
         self.metrics: dict = {}
         self.layers: list = []
         self.reconstruction = self.structure = self.retraining = None
-        self.calib_ids = self.heldout_ids = self.eval_ids = None
+        self.calib_ids = self.heldout_ids = self.eval_ids = self.retrain_ids = self.retrain_heldout = None
         self.checkpoints: Checkpoints | None = None
 
     def begin(self, texts: dict[str, str]) -> None:
@@ -205,6 +205,9 @@ class Job:
                 self.config, self.tokenizer, texts["calib"])
         if "eval" in texts:
             self.eval_ids, self.data["evaluation"] = evaluation_data(self.config, self.tokenizer, texts["eval"])
+        check_tokenizer_fits(embedding_rows(self.model), f"the tokenizer of {self.config.model}", {
+            "calibration": self.calib_ids, "held-out": self.heldout_ids, "retraining": self.retrain_ids,
+            "retraining held-out": self.retrain_heldout, "evaluation": self.eval_ids})
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
 
     def share_windows(self) -> None:
@@ -577,6 +580,7 @@ def evaluate_model(config: RunConfig) -> dict:
     result = {"model": source, "sparsity": measure_sparsity(find_adapter(model).prunable_weights())["sparsity"]}
     if text is not None:
         windows, protocol = evaluation_data(config, tokenizer, text)
+        check_tokenizer_fits(embedding_rows(model), f"the tokenizer of {config.model}", {"evaluation": windows})
         result.update(perplexity(model, windows, batch_size=config.eval_batch), eval=config.eval,
                       **{k: v for k, v in protocol.items() if k != "source"})
     if config.tasks:
@@ -595,6 +599,8 @@ def evaluate_streamed(config: RunConfig, text: str | None, folder: Path, budget_
         if text is not None:
             check_model(streamed.model, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
             windows, protocol = evaluation_data(config, tokenizer, text)
+            check_tokenizer_fits(embedding_rows(streamed.model), f"the tokenizer of {config.model}",
+                                 {"evaluation": windows})
             result.update(streamed_perplexity(streamed, windows, config.eval_batch), eval=config.eval,
                           **{k: v for k, v in protocol.items() if k != "source"})
         if config.tasks:

@@ -94,6 +94,20 @@ def evaluation_windows(tokenizer, text: str, seqlen: int, max_windows: int = 0) 
     return ids[: count * seqlen].view(count, seqlen)
 
 
+def embedding_rows(model) -> int | None:
+    """How many token ids the model has embeddings for (None where its embedding does not say)."""
+    return getattr(model.get_input_embeddings(), "num_embeddings", None)
+
+
+def check_tokenizer_fits(rows: int | None, tokenizer: str, windows: dict[str, torch.Tensor | None]) -> None:
+    """Every token id a tokenizer gave the windows has one of the model's `rows` embeddings: a tokenizer that is
+    not the model's fails here, in one line and before any work, not as an IndexError in the first forward."""
+    for name, ids in windows.items():
+        if rows is not None and ids is not None and ids.numel() and int(ids.max()) >= rows:
+            raise PrunelabError(f"the {name} windows hold token id {int(ids.max())}, but the model's embeddings "
+                                f"have {rows} rows: {tokenizer} is not this model's")
+
+
 def check_token_ids(ids, vocab_size: int | None, name: str = "calibration", attention_mask=None) -> None:
     """Token ids given through the API: a [windows, seqlen] integer tensor of ids the model knows, with
     an optional attention mask of the same shape, 1 at real tokens and 0 at padding."""
