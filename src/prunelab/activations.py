@@ -413,9 +413,8 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
     check_finite_stats(stats, index)
-    for name in linears:
-        leader_of.setdefault(name, name)
-    return stats, leader_of
+    # in the linears' order, not the order they first ran in: the order data parallel processes agree on (`agreed`)
+    return stats, {name: leader_of.get(name, name) for name in linears}
 
 
 def agreed(stats: dict, leader_of: dict[str, str], members: dict[str, nn.Linear], stats_cls) -> tuple[dict, dict]:
