@@ -476,7 +476,8 @@ def _mlp_channels(block: nn.Module, mlp: nn.Module | None) -> Channels | None:
     if any(width.linear(name).out_features != r.numel() for name, r in rows.items()):
         return None
     return Channels(f"{width.path}.{width.writer}", torch.tensor(width.units).T.unsqueeze(0),
-                    {f"{width.path}.{name}": r for name, r in rows.items()}, unit=mlp)
+                    {f"{width.path}.{name}": r for name, r in rows.items()},
+                    unit=functools.partial(mlp, **_zero_residual(mlp)))  # Bloom's and MPT's take the residual
 
 
 def _expert_channels(block: nn.Module, moe: nn.Module | None) -> list[Channels]:
