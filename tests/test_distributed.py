@@ -149,8 +149,10 @@ def test_two_processes_prune_routed_experts_like_one(tokenizer, texts, tmp_path,
     assert done.returncode == 0, done.stderr[-3000:]
     single, report = (json.loads((tmp_path / out / "prunelab.json").read_text()) for out in ("one", "two"))
     assert report["data"]["processes"]["world_size"] == 2
-    # the same records in the same order: the linears' own, not the order in which routing first reached them
-    assert [(r["block"], r["layer"]) for r in report["layers"]] == [(r["block"], r["layer"]) for r in single["layers"]]
+    # the same records, in the linears' order, not the order in which routing first reached them; after
+    # reconstruction a token may reach another expert (below), whose linears then group otherwise
+    mine, theirs = ([(r["block"], r["layer"]) for r in rep["layers"]] for rep in (report, single))
+    assert mine == theirs if reconstruct == "none" else sorted(mine) == sorted(theirs)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert a.keys() == b.keys() and any(".experts.63." in key for key in a)  # as stored: a matrix per expert
     differ = sum(int(((a[n] == 0) != (b[n] == 0)).sum()) for n in a)
