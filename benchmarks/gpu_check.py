@@ -68,7 +68,8 @@ def agreement(device: str) -> None:
     targets = ({"sparsity": 0.5}, {"pattern": "2:4"})
     cases = [(m, t) for t in targets for m in ("wanda", "sparsegpt")]
     cases += [("ria", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.5, "layerwise": "owl"})]
-    permute = importlib.util.find_spec("scipy") is not None  # the image lacks it unless gpu_wheels.sh's wheels came
+    # the device image has no scipy unless gpu_wheels.sh's wheels came along
+    permute = importlib.util.find_spec("scipy") is not None
     if permute:
         cases.append(("wanda", {"pattern": "2:4", "permute": True}))
     else:
