@@ -67,6 +67,25 @@ def test_numbers_yaml_reads_as_strings_are_numbers():
     assert cfg.reconstruct.lr == 1e-3 and cfg.reconstruct.lr_grid == (1e-4, 1e-3) and cfg.sparsity == 0.6
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"pattern": "2:4", "sparsity": 0.3}, "sparsity 0.3 is ignored: pattern 2:4 keeps 2 of every 4 weights (50% "
+                                          "sparsity)"),
+    ({"pattern": "1:4", "sparsity": 0.6}, "(75% sparsity)"),
+    ({"method": "layers", "depth": {"remove": 2}, "sparsity": 0.7}, "method layers removes depth.remove blocks"),
+    ({"method": "flap", "sparsity": 0.2}, "method flap removes width.ratio"),
+])
+def test_a_sparsity_that_decides_nothing_is_said_to(values, message, recwarn):
+    RunConfig.from_dict(values)
+    said = [str(w.message) for w in recwarn if issubclass(w.category, prunelab.errors.PrunelabWarning)]
+    assert len(said) == 1 and message in said[0]
+
+
+@pytest.mark.parametrize("values", [{"pattern": "2:4"}, {"sparsity": 0.3}, {"method": "flap"}])
+def test_a_sparsity_that_decides_is_not_warned_about(values, recwarn):
+    RunConfig.from_dict(values)
+    assert not [w for w in recwarn if issubclass(w.category, prunelab.errors.PrunelabWarning)]
+
+
 @pytest.mark.parametrize("suffix, text", [(".yaml", 'overwrite: "false"\n'), (".toml", 'overwrite = "false"\n')])
 def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_dir, texts, tmp_path):
     out = tmp_path / "run"

@@ -13,12 +13,13 @@ import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .criteria import CRITERIA
-from .errors import PrunelabError
+from .errors import PrunelabError, PrunelabWarning
 
 STRUCTURED_METHODS = ("layers", "flap")
 METHODS = (*CRITERIA, *STRUCTURED_METHODS)
@@ -288,7 +289,8 @@ class RunConfig(Checked):
     model: str = option("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (embedded)")
     method: str = option("wanda", "magnitude | wanda | sparsegpt | ria (zero weights) | layers (remove blocks) | "
                                   "flap (remove heads, channels)")
-    sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored when --pattern is set")
+    sparsity: float = option(0.5, "unstructured sparsity in [0, 1); a pattern or method layers/flap sets its own "
+                                  "(a sparsity given beside one is ignored, with a warning)")
     pattern: str | None = option(None, "N:M semi-structured pattern, e.g. 2:4")
     permute: bool = option(False, "reorder the input channels of each down_proj (with gate/up's rows) and of o_proj "
                                   "within each value head (with v_proj's rows) so that the N:M pattern keeps more of "
@@ -368,6 +370,7 @@ class RunConfig(Checked):
                 whole = "blocks" if self.method == "layers" else "heads and channels"
                 raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
                                     f"removes whole {whole}, as many as {size} says: leave the pattern out")
+        self.warn_unused_sparsity()
         if self.permute and (self.pattern is None or self.structured):
             raise PrunelabError("permute reorders channels so that an N:M pattern keeps more of each layer: it needs "
                                 "a pattern (e.g. 2:4), not "
@@ -417,6 +420,21 @@ class RunConfig(Checked):
                     "or --reconstruct none to prune alone"
                 )
         self.validate_retrain()
+
+    def warn_unused_sparsity(self) -> None:
+        """A sparsity other than the default beside a pattern or a structured method decides nothing: a run at
+        another sparsity than the one written must not pass in silence."""
+        if self.sparsity == RunConfig.sparsity:
+            return
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            why = f"pattern {self.pattern} keeps {n} of every {m} weights ({(m - n) / m:.0%} sparsity)"
+        elif self.structured:
+            why = f"method {self.method} removes " + ("depth.remove blocks" if self.method == "layers"
+                                                      else "width.ratio of the heads and channels")
+        else:
+            return
+        warnings.warn(PrunelabWarning(f"sparsity {self.sparsity} is ignored: {why}"), stacklevel=2)
 
     def validate_layerwise(self) -> None:
         one_of("layerwise", self.layerwise, LAYERWISE)
