@@ -79,6 +79,7 @@ def test_eval_streams_a_model_larger_than_the_budget(four_blocks, texts, tmp_pat
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5) and b["sparsity"] == a["sparsity"]
 
 
+@pytest.mark.parametrize("four_blocks", ["llama", "qwen3", "opt"], indirect=True)  # opt: heads by their count
 @pytest.mark.parametrize("structure", ["adaptive", "uniform"])
 def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, structure):
     """FLAP of a model larger than the budget: statistics pass, choice over all layers, narrowing pass; the

@@ -151,6 +151,30 @@ def test_prunelab_reloads_the_narrow_model_exactly_and_export_loads_in_plain_tra
         torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["opt", "biogpt"])  # OPT splits its heads by a head count, BioGPT by their size
+def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(family, tmp_path, tokenizer):
+    model = tiny_model(family, layers=2)  # 4 heads, MLP 128
+    report = flap(model, random_ids(4, 16), ratio=0.5, structure="uniform")
+    assert [r["removed"] for r in report["layers"]] == [2, 64, 2, 64]
+    for b in find_adapter(model).blocks:
+        attn = b.self_attn
+        assert attn.q_proj.out_features == attn.k_proj.out_features == attn.v_proj.out_features \
+            == attn.out_proj.in_features == 2 * attn.head_dim
+        assert getattr(attn, "num_heads", 2) == 2 and b.fc1.out_features == b.fc2.in_features == 64
+    model.save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    write_structure(tmp_path / "narrow", report["linears"])
+    reloaded, _, _ = load_model(str(tmp_path / "narrow"), device="cpu")
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, expected)
+    export_masked(model, report["linears"], tmp_path / "masked")  # OPT's linears have biases: room for the shift
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "masked").eval()
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
     model = tiny_model("mistral", layers=2)
     report = flap(model, random_ids(4, 16), ratio=0.3)
@@ -211,7 +235,7 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 
 
 @pytest.mark.parametrize(
-    "family, message", [("mixtral", "Mixture-of-Experts"), ("opt", "not supported for the opt family"),
+    "family, message", [("mixtral", "Mixture-of-Experts"), ("gpt2", "separate q/k/v projections; GPT2Attention"),
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
                         ("phi3", "Phi3Attention splits its fused qkv_proj"),
                         ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),

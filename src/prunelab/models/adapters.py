@@ -216,6 +216,11 @@ class Adapter(ABC):
         """(attention width, MLP width) of `block`, for width pruning."""
         raise PrunelabError(f"width pruning is not supported for the {self.family} family yet")
 
+    def recount(self, block: nn.Module) -> None:
+        """After width pruning narrowed `block`'s linears (or a loader rebuilt them narrow): set what its
+        modules count from the new shapes, for a forward that reads a head count rather than the shapes."""
+        return  # Llama-style forwards split their heads by the head size alone
+
     def channels(self, block: nn.Module) -> dict[str, Channels]:
         """{writer: its reorderable input channels} for the halves of `block` whose structure allows it."""
         return {}
@@ -560,6 +565,21 @@ class OPTAdapter(Adapter):
             found["self_attn.out_proj"] = Channels("self_attn.out_proj", _runs(heads, 1, head_dim),
                                                    {"self_attn.v_proj": _runs(heads, 1, head_dim)})
         return found
+
+    def widths(self, block):
+        # OPT has no grouped keys and values: a unit of attention is one head, its q, k and v rows together
+        attn = block.self_attn
+        heads = [list(range(h * attn.head_dim, (h + 1) * attn.head_dim))
+                 for h in range(attn.out_proj.in_features // attn.head_dim)]
+        channels = [[c] for c in range(block.fc2.in_features)]
+        return (Width("attention", "head", "self_attn", attn, "out_proj",
+                      {"q_proj": heads, "k_proj": heads, "v_proj": heads}, heads),
+                Width("mlp", "channel", "", block, "fc2", {"fc1": channels}, channels))
+
+    def recount(self, block):
+        attn = block.self_attn
+        if hasattr(attn, "num_heads"):  # OPT's forward splits its heads by it (BioGPT's by the head size)
+            attn.num_heads = attn.q_proj.out_features // attn.head_dim
 
     def residual_writers(self, block):
         if not getattr(block, "do_layer_norm_before", True):

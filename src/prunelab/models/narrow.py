@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import PrunelabError
+from .adapters import find_adapter
 
 STRUCTURE_FILE = "prunelab_structure.json"
 
@@ -54,6 +55,9 @@ def narrow_linears(model: nn.Module, linears: dict[str, dict], dtype: torch.dtyp
         rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
         cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
         setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype or old.weight.dtype))
+    adapter = find_adapter(model)
+    for block in adapter.blocks:
+        adapter.recount(block)
 
 
 def _expand(linear: nn.Linear, entry: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

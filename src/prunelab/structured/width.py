@@ -229,7 +229,7 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
             old = width.linear(name)
             new = _slice(old, rows, cols, bias if old is writer else None)
             setattr(width.module, name, new)
-            record[f"{prefix}.{layer.block}.{width.path}.{name}"] = {
+            record[".".join(p for p in (prefix, str(layer.block), width.path, name) if p)] = {  # OPT's MLP: no path
                 "rows": rows, "cols": cols, "dense_shape": list(old.weight.shape), "bias": new.bias is not None}
     return record
 
@@ -242,7 +242,10 @@ def prune_width(model: nn.Module, adapter: Adapter, ids: torch.Tensor, config: R
     collect(model, adapter, layers, ids, attention_mask, config.forward_batch, progress)
     score(layers)
     choose(layers, wc.ratio, wc.structure)
-    return width_report(config, layers, apply(layers, wc.bias_compensation, adapter.blocks_prefix))
+    linears = apply(layers, wc.bias_compensation, adapter.blocks_prefix)
+    for block in adapter.blocks:
+        adapter.recount(block)
+    return width_report(config, layers, linears)
 
 
 def prune_width_streamed(visits, ids: torch.Tensor, config: RunConfig, progress: bool = True) -> dict:
@@ -275,6 +278,7 @@ def prune_width_streamed(visits, ids: torch.Tensor, config: RunConfig, progress:
         visits.enter(index)
         linears.update(apply([layer for layer in layers if layer.block == index], wc.bias_compensation,
                              streamed.prefix))
+        streamed.adapter.recount(blocks[index])
         visits.leave(index)
     return width_report(config, layers, linears)
 
