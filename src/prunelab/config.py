@@ -361,16 +361,7 @@ class RunConfig(Checked):
 
     def validate(self) -> None:
         one_of("method", self.method, METHODS)
-        if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
-            raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.pattern is not None:
-            parse_pattern(self.pattern)
-            if self.structured:
-                size = "depth.remove" if self.method == "layers" else "width.ratio"
-                whole = "blocks" if self.method == "layers" else "heads and channels"
-                raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
-                                    f"removes whole {whole}, as many as {size} says: leave the pattern out")
-        self.warn_unused_sparsity()
+        self.validate_target()
         if self.permute and (self.pattern is None or self.structured):
             raise PrunelabError("permute reorders channels so that an N:M pattern keeps more of each layer: it needs "
                                 "a pattern (e.g. 2:4), not "
@@ -420,6 +411,19 @@ class RunConfig(Checked):
                     "or --reconstruct none to prune alone"
                 )
         self.validate_retrain()
+
+    def validate_target(self) -> None:
+        """How much goes: a sparsity, or an N:M pattern, or a structured method's own setting, one of them."""
+        if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
+            raise PrunelabError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+            if self.structured:
+                size = "depth.remove" if self.method == "layers" else "width.ratio"
+                whole = "blocks" if self.method == "layers" else "heads and channels"
+                raise PrunelabError(f"pattern {self.pattern} zeroes weights in N:M groups; method {self.method} "
+                                    f"removes whole {whole}, as many as {size} says: leave the pattern out")
+        self.warn_unused_sparsity()
 
     def warn_unused_sparsity(self) -> None:
         """A sparsity other than the default beside a pattern or a structured method decides nothing: a run at
