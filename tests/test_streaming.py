@@ -242,6 +242,20 @@ def test_streamed_parallel_blocks_reconstruct_as_loaded_whole(tmp_path, tokenize
                                                                         rel=1e-5)
 
 
+def test_opt_350m_layout_streams_as_loaded_whole(tmp_path, tokenizer, texts):
+    """OPT-350m's: embeddings narrower than the blocks (project_in, project_out) and post-LN blocks."""
+    folder = tmp_path / "opt"
+    tiny_model("opt", layers=4, word_embed_proj_dim=32, do_layer_norm_before=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    whole = run(folder, texts, tmp_path / "whole")
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)
+    assert "streamed" in streamed["model"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    for key in ("dense", "pruned"):
+        assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+
+
 @pytest.mark.harness
 def test_streamed_zero_shot_equals_the_whole_model(four_blocks, texts, tmp_path, monkeypatch):
     """--tasks on a model larger than the budget: lm-eval's requests go through one block at a time, in several

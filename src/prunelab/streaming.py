@@ -551,7 +551,9 @@ def _head(streamed: StreamedModel):
 
     def logits_of(hidden: torch.Tensor) -> torch.Tensor:
         replays[-1].output = hidden
-        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+        # the embedding's width, which need not be the blocks' (OPT-350m projects 512 up to 1024)
+        ignored = hidden.new_zeros(*hidden.shape[:-1], model.get_input_embeddings().embedding_dim)
+        return model(inputs_embeds=ignored, use_cache=False).logits
 
     with streamed.outer("output") as model:
         try:
@@ -566,7 +568,7 @@ def _head(streamed: StreamedModel):
 def tokens_per_pass(streamed: StreamedModel, budget_gb: float) -> int:
     """How many tokens' hidden states a quarter of the memory budget holds: the requests scored in one pass
     over a streamed model (the rest of the budget is for a block and the head's vocabulary slice)."""
-    per_token = streamed.model.get_input_embeddings().embedding_dim * torch.finfo(streamed.compute_dtype).bits // 8
+    per_token = streamed.model.config.get_text_config().hidden_size * torch.finfo(streamed.compute_dtype).bits // 8
     return max(1, int(0.25 * budget_gb * 1e9 / per_token))
 
 
