@@ -242,10 +242,13 @@ def test_streamed_parallel_blocks_reconstruct_as_loaded_whole(tmp_path, tokenize
                                                                         rel=1e-5)
 
 
-def test_opt_350m_layout_streams_as_loaded_whole(tmp_path, tokenizer, texts):
-    """OPT-350m's: embeddings narrower than the blocks (project_in, project_out) and post-LN blocks."""
-    folder = tmp_path / "opt"
-    tiny_model("opt", layers=4, word_embed_proj_dim=32, do_layer_norm_before=False).save_pretrained(folder)
+@pytest.mark.parametrize("family, config", [
+    ("opt", dict(word_embed_proj_dim=32, do_layer_norm_before=False)),  # OPT-350m's: embeddings narrower than the
+    ("bloom", {}), ("falcon", {}),  # blocks, post-LN; blocks that return a tuple, whose first item the loop takes
+])
+def test_unusual_layouts_stream_as_loaded_whole(tmp_path, tokenizer, texts, family, config):
+    folder = tmp_path / family
+    tiny_model(family, layers=4, **config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     whole = run(folder, texts, tmp_path / "whole")
     streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)

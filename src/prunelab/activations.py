@@ -43,6 +43,12 @@ class StandIn(nn.Module):
             return getattr(self.block, name)
 
 
+def as_block_returns(hidden: torch.Tensor, returns_tuple: bool):
+    """`hidden` in the form the model's blocks return their output, for a stand-in in the model's own loop:
+    Bloom's, Falcon's and MPT's blocks return a tuple, and their loops take its first item."""
+    return (hidden,) if returns_tuple else hidden
+
+
 class _Recorder(StandIn):
     """Records the arguments the block is called with and returns its input."""
 

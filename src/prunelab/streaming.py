@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .activations import StandIn, capture_block_inputs, check_finite, check_halves, probe_ids
+from .activations import StandIn, as_block_returns, capture_block_inputs, check_finite, check_halves, probe_ids
 from .distributed import all_sum_float, is_main
 from .errors import PrunelabError
 from .evaluate.perplexity import summed_nll
@@ -143,6 +143,7 @@ class StreamedModel:
     def __init__(self, folder: Path, compute_dtype: torch.dtype, device: torch.device = torch.device("cpu")):
         self.source = Checkpoint(folder)
         self.compute_dtype, self.device = compute_dtype, device
+        self.returns_tuple = False  # whether its blocks return a tuple, seen whenever they run (`_through_blocks`)
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config)
@@ -400,12 +401,12 @@ class _Replay(StandIn):
     """In the model's own forward pass, a block that was already run: its input passes through, except
     at the last block, which returns the stored output of the whole stack for the current batch."""
 
-    def __init__(self, block: nn.Module, last: bool):
+    def __init__(self, block: nn.Module, last: bool, returns_tuple: bool):
         super().__init__(block)
-        self.last, self.output = last, None
+        self.last, self.returns_tuple, self.output = last, returns_tuple, None
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.output if self.last else hidden_states
+        return as_block_returns(self.output if self.last else hidden_states, self.returns_tuple)
 
 
 class StreamedPruning:
@@ -536,7 +537,9 @@ def _through_blocks(streamed: StreamedModel, streams: list, checkpoint: Checkpoi
         block = streamed.load_block(index, checkpoint)
         for stream in streams:
             for b, rows in stream.batches():
-                stream.hidden[rows] = first_output(block(stream.hidden[rows], **stream.block_kwargs[index][b]))
+                output = block(stream.hidden[rows], **stream.block_kwargs[index][b])
+                streamed.returns_tuple = isinstance(output, (tuple, list))  # for the replays of `_head`
+                stream.hidden[rows] = first_output(output)
             check_finite(stream.hidden, f"block {index}")
         streamed.drop_block(index)
 
@@ -547,7 +550,7 @@ def _head(streamed: StreamedModel):
     last-block outputs, run as the model's forward with every block replaced by a replay of its result."""
     blocks = streamed.adapter.blocks
     originals = list(blocks)
-    replays = [_Replay(block, last=i == len(blocks) - 1) for i, block in enumerate(originals)]
+    replays = [_Replay(block, i == len(blocks) - 1, streamed.returns_tuple) for i, block in enumerate(originals)]
 
     def logits_of(hidden: torch.Tensor) -> torch.Tensor:
         replays[-1].output = hidden

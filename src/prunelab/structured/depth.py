@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..activations import StandIn, run_blocks
+from ..activations import StandIn, as_block_returns, run_blocks
 from ..config import DEPTH_METRICS, RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, scale_output, tied_head
@@ -112,27 +112,33 @@ def language_model_loss(
 class _Skip(StandIn):
     """A block skipped while the others run: returns its input."""
 
+    def __init__(self, block: nn.Module, returns_tuple: bool):
+        super().__init__(block)
+        self.returns_tuple = returns_tuple
+
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return as_block_returns(hidden_states, self.returns_tuple)
 
 
 class _Tap(StandIn):
-    """The block itself, keeping its input."""
+    """The block itself, keeping its input (and seeing the form of its output)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         self.seen = hidden_states
-        return self.block(hidden_states, *args, **kwargs)
+        output = self.block(hidden_states, *args, **kwargs)
+        self.returns_tuple = isinstance(output, (tuple, list))
+        return output
 
 
 class _Replay(StandIn):
     """Stands for the first block and hands a stream computed earlier to the blocks after it."""
 
-    def __init__(self, block: nn.Module, hidden: torch.Tensor):
+    def __init__(self, block: nn.Module, hidden: torch.Tensor, returns_tuple: bool):
         super().__init__(block)
-        self.hidden = hidden
+        self.hidden, self.returns_tuple = hidden, returns_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
+        return as_block_returns(self.hidden, self.returns_tuple)
 
 
 @torch.no_grad()
@@ -164,11 +170,11 @@ def skip_losses(
             for i, block in enumerate(originals):
                 blocks[i] = _Tap(block)
             model(input_ids=x, attention_mask=mask, use_cache=False)
-            inputs = [tap.seen for tap in blocks]
+            inputs, returns_tuple = [tap.seen for tap in blocks], blocks[0].returns_tuple
             for i in range(count):
-                blocks[0] = _Replay(originals[0], inputs[i])
+                blocks[0] = _Replay(originals[0], inputs[i], returns_tuple)
                 for j in range(1, i + 1):
-                    blocks[j] = _Skip(originals[j])
+                    blocks[j] = _Skip(originals[j], returns_tuple)
                 for j in range(i + 1, count):
                     blocks[j] = originals[j]
                 loss = model(input_ids=x, attention_mask=mask, labels=labels, use_cache=False).loss
