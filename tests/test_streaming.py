@@ -351,6 +351,37 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_stored_tensors_the_model_has_no_place_for_are_ignored_as_transformers_does(tmp_path, tokenizer, texts):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "llama"
+    tiny_model("llama", layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tensors = state(folder)
+    for i in range(4):  # as older Llama conversions store them
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    tensors["model.something_else"] = torch.ones(3)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    whole = run(folder, texts, tmp_path / "whole")
+    with pytest.warns(prunelab.errors.PrunelabWarning, match=r"5 stored tensor\(s\) the model has no place for"):
+        streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and not any("inv_freq" in k or "something" in k for k in got)
+    assert all(expected[k].equal(got[k]) for k in expected)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"])
+
+
+def test_a_checkpoint_without_a_tensor_outside_the_blocks_is_refused_before_any_work(four_blocks, texts, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = state(four_blocks)
+    del tensors["model.norm.weight"]  # from_pretrained would draw it at random (and warn); streaming would crash
+    save_file(tensors, four_blocks / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PrunelabError, match=r"tensor names do not follow the model's module tree \(no model.norm"):
+        run(four_blocks, texts, tmp_path / "out", max_memory=TINY_BUDGET)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_routed_experts_stored_per_expert_stream_as_loaded_whole(tmp_path, tokenizer, texts, monkeypatch, family):
     """transformers stores fused expert tensors one matrix per expert and projection and converts them on load

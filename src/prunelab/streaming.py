@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .activations import StandIn, as_block_returns, capture_block_inputs, check_finite, check_halves, probe_ids
 from .distributed import all_sum_float, is_main
-from .errors import PrunelabError
+from .errors import PrunelabError, PrunelabWarning
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
@@ -75,6 +76,11 @@ class Checkpoint:
 
     def key(self, name: str) -> str:
         return self.keys.get(name, name)
+
+    def drop(self, names: list[str]) -> None:
+        """Leave tensors out, as if they were not stored."""
+        for name in names:
+            del self.keys[name], self.files[name]
 
     def tensors(self, names: list[str]):
         """(name, tensor) of `names`, one tensor in memory at a time if the caller lets each go, each file
@@ -159,20 +165,36 @@ class StreamedModel:
         self.tied = self._tie()
         self.adapter: Adapter = find_adapter(self.model)
         self.prefix = self.adapter.blocks_prefix
-        self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
-        in_blocks = {n for names in self.block_names for n in names}
-        self.outer_names = [n for n in self.source.files if n not in in_blocks]
         held = {f"{self.prefix}.{i}.{k}": v for i, block in enumerate(self.adapter.blocks)
                 for k, v in block.state_dict().items()}
         # the tensors the checkpoint stores in another layout (routed experts: a matrix per expert and projection),
         # by the model's name: the keys converted together into it when a block is read
         self.stored = {name: keys for name, keys in stored_names(self.model, held).items()
                        if keys != [name] and name not in self.source.files}  # (not a renamed one the source shows)
-        missing = sorted({key for name in held for key in self.stored.get(name, [name])} - in_blocks)
+        self._ignore_unexpected(folder)
+        self.block_names = [self._names(f"{self.prefix}.{i}.") for i in range(len(self.adapter.blocks))]
+        in_blocks = {n for names in self.block_names for n in names}
+        self.outer_names = [n for n in self.source.files if n not in in_blocks]
+        head = self.model.get_output_embeddings()
+        shared = {f"{n}.weight" for n, m in self.model.named_modules() if m is head} if self.tied else set()
+        outer = set(self.model.state_dict()) - set(held) - shared  # a tied head is stored once, as the embedding
+        missing = sorted({key for name in held for key in self.stored.get(name, [name])} - in_blocks) + sorted(
+            outer - set(self.outer_names))
         if missing:
             raise PrunelabError(f"{folder}: the checkpoint's tensor names do not follow the model's module tree "
                                 f"(no {missing[0]}); streaming needs a standard Hugging Face checkpoint")
         self._check_shapes(folder)
+
+    def _ignore_unexpected(self, folder: Path) -> None:
+        """Leave out, as `from_pretrained` does, stored tensors the model has no place for (an older checkpoint's
+        rotary `inv_freq` or GPT-2's attention mask buffers), with a warning rather than a crash when read."""
+        known = set(self.model.state_dict()) | {key for keys in self.stored.values() for key in keys}
+        unexpected = [name for name in self.source.files if name not in known]
+        if unexpected:
+            message = (f"{folder}: {len(unexpected)} stored tensor(s) the model has no place for are ignored, as "
+                       f"transformers ignores them (the first: {unexpected[0]})")
+            warnings.warn(PrunelabWarning(message), stacklevel=2)
+            self.source.drop(unexpected)
 
     def _check_shapes(self, folder: Path) -> None:
         """Refuse a checkpoint whose tensors do not have the shapes its config builds now, from the headers, not
