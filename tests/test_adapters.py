@@ -135,3 +135,29 @@ def test_fused_experts_without_an_activation_module_are_refused_in_one_line():
     with pytest.raises(PrunelabError, match="unsupported fused expert layout in MixtralExperts: its gate does not run"):
         with adapter.prunable_linears(adapter.blocks[0]):
             pass
+
+
+def test_projections_wrapped_around_one_linear_are_pruned_through_it():
+    """Moshi wraps each attention projection in a `MoshiLinear` holding one `nn.Linear`: the writer is that
+    linear (it used to stop the pass with a bare StopIteration); FLAP, which would replace the wrapper, refuses."""
+    import transformers
+
+    import prunelab
+
+    config = transformers.MoshiConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    wrapped = find_adapter(model).blocks[0].self_attn.o_proj
+    assert type(wrapped).__name__ == "MoshiLinear"
+    ids = torch.randint(3, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    report = prunelab.prune(model, calibration=ids, method="wanda", sparsity=0.5, progress=False,
+                            reconstruct={"lr": 1e-3, "epochs": 4, "heldout": 2, "precision": "float32"})
+    assert wrapped.linear.weight.eq(0).float().mean() == pytest.approx(0.5)
+    assert any(r["layer"].endswith("o_proj.linear") for r in report["layers"])
+    losses = {r["submodel"]: (r["loss_train_before"], r["loss_train_after"])
+              for r in report["reconstruction"]["submodels"]}
+    assert all(after <= before for before, after in losses.values())  # (a worse held-out loss keeps the weights)
+    assert losses["block 0 attention"][1] < 0.5 * losses["block 0 attention"][0]  # trained through the wrapper
+    with pytest.raises(PrunelabError, match="MoshiAttention.q_proj is a MoshiLinear"):
+        prunelab.prune(AutoModelForCausalLM.from_config(config), calibration=ids, method="flap", progress=False)

@@ -342,7 +342,7 @@ class LlamaAdapter(Adapter):
             (mixer,),
             run=lambda h, kw: first_output(mixer(hidden_states=attn_in(h), **kw, **attn_zero)),
             finish=lambda h, y: torch.add(h, attn_out(y), alpha=scale),
-            writer=getattr(mixer, layout(mixer, ATTENTION_LAYOUTS)[-1]),
+            writer=_linear_of(getattr(mixer, layout(mixer, ATTENTION_LAYOUTS)[-1])),
             norms=(attn_in, attn_out),
             output_norm=None if isinstance(attn_out, nn.Identity) else attn_out,
             reads_raw_stream=isinstance(attn_in, nn.Identity),
@@ -354,7 +354,8 @@ class LlamaAdapter(Adapter):
             # (some MoE blocks also return router logits)
             run=lambda h, kw: first_output(feed_forward(mlp_in(h), **mlp_zero)),
             finish=lambda h, y: torch.add(h, mlp_out(y.reshape(h.shape)), alpha=scale),  # Llama 4's: [tokens, H]
-            writer=None if _is_moe(feed_forward) else getattr(feed_forward, layout(feed_forward, MLP_LAYOUTS)[-1]),
+            writer=None if _is_moe(feed_forward) else _linear_of(getattr(feed_forward, layout(feed_forward,
+                                                                                         MLP_LAYOUTS)[-1])),
             norms=tuple(n for n in (mlp_in, mlp_out) if n is not attn_in),  # one norm for both branches: attention's
             output_norm=None if isinstance(mlp_out, nn.Identity) else mlp_out,
             reads_raw_stream=isinstance(mlp_in, nn.Identity),
@@ -422,6 +423,10 @@ class LlamaAdapter(Adapter):
         if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # fused q/k/v, linear attention
             raise PrunelabError(f"width pruning removes attention heads from separate q/k/v projections; "
                                 f"{type(attn).__name__} ({', '.join(names)}) has none; not supported yet")
+        wrapped = [n for n in names if not isinstance(getattr(attn, n), nn.Linear)]
+        if wrapped:  # Moshi's: the narrowed linear would replace its wrapper, whose forward the attention calls
+            raise PrunelabError(f"width pruning narrows linear layers; {type(attn).__name__}.{wrapped[0]} is a "
+                                f"{type(getattr(attn, wrapped[0])).__name__}; not supported yet")
         head_dim = attn.head_dim
         spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                     not in (0, head_dim)]
@@ -456,6 +461,16 @@ class LlamaAdapter(Adapter):
             mlp = _mlp(block)
             found = [_mlp_channels(block, mlp), _value_channels(block, _mixer(block)), *_expert_channels(block, mlp)]
         return {c.writer: c for c in found if c is not None}
+
+
+def _linear_of(projection: nn.Module) -> nn.Module:
+    """The linear layer a projection is: itself, or the one linear inside a wrapper around it (Moshi's
+    `MoshiLinear`); anything else is returned as it is, and refused where a linear is needed."""
+    if isinstance(projection, nn.Linear):
+        return projection
+    inner = [m for m in projection.modules() if isinstance(m, nn.Linear)]
+    return inner[0] if len(inner) == 1 and sum(p.numel() for p in projection.parameters()) == \
+        sum(p.numel() for p in inner[0].parameters()) else projection
 
 
 def _name_in(block: nn.Module, module: nn.Module) -> str:
@@ -504,7 +519,8 @@ def _value_channels(block: nn.Module, attn: nn.Module | None) -> Channels | None
     every query head of its group; queries and keys stay as they are (rotary embeddings pair their dimensions).
     Separate q/k/v projections of plain (grouped) multi-head attention only."""
     names = layout(attn, ATTENTION_LAYOUTS)
-    if names is None or names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:
+    if names is None or names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4 or \
+            not all(isinstance(getattr(attn, n), nn.Linear) for n in names):  # (Moshi wraps its projections)
         return None
     head_dim = getattr(attn, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0 or isinstance(getattr(attn, "v_norm", None), nn.Module):

@@ -232,7 +232,10 @@ class HalfPruner:
         """One statistics pass per group, each stopping at the group's first linear; the last group is
         the writer's, whose inputs are kept to compute the half's outputs once it is pruned."""
         leader_of = self.groups(half, members, stream, index)
-        writer = next(n for n, m in members.items() if m is half.writer)
+        writer = next((n for n, m in members.items() if m is half.writer), None)
+        if writer is None:
+            raise PrunelabError(f"unsupported architecture: the output projection of block {index}'s {half.name} "
+                                f"({type(half.writer).__name__}) is not a linear layer prunelab can prune")
         writer_inputs = order = None
         for leader in dict.fromkeys(leader_of.values()):
             linear = members[leader]
