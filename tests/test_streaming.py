@@ -371,6 +371,29 @@ def test_stored_tensors_the_model_has_no_place_for_are_ignored_as_transformers_d
     assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"])
 
 
+def test_held_tensors_stored_as_one_are_written_together(tmp_path, tokenizer, texts):
+    """Param2MoE stores q, k and v as one `query_key_value`: converted one at a time, each would overwrite it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "param2moe" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no Param2MoE")
+    config = CONFIG_MAPPING["param2moe"](vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    folder = tmp_path / "param2moe"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert any(k.endswith("attention.query_key_value.weight") for k in state(folder))
+    whole = run(folder, texts, tmp_path / "whole")
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET)
+    assert "streamed" in streamed["model"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
+
+
 def test_a_checkpoint_without_a_tensor_outside_the_blocks_is_refused_before_any_work(four_blocks, texts, tmp_path):
     from safetensors.torch import save_file
 

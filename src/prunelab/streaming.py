@@ -43,7 +43,7 @@ from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
-from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored_by_expert
+from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -335,14 +335,20 @@ class StreamedModel:
         def stored(tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
             return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
 
-        state = {}
-        for key, value in self.adapter.blocks[index].state_dict().items():
-            name = f"{self.prefix}.{index}.{key}"
-            if name in self.stored:  # each piece copied: safetensors writes no tensors that share memory
-                for pieces in to_stored_by_expert(self.model, name, value, self.stored[name]):
-                    state.update({k: stored(v, copy=True) for k, v in pieces.items()})
-            else:
+        state, held = {}, {f"{self.prefix}.{index}.{k}": v for k, v in self.adapter.blocks[index].state_dict().items()}
+        for name, value in held.items():
+            keys = self.stored.get(name)
+            if keys is None:
                 state[name] = stored(value.t() if name in self.transposed else value)
+                continue
+            together = [n for n, k in self.stored.items() if n in held and k == keys]
+            if len(together) > 1:  # several held tensors stored as one (Param2MoE's q, k and v as query_key_value)
+                if name == together[0]:
+                    fused = to_stored(self.model, {n: held[n] for n in together})
+                    state.update({k: stored(v) for k, v in fused.items()})
+                continue
+            for pieces in to_stored_by_expert(self.model, name, value, keys):  # each piece copied: safetensors
+                state.update({k: stored(v, copy=True) for k, v in pieces.items()})  # writes no shared memory
         return state
 
 
