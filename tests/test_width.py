@@ -135,20 +135,27 @@ def test_prunelab_reloads_the_narrow_model_exactly_and_export_loads_in_plain_tra
     report = flap(model, random_ids(4, 16), ratio=0.3, bias_compensation=family == "llama")
     assert any(len(set(mlp_widths(b.mlp))) == 1 and mlp_widths(b.mlp)[0] < mlp_widths(d.mlp)[0]
                for b, d in zip(find_adapter(model).blocks, find_adapter(dense).blocks))
-    model.save_pretrained(tmp_path / "narrow")
-    tokenizer.save_pretrained(tmp_path / "narrow")
-    write_structure(tmp_path / "narrow", report["linears"])
-    reloaded, _, _ = load_model(str(tmp_path / "narrow"), device="cpu")
+    plain = reloads_exactly_and_exports(model, report, tmp_path, tokenizer)
+    assert plain.config.num_attention_heads == model.config.num_attention_heads
+
+
+def reloads_exactly_and_exports(model, report, folder, tokenizer):
+    """Saved narrow, prunelab reloads `model` exactly; exported at the dense shapes, plain transformers loads
+    the same model (returned)."""
+    model.save_pretrained(folder / "narrow")
+    tokenizer.save_pretrained(folder / "narrow")
+    write_structure(folder / "narrow", report["linears"])
+    reloaded, _, _ = load_model(str(folder / "narrow"), device="cpu")
     ids = random_ids(2, 8)
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(reloaded(ids).logits, expected)
-    result = runner.invoke(app, ["export", str(tmp_path / "narrow"), "--out", str(tmp_path / "masked")])
+    result = runner.invoke(app, ["export", str(folder / "narrow"), "--out", str(folder / "masked")])
     assert result.exit_code == 0, result.output
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "masked").eval()
-    assert plain.config.num_attention_heads == model.config.num_attention_heads
+    plain = AutoModelForCausalLM.from_pretrained(folder / "masked").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    return plain
 
 
 @pytest.mark.parametrize("family", ["opt", "biogpt"])  # OPT splits its heads by a head count, BioGPT by their size
@@ -161,18 +168,7 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
         assert attn.q_proj.out_features == attn.k_proj.out_features == attn.v_proj.out_features \
             == attn.out_proj.in_features == 2 * attn.head_dim
         assert getattr(attn, "num_heads", 2) == 2 and b.fc1.out_features == b.fc2.in_features == 64
-    model.save_pretrained(tmp_path / "narrow")
-    tokenizer.save_pretrained(tmp_path / "narrow")
-    write_structure(tmp_path / "narrow", report["linears"])
-    reloaded, _, _ = load_model(str(tmp_path / "narrow"), device="cpu")
-    ids = random_ids(2, 8)
-    with torch.no_grad():
-        expected = model(ids).logits
-        torch.testing.assert_close(reloaded(ids).logits, expected)
-    export_masked(model, report["linears"], tmp_path / "masked")  # OPT's linears have biases: room for the shift
-    with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "masked").eval()
-        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    reloads_exactly_and_exports(model, report, tmp_path, tokenizer)  # OPT's linears have biases for the shift
 
 
 def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
