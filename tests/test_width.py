@@ -243,3 +243,17 @@ def test_flap_refuses_layouts_it_does_not_know(family, message):
     with pytest.raises(PrunelabError, match=message):
         flap(model, random_ids(2, 8), ratio=0.2)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_flap_refuses_a_norm_across_the_units_it_would_remove():
+    """BitNet normalises the attention's and the MLP's inner width (`attn_sub_norm`, `ffn_sub_norm`): narrowing
+    the projections alone crashed in its forward; it is refused before any work, the weights untouched."""
+    import transformers
+
+    config = transformers.BitNetConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match="BitNetAttention.attn_sub_norm holds a weight for every one of them"):
+        flap(model, random_ids(2, 8), ratio=0.2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

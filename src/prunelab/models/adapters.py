@@ -443,6 +443,9 @@ class LlamaAdapter(Adapter):
 
         groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
         kv = [heads(g, 1) for g in range(kv_heads)]
+        mlp_width = _mlp_width(block, mlp)
+        _refuse_inner_weights(attn, getattr(attn, attn_writer).in_features, "attention heads")
+        _refuse_inner_weights(mlp, mlp_width.linear(mlp_width.writer).in_features, "MLP channels")
         return (
             Width(
                 "attention",
@@ -453,7 +456,7 @@ class LlamaAdapter(Adapter):
                 {"q_proj": groups, "k_proj": kv, "v_proj": kv},
                 groups,
             ),
-            _mlp_width(block, mlp),
+            mlp_width,
         )
 
     def channels(self, block):
@@ -461,6 +464,18 @@ class LlamaAdapter(Adapter):
             mlp = _mlp(block)
             found = [_mlp_channels(block, mlp), _value_channels(block, _mixer(block)), *_expert_channels(block, mlp)]
         return {c.writer: c for c in found if c is not None}
+
+
+def _refuse_inner_weights(module: nn.Module, inner: int, units: str) -> None:
+    """Width pruning slices the projections alone: a module beside them with a weight per inner channel
+    (BitNet's sub-norms over the MLP's and the attention's inner width) would keep the removed channels, and
+    a norm across them would change what the kept ones compute."""
+    for name, child in module.named_children():
+        weight = getattr(child, "weight", None)
+        if not isinstance(child, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 1 \
+                and weight.numel() == inner:
+            raise PrunelabError(f"width pruning removes {units}, but {type(module).__name__}.{name} holds a weight "
+                                "for every one of them; this family is not supported yet")
 
 
 def _linear_of(projection: nn.Module) -> nn.Module:
