@@ -418,3 +418,19 @@ def test_reconstruction_compares_in_the_compensated_frame():
     assert (
         attention["loss_train_before"] < 1e-12 and attention["loss_heldout_before"] < 1e-12
     )  # 3e-5 in the dense frame
+
+
+def test_computed_positions_refuse_compensation_and_remove_without_it():
+    """XGLM adds sinusoidal positions, which have no weight to scale: compensation crashed with an
+    AttributeError after the scoring; it is refused up front, and layer removal without it works."""
+    import transformers
+
+    config = transformers.XGLMConfig(vocab_size=256, d_model=64, ffn_dim=128, num_layers=4, attention_heads=4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunelab.errors.PrunelabError, match="XGLMSinusoidalPositionalEmbedding computes the positions"):
+        prunelab.prune(model, calibration=random_ids(4, 16), method="layers", depth={"remove": 1}, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prunelab.prune(model, calibration=random_ids(4, 16), method="layers", progress=False,
+                   depth={"remove": 1, "compensation": False})
+    assert len(model.model.layers) == 3

@@ -623,6 +623,10 @@ class OPTAdapter(Adapter):
     def residual_sources(self):
         decoder = self.stack
         tokens = decoder.project_in if getattr(decoder, "project_in", None) is not None else decoder.embed_tokens
+        if not isinstance(getattr(decoder.embed_positions, "weight", None), torch.Tensor):
+            raise PrunelabError(f"{type(decoder.embed_positions).__name__} computes the positions it adds to the "
+                                "residual stream (XGLM's sinusoids): there is no weight to fold magnitude "
+                                "compensation into (--no-compensation)")
         return [tokens, decoder.embed_positions]
 
     def final_norm(self):
