@@ -431,7 +431,7 @@ class RunConfig(Checked):
         if self.sparsity == RunConfig.sparsity:
             return
         if self.pattern is not None:
-            n, m = parse_pattern(self.pattern)
+            n, m = self.nm
             why = f"pattern {self.pattern} keeps {n} of every {m} weights ({(m - n) / m:.0%} sparsity)"
         elif self.structured:
             why = f"method {self.method} removes " + ("depth.remove blocks" if self.method == "layers"

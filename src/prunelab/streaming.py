@@ -335,20 +335,20 @@ class StreamedModel:
         def stored(tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
             return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
 
-        state, held = {}, {f"{self.prefix}.{index}.{k}": v for k, v in self.adapter.blocks[index].state_dict().items()}
-        for name, value in held.items():
-            keys = self.stored.get(name)
-            if keys is None:
+        state, converted = {}, {}  # converted: the held tensors by the checkpoint keys they are stored under
+        for key, value in self.adapter.blocks[index].state_dict().items():
+            name = f"{self.prefix}.{index}.{key}"
+            if name in self.stored:
+                converted.setdefault(tuple(self.stored[name]), {})[name] = value
+            else:
                 state[name] = stored(value.t() if name in self.transposed else value)
+        for keys, tensors in converted.items():
+            if len(tensors) > 1:  # several held tensors stored as one (Param2MoE's q, k and v as query_key_value)
+                state.update({k: stored(v) for k, v in to_stored(self.model, tensors).items()})
                 continue
-            together = [n for n, k in self.stored.items() if n in held and k == keys]
-            if len(together) > 1:  # several held tensors stored as one (Param2MoE's q, k and v as query_key_value)
-                if name == together[0]:
-                    fused = to_stored(self.model, {n: held[n] for n in together})
-                    state.update({k: stored(v) for k, v in fused.items()})
-                continue
-            for pieces in to_stored_by_expert(self.model, name, value, keys):  # each piece copied: safetensors
-                state.update({k: stored(v, copy=True) for k, v in pieces.items()})  # writes no shared memory
+            (name, value), = tensors.items()
+            for pieces in to_stored_by_expert(self.model, name, value, list(keys)):  # each piece copied:
+                state.update({k: stored(v, copy=True) for k, v in pieces.items()})  # safetensors shares no memory
         return state
 
 
