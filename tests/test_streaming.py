@@ -14,6 +14,7 @@ from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
 from prunelab.models import layout
 from prunelab.models.adapters import find_adapter
+from prunelab.models.conv1d import released
 from prunelab.models.layout import expert_groups
 from prunelab.streaming import Checkpoint
 
@@ -23,7 +24,9 @@ TINY_BUDGET = 3e-4  # GB: more than one block of these tiny models (0.15 MB in f
 @pytest.fixture(params=["llama", "qwen3"])
 def four_blocks(request, tmp_path, tokenizer):
     folder = tmp_path / f"tiny-{request.param}"
-    tiny_model(request.param, layers=4).save_pretrained(folder)
+    model = tiny_model(request.param, layers=4)
+    with released(model):  # GPT-2's Conv1D layers as its checkpoints store them
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -79,7 +82,8 @@ def test_eval_streams_a_model_larger_than_the_budget(four_blocks, texts, tmp_pat
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5) and b["sparsity"] == a["sparsity"]
 
 
-@pytest.mark.parametrize("four_blocks", ["llama", "qwen3", "opt"], indirect=True)  # opt: heads by their count
+@pytest.mark.parametrize("four_blocks", ["llama", "qwen3", "opt", "gpt2"], indirect=True)  # opt: heads by their
+# count; gpt2: Conv1D layers stored [in, out], q, k and v fused
 @pytest.mark.parametrize("structure", ["adaptive", "uniform"])
 def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, structure):
     """FLAP of a model larger than the budget: statistics pass, choice over all layers, narrowing pass; the

@@ -13,6 +13,7 @@ from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import MLP_LAYOUTS, find_adapter, layout
+from prunelab.models.conv1d import released
 from prunelab.models.loading import load_model
 from prunelab.models.narrow import export_masked, write_structure
 from prunelab.structured.width import collect, flap_layers, prune_width, score
@@ -142,7 +143,8 @@ def test_prunelab_reloads_the_narrow_model_exactly_and_export_loads_in_plain_tra
 def reloads_exactly_and_exports(model, report, folder, tokenizer):
     """Saved narrow, prunelab reloads `model` exactly; exported at the dense shapes, plain transformers loads
     the same model (returned)."""
-    model.save_pretrained(folder / "narrow")
+    with released(model):  # as a run saves it: GPT-2's Conv1D layers as its checkpoints store them
+        model.save_pretrained(folder / "narrow")
     tokenizer.save_pretrained(folder / "narrow")
     write_structure(folder / "narrow", report["linears"])
     reloaded, _, _ = load_model(str(folder / "narrow"), device="cpu")
@@ -169,6 +171,35 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
             == attn.out_proj.in_features == 2 * attn.head_dim
         assert getattr(attn, "num_heads", 2) == 2 and b.fc1.out_features == b.fc2.in_features == 64
     reloads_exactly_and_exports(model, report, tmp_path, tokenizer)  # OPT's linears have biases for the shift
+
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])  # q, k and v fused: GPT-2's thirds (a Conv1D, split at
+# `split_size`), GPT-NeoX's head by head
+def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, tmp_path, tokenizer):
+    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads
+    ids = random_ids(4, 16)
+    report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
+    inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
+    assert [r["removed"] for r in report["layers"]] == [2, inner // 2, 2, inner // 2]
+    # the narrowed model computes what the dense one does with the removed heads' and channels' rows (q, k and v
+    # wherever the fused order puts them) and the writers' columns zeroed
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, entry in report["linears"].items():
+            linear = modules[name]
+            for dim, kept in ((0, entry["rows"]), (1, entry["cols"])):
+                if kept is not None:
+                    gone = torch.ones(linear.weight.shape[dim], dtype=torch.bool)
+                    gone[kept] = False
+                    linear.weight[(gone,) if dim == 0 else (slice(None), gone)] = 0
+                    if dim == 0 and linear.bias is not None:
+                        linear.bias[gone] = 0
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    fused = find_adapter(model).blocks[0].attn.c_attn if family == "gpt2" else \
+        find_adapter(model).blocks[0].attention.query_key_value
+    assert fused.out_features == 3 * 2 * model.config.hidden_size // 4
+    reloads_exactly_and_exports(model, report, tmp_path, tokenizer)
 
 
 def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
@@ -231,7 +262,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 
 
 @pytest.mark.parametrize(
-    "family, message", [("mixtral", "Mixture-of-Experts"), ("gpt2", "separate q/k/v projections; GPT2Attention"),
+    "family, message", [("mixtral", "Mixture-of-Experts"),
+                        ("bloom", "a fused one in GPT-2's or GPT-NeoX's order; BloomAttention"),  # (ALiBi slopes)
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
                         ("phi3", "Phi3Attention splits its fused qkv_proj"),
                         ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import PrunelabError
+from .conv1d import HeldConv1D
 
 
 def _has(module: nn.Module | None, *names: str) -> bool:
@@ -413,57 +414,89 @@ class LlamaAdapter(Adapter):
                 f"width pruning needs a dense MLP; {type(block).__name__} routes tokens to experts "
                 "(Mixture-of-Experts is not supported)"
             )
-        if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
-            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
-                                "qkv_proj at the model config's head counts; this family is not supported yet")
-        names = layout(attn, ATTENTION_LAYOUTS)
-        if "kv_b_proj" in names:
-            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
-                                "values from a shared latent (multi-head latent attention); not supported yet")
-        if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # fused q/k/v, linear attention
-            raise PrunelabError(f"width pruning removes attention heads from separate q/k/v projections; "
-                                f"{type(attn).__name__} ({', '.join(names)}) has none; not supported yet")
-        wrapped = [n for n in names if not isinstance(getattr(attn, n), nn.Linear)]
-        if wrapped:  # Moshi's: the narrowed linear would replace its wrapper, whose forward the attention calls
-            raise PrunelabError(f"width pruning narrows linear layers; {type(attn).__name__}.{wrapped[0]} is a "
-                                f"{type(getattr(attn, wrapped[0])).__name__}; not supported yet")
-        head_dim = attn.head_dim
-        spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
-                    not in (0, head_dim)]
-        if spanning:  # OLMo 2: its RMS runs over all heads at once, so removing a head changes the others
-            raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{spanning[0]} "
-                                f"normalises across all heads; this family is not supported yet")
-        # a unit of attention is one KV head with its query heads, so every layer keeps the GQA ratio
-        attn_writer = names[-1]  # o_proj, or dense (Phi-1/2) or out_proj (GPT-J)
-        kv_heads = attn.k_proj.out_features // head_dim
-        per_group = getattr(attn, attn_writer).in_features // head_dim // kv_heads
-
-        def heads(first: int, count: int) -> list[int]:
-            return list(range(first * head_dim, (first + count) * head_dim))
-
-        groups = [heads(g * per_group, per_group) for g in range(kv_heads)]
-        kv = [heads(g, 1) for g in range(kv_heads)]
+        attention = _attention_width(block, attn)
         mlp_width = _mlp_width(block, mlp)
-        _refuse_inner_weights(attn, getattr(attn, attn_writer).in_features, "attention heads")
+        _refuse_inner_weights(attn, attention.linear(attention.writer).in_features, "attention heads")
         _refuse_inner_weights(mlp, mlp_width.linear(mlp_width.writer).in_features, "MLP channels")
-        return (
-            Width(
-                "attention",
-                "kv group",
-                next(n for n, m in block.named_children() if m is attn),
-                attn,
-                attn_writer,
-                {"q_proj": groups, "k_proj": kv, "v_proj": kv},
-                groups,
-            ),
-            mlp_width,
-        )
+        return attention, mlp_width
+
+    def recount(self, block):
+        attn = _mixer(block)
+        if _fused_order(attn, layout(attn, ATTENTION_LAYOUTS)) == "thirds":  # GPT-2 splits at `split_size`
+            attn.split_size = attn.c_proj.in_features
+            attn.num_heads = attn.split_size // attn.head_dim
 
     def channels(self, block):
         with self.prunable_linears(block):  # fused experts as the per-expert views the pass prunes, and names
             mlp = _mlp(block)
             found = [_mlp_channels(block, mlp), _value_channels(block, _mixer(block)), *_expert_channels(block, mlp)]
         return {c.writer: c for c in found if c is not None}
+
+
+def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
+    """Attention's units for width pruning: a KV head with its query heads, so that every layer keeps the GQA
+    ratio; a head where q, k and v come fused from one linear in an order known here (`_fused_order`)."""
+    names = layout(attn, ATTENTION_LAYOUTS)
+    path = next(n for n, m in block.named_children() if m is attn)
+    if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
+        raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
+                            "qkv_proj at the model config's head counts; this family is not supported yet")
+    if "kv_b_proj" in names:
+        raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
+                            "values from a shared latent (multi-head latent attention); not supported yet")
+    wrapped = [n for n in names if not isinstance(getattr(attn, n), nn.Linear)]
+    if wrapped:  # Moshi's: the narrowed linear would replace its wrapper, whose forward the attention calls
+        raise PrunelabError(f"width pruning narrows linear layers; {type(attn).__name__}.{wrapped[0]} is a "
+                            f"{type(getattr(attn, wrapped[0])).__name__}; not supported yet")
+    writer = names[-1]  # o_proj, or dense (Phi-1/2, GPT-NeoX), out_proj (GPT-J) or c_proj (GPT-2)
+    order = _fused_order(attn, names)
+    if order is not None:
+        head_dim = getattr(attn, "head_dim", None) or attn.head_size
+        inner = getattr(attn, writer).in_features
+        heads = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(inner // head_dim)]
+        # a head's rows: its columns in each third, or the 3 * head_dim rows after those of the heads before it
+        rows = [[part * inner + c for part in range(3) for c in cols] if order == "thirds"
+                else list(range(3 * cols[0], 3 * (cols[-1] + 1))) for cols in heads]
+        return Width("attention", "head", path, attn, writer, {names[0]: rows}, heads)
+    if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # other fused orders, linear attention
+        raise PrunelabError(f"width pruning removes attention heads from separate q/k/v projections or a fused "
+                            f"one in GPT-2's or GPT-NeoX's order; {type(attn).__name__} ({', '.join(names)}) has "
+                            "neither; not supported yet")
+    head_dim = attn.head_dim
+    spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
+                not in (0, head_dim)]
+    if spanning:  # OLMo 2: its RMS runs over all heads at once, so removing a head changes the others
+        raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{spanning[0]} "
+                            f"normalises across all heads; this family is not supported yet")
+    kv_heads = attn.k_proj.out_features // head_dim
+    per_group = getattr(attn, writer).in_features // head_dim // kv_heads
+
+    def heads_from(first: int, count: int) -> list[int]:
+        return list(range(first * head_dim, (first + count) * head_dim))
+
+    groups = [heads_from(g * per_group, per_group) for g in range(kv_heads)]
+    kv = [heads_from(g, 1) for g in range(kv_heads)]
+    return Width("attention", "kv group", path, attn, writer, {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups)
+
+
+def _fused_order(attn: nn.Module | None, names: tuple[str, ...] | None) -> str | None:
+    """How a fused q/k/v projection lays out its rows, where its forward splits them by something width pruning
+    can set: "thirds" (GPT-2: every query row, then every key row, then every value row, split at the attention's
+    `split_size`) or "per head" (GPT-NeoX: head 0's query, key and value rows, then head 1's, ..., split by the
+    head size alone: its attention holds no head count). None for separate projections and for fused orders
+    split by a head count of the config's or the model's (Bloom's and MPT's ALiBi slopes, Falcon's groups)."""
+    if names is None or len(names) != 2 or names[0] not in ("c_attn", "query_key_value"):
+        return None
+    fused, writer = getattr(attn, names[0]), getattr(attn, names[1])
+    if not isinstance(fused, nn.Linear) or fused.out_features != 3 * writer.in_features:
+        return None  # (GPTBigCode's multi-query c_attn: one key and value head for all)
+    counted = [c for c in ("num_attention_heads", "n_head", "num_kv_heads") if hasattr(attn, c)]
+    if isinstance(fused, HeldConv1D) and isinstance(getattr(attn, "split_size", None), int) and not counted:
+        return "thirds"  # (`recount` sets its num_heads too)
+    if names[0] == "query_key_value" and isinstance(getattr(attn, "head_size", None), int) and not counted and \
+            not hasattr(attn, "num_heads"):
+        return "per head"
+    return None
 
 
 def _refuse_inner_weights(module: nn.Module, inner: int, units: str) -> None:

@@ -15,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import PrunelabError
 from .adapters import find_adapter
+from .conv1d import HeldConv1D, held_weights, hold, released
+from .layout import renamed_keys
 
 STRUCTURE_FILE = "prunelab_structure.json"
 
@@ -32,6 +34,10 @@ def load_narrow(folder: Path, dtype: torch.dtype):
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(path)))
+    renamed = renamed_keys(model, list(state))  # as `from_pretrained` renames them (GPT-NeoX's embed_out: lm_head)
+    state = {renamed.get(key, key): tensor for key, tensor in state.items()}
+    for name in held_weights(model) & set(state):  # stored [in, out], held [out, in]
+        state[name] = state[name].t()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = set(missing) - _tied_head_keys(model)
     if missing or unexpected:
@@ -47,14 +53,17 @@ def read_structure(folder: Path) -> dict[str, dict]:
 
 def narrow_linears(model: nn.Module, linears: dict[str, dict], dtype: torch.dtype | None = None) -> None:
     """Replace the recorded linears by ones of their narrowed shapes (uninitialised; on the meta device
-    under accelerate's `init_empty_weights`)."""
+    under accelerate's `init_empty_weights`), with `model` held (`conv1d`: the structure records GPT-2's Conv1D
+    layers as the linears prunelab holds them as)."""
+    hold(model)
     modules = dict(model.named_modules())
     for name, entry in linears.items():
         parent, _, child = name.rpartition(".")
         old = modules[name]
         rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
         cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
-        setattr(modules[parent], child, nn.Linear(cols, rows, bias=entry["bias"], dtype=dtype or old.weight.dtype))
+        kind = HeldConv1D if isinstance(old, HeldConv1D) else nn.Linear  # saved, a held one is a Conv1D again
+        setattr(modules[parent], child, kind(cols, rows, bias=entry["bias"], dtype=dtype or old.weight.dtype))
     adapter = find_adapter(model)
     for block in adapter.blocks:
         adapter.recount(block)
@@ -98,6 +107,7 @@ def export_masked(model: nn.Module, linears: dict[str, dict], folder: Path) -> N
             if hasattr(config, flag):
                 setattr(config, flag, True)
     dense = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    hold(dense)  # GPT-2's Conv1D layers as `model` holds them, [out, in]; released to be saved
     for key, value in dense.state_dict().items():
         if key not in state and key.endswith(".bias"):
             state[key] = torch.zeros_like(value)
@@ -109,7 +119,8 @@ def export_masked(model: nn.Module, linears: dict[str, dict], folder: Path) -> N
             "prune with --no-bias-compensation for a plain-transformers export"
         )
     dense.tie_weights()
-    dense.save_pretrained(folder)
+    with released(dense):
+        dense.save_pretrained(folder)
 
 
 def _tied_head_keys(model: nn.Module) -> set[str]:

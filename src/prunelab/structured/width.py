@@ -35,6 +35,7 @@ from ..activations import capture_block_inputs, run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, Width, first_output
+from ..models.conv1d import HeldConv1D
 
 
 @dataclass
@@ -196,7 +197,9 @@ def _slice(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | N
         weight = weight[:, cols]
     if bias is None and linear.bias is not None:
         bias = linear.bias.detach() if rows is None else linear.bias.detach()[rows]
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    # a held Conv1D stays one, so that saving turns it back into the Conv1D its class builds (GPT-2)
+    kind = HeldConv1D if isinstance(linear, HeldConv1D) else nn.Linear
+    out = kind(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         if bias is not None:
