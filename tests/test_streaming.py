@@ -118,6 +118,21 @@ def test_streamed_flap_equals_the_whole_model_run(four_blocks, texts, tmp_path, 
     assert result["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"], rel=1e-5)
 
 
+
+@pytest.mark.parametrize("four_blocks", ["gpt2"], indirect=True)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_flap_a_block_would_not_follow_is_refused_before_any_work(four_blocks, texts, tmp_path, streamed,
+                                                                  monkeypatch):
+    """The width probe runs in a job, loaded and streamed (block 0 read for it): with GPT-2's `split_size` left
+    stale by a broken `recount`, the run is refused in one line before the dense evaluation, and nothing is
+    written."""
+    from prunelab.models import adapters
+
+    monkeypatch.setattr(adapters.LlamaAdapter, "recount", lambda self, block: None)
+    with pytest.raises(PrunelabError, match="GPT2Block: with a unit removed it does not compute what it computes"):
+        run(four_blocks, texts, tmp_path / "out", method="flap", **({"max_memory": TINY_BUDGET} if streamed else {}))
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.parametrize("depth", [
     {"remove": 2, "metric": "bi"},
     {"remove": 2, "metric": "bi", "one_shot": True},

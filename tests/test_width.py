@@ -174,14 +174,15 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
 
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])  # q, k and v fused: GPT-2's thirds (a Conv1D, split at
-# `split_size`), GPT-NeoX's head by head
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3"])  # q, k and v fused: GPT-2's thirds (a Conv1D,
+# split at `split_size`), GPT-NeoX's head by head, Phi-3's parts of grouped heads (split at its config's counts)
 def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, tmp_path, tokenizer):
-    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads
+    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads (Phi-3: 2 KV groups)
     ids = random_ids(4, 16)
     report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
     inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
-    assert [r["removed"] for r in report["layers"]] == [2, inner // 2, 2, inner // 2]
+    heads = 2 if family == "phi3" else 4
+    assert [(r["units"], r["removed"]) for r in report["layers"]] == [(heads, heads // 2), (inner, inner // 2)] * 2
     # the narrowed model computes what the dense one does with the removed heads' and channels' rows (q, k and v
     # wherever the fused order puts them) and the writers' columns zeroed
     modules = dict(dense.named_modules())
@@ -196,10 +197,40 @@ def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, t
                     if dim == 0 and linear.bias is not None:
                         linear.bias[gone] = 0
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
-    fused = find_adapter(model).blocks[0].attn.c_attn if family == "gpt2" else \
-        find_adapter(model).blocks[0].attention.query_key_value
-    assert fused.out_features == 3 * 2 * model.config.hidden_size // 4
+    if family == "phi3":  # each narrowed layer splits at the head counts of a config of its own
+        attn = find_adapter(model).blocks[0].self_attn
+        assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (2, 1, 1)
+        assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)  # saved as it was
     reloads_exactly_and_exports(model, report, tmp_path, tokenizer)
+
+
+
+@pytest.mark.parametrize("fault", ["order", "recount"])
+def test_a_fused_order_misread_or_a_count_left_stale_is_refused_before_any_work(fault, monkeypatch):
+    """The fused orders and the counts to reset are read from the module tree by rules; the probe is their proof:
+    had the rules misread GPT-2's order (one head's rows taken for another's) or left its `split_size` as it was,
+    the narrowed block would compute something else (or crash); the API refuses in one line, weights untouched."""
+    from prunelab import api
+    from prunelab.models import adapters
+
+    if fault == "order":  # each head's q, k and v rows taken for another head's: the shapes still fit
+        real = adapters._attention_width
+
+        def misread(block, attn):
+            width = real(block, attn)
+            width.readers = {name: rows[::-1] for name, rows in width.readers.items()}
+            return width
+        monkeypatch.setattr(adapters, "_attention_width", misread)
+    else:
+        monkeypatch.setattr(adapters.LlamaAdapter, "recount", lambda self, block: None)
+    model = tiny_model("gpt2", layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    detail = "relative difference" if fault == "order" else "shapes cannot be multiplied"
+    with pytest.raises(PrunelabError, match=f"width pruning is not supported for GPT2Block: with a unit removed it "
+                                            f"does not compute what it computes with the unit zeroed .*{detail}"):
+        api.prune(model, None, {"method": "flap"}, calibration=random_ids(2, 8), reconstruct="none", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert find_adapter(model).blocks[0].attn.split_size == model.config.hidden_size  # counts restored
 
 
 def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
@@ -265,7 +296,6 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
     "family, message", [("mixtral", "Mixture-of-Experts"),
                         ("bloom", "a fused one in GPT-2's or GPT-NeoX's order; BloomAttention"),  # (ALiBi slopes)
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
-                        ("phi3", "Phi3Attention splits its fused qkv_proj"),
                         ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),
                         ("qwen3_next", "routes tokens to experts")]
 )

@@ -17,7 +17,7 @@ from .job import retraining_data, run_job
 from .models.conv1d import held
 from .prune.sequential import prune_model
 from .recover import prune_and_reconstruct, reconstruct_structured, retrain
-from .structured import prune_structured
+from .structured import check_structured, prune_structured
 
 
 def as_config(config: RunConfig | dict | None = None, **overrides: Any) -> RunConfig:
@@ -85,6 +85,8 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
 
 def _prune(model, tokenizer, cfg: RunConfig, calibration, attention_mask, heldout, progress: bool) -> dict:
     adapter = checked_adapter(model)
+    if cfg.structured:  # what the method cannot do to this model, before the calibration windows are drawn
+        check_structured(adapter, cfg)
     ids, attention_mask, heldout = _calibration(model, tokenizer, cfg, calibration, attention_mask, heldout)
     if cfg.structured:
         dense = copy.deepcopy(model) if cfg.reconstruct.enabled else None

@@ -67,7 +67,13 @@ from .streaming import (
     streamed_scorer,
     tokens_per_pass,
 )
-from .structured import check_structured, prune_depth_streamed, prune_structured, prune_width_streamed
+from .structured import (
+    check_structured,
+    check_width,
+    prune_depth_streamed,
+    prune_structured,
+    prune_width_streamed,
+)
 from .structured.depth_streamed import STREAMED_METRICS
 
 
@@ -448,7 +454,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
         job.tokenizer = load_tokenizer(folder)
         check_model(job.model, window_lengths(config))
-        streamed.check_adapter()
+        streamed.check_adapter(*([check_width] if config.method == "flap" else []))
     job.begin(texts)
     del texts
     if config.eval != "none" and config.eval_dense:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +37,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .activations import StandIn, as_block_returns, capture_block_inputs, check_finite, check_halves, probe_ids
+from .activations import (
+    BlockStream,
+    StandIn,
+    as_block_returns,
+    capture_block_inputs,
+    check_finite,
+    check_halves,
+    probe_ids,
+)
 from .distributed import all_sum_float, is_main
 from .errors import PrunelabError, PrunelabWarning
 from .evaluate.perplexity import summed_nll
@@ -267,13 +276,16 @@ class StreamedModel:
                                 f"{shape[0]}")
         return held
 
-    def check_adapter(self) -> None:
-        """`activations.checked_adapter` for the skeleton: block 0 read, run whole and as halves, let go."""
+    def check_adapter(self, *checks: Callable[[Adapter, BlockStream], None]) -> None:
+        """`activations.checked_adapter` for the skeleton: block 0 read, run whole and as halves, and through
+        `checks` (a method's own: `structured.check_width`), let go."""
         with self.outer("input") as model:
             stream = capture_block_inputs(model, self.adapter.blocks, probe_ids(model), None, 1, self.compute_dtype)
         try:
             self.load_block(0)
             check_halves(self.adapter, 0, stream)
+            for check in checks:
+                check(self.adapter, stream)
         finally:
             self.drop_block(0)
 

@@ -7,6 +7,7 @@ the block (which child modules and projections exist), never by the model's name
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from abc import ABC, abstractmethod
@@ -422,9 +423,22 @@ class LlamaAdapter(Adapter):
 
     def recount(self, block):
         attn = _mixer(block)
-        if _fused_order(attn, layout(attn, ATTENTION_LAYOUTS)) == "thirds":  # GPT-2 splits at `split_size`
+        order = _fused_order(attn, layout(attn, ATTENTION_LAYOUTS))
+        if order == "thirds":  # GPT-2 splits at `split_size`
             attn.split_size = attn.c_proj.in_features
             attn.num_heads = attn.split_size // attn.head_dim
+        elif order == "parts":  # Phi-3 splits at its config's head counts: a narrowed layer gets a config of its own
+            queries = attn.o_proj.in_features
+            counts = {"num_attention_heads": queries // attn.head_dim,
+                      "num_key_value_heads": (attn.qkv_proj.out_features - queries) // 2 // attn.head_dim}
+            attn.num_key_value_heads = counts["num_key_value_heads"]
+            shared = self.model.config.get_text_config()
+            if all(getattr(shared, k) == v for k, v in counts.items()):
+                attn.config = shared
+            elif any(getattr(attn.config, k) != v for k, v in counts.items()):
+                attn.config = copy.copy(shared)
+                for key, value in counts.items():
+                    setattr(attn.config, key, value)
 
     def channels(self, block):
         with self.prunable_linears(block):  # fused experts as the per-expert views the pass prunes, and names
@@ -438,9 +452,6 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
     ratio; a head where q, k and v come fused from one linear in an order known here (`_fused_order`)."""
     names = layout(attn, ATTENTION_LAYOUTS)
     path = next(n for n, m in block.named_children() if m is attn)
-    if _has(attn, "qkv_proj"):  # its forward splits the fused rows at the config's head counts, not its own
-        raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} splits its fused "
-                            "qkv_proj at the model config's head counts; this family is not supported yet")
     if "kv_b_proj" in names:
         raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__} computes keys and "
                             "values from a shared latent (multi-head latent attention); not supported yet")
@@ -450,6 +461,8 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
                             f"{type(getattr(attn, wrapped[0])).__name__}; not supported yet")
     writer = names[-1]  # o_proj, or dense (Phi-1/2, GPT-NeoX), out_proj (GPT-J) or c_proj (GPT-2)
     order = _fused_order(attn, names)
+    if order == "parts":
+        return _parts_width(path, attn, names)
     if order is not None:
         head_dim = getattr(attn, "head_dim", None) or attn.head_size
         inner = getattr(attn, writer).in_features
@@ -479,12 +492,33 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
     return Width("attention", "kv group", path, attn, writer, {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups)
 
 
+def _parts_width(path: str, attn: nn.Module, names: tuple[str, ...]) -> Width:
+    """KV groups of a q/k/v projection fused in parts (Phi-3): group g owns its query heads' rows in the query
+    part and its key and value head's rows in the other two; the writer's columns are its query heads'."""
+    fused, writer, head_dim = getattr(attn, names[0]), getattr(attn, names[1]), attn.head_dim
+    queries, kv_heads = writer.in_features, attn.num_key_value_heads
+    per_group = queries // head_dim // kv_heads
+    groups = [list(range(g * per_group * head_dim, (g + 1) * per_group * head_dim)) for g in range(kv_heads)]
+    rows = [q + [queries + part * kv_heads * head_dim + g * head_dim + c for part in range(2) for c in range(head_dim)]
+            for g, q in enumerate(groups)]
+    if fused.out_features != queries + 2 * kv_heads * head_dim:
+        raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{names[0]} has "
+                            f"{fused.out_features} rows, not the {queries} + 2 × {kv_heads * head_dim} of its heads")
+    return Width("attention", "kv group", path, attn, names[1], {names[0]: rows}, groups)
+
+
 def _fused_order(attn: nn.Module | None, names: tuple[str, ...] | None) -> str | None:
     """How a fused q/k/v projection lays out its rows, where its forward splits them by something width pruning
     can set: "thirds" (GPT-2: every query row, then every key row, then every value row, split at the attention's
     `split_size`) or "per head" (GPT-NeoX: head 0's query, key and value rows, then head 1's, ..., split by the
-    head size alone: its attention holds no head count). None for separate projections and for fused orders
-    split by a head count of the config's or the model's (Bloom's and MPT's ALiBi slopes, Falcon's groups)."""
+    head size alone: its attention holds no head count) or "parts" (Phi-3: every query row, then the key rows,
+    then the value rows, of grouped heads, split at the head counts of the attention's config, which `recount`
+    gives each narrowed layer its own copy of). None for separate projections and for fused orders split by a
+    head count that something else reads too (Bloom's and MPT's ALiBi slopes, Falcon's groups)."""
+    if names == ("qkv_proj", "o_proj") and isinstance(getattr(attn, "num_key_value_heads", None), int) and \
+            isinstance(getattr(attn, "head_dim", None), int) and hasattr(getattr(attn, "config", None),
+                                                                         "num_attention_heads"):
+        return "parts"
     if names is None or len(names) != 2 or names[0] not in ("c_attn", "query_key_value"):
         return None
     fused, writer = getattr(attn, names[0]), getattr(attn, names[1])

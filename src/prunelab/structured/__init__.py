@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..activations import capture_block_inputs, probe_ids
 from ..config import RunConfig
 from ..models.adapters import Adapter
 from .depth import check_depth, prune_depth
 from .depth_streamed import prune_depth_streamed
-from .width import prune_width, prune_width_streamed
+from .width import check_width, prune_width, prune_width_streamed
 
 
 def check_structured(adapter: Adapter, config: RunConfig) -> None:
@@ -19,6 +20,10 @@ def check_structured(adapter: Adapter, config: RunConfig) -> None:
     elif config.method == "flap":
         for block in adapter.blocks:
             adapter.widths(block)
+        if not next(adapter.blocks[0].parameters()).is_meta:  # (streamed: `StreamedModel.check_adapter` runs it)
+            model = adapter.model
+            check_width(adapter, capture_block_inputs(model, adapter.blocks, probe_ids(model), None, 1,
+                                                      next(adapter.blocks[0].parameters()).dtype))
 
 
 def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,
@@ -29,6 +34,6 @@ def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | Non
 
 
 __all__ = [
-    "check_structured", "prune_depth", "prune_depth_streamed", "prune_structured", "prune_width",
+    "check_structured", "check_width", "prune_depth", "prune_depth_streamed", "prune_structured", "prune_width",
     "prune_width_streamed",
 ]

@@ -23,6 +23,7 @@ and the second narrows each block and hands it to be written.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..activations import capture_block_inputs, run_blocks
+from ..activations import BlockStream, capture_block_inputs, run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, Width, first_output
@@ -207,6 +208,73 @@ def _slice(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | N
     return out
 
 
+def unit_changes(width: Width, removed: list[int]) -> dict[str, tuple[list[int] | None, list[int] | None]]:
+    """(rows kept, columns kept) of each linear of `width` once the units `removed` go: rows of the readers
+    (ascending, so a fused reader such as gate_up_proj keeps its parts one after the other), columns of the
+    writer; None where all are kept."""
+    gone = set(removed)
+    keep = [u for u in range(len(width.units)) if u not in gone]
+    changes = {name: (sorted(r for u in keep for r in rows[u]), None) for name, rows in width.readers.items()}
+    changes[width.writer] = (None, [c for u in keep for c in width.units[u]])
+    return changes
+
+
+def _zeroed(linear: nn.Linear, rows: list[int] | None, cols: list[int] | None) -> nn.Linear:
+    """A copy of `linear` at its shape, with the rows (and bias entries) and columns not kept set to zero."""
+    out = copy.deepcopy(linear)
+    with torch.no_grad():
+        if rows is not None:
+            gone = torch.ones(out.out_features, dtype=torch.bool, device=out.weight.device)
+            gone[rows] = False
+            out.weight[gone] = 0
+            if out.bias is not None:
+                out.bias[gone] = 0
+        if cols is not None:
+            gone = torch.ones(out.in_features, dtype=torch.bool, device=out.weight.device)
+            gone[cols] = False
+            out.weight[:, gone] = 0
+    return out
+
+
+@torch.no_grad()
+def check_width(adapter: Adapter, stream: BlockStream) -> None:
+    """Refuse in one line, before any work, a block whose units the adapter places wrongly or whose forward
+    does not follow narrowed shapes. Block 0, on the stream's first batch (the probe's tokens), with the last
+    unit of each half removed must compute what it computes with that unit's rows and columns zeroed (which
+    makes its output owe nothing to the unit). Where a fused projection's heads lie, and which counts its
+    forward splits them by, the module tree tells only by rules (`adapters._fused_order`, `Adapter.recount`):
+    this is their proof on the model at hand."""
+    block, kwargs = adapter.blocks[0], stream.block_kwargs[0][0]
+    hidden = stream.hidden[:stream.batch_size]
+
+    def change(narrow: bool) -> torch.Tensor:
+        """What block 0 adds to its input with the last units narrowed away (or zeroed)."""
+        swapped = []
+        for width in adapter.widths(block):
+            if len(width.units) > 1:  # every layer keeps a unit
+                for name, (rows, cols) in unit_changes(width, [len(width.units) - 1]).items():
+                    old = width.linear(name)
+                    setattr(width.module, name, (_slice if narrow else _zeroed)(old, rows, cols))
+                    swapped.append((width.module, name, old))
+        adapter.recount(block)
+        try:
+            return (first_output(block(hidden, **kwargs)) - hidden).float()
+        finally:
+            for module, name, old in reversed(swapped):
+                setattr(module, name, old)
+            adapter.recount(block)
+
+    expected = change(narrow=False)
+    try:
+        error = ((change(narrow=True) - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        detail = f"relative difference {error:.2g}"
+    except RuntimeError as exc:  # shapes the forward does not take
+        error, detail = float("inf"), str(exc).splitlines()[0]
+    if not error <= 1e-2:  # (the same sums but for zero terms: equal to rounding)
+        raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: with a unit removed it does "
+                            f"not compute what it computes with the unit zeroed ({detail})")
+
+
 def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]:
     """Physically remove the chosen units; returns, per replaced linear (by state-dict name), the kept
     rows/columns."""
@@ -214,9 +282,6 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
     for layer in layers:
         if not layer.removed:
             continue
-        gone = set(layer.removed)
-        keep = [u for u in range(len(layer.units)) if u not in gone]
-        kept = [c for u in keep for c in layer.units[u]]
         dropped = [c for u in layer.removed for c in layer.units[u]]
         writer = layer.writer
         bias = writer.bias.detach().clone() if writer.bias is not None else None
@@ -225,10 +290,7 @@ def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]
             shift = writer.weight.detach()[:, dropped] @ mean
             bias = shift if bias is None else bias + shift
         width = layer.width
-        # ascending, so a fused reader (gate_up_proj) keeps its parts one after the other
-        changes = {name: (sorted(r for u in keep for r in rows[u]), None) for name, rows in width.readers.items()}
-        changes[width.writer] = (None, kept)
-        for name, (rows, cols) in changes.items():
+        for name, (rows, cols) in unit_changes(width, layer.removed).items():
             old = width.linear(name)
             new = _slice(old, rows, cols, bias if old is writer else None)
             setattr(width.module, name, new)
