@@ -9,6 +9,7 @@ from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+import prunelab
 from prunelab.cli import app
 from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
@@ -174,14 +175,15 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
 
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3"])  # q, k and v fused: GPT-2's thirds (a Conv1D,
-# split at `split_size`), GPT-NeoX's head by head, Phi-3's parts of grouped heads (split at its config's counts)
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "falcon"])  # q, k and v fused: in parts (GPT-2's
+# Conv1D, split at `split_size`; Phi-3's grouped heads, split at its config's counts) or group by group (GPT-NeoX's
+# heads, split by their size; Falcon-40B's KV groups, split at its num_kv_heads)
 def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, tmp_path, tokenizer):
-    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads (Phi-3: 2 KV groups)
+    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads (Phi-3, Falcon: 2 KV groups)
     ids = random_ids(4, 16)
     report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
     inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
-    heads = 2 if family == "phi3" else 4
+    heads = 2 if family in ("phi3", "falcon") else 4
     assert [(r["units"], r["removed"]) for r in report["layers"]] == [(heads, heads // 2), (inner, inner // 2)] * 2
     # the narrowed model computes what the dense one does with the removed heads' and channels' rows (q, k and v
     # wherever the fused order puts them) and the writers' columns zeroed
@@ -294,7 +296,8 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 
 @pytest.mark.parametrize(
     "family, message", [("mixtral", "Mixture-of-Experts"),
-                        ("bloom", "a fused one in GPT-2's or GPT-NeoX's order; BloomAttention"),  # (ALiBi slopes)
+                        # ALiBi slopes counting the model's heads, not the narrowed layer's: the probe refuses it
+                        ("bloom", "BloomBlock: with a unit removed it does not compute what it computes"),
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
                         ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),
                         ("qwen3_next", "routes tokens to experts")]
@@ -303,7 +306,8 @@ def test_flap_refuses_layouts_it_does_not_know(family, message):
     model = tiny_model(family, layers=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrunelabError, match=message):
-        flap(model, random_ids(2, 8), ratio=0.2)
+        prunelab.prune(model, None, {"method": "flap"}, calibration=random_ids(2, 8), reconstruct="none",
+                       progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

@@ -423,15 +423,18 @@ class LlamaAdapter(Adapter):
 
     def recount(self, block):
         attn = _mixer(block)
-        order = _fused_order(attn, layout(attn, ATTENTION_LAYOUTS))
-        if order == "thirds":  # GPT-2 splits at `split_size`
-            attn.split_size = attn.c_proj.in_features
-            attn.num_heads = attn.split_size // attn.head_dim
-        elif order == "parts":  # Phi-3 splits at its config's head counts: a narrowed layer gets a config of its own
-            queries = attn.o_proj.in_features
-            counts = {"num_attention_heads": queries // attn.head_dim,
-                      "num_key_value_heads": (attn.qkv_proj.out_features - queries) // 2 // attn.head_dim}
-            attn.num_key_value_heads = counts["num_key_value_heads"]
+        names = layout(attn, ATTENTION_LAYOUTS)
+        if _fused_order(attn, names) is None:  # separate projections: split by the head size alone
+            return
+        queries, kv_heads = _fused_heads(attn, names)
+        for count, value in (("num_heads", queries), ("num_attention_heads", queries), ("n_head", queries),
+                             ("num_kv_heads", kv_heads), ("num_key_value_heads", kv_heads)):
+            if isinstance(getattr(attn, count, None), int):
+                setattr(attn, count, value)
+        if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its thirds there
+            attn.split_size = getattr(attn, names[-1]).in_features
+        if names[0] == "qkv_proj":  # Phi-3 splits at its config's head counts: a narrowed layer gets its own config
+            counts = {"num_attention_heads": queries, "num_key_value_heads": kv_heads}
             shared = self.model.config.get_text_config()
             if all(getattr(shared, k) == v for k, v in counts.items()):
                 attn.config = shared
@@ -461,20 +464,12 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
                             f"{type(getattr(attn, wrapped[0])).__name__}; not supported yet")
     writer = names[-1]  # o_proj, or dense (Phi-1/2, GPT-NeoX), out_proj (GPT-J) or c_proj (GPT-2)
     order = _fused_order(attn, names)
-    if order == "parts":
-        return _parts_width(path, attn, names)
     if order is not None:
-        head_dim = getattr(attn, "head_dim", None) or attn.head_size
-        inner = getattr(attn, writer).in_features
-        heads = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(inner // head_dim)]
-        # a head's rows: its columns in each third, or the 3 * head_dim rows after those of the heads before it
-        rows = [[part * inner + c for part in range(3) for c in cols] if order == "thirds"
-                else list(range(3 * cols[0], 3 * (cols[-1] + 1))) for cols in heads]
-        return Width("attention", "head", path, attn, writer, {names[0]: rows}, heads)
+        return _fused_width(path, attn, names, order)
     if names[:3] != ("q_proj", "k_proj", "v_proj") or len(names) != 4:  # other fused orders, linear attention
         raise PrunelabError(f"width pruning removes attention heads from separate q/k/v projections or a fused "
-                            f"one in GPT-2's or GPT-NeoX's order; {type(attn).__name__} ({', '.join(names)}) has "
-                            "neither; not supported yet")
+                            f"one in an order known here; {type(attn).__name__} ({', '.join(names)}) has neither; "
+                            "not supported yet")
     head_dim = attn.head_dim
     spanning = [n for n in ("q_norm", "k_norm") if getattr(getattr(attn, n, None), "weight", torch.ones(0)).numel()
                 not in (0, head_dim)]
@@ -492,44 +487,55 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
     return Width("attention", "kv group", path, attn, writer, {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups)
 
 
-def _parts_width(path: str, attn: nn.Module, names: tuple[str, ...]) -> Width:
-    """KV groups of a q/k/v projection fused in parts (Phi-3): group g owns its query heads' rows in the query
-    part and its key and value head's rows in the other two; the writer's columns are its query heads'."""
-    fused, writer, head_dim = getattr(attn, names[0]), getattr(attn, names[1]), attn.head_dim
-    queries, kv_heads = writer.in_features, attn.num_key_value_heads
-    per_group = queries // head_dim // kv_heads
+def _fused_width(path: str, attn: nn.Module, names: tuple[str, ...], order: str) -> Width:
+    """KV groups of a fused q/k/v projection (a head where every head has its own key and value): group g owns
+    its query heads' rows and its key and value head's rows where `order` puts them; the writer's columns are its
+    query heads'."""
+    queries, kv_heads = _fused_heads(attn, names)
+    head_dim = getattr(attn, names[-1]).in_features // queries
+    per_group = queries // kv_heads
     groups = [list(range(g * per_group * head_dim, (g + 1) * per_group * head_dim)) for g in range(kv_heads)]
-    rows = [q + [queries + part * kv_heads * head_dim + g * head_dim + c for part in range(2) for c in range(head_dim)]
-            for g, q in enumerate(groups)]
-    if fused.out_features != queries + 2 * kv_heads * head_dim:
+    if order == "parts":  # every query row, then the key rows, then the value rows
+        rows = [q + [queries * head_dim + (part * kv_heads + g) * head_dim + c for part in range(2)
+                     for c in range(head_dim)] for g, q in enumerate(groups)]
+    else:  # "groups": a group's query heads, its key head and its value head, then the next group's
+        span = (per_group + 2) * head_dim
+        rows = [list(range(g * span, (g + 1) * span)) for g in range(kv_heads)]
+    return Width("attention", "head" if per_group == 1 else "kv group", path, attn, names[-1], {names[0]: rows},
+                 groups)
+
+
+def _fused_heads(attn: nn.Module, names: tuple[str, ...]) -> tuple[int, int]:
+    """(query heads, key-value heads) of a fused q/k/v projection, from its shapes and the head size: the writer
+    reads the query heads' outputs; the projection adds a key and a value row block per key-value head."""
+    fused, writer = getattr(attn, names[0]), getattr(attn, names[-1])
+    head_dim = getattr(attn, "head_dim", getattr(attn, "head_size", None))
+    extra = fused.out_features - writer.in_features
+    if not isinstance(head_dim, int) or head_dim <= 0 or writer.in_features % head_dim or extra <= 0 or \
+            extra % (2 * head_dim) or (writer.in_features // head_dim) % (extra // (2 * head_dim)):
         raise PrunelabError(f"width pruning removes attention heads, but {type(attn).__name__}.{names[0]} has "
-                            f"{fused.out_features} rows, not the {queries} + 2 × {kv_heads * head_dim} of its heads")
-    return Width("attention", "kv group", path, attn, names[1], {names[0]: rows}, groups)
+                            f"{fused.out_features} rows, which its {writer.in_features} query channels and a head "
+                            f"size of {head_dim} do not divide into query, key and value heads")
+    return writer.in_features // head_dim, extra // (2 * head_dim)
 
 
 def _fused_order(attn: nn.Module | None, names: tuple[str, ...] | None) -> str | None:
-    """How a fused q/k/v projection lays out its rows, where its forward splits them by something width pruning
-    can set: "thirds" (GPT-2: every query row, then every key row, then every value row, split at the attention's
-    `split_size`) or "per head" (GPT-NeoX: head 0's query, key and value rows, then head 1's, ..., split by the
-    head size alone: its attention holds no head count) or "parts" (Phi-3: every query row, then the key rows,
-    then the value rows, of grouped heads, split at the head counts of the attention's config, which `recount`
-    gives each narrowed layer its own copy of). None for separate projections and for fused orders split by a
-    head count that something else reads too (Bloom's and MPT's ALiBi slopes, Falcon's groups)."""
-    if names == ("qkv_proj", "o_proj") and isinstance(getattr(attn, "num_key_value_heads", None), int) and \
-            isinstance(getattr(attn, "head_dim", None), int) and hasattr(getattr(attn, "config", None),
-                                                                         "num_attention_heads"):
-        return "parts"
-    if names is None or len(names) != 2 or names[0] not in ("c_attn", "query_key_value"):
+    """How a fused q/k/v projection lays out its rows: "parts" (every query row, then the key rows, then the
+    value rows: GPT-2's held Conv1D `c_attn`, split at `split_size`; Phi-3's `qkv_proj`, split at its config's
+    head counts) or "groups" (a group's query heads, then its key and value head, group after group: GPT-NeoX's
+    and Falcon's `query_key_value`, GPTBigCode's `c_attn`; one head after another where each has its own). These
+    are rules read off the module tree; `structured.check_width` proves them on the model before any work, and a
+    family they misread (Bloom's and MPT's ALiBi slopes count the heads of the model, not of the layer) is
+    refused there. None for separate projections and fused ones these rules do not know."""
+    if names is None or len(names) != 2 or not isinstance(getattr(attn, names[0]), nn.Linear):
         return None
-    fused, writer = getattr(attn, names[0]), getattr(attn, names[1])
-    if not isinstance(fused, nn.Linear) or fused.out_features != 3 * writer.in_features:
-        return None  # (GPTBigCode's multi-query c_attn: one key and value head for all)
-    counted = [c for c in ("num_attention_heads", "n_head", "num_kv_heads") if hasattr(attn, c)]
-    if isinstance(fused, HeldConv1D) and isinstance(getattr(attn, "split_size", None), int) and not counted:
-        return "thirds"  # (`recount` sets its num_heads too)
-    if names[0] == "query_key_value" and isinstance(getattr(attn, "head_size", None), int) and not counted and \
-            not hasattr(attn, "num_heads"):
-        return "per head"
+    if names == ("qkv_proj", "o_proj") and isinstance(getattr(attn, "num_key_value_heads", None), int) and \
+            hasattr(getattr(attn, "config", None), "num_attention_heads"):
+        return "parts"
+    if names[0] == "c_attn" and isinstance(getattr(attn, names[0]), HeldConv1D):
+        return "parts"
+    if names[0] in ("query_key_value", "c_attn"):
+        return "groups"
     return None
 
 
