@@ -451,8 +451,8 @@ class LlamaAdapter(Adapter):
 
 
 def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
-    """Attention's units for width pruning: a KV head with its query heads, so that every layer keeps the GQA
-    ratio; a head where q, k and v come fused from one linear in an order known here (`_fused_order`)."""
+    """Attention's units for width pruning: a KV group (a KV head with its query heads), so that every layer keeps
+    the GQA ratio, from separate q/k/v projections or a fused one in an order known here (`_fused_order`)."""
     names = layout(attn, ATTENTION_LAYOUTS)
     path = next(n for n, m in block.named_children() if m is attn)
     if "kv_b_proj" in names:
@@ -488,7 +488,7 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
 
 
 def _fused_width(path: str, attn: nn.Module, names: tuple[str, ...], order: str) -> Width:
-    """KV groups of a fused q/k/v projection (a head where every head has its own key and value): group g owns
+    """KV groups of a fused q/k/v projection (single heads where each has its own key and value): group g owns
     its query heads' rows and its key and value head's rows where `order` puts them; the writer's columns are its
     query heads'."""
     queries, kv_heads = _fused_heads(attn, names)
@@ -525,8 +525,8 @@ def _fused_order(attn: nn.Module | None, names: tuple[str, ...] | None) -> str |
     head counts) or "groups" (a group's query heads, then its key and value head, group after group: GPT-NeoX's
     and Falcon's `query_key_value`, GPTBigCode's `c_attn`; one head after another where each has its own). These
     are rules read off the module tree; `structured.check_width` proves them on the model before any work, and a
-    family they misread (Bloom's and MPT's ALiBi slopes count the heads of the model, not of the layer) is
-    refused there. None for separate projections and fused ones these rules do not know."""
+    family whose forward does not follow them (Bloom's and Falcon-RW's ALiBi slopes count the heads of the model,
+    not of the layer) is refused there. None for separate projections and fused ones these rules do not know."""
     if names is None or len(names) != 2 or not isinstance(getattr(attn, names[0]), nn.Linear):
         return None
     if names == ("qkv_proj", "o_proj") and isinstance(getattr(attn, "num_key_value_heads", None), int) and \
