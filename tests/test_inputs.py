@@ -259,7 +259,7 @@ def test_relaunch_ignores_modules_in_the_current_directory(tmp_path):
 
 @pytest.mark.parametrize("stream", [[], ["--max-memory", "0.0006"]])
 @pytest.mark.parametrize("family, args, message", [
-    ("bloom", ["--method", "flap"], "BloomBlock: with a unit removed"),  # (its ALiBi slopes count the model's heads)
+    ("bloom", ["--method", "flap"], "BloomBlock: with a head removed its attention"),  # (ALiBi: the model's heads)
     ("mixtral", ["--method", "flap"], "routes tokens to experts"),
     ("llama", ["--method", "layers", "--remove", "2"], "cannot remove 2 of 2 blocks"),
 ])

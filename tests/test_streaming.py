@@ -129,7 +129,7 @@ def test_flap_a_block_would_not_follow_is_refused_before_any_work(four_blocks, t
     from prunelab.models import adapters
 
     monkeypatch.setattr(adapters.LlamaAdapter, "recount", lambda self, block: None)
-    with pytest.raises(PrunelabError, match="GPT2Block: with a unit removed it does not compute what it computes"):
+    with pytest.raises(PrunelabError, match="GPT2Block: with a head removed its attention does not compute"):
         run(four_blocks, texts, tmp_path / "out", method="flap", **({"max_memory": TINY_BUDGET} if streamed else {}))
     assert not (tmp_path / "out").exists()
 

@@ -17,6 +17,7 @@ from prunelab.models.adapters import MLP_LAYOUTS, find_adapter, layout
 from prunelab.models.conv1d import released
 from prunelab.models.loading import load_model
 from prunelab.models.narrow import export_masked, write_structure
+from prunelab.structured import check_structured
 from prunelab.structured.width import collect, flap_layers, prune_width, score
 
 runner = CliRunner()
@@ -181,6 +182,8 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
 def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, tmp_path, tokenizer):
     model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads (Phi-3, Falcon: 2 KV groups)
     ids = random_ids(4, 16)
+    check_structured(find_adapter(model), RunConfig.from_dict({"method": "flap"}))  # the probe passes and leaves the
+    assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(), dense.state_dict().values()))  # weights
     report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
     inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
     heads = 2 if family in ("phi3", "falcon") else 4
@@ -228,8 +231,9 @@ def test_a_fused_order_misread_or_a_count_left_stale_is_refused_before_any_work(
     model = tiny_model("gpt2", layers=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     detail = "relative difference" if fault == "order" else "shapes cannot be multiplied"
-    with pytest.raises(PrunelabError, match=f"width pruning is not supported for GPT2Block: with a unit removed it "
-                                            f"does not compute what it computes with the unit zeroed .*{detail}"):
+    with pytest.raises(PrunelabError, match=f"width pruning is not supported for GPT2Block: with a head removed its "
+                                            f"attention does not compute what it computes with the head zeroed "
+                                            f".*{detail}"):
         api.prune(model, None, {"method": "flap"}, calibration=random_ids(2, 8), reconstruct="none", progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert find_adapter(model).blocks[0].attn.split_size == model.config.hidden_size  # counts restored
@@ -297,7 +301,7 @@ def test_bad_width_input_is_refused_and_nothing_is_written(args, message, tiny_d
 @pytest.mark.parametrize(
     "family, message", [("mixtral", "Mixture-of-Experts"),
                         # ALiBi slopes counting the model's heads, not the narrowed layer's: the probe refuses it
-                        ("bloom", "BloomBlock: with a unit removed it does not compute what it computes"),
+                        ("bloom", "BloomBlock: with a head removed its attention does not compute what it computes"),
                         ("olmo2", "Olmo2Attention.q_norm normalises across all heads"),
                         ("deepseek_v3", "DeepseekV3Attention computes keys and values from a shared latent"),
                         ("qwen3_next", "routes tokens to experts")]

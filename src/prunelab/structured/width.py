@@ -23,7 +23,6 @@ and the second narrows each block and hands it to be written.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -219,60 +218,76 @@ def unit_changes(width: Width, removed: list[int]) -> dict[str, tuple[list[int] 
     return changes
 
 
-def _zeroed(linear: nn.Linear, rows: list[int] | None, cols: list[int] | None) -> nn.Linear:
-    """A copy of `linear` at its shape, with the rows (and bias entries) and columns not kept set to zero."""
-    out = copy.deepcopy(linear)
-    with torch.no_grad():
-        if rows is not None:
-            gone = torch.ones(out.out_features, dtype=torch.bool, device=out.weight.device)
-            gone[rows] = False
-            out.weight[gone] = 0
-            if out.bias is not None:
-                out.bias[gone] = 0
-        if cols is not None:
-            gone = torch.ones(out.in_features, dtype=torch.bool, device=out.weight.device)
-            gone[cols] = False
-            out.weight[:, gone] = 0
-    return out
+@contextmanager
+def _zeroed(width: Width, changes: dict[str, tuple[list[int] | None, list[int] | None]]):
+    """Within: the rows (and bias entries) and columns of `width`'s linears that `changes` does not keep are
+    zero, in place; the values are put back after (only they are copied: the check costs no copy of a layer)."""
+    saved = []
+    try:
+        for name, (rows, cols) in changes.items():
+            linear = width.linear(name)
+            for tensor, dim, kept in ((linear.weight, 0, rows), (linear.bias, 0, rows), (linear.weight, 1, cols)):
+                if kept is not None and tensor is not None:
+                    gone = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
+                    gone[kept] = False
+                    index = gone.nonzero().flatten()
+                    saved.append((tensor, dim, index, tensor.index_select(dim, index)))
+                    tensor.index_fill_(dim, index, 0)
+        yield
+    finally:
+        for tensor, dim, index, values in reversed(saved):
+            tensor.index_copy_(dim, index, values)
+
+
+@contextmanager
+def _narrowed(adapter: Adapter, block: nn.Module, width: Width,
+              changes: dict[str, tuple[list[int] | None, list[int] | None]]):
+    """Within: `width`'s linears replaced by their narrowed copies and the block's counts set to match; the
+    very modules it held, and its counts, after."""
+    swapped = []
+    try:
+        for name, (rows, cols) in changes.items():
+            old = width.linear(name)
+            setattr(width.module, name, _slice(old, rows, cols))
+            swapped.append((name, old))
+        adapter.recount(block)
+        yield
+    finally:
+        for name, old in reversed(swapped):
+            setattr(width.module, name, old)
+        adapter.recount(block)
 
 
 @torch.no_grad()
 def check_width(adapter: Adapter, stream: BlockStream) -> None:
     """Refuse in one line, before any work, a block whose units the adapter places wrongly or whose forward
     does not follow narrowed shapes. Block 0, on the stream's first batch (the probe's tokens), with the last
-    unit of each half removed must compute what it computes with that unit's rows and columns zeroed (which
-    makes its output owe nothing to the unit). Where a fused projection's heads lie, and which counts its
+    unit of a half removed must compute what it computes with that unit's rows and columns zeroed (which makes
+    its output owe nothing to the unit), half by half. Where a fused projection's heads lie, and which counts its
     forward splits them by, the module tree tells only by rules (`adapters._fused_order`, `Adapter.recount`):
-    this is their proof on the model at hand."""
+    this is their proof on the model at hand. It holds one half's narrowed copy at a time."""
     block, kwargs = adapter.blocks[0], stream.block_kwargs[0][0]
     hidden = stream.hidden[:stream.batch_size]
 
-    def change(narrow: bool) -> torch.Tensor:
-        """What block 0 adds to its input with the last units narrowed away (or zeroed)."""
-        swapped = []
-        for width in adapter.widths(block):
-            if len(width.units) > 1:  # every layer keeps a unit
-                for name, (rows, cols) in unit_changes(width, [len(width.units) - 1]).items():
-                    old = width.linear(name)
-                    setattr(width.module, name, (_slice if narrow else _zeroed)(old, rows, cols))
-                    swapped.append((width.module, name, old))
-        adapter.recount(block)
-        try:
-            return (first_output(block(hidden, **kwargs)) - hidden).float()
-        finally:
-            for module, name, old in reversed(swapped):
-                setattr(module, name, old)
-            adapter.recount(block)
+    def change() -> torch.Tensor:
+        return (first_output(block(hidden, **kwargs)) - hidden).float()
 
-    expected = change(narrow=False)
-    try:
-        error = ((change(narrow=True) - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-        detail = f"relative difference {error:.2g}"
-    except RuntimeError as exc:  # shapes the forward does not take
-        error, detail = float("inf"), str(exc).splitlines()[0]
-    if not error <= 1e-2:  # (the same sums but for zero terms: equal to rounding)
-        raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: with a unit removed it does "
-                            f"not compute what it computes with the unit zeroed ({detail})")
+    for width in adapter.widths(block):
+        if len(width.units) < 2:  # every layer keeps a unit
+            continue
+        changes = unit_changes(width, [len(width.units) - 1])
+        with _zeroed(width, changes):
+            expected = change()
+        try:
+            with _narrowed(adapter, block, width, changes):
+                error = ((change() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+            detail = f"relative difference {error:.2g}"
+        except RuntimeError as exc:  # shapes the forward does not take
+            error, detail = float("inf"), str(exc).splitlines()[0]
+        if not error <= 1e-2:  # (the same sums but for zero terms: equal to rounding)
+            raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: with a {width.unit} "
+                                f"removed its {width.half} does not compute what it computes with the {width.unit} "
+                                f"zeroed ({detail})")
 
 
 def apply(layers: list[Layer], compensate: bool, prefix: str) -> dict[str, dict]:
