@@ -4,7 +4,8 @@
    and reconstructed (attn-mlp, fixed lr; float32 matmuls, and for Wanda also bfloat16) on the CPU and on
    the GPU from the same weights and windows: share of equal mask entries, relative perplexity difference
    on held-out random windows. Then tiny Qwen3-MoE and GPT-OSS (fused experts, GPT-OSS's transposed and
-   interleaved), Wanda 2:4 with permutation, alone and with attn-mlp.
+   interleaved), Wanda 2:4 with permutation, alone and with attn-mlp. And FLAP of tiny Llama, GPT-2, GPT-NeoX,
+   Phi-3 and Falcon (q, k and v fused in each order it knows): the same linears narrowed alike, perplexities.
 2. Time and memory at real shapes: a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads) of a few
    blocks, Wanda and SparseGPT 50 % and attn-mlp reconstruction (float32 and bfloat16 matmuls), each
    stage's seconds and CUDA peak.
@@ -87,6 +88,10 @@ def agreement(device: str) -> None:
         target = {"pattern": "2:4", "permute": True} if permute else {"pattern": "2:4"}
         for recon, precision in (("none", None), ("attn-mlp", "float32")):
             agree(moe, "wanda", target, recon, precision, moe_ids, moe_test, device, f"{family} ")
+    for family in ("llama", "gpt2", "gpt_neox", "phi3", "falcon"):  # FLAP, fused q/k/v orders among them
+        model = tiny_model(family, layers=4)
+        vocab = model.config.vocab_size
+        flap_agrees(model, ids % vocab, test % vocab, device, family)
 
 
 def agree(base, method: str, target: dict, recon: str, precision: str | None, ids, test, device: str,
@@ -104,6 +109,21 @@ def agree(base, method: str, target: dict, recon: str, precision: str | None, id
     same = equal / sum(v.numel() for v in cpu.values())
     p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
     print(f"agreement {label}{method} {target} reconstruct={recon} {precision or ''}: masks equal {same:.4%}, "
+          f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
+
+
+def flap_agrees(base, ids, test, device: str, label: str) -> None:
+    """FLAP on copies of `base` on the CPU and on `device`: whether the same rows and columns are kept (its scores
+    are float64 statistics of float32 activations) and the narrowed models' perplexities."""
+    models, kept = {}, {}
+    for where in ("cpu", device):
+        model = copy.deepcopy(base).to(where)
+        report = prunelab.prune(model, calibration=ids, method="flap", width={"ratio": 0.25}, reconstruct="none",
+                                forward_batch=8, progress=False)
+        models[where], kept[where] = model, report["structure"]["linears"]
+    same = sum(kept["cpu"][k] == kept[device].get(k) for k in kept["cpu"]) / max(len(kept["cpu"]), 1)
+    p_cpu, p_gpu = ppl(models["cpu"], test), ppl(models[device], test.to(device))
+    print(f"agreement {label} flap 0.25: linears narrowed alike {same:.0%} of {len(kept['cpu'])}, "
           f"ppl cpu {p_cpu:.3f} gpu {p_gpu:.3f} ({(p_gpu / p_cpu - 1):+.3%})", flush=True)
 
 
