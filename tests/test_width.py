@@ -176,17 +176,24 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
 
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "falcon"])  # q, k and v fused: in parts (GPT-2's
-# Conv1D, split at `split_size`; Phi-3's grouped heads, split at its config's counts) or group by group (GPT-NeoX's
-# heads, split by their size; Falcon-40B's KV groups, split at its num_kv_heads)
-def test_fused_qkv_families_lose_whole_heads_reload_exactly_and_export(family, tmp_path, tokenizer):
-    model, dense = tiny_model(family, layers=2), tiny_model(family, layers=2)  # 4 heads (Phi-3, Falcon: 2 KV groups)
+MULTI_QUERY = dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)  # Falcon-7B's attention
+
+
+@pytest.mark.parametrize("family, overrides, heads", [
+    # q, k and v fused in parts (GPT-2's Conv1D, split at `split_size`; Phi-3's grouped heads, split at its config's
+    # counts) or group by group (GPT-NeoX's heads, split by their size; Falcon-40B's KV groups, at num_kv_heads)
+    ("gpt2", {}, 4), ("gpt_neox", {}, 4), ("phi3", {}, 2), ("falcon", {}, 2),
+    # multi-query: the query heads are the units, the one key and value head stays (Gemma 3 270M and 1B; Falcon-7B
+    # and StarCoder 1 with q, k and v fused)
+    ("gemma3", {"num_key_value_heads": 1}, 4), ("falcon", MULTI_QUERY, 4), ("gpt_bigcode", {}, 4)])
+def test_fused_and_multi_query_attention_lose_whole_heads_reload_exactly_and_export(family, overrides, heads,
+                                                                                    tmp_path, tokenizer):
+    model, dense = tiny_model(family, layers=2, **overrides), tiny_model(family, layers=2, **overrides)
     ids = random_ids(4, 16)
     check_structured(find_adapter(model), RunConfig.from_dict({"method": "flap"}))  # the probe passes and leaves the
     assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(), dense.state_dict().values()))  # weights
     report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
     inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
-    heads = 2 if family in ("phi3", "falcon") else 4
     assert [(r["units"], r["removed"]) for r in report["layers"]] == [(heads, heads // 2), (inner, inner // 2)] * 2
     # the narrowed model computes what the dense one does with the removed heads' and channels' rows (q, k and v
     # wherever the fused order puts them) and the writers' columns zeroed

@@ -12,7 +12,7 @@ import functools
 import inspect
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
 
 import torch
@@ -89,6 +89,8 @@ class Width:
     writer: str
     readers: dict[str, list[list[int]]]
     units: list[list[int]]
+    shared: dict[str, list[int]] = field(default_factory=dict)  # reader rows no unit owns, always kept (the one key
+    # and value head of a multi-query attention whose q, k and v are fused)
 
     def linear(self, name: str) -> nn.Linear:
         return getattr(self.module, name)
@@ -424,15 +426,21 @@ class LlamaAdapter(Adapter):
     def recount(self, block):
         attn = _mixer(block)
         names = layout(attn, ATTENTION_LAYOUTS)
-        if _fused_order(attn, names) is None:  # separate projections: split by the head size alone
+        if _fused_order(attn, names) is None:  # separate projections: split by the head size alone, but for the
+            if _has(attn, "q_proj", "k_proj") and isinstance(getattr(attn, "num_key_value_groups", None), int) \
+                    and attn.k_proj.out_features == attn.head_dim:  # query heads per key-value head (multi-query)
+                attn.num_key_value_groups = getattr(attn, names[-1]).in_features // attn.head_dim
             return
         queries, kv_heads = _fused_heads(attn, names)
         for count, value in (("num_heads", queries), ("num_attention_heads", queries), ("n_head", queries),
-                             ("num_kv_heads", kv_heads), ("num_key_value_heads", kv_heads)):
+                             ("num_kv_heads", kv_heads), ("num_key_value_heads", kv_heads),
+                             ("num_key_value_groups", queries // kv_heads)):
             if isinstance(getattr(attn, count, None), int):
                 setattr(attn, count, value)
         if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its thirds there
             attn.split_size = getattr(attn, names[-1]).in_features
+        if names[0] == "c_attn" and isinstance(getattr(attn, "embed_dim", None), int):  # GPTBigCode's multi-query
+            attn.embed_dim = getattr(attn, names[-1]).in_features  # split (GPT-2 reads it nowhere after __init__)
         if names[0] == "qkv_proj":  # Phi-3 splits at its config's head counts: a narrowed layer gets its own config
             counts = {"num_attention_heads": queries, "num_key_value_heads": kv_heads}
             shared = self.model.config.get_text_config()
@@ -482,6 +490,9 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
     def heads_from(first: int, count: int) -> list[int]:
         return list(range(first * head_dim, (first + count) * head_dim))
 
+    if kv_heads == 1 and per_group > 1:  # multi-query (Gemma 1 2B, Gemma 3 270M and 1B): the query heads are the
+        queries = [heads_from(h, 1) for h in range(per_group)]  # units, the one key and value head stays
+        return Width("attention", "query head", path, attn, writer, {"q_proj": queries}, queries)
     groups = [heads_from(g * per_group, per_group) for g in range(kv_heads)]
     kv = [heads_from(g, 1) for g in range(kv_heads)]
     return Width("attention", "kv group", path, attn, writer, {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups)
@@ -494,6 +505,10 @@ def _fused_width(path: str, attn: nn.Module, names: tuple[str, ...], order: str)
     queries, kv_heads = _fused_heads(attn, names)
     head_dim = getattr(attn, names[-1]).in_features // queries
     per_group = queries // kv_heads
+    if kv_heads == 1 and queries > 1:  # multi-query (Falcon-7B, StarCoder 1): the query heads are the units, and
+        heads = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(queries)]  # in either order their
+        return Width("attention", "query head", path, attn, names[-1], {names[0]: heads}, heads,  # rows come first
+                     shared={names[0]: list(range(queries * head_dim, (queries + 2) * head_dim))})
     groups = [list(range(g * per_group * head_dim, (g + 1) * per_group * head_dim)) for g in range(kv_heads)]
     if order == "parts":  # every query row, then the key rows, then the value rows
         rows = [q + [queries * head_dim + (part * kv_heads + g) * head_dim + c for part in range(2)

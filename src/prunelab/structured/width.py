@@ -209,11 +209,12 @@ def _slice(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | N
 
 def unit_changes(width: Width, removed: list[int]) -> dict[str, tuple[list[int] | None, list[int] | None]]:
     """(rows kept, columns kept) of each linear of `width` once the units `removed` go: rows of the readers
-    (ascending, so a fused reader such as gate_up_proj keeps its parts one after the other), columns of the
-    writer; None where all are kept."""
+    (with the rows no unit owns; ascending, so a fused reader such as gate_up_proj keeps its parts one after the
+    other), columns of the writer; None where all are kept."""
     gone = set(removed)
     keep = [u for u in range(len(width.units)) if u not in gone]
-    changes = {name: (sorted(r for u in keep for r in rows[u]), None) for name, rows in width.readers.items()}
+    changes = {name: (sorted([r for u in keep for r in rows[u]] + width.shared.get(name, [])), None)
+               for name, rows in width.readers.items()}
     changes[width.writer] = (None, [c for u in keep for c in width.units[u]])
     return changes
 
