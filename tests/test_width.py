@@ -176,6 +176,77 @@ def test_opt_family_loses_whole_heads_and_channels_reloads_exactly_and_exports(f
 
 
 
+def computes_as_zeroed(model, dense, report, ids):
+    """The narrowed `model` computes what `dense` does with the removed heads' and channels' rows (q, k and v
+    wherever a fused order puts them) and the writers' columns zeroed."""
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, entry in report["linears"].items():
+            linear = modules[name]
+            for dim, kept in ((0, entry["rows"]), (1, entry["cols"])):
+                if kept is not None:
+                    gone = torch.ones(linear.weight.shape[dim], dtype=torch.bool)
+                    gone[kept] = False
+                    linear.weight[(gone,) if dim == 0 else (slice(None), gone)] = 0
+                    if dim == 0 and linear.bias is not None:
+                        linear.bias[gone] = 0
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def from_config(name: str, **kwargs):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(vocab_size=256, num_hidden_layers=2, pad_token_id=0, **kwargs)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("StableLmConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)),
+    ("XGLMConfig", dict(d_model=64, ffn_dim=128, attention_heads=4, max_position_embeddings=64))])
+def test_separate_projections_split_by_a_head_count_are_recounted(name, kwargs, tmp_path, tokenizer):
+    """StableLM splits its heads by `num_heads`, XGLM merges them back into `embed_dim`: both set from the
+    narrowed shapes (they crashed once FLAP removed a head)."""
+    model, dense, ids = from_config(name, **kwargs), from_config(name, **kwargs), random_ids(4, 16)
+    check_structured(find_adapter(model), RunConfig.from_dict({"method": "flap"}))
+    report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
+    assert [r["removed"] for r in report["layers"]] == [2, 64, 2, 64]
+    computes_as_zeroed(model, dense, report, ids)
+    reloads_exactly_and_exports(model, report, tmp_path, tokenizer)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    # its differential attention pairs the heads up: one removed, the pairs no longer split
+    ("DiffLlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+     "DiffLlamaDecoderLayer: with a kv group removed its attention .* zeroed \\(ValueError"),
+    # attention sinks, one per query head, that the narrowing does not slice
+    ("GraniteSWAConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+     "GraniteSWADecoderLayer: with a kv group removed its attention .* zeroed \\(RuntimeError")])
+def test_a_block_whose_forward_breaks_without_a_unit_is_refused(name, kwargs, message):
+    """The adaptive choice may spare these attentions on one model and not on the next: refused up front, in one
+    line, whatever the narrowed forward raises, and the weights and counts left as they were."""
+    model = from_config(name, **kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match=message):
+        prunelab.prune(model, None, {"method": "flap"}, calibration=random_ids(2, 8), reconstruct="none",
+                       progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(1, 8)).logits).all()
+
+
+def test_counts_the_rules_would_misread_on_the_dense_block_are_refused_and_restored(monkeypatch):
+    from prunelab.models import adapters
+
+    monkeypatch.setattr(adapters.LlamaAdapter, "recount",
+                        lambda self, block: setattr(block.self_attn, "num_key_value_groups", 7))
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(PrunelabError, match="head counts it would set from the shapes differ from the model's own "
+                                            "\\(self_attn.num_key_value_groups\\)"):
+        check_structured(find_adapter(model), RunConfig.from_dict({"method": "flap"}))
+    assert find_adapter(model).blocks[0].self_attn.num_key_value_groups == 2
+
+
 MULTI_QUERY = dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)  # Falcon-7B's attention
 
 
@@ -195,20 +266,7 @@ def test_fused_and_multi_query_attention_lose_whole_heads_reload_exactly_and_exp
     report = flap(model, ids, ratio=0.5, structure="uniform", bias_compensation=False)
     inner = mlp_widths(find_adapter(dense).blocks[0].mlp)[0]
     assert [(r["units"], r["removed"]) for r in report["layers"]] == [(heads, heads // 2), (inner, inner // 2)] * 2
-    # the narrowed model computes what the dense one does with the removed heads' and channels' rows (q, k and v
-    # wherever the fused order puts them) and the writers' columns zeroed
-    modules = dict(dense.named_modules())
-    with torch.no_grad():
-        for name, entry in report["linears"].items():
-            linear = modules[name]
-            for dim, kept in ((0, entry["rows"]), (1, entry["cols"])):
-                if kept is not None:
-                    gone = torch.ones(linear.weight.shape[dim], dtype=torch.bool)
-                    gone[kept] = False
-                    linear.weight[(gone,) if dim == 0 else (slice(None), gone)] = 0
-                    if dim == 0 and linear.bias is not None:
-                        linear.bias[gone] = 0
-        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    computes_as_zeroed(model, dense, report, ids)
     if family == "phi3":  # each narrowed layer splits at the head counts of a config of its own
         attn = find_adapter(model).blocks[0].self_attn
         assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (2, 1, 1)

@@ -426,17 +426,13 @@ class LlamaAdapter(Adapter):
     def recount(self, block):
         attn = _mixer(block)
         names = layout(attn, ATTENTION_LAYOUTS)
-        if _fused_order(attn, names) is None:  # separate projections: split by the head size alone, but for the
-            if _has(attn, "q_proj", "k_proj") and isinstance(getattr(attn, "num_key_value_groups", None), int) \
-                    and attn.k_proj.out_features == attn.head_dim:  # query heads per key-value head (multi-query)
-                attn.num_key_value_groups = getattr(attn, names[-1]).in_features // attn.head_dim
+        if _fused_order(attn, names) is None:  # separate projections (most split by the head size alone)
+            if _has(attn, "q_proj", "k_proj") and isinstance(getattr(attn, "head_dim", None), int):
+                _set_head_counts(attn, getattr(attn, names[-1]).in_features // attn.head_dim,
+                                 attn.k_proj.out_features // attn.head_dim)
             return
         queries, kv_heads = _fused_heads(attn, names)
-        for count, value in (("num_heads", queries), ("num_attention_heads", queries), ("n_head", queries),
-                             ("num_kv_heads", kv_heads), ("num_key_value_heads", kv_heads),
-                             ("num_key_value_groups", queries // kv_heads)):
-            if isinstance(getattr(attn, count, None), int):
-                setattr(attn, count, value)
+        _set_head_counts(attn, queries, kv_heads)
         if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its thirds there
             attn.split_size = getattr(attn, names[-1]).in_features
         if names[0] == "c_attn" and isinstance(getattr(attn, "embed_dim", None), int):  # GPTBigCode's multi-query
@@ -456,6 +452,17 @@ class LlamaAdapter(Adapter):
             mlp = _mlp(block)
             found = [_mlp_channels(block, mlp), _value_channels(block, _mixer(block)), *_expert_channels(block, mlp)]
         return {c.writer: c for c in found if c is not None}
+
+
+def _set_head_counts(attn: nn.Module, queries: int, kv_heads: int) -> None:
+    """Set the head counts an attention's forward may split by to those of its (narrowed) shapes: each of the
+    count attributes it holds (StableLM's and OPT's `num_heads`, Falcon's `num_kv_heads`, `num_key_value_groups`
+    of every multi-query attention)."""
+    for count, value in (("num_heads", queries), ("num_attention_heads", queries), ("n_head", queries),
+                         ("num_kv_heads", kv_heads), ("num_key_value_heads", kv_heads),
+                         ("num_key_value_groups", queries // max(kv_heads, 1))):
+        if isinstance(getattr(attn, count, None), int):
+            setattr(attn, count, value)
 
 
 def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
@@ -696,9 +703,10 @@ class OPTAdapter(Adapter):
                 Width("mlp", "channel", "", block, "fc2", {"fc1": channels}, channels))
 
     def recount(self, block):
-        attn = block.self_attn
-        if hasattr(attn, "num_heads"):  # OPT's forward splits its heads by it (BioGPT's by the head size)
-            attn.num_heads = attn.q_proj.out_features // attn.head_dim
+        attn = block.self_attn  # OPT's forward splits its heads by num_heads (BioGPT's by the head size), XGLM's
+        _set_head_counts(attn, *(attn.q_proj.out_features // attn.head_dim,) * 2)  # merges them into embed_dim
+        if isinstance(getattr(attn, "embed_dim", None), int):
+            attn.embed_dim = attn.out_proj.in_features
 
     def residual_writers(self, block):
         if not getattr(block, "do_layer_norm_before", True):

@@ -259,6 +259,23 @@ def _narrowed(adapter: Adapter, block: nn.Module, width: Width,
         adapter.recount(block)
 
 
+def _counts(block: nn.Module) -> dict[str, object]:
+    """What `recount` may set in the block: every int attribute of its modules, and their configs."""
+    found: dict[str, object] = {}
+    for path, module in block.named_modules():
+        for key, value in vars(module).items():
+            if (isinstance(value, int) and not isinstance(value, bool)) or key == "config":
+                found[f"{path}.{key}" if path else key] = value
+    return found
+
+
+def _restore_counts(block: nn.Module, counts: dict[str, object]) -> None:
+    modules = dict(block.named_modules())
+    for name, value in counts.items():
+        path, _, key = name.rpartition(".")
+        setattr(modules[path], key, value)
+
+
 @torch.no_grad()
 def check_width(adapter: Adapter, stream: BlockStream) -> None:
     """Refuse in one line, before any work, a block whose units the adapter places wrongly or whose forward
@@ -273,6 +290,14 @@ def check_width(adapter: Adapter, stream: BlockStream) -> None:
     def change() -> torch.Tensor:
         return (first_output(block(hidden, **kwargs)) - hidden).float()
 
+    counts = _counts(block)
+    adapter.recount(block)  # the dense block's shapes give its own counts back, or the rules misread them
+    if _counts(block) != counts:
+        moved = next(name for name, value in _counts(block).items() if counts.get(name) != value)
+        _restore_counts(block, counts)
+        raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: the head counts it would set "
+                            f"from the shapes differ from the model's own ({moved})")
+
     for width in adapter.widths(block):
         if len(width.units) < 2:  # every layer keeps a unit
             continue
@@ -283,8 +308,8 @@ def check_width(adapter: Adapter, stream: BlockStream) -> None:
             with _narrowed(adapter, block, width, changes):
                 error = ((change() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
             detail = f"relative difference {error:.2g}"
-        except RuntimeError as exc:  # shapes the forward does not take
-            error, detail = float("inf"), str(exc).splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 (a forward meeting shapes it was not built for fails in any way)
+            error, detail = float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if not error <= 1e-2:  # (the same sums but for zero terms: equal to rounding)
             raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: with a {width.unit} "
                                 f"removed its {width.half} does not compute what it computes with the {width.unit} "
