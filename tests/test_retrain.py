@@ -70,7 +70,7 @@ def test_masklora_forward_and_merge_are_the_masked_update():
     zeros = {n: int((w == 0).sum()) for n, w in weights.items()}
     names = [n.removesuffix(".weight") for n in weights]
     lora = MaskLoRA(model, names, rank=4, alpha=8)
-    layer = lora.peft.get_submodule("base_model.model." + names[0])
+    layer = lora.peft.get_submodule("base_model.model.model." + names[0])  # (PEFT is shown the module tree only)
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero; make the update non-zero
     base = layer.get_base_layer().weight.detach().clone()
     mask = base != 0
@@ -88,6 +88,29 @@ def test_masklora_forward_and_merge_are_the_masked_update():
     for name, w in find_adapter(merged_model).prunable_weights().items():
         assert int((w == 0).sum()) == zeros[name]  # ... and only where the weights were not pruned
 
+
+def test_masklora_adapts_exactly_the_pruned_linears_of_a_mixture_of_experts_model():
+    """PEFT, shown a transformers model of a MoE family it converts (DeepSeek-V3 here; GLM-4-MoE, ERNIE 4.5 MoE,
+    ...), turned the targets named gate_proj/up_proj/down_proj (block 0's dense MLP, the shared experts) into plain
+    LoRA on the fused experts: the merge filled their pruned zeros, and those linears had no adapter. Shown the
+    module tree only, it adapts the pruned linears and nothing else, and every zero stays."""
+    model = tiny_model("deepseek_v3")
+    weights = find_adapter(model).prunable_weights()
+    for w in weights.values():
+        w.masked_fill_(torch.rand_like(w) < 0.5, 0)
+    zeros = {n: int((w == 0).sum()) for n, w in weights.items()}
+    names = [n.removesuffix(".weight") for n in weights if n.endswith(".weight")]
+    assert any(".shared_experts." in n for n in names) and any(n.endswith("layers.0.mlp.gate_proj") for n in names)
+    lora = MaskLoRA(model, names, rank=4, alpha=8)
+    adapted = {n.removeprefix("base_model.model.model.") for n, m in lora.peft.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(names)
+    for m in lora.peft.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight)  # B starts at zero; make every update non-zero
+    merged = lora.merge()
+    assert merged is model
+    for name, w in find_adapter(merged).prunable_weights().items():
+        assert int((w == 0).sum()) == zeros[name], name
 
 @pytest.mark.parametrize("overrides, message", [
     ({"retrain": {"method": "full", "tokens": 100}}, "less than one optimiser step"),

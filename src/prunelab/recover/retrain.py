@@ -100,6 +100,20 @@ def masked_lora_linear():
     return MaskedLoraLinear
 
 
+class _ModuleTree(nn.Module):
+    """The model as PEFT is shown it: its modules, not its config. With a transformers config PEFT rewrites the
+    targets of Mixture-of-Experts families it knows (DeepSeek, GLM-4-MoE, ERNIE 4.5 MoE, ...): each target named
+    gate_proj, up_proj or down_proj (a shared expert's, a dense block's) becomes plain LoRA on the fused experts,
+    and its merge fills the pruned zeros there while the named linear gets no adapter."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 class MaskLoRA:
     """LoRA adapters with masked updates on the pruned linears (built on PEFT), biases and norms trainable."""
 
@@ -108,18 +122,25 @@ class MaskLoRA:
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise PrunelabError("--retrain masklora needs peft: pip install peft") from None
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear_names, bias="none")
+        targets = [f"model.{name}" for name in linear_names]
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
         config._register_custom_module({nn.Linear: masked_lora_linear()})  # PEFT's hook for custom LoRA layers
         with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing a user can change
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            self.peft = get_peft_model(model, config)
+            self.peft = get_peft_model(_ModuleTree(model), config)
+        adapted = {name.removeprefix("base_model.model.") for name, module in self.peft.named_modules()
+                   if hasattr(module, "lora_A")}
+        if adapted != set(targets):  # every pruned linear masked, nothing else adapted
+            odd = sorted(adapted ^ set(targets))[0].removeprefix("model.")
+            raise PrunelabError(f"--retrain masklora: PEFT did not adapt exactly the pruned linears ({odd}); "
+                                "use --retrain full")
         lora = [p for n, p in self.peft.named_parameters() if "lora_" in n]
         # biases and norms: every 1-D parameter outside the adapters (embeddings and matrices stay frozen)
         vectors = [p for n, p in self.peft.named_parameters() if p.dim() == 1 and "lora_" not in n]
         self.trainable = Trainable(lora + vectors, [None] * (len(lora) + len(vectors)))
 
     def merge(self) -> nn.Module:
-        return self.peft.merge_and_unload()
+        return self.peft.merge_and_unload().model
 
 
 def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
