@@ -169,6 +169,26 @@ def test_api_prune_with_masklora_merges_into_the_same_model(tokenizer, texts):
         assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
 
 
+def test_a_retraining_that_moved_the_mask_is_refused_through_the_api_too(tokenizer, texts, monkeypatch):
+    """The check that no pruned weight moved lives in `retrain`, so the API refuses a broken mask as the job does
+    (it once handed back PEFT's unmasked merge of a MoE family's experts without a word)."""
+    real = MaskLoRA.merge
+
+    def filling(self):  # a library that does not do what it was asked: the merge fills one layer's zeros
+        model = real(self)
+        with torch.no_grad():
+            weight = next(iter(find_adapter(model).prunable_weights().values()))
+            weight.masked_fill_(weight == 0, 1e-3)
+        return model
+
+    monkeypatch.setattr(MaskLoRA, "merge", filling)
+    calib, _ = texts
+    with pytest.raises(PrunelabError, match="retraining changed the pruning mask of model.layers.0.self_attn.q_proj"):
+        prunelab.prune(tiny_model("llama"), tokenizer, calibration=str(calib), sparsity=0.5, reconstruct="none",
+                       samples=4, seqlen=32, progress=False, retrain={"method": "masklora", "tokens": 256,
+                                                                      "batch_size": 2, "accumulate": 1, "heldout": 2,
+                                                                      "lr": 1e-3})
+
 def test_masked_low_rank_gradients_equal_autograd_of_the_plain_expression():
     from prunelab.recover.retrain import MaskedLowRank
 

@@ -35,6 +35,7 @@ from .. import distributed
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
+from ..evaluate.sparsity import count_zeros
 from ..precision import autocast, matmul_precision, uses_bfloat16
 from .loop import Diverged, Trainable, adamw, finite_or_inf, schedule
 
@@ -309,4 +310,11 @@ def retrain(model: nn.Module, masked: dict[str, torch.Tensor], config: RunConfig
     named = dict(model.named_parameters())
     pruned = [named[name] for name in masked if name in named]
     linear_names = [name.removesuffix(".weight") for name in masked if name.endswith(".weight")]
-    return Retraining(model, pruned, linear_names, config, train_ids, heldout_ids, progress).run()
+    zeros = count_zeros(masked)
+    model, record = Retraining(model, pruned, linear_names, config, train_ids, heldout_ids, progress).run()
+    after = count_zeros(masked)
+    moved = [name for name in zeros if after[name] < zeros[name]][:3]
+    if moved:  # by construction it cannot happen (re-zeroing after every step, masked LoRA updates) unless a
+        # library changes what it was asked to do, as PEFT's MoE conversion once did: never hand such a model back
+        raise PrunelabError(f"retraining changed the pruning mask of {', '.join(moved)}; nothing was saved")
+    return model, {**record, "mask_kept": True}
