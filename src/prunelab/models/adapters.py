@@ -493,16 +493,17 @@ def _attention_width(block: nn.Module, attn: nn.Module) -> Width:
                             f"normalises across all heads; this family is not supported yet")
     kv_heads = attn.k_proj.out_features // head_dim
     per_group = getattr(attn, writer).in_features // head_dim // kv_heads
-
-    def heads_from(first: int, count: int) -> list[int]:
-        return list(range(first * head_dim, (first + count) * head_dim))
-
     if kv_heads == 1 and per_group > 1:  # multi-query (Gemma 1 2B, Gemma 3 270M and 1B): the query heads are the
-        queries = [heads_from(h, 1) for h in range(per_group)]  # units, the one key and value head stays
+        queries = _heads(per_group, 1, head_dim)  # units, the one key and value head stays
         return Width("attention", "query head", path, attn, writer, {"q_proj": queries}, queries)
-    groups = [heads_from(g * per_group, per_group) for g in range(kv_heads)]
-    kv = [heads_from(g, 1) for g in range(kv_heads)]
+    groups, kv = _heads(kv_heads, per_group, head_dim), _heads(kv_heads, 1, head_dim)
     return Width("attention", "kv group", path, attn, writer, {"q_proj": groups, "k_proj": kv, "v_proj": kv}, groups)
+
+
+def _heads(units: int, per_unit: int, head_dim: int) -> list[list[int]]:
+    """The channels of `units` runs of `per_unit` consecutive heads each (a KV group's query heads, one head)."""
+    width = per_unit * head_dim
+    return [list(range(u * width, (u + 1) * width)) for u in range(units)]
 
 
 def _fused_width(path: str, attn: nn.Module, names: tuple[str, ...], order: str) -> Width:
@@ -513,10 +514,10 @@ def _fused_width(path: str, attn: nn.Module, names: tuple[str, ...], order: str)
     head_dim = getattr(attn, names[-1]).in_features // queries
     per_group = queries // kv_heads
     if kv_heads == 1 and queries > 1:  # multi-query (Falcon-7B, StarCoder 1): the query heads are the units, and
-        heads = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(queries)]  # in either order their
-        return Width("attention", "query head", path, attn, names[-1], {names[0]: heads}, heads,  # rows come first
+        heads = _heads(queries, 1, head_dim)  # in either order their rows come first
+        return Width("attention", "query head", path, attn, names[-1], {names[0]: heads}, heads,
                      shared={names[0]: list(range(queries * head_dim, (queries + 2) * head_dim))})
-    groups = [list(range(g * per_group * head_dim, (g + 1) * per_group * head_dim)) for g in range(kv_heads)]
+    groups = _heads(kv_heads, per_group, head_dim)
     if order == "parts":  # every query row, then the key rows, then the value rows
         rows = [q + [queries * head_dim + (part * kv_heads + g) * head_dim + c for part in range(2)
                      for c in range(head_dim)] for g, q in enumerate(groups)]
@@ -695,8 +696,7 @@ class OPTAdapter(Adapter):
     def widths(self, block):
         # OPT has no grouped keys and values: a unit of attention is one head, its q, k and v rows together
         attn = block.self_attn
-        heads = [list(range(h * attn.head_dim, (h + 1) * attn.head_dim))
-                 for h in range(attn.out_proj.in_features // attn.head_dim)]
+        heads = _heads(attn.out_proj.in_features // attn.head_dim, 1, attn.head_dim)
         channels = [[c] for c in range(block.fc2.in_features)]
         return (Width("attention", "head", "self_attn", attn, "out_proj",
                       {"q_proj": heads, "k_proj": heads, "v_proj": heads}, heads),

@@ -21,6 +21,12 @@ class HeldConv1D(nn.Linear):
     """A transformers `Conv1D` held as an `nn.Linear` (weight [out, in]); `release` turns it back."""
 
 
+def linear_class(module: nn.Module) -> type[nn.Linear]:
+    """The class of a new linear that replaces `module` (narrower): a held Conv1D stays one, so that saving turns
+    it back into the Conv1D its model's class builds; anything else becomes an `nn.Linear`."""
+    return HeldConv1D if isinstance(module, HeldConv1D) else nn.Linear
+
+
 def _as_linear(conv: Conv1D) -> HeldConv1D:
     linear = HeldConv1D(conv.nx, conv.nf, device="meta").train(conv.training)
     # A view of the stored [in, out] tensor, no copy: a held weight is column-major, so that holding and releasing

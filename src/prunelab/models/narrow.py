@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import PrunelabError
 from .adapters import find_adapter
-from .conv1d import HeldConv1D, held_weights, hold, released
+from .conv1d import held_weights, hold, linear_class, released
 from .layout import renamed_keys
 
 STRUCTURE_FILE = "prunelab_structure.json"
@@ -62,8 +62,8 @@ def narrow_linears(model: nn.Module, linears: dict[str, dict], dtype: torch.dtyp
         old = modules[name]
         rows = len(entry["rows"]) if entry["rows"] is not None else old.out_features
         cols = len(entry["cols"]) if entry["cols"] is not None else old.in_features
-        kind = HeldConv1D if isinstance(old, HeldConv1D) else nn.Linear  # saved, a held one is a Conv1D again
-        setattr(modules[parent], child, kind(cols, rows, bias=entry["bias"], dtype=dtype or old.weight.dtype))
+        setattr(modules[parent], child, linear_class(old)(cols, rows, bias=entry["bias"],
+                                                          dtype=dtype or old.weight.dtype))
     adapter = find_adapter(model)
     for block in adapter.blocks:
         adapter.recount(block)

@@ -20,10 +20,10 @@ def check_structured(adapter: Adapter, config: RunConfig) -> None:
     elif config.method == "flap":
         for block in adapter.blocks:
             adapter.widths(block)
-        if not next(adapter.blocks[0].parameters()).is_meta:  # (streamed: `StreamedModel.check_adapter` runs it)
+        weight = next(adapter.blocks[0].parameters())
+        if not weight.is_meta:  # (streamed: `StreamedModel.check_adapter` runs it with block 0 read)
             model = adapter.model
-            check_width(adapter, capture_block_inputs(model, adapter.blocks, probe_ids(model), None, 1,
-                                                      next(adapter.blocks[0].parameters()).dtype))
+            check_width(adapter, capture_block_inputs(model, adapter.blocks, probe_ids(model), None, 1, weight.dtype))
 
 
 def prune_structured(model: nn.Module, adapter: Adapter, ids: torch.Tensor | None, config: RunConfig,

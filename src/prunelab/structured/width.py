@@ -35,7 +35,7 @@ from ..activations import BlockStream, capture_block_inputs, run_blocks
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, Width, first_output
-from ..models.conv1d import HeldConv1D
+from ..models.conv1d import linear_class
 
 
 @dataclass
@@ -197,9 +197,8 @@ def _slice(linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | N
         weight = weight[:, cols]
     if bias is None and linear.bias is not None:
         bias = linear.bias.detach() if rows is None else linear.bias.detach()[rows]
-    # a held Conv1D stays one, so that saving turns it back into the Conv1D its class builds (GPT-2)
-    kind = HeldConv1D if isinstance(linear, HeldConv1D) else nn.Linear
-    out = kind(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    out = linear_class(linear)(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                               dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         if bias is not None:
@@ -292,8 +291,9 @@ def check_width(adapter: Adapter, stream: BlockStream) -> None:
 
     counts = _counts(block)
     adapter.recount(block)  # the dense block's shapes give its own counts back, or the rules misread them
-    if _counts(block) != counts:
-        moved = next(name for name, value in _counts(block).items() if counts.get(name) != value)
+    recounted = _counts(block)
+    if recounted != counts:
+        moved = next(name for name, value in recounted.items() if counts.get(name) != value)
         _restore_counts(block, counts)
         raise PrunelabError(f"width pruning is not supported for {type(block).__name__}: the head counts it would set "
                             f"from the shapes differ from the model's own ({moved})")
