@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -270,6 +271,22 @@ def test_eval_command_reports_perplexity_and_sparsity(tiny_dir, texts):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[result.stdout.index("{") :])
     assert payload["windows"] == 3 and payload["perplexity"] > 1 and payload["sparsity"] < 0.01
+
+
+@pytest.mark.parametrize("save_dtype, saved", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_a_bfloat16_model_keeps_its_dtype_and_is_measured_as_saved(tokenizer, texts, tmp_path, save_dtype, saved):
+    folder, out = tmp_path / "bf16", tmp_path / "out"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # reconstruction trains the kept weights in float32: rounding them to bfloat16 changes the model
+    report = job(folder, texts, out, method="wanda", save_dtype=save_dtype)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {saved}
+    assert report["model"]["saved_dtype"] == json.loads((out / "config.json").read_text())["dtype"] == str(saved)[6:]
+    result = runner.invoke(app, ["eval", "--model", str(out), "--eval", str(texts[1]), "--eval-seqlen", "32",
+                                 "--eval-windows", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout[result.stdout.index("{"):])["perplexity"]
+    assert again == pytest.approx(report["metrics"]["pruned"]["perplexity"], rel=1e-6)
 
 
 def test_report_records_every_stage_with_time_and_memory(tiny_dir, texts, tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -334,6 +335,23 @@ def test_flap_job_saves_a_smaller_model_with_its_structure(tiny_dir, texts, tmp_
                                     "--eval-windows", "2", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "## Width removal (FLAP)" in (out / "REPORT.md").read_text()
+
+
+def test_a_bfloat16_model_narrowed_and_exported_stays_bfloat16(tokenizer, texts, tmp_path):
+    folder, narrow, masked = tmp_path / "bf16", tmp_path / "narrow", tmp_path / "masked"
+    tiny_model("llama", layers=2).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prunelab.run(dict(model=str(folder), calib=str(texts[0]), eval="none", samples=4, seqlen=16, method="flap",
+                      width={"ratio": 0.25}, speed=False, out=str(narrow)), progress=False)
+    result = runner.invoke(app, ["export", str(narrow), "--out", str(masked)])
+    assert result.exit_code == 0, result.output
+    for saved in (narrow, masked):
+        assert {t.dtype for t in load_file(saved / "model.safetensors").values()} == {torch.bfloat16}
+    reloaded, _, _ = load_model(str(narrow), device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(masked, dtype=torch.float32).eval()
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, reloaded(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

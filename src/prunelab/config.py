@@ -319,7 +319,10 @@ class RunConfig(Checked):
     seed: int = option(0, "seed of the calibration windows and of the reconstruction's window order")
     dtype: str = option("float32", "dtype of the calibration forward passes when pruning alone (--reconstruct none): "
                                    "float32 | bfloat16 | float16")
-    model_dtype: str = option("float32", "dtype the model is loaded, evaluated and saved in")
+    model_dtype: str = option("float32", "dtype the model is held and evaluated in")
+    save_dtype: str = option("auto", "dtype of the saved weights: auto (the input checkpoint's, or model_dtype where "
+                                     "that is narrower or the input is a GGUF or quantized file) | float32 | "
+                                     "bfloat16 | float16")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     max_memory: float | None = option(None, "GB of memory (of the GPU with --device cuda) the model's weights may "
@@ -380,6 +383,7 @@ class RunConfig(Checked):
             raise PrunelabError(f"max_memory must be > 0 (GB), got {self.max_memory}")
         for name in ("dtype", "model_dtype"):
             one_of(name, getattr(self, name), DTYPES)
+        one_of("save_dtype", self.save_dtype, ("auto", *DTYPES))
         for name in ("model", "calib", "eval", "device"):
             if not getattr(self, name).strip():
                 raise PrunelabError(f"{name} must not be empty")

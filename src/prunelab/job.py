@@ -43,6 +43,7 @@ from .models.layout import stored_names
 from .models.loading import (
     EMBEDDED_NAMES,
     broken_weights,
+    dtype_name,
     embedded_model_dir,
     float_nbytes,
     float_weights,
@@ -50,6 +51,8 @@ from .models.loading import (
     load_tokenizer,
     quantization,
     resolve_device,
+    round_weights,
+    stored_dtype,
     torch_dtype,
 )
 from .models.narrow import STRUCTURE_FILE, export_masked, write_structure
@@ -189,6 +192,7 @@ class Job:
         self.reconstruction = self.structure = self.retraining = None
         self.calib_ids = self.heldout_ids = self.eval_ids = self.retrain_ids = self.retrain_heldout = None
         self.checkpoints: Checkpoints | None = None
+        self.dtypes: dict[str, str] = {}  # the input's stored dtype and the output's, for the report
 
     def begin(self, texts: dict[str, str]) -> None:
         """Once the model is known and before any work on it: refuse a structured method the architecture
@@ -215,6 +219,18 @@ class Job:
             "calibration": self.calib_ids, "held-out": self.heldout_ids, "retraining": self.retrain_ids,
             "retraining held-out": self.retrain_heldout, "evaluation": self.eval_ids})
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
+
+    def saved_dtype(self, stored: torch.dtype | None) -> torch.dtype:
+        """The dtype the output's weights are saved in: `save_dtype`, or by default the input's (a bfloat16 model
+        stays one), or the dtype the model is held in where that is narrower or the input has none (GGUF,
+        quantized)."""
+        held = torch_dtype(self.config.model_dtype)
+        if self.config.save_dtype != "auto":
+            saved = torch_dtype(self.config.save_dtype)
+        else:
+            saved = held if stored is None or held.itemsize <= stored.itemsize else stored
+        self.dtypes = {"stored_dtype": dtype_name(stored), "saved_dtype": dtype_name(saved)}
+        return saved
 
     def share_windows(self) -> None:
         """Data parallel (torchrun): this process's share of the calibration and evaluation windows."""
@@ -294,6 +310,7 @@ class Job:
             config=config.to_dict(),
             model={"source": self.source, "family": self.adapter.family, "class": type(model).__name__,
                    "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(self.adapter.blocks),
+                   **self.dtypes,
                    **({"dequantized_from": model.dequantized_from} if hasattr(model, "dequantized_from") else {})},
             data=self.data, metrics=self.metrics,
             sparsity=sparsity,
@@ -411,6 +428,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     with stage("load", job.stages):
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
+        dtype = job.saved_dtype(stored_dtype(config.model))
     job.adapter = checked_adapter(job.model)
     job.begin(texts)
     del texts
@@ -426,6 +444,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
         job.prune()
     if config.retrain.enabled:
         job.retrain()
+    round_weights(job.model, dtype)  # every number after pruning is of the weights as saved
     if config.eval != "none":
         job.evaluate("pruned", "perplexity (pruned)")
     if config.tasks:
@@ -433,7 +452,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out and distributed.is_main():
-        save(job.model, job.tokenizer, report, Path(config.out), job.weights, config.overwrite,
+        save(job.model.to(dtype), job.tokenizer, report, Path(config.out), job.weights, config.overwrite,
              job.stages, narrowed)
     return report
 
@@ -446,6 +465,7 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
     with stage("load", job.stages):
         streamed = StreamedModel(folder, torch_dtype(config.model_dtype), resolve_device(config.device))
         job.model, job.adapter, job.source = streamed.model, streamed.adapter, str(folder)
+        streamed.saved_dtype = job.saved_dtype(streamed.source.dtype)
         job.tokenizer = load_tokenizer(folder)
         check_model(job.model, window_lengths(config))
         streamed.check_adapter(*([check_width] if config.method == "flap" else []))
@@ -486,7 +506,6 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
             job.structure["parameters_saved"] = saved
         report = job.report(None, None if job.structure is not None else saved)
         report["model"]["streamed"] = {"weights_gb": round(size_gb, 2), "budget_gb": round(budget_gb, 2),
-                                       "stored_dtype": str(streamed.source.dtype).removeprefix("torch."),
                                        "shards": writer.count, "large_allocations_mapped": mapped}
         if job.structure is not None and config.speed:  # generating a token needs every block: no streamed speed
             report["model"]["streamed"]["speed"] = "not measured: generation would read every block per token"
@@ -501,6 +520,7 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
     count of numbers stored)."""
     writer.move(tmp)
     writer.finish()
+    job.model.config.dtype = writer.dtype
     job.model.config.save_pretrained(tmp)
     job.tokenizer.save_pretrained(tmp)
     if job.structure is not None:
@@ -622,7 +642,8 @@ def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:
     if not (model_dir / STRUCTURE_FILE).is_file():
         raise PrunelabError(f"{model_dir} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
     check_output(out, overwrite)
-    model, tokenizer, _ = load_model(str(model_dir), device="cpu")
+    stored = dtype_name(stored_dtype(str(model_dir)))  # zeros and copies: exact in the dtype it was saved in
+    model, tokenizer, _ = load_model(str(model_dir), stored if stored in ("bfloat16", "float16") else "float32", "cpu")
     linears = json.loads((model_dir / STRUCTURE_FILE).read_text())["linears"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with torch.no_grad():

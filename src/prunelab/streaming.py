@@ -53,6 +53,7 @@ from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
+from .models.loading import first_float_dtype, header_dtype
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -118,13 +119,7 @@ class Checkpoint:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the floating-point weights (the first one found)."""
-        file = next(iter(self.files.values()))
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                dtype = _dtype(f.get_slice(key).get_dtype())
-                if dtype.is_floating_point:
-                    return dtype
-        return torch.float32
+        return first_float_dtype([next(iter(self.files.values()))]) or torch.float32
 
 
 def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -133,7 +128,7 @@ def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
-            found[key] = (tuple(piece.get_shape()), _dtype(piece.get_dtype()))
+            found[key] = (tuple(piece.get_shape()), header_dtype(piece.get_dtype()))
     return found
 
 
@@ -146,18 +141,13 @@ def _file_sizes(file: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
     return sizes
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool}.get(name, torch.float32)
-
-
 class StreamedModel:
     """A causal LM whose weights stay in `folder`'s safetensors files until a part of it is used."""
 
     def __init__(self, folder: Path, compute_dtype: torch.dtype, device: torch.device = torch.device("cpu")):
         self.source = Checkpoint(folder)
         self.compute_dtype, self.device = compute_dtype, device
+        self.saved_dtype = self.source.dtype  # of the blocks written; the job may ask for another
         self.returns_tuple = False  # whether its blocks return a tuple, seen whenever they run (`_through_blocks`)
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights(include_buffers=False):
@@ -342,7 +332,7 @@ class StreamedModel:
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and dtype: a converted tensor
         one at a time, so that a block's experts are never in both layouts at once."""
-        dtype = self.source.dtype
+        dtype = self.saved_dtype
 
         def stored(tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
             return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
@@ -373,7 +363,7 @@ class ShardWriter:
     in memory at a time."""
 
     def __init__(self, folder: Path, streamed: StreamedModel):
-        self.folder, self.source = Path(folder), streamed.source
+        self.folder, self.source, self.dtype = Path(folder), streamed.source, streamed.saved_dtype
         sizes = self.source.nbytes()
         block_bytes = largest_block(sizes)
         large = [[name] for name in streamed.outer_names if sizes[name] > block_bytes]
@@ -431,7 +421,10 @@ class ShardWriter:
     def finish(self) -> None:
         for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
             tensors = self.source.read([n for n in names if n not in self.replaced])  # unchanged
-            self.write(number, {**tensors, **{n: self.replaced.pop(n) for n in names if n in self.replaced}})
+            tensors.update({n: self.replaced.pop(n) for n in names if n in self.replaced})
+            if self.dtype != self.source.dtype:  # saved in another dtype than the input's
+                tensors = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            self.write(number, tensors)
             del tensors  # a vocabulary matrix: 1 GB at 8B
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2))

@@ -31,6 +31,60 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def round_weights(model, dtype: torch.dtype) -> None:
+    """Round every float tensor the model would save to `dtype`, keeping the dtype it is held in: what is
+    measured afterwards is what a checkpoint in `dtype` holds."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.copy_(tensor.to(dtype))
+
+
+def header_dtype(name: str) -> torch.dtype:
+    """A safetensors header's dtype name as a torch dtype (an unknown one, float8 say, as float32)."""
+    return {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}.get(name, torch.float32)
+
+
+def first_float_dtype(files) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in these safetensors files, from their headers."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                dtype = header_dtype(f.get_slice(key).get_dtype())
+                if dtype.is_floating_point:
+                    return dtype
+    return None
+
+
+def stored_dtype(spec: str) -> torch.dtype | None:
+    """The float dtype a model's checkpoint stores its weights in (its safetensors' headers, else its config's
+    `dtype`), which the pruned copy keeps by default; None for a GGUF file or quantized weights, which have none."""
+    path = embedded_model_dir() if spec.lower() in EMBEDDED_NAMES else Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return None
+    if path.is_dir():
+        if quantization(path) is not None:
+            return None
+        stored = first_float_dtype(sorted(path.glob("*.safetensors")))
+        if stored is not None:
+            return stored
+        config = json.loads((path / "config.json").read_text())
+        declared = config.get("dtype") or config.get("torch_dtype")
+    else:  # a hub id, whose files from_pretrained has fetched
+        config = AutoConfig.from_pretrained(spec)
+        if quantization(config) is not None:
+            return None
+        declared = getattr(config, "dtype", None)
+    declared = getattr(torch, declared, None) if isinstance(declared, str) else declared
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
