@@ -164,21 +164,28 @@ def test_streamed_layer_removal_equals_the_whole_model_run(four_blocks, texts, t
     assert reloaded.config.num_hidden_layers == len(ours["kept"])
 
 
-@pytest.mark.parametrize("save_dtype, saved", [("auto", torch.bfloat16), ("float32", torch.float32)])
-def test_bfloat16_checkpoint_is_saved_alike_loaded_and_streamed(tmp_path, tokenizer, texts, save_dtype, saved):
-    folder = tmp_path / "bf16"
-    tiny_model("llama", layers=3).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+@pytest.mark.parametrize("stored, held, save_dtype, saved", [
+    (torch.bfloat16, "float32", "auto", torch.bfloat16),  # the input's dtype
+    (torch.bfloat16, "float32", "float32", torch.float32),  # asked for
+    (torch.float32, "bfloat16", "auto", torch.bfloat16),  # held in a narrower one: what the weights are
+])
+def test_a_checkpoint_is_saved_in_one_dtype_loaded_and_streamed(tmp_path, tokenizer, texts, stored, held, save_dtype,
+                                                                saved):
+    folder = tmp_path / "input"
+    tiny_model("llama", layers=3).to(stored).save_pretrained(folder, max_shard_size="100KB")
     tokenizer.save_pretrained(folder)
     assert (folder / "model.safetensors.index.json").is_file()  # the input is sharded too
     # SparseGPT updates the kept weights in float32, so the rounding to bfloat16 is not a no-op
-    whole = run(folder, texts, tmp_path / "whole", method="sparsegpt", save_dtype=save_dtype)
-    streamed = run(folder, texts, tmp_path / "streamed", method="sparsegpt", save_dtype=save_dtype,
-                   max_memory=TINY_BUDGET)
+    options = dict(method="sparsegpt", model_dtype=held, save_dtype=save_dtype)
+    whole = run(folder, texts, tmp_path / "whole", **options)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET / (2 if held == "bfloat16" else 1),
+                   **options)
+    assert "streamed" in streamed["model"]
     expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
     assert {t.dtype for t in got.values()} == {t.dtype for t in expected.values()} == {saved}
     assert all(expected[k].equal(got[k]) for k in expected), [k for k in expected if not expected[k].equal(got[k])]
     for name, report in (("whole", whole), ("streamed", streamed)):
-        assert (report["model"]["stored_dtype"], report["model"]["saved_dtype"]) == ("bfloat16", str(saved)[6:])
+        assert (report["model"]["stored_dtype"], report["model"]["saved_dtype"]) == (str(stored)[6:], str(saved)[6:])
         assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == str(saved)[6:]
     assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
                                                                         rel=1e-5)
