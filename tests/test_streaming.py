@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -16,6 +16,7 @@ from prunelab.models import layout
 from prunelab.models.adapters import find_adapter
 from prunelab.models.conv1d import released
 from prunelab.models.layout import expert_groups
+from prunelab.models.loading import float_dtype_of
 from prunelab.streaming import Checkpoint
 
 TINY_BUDGET = 3e-4  # GB: more than one block of these tiny models (0.15 MB in float32), less than the model
@@ -162,6 +163,13 @@ def test_streamed_layer_removal_equals_the_whole_model_run(four_blocks, texts, t
         assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")  # an ordinary sharded checkpoint
     assert reloaded.config.num_hidden_layers == len(ours["kept"])
+
+
+def test_the_stored_dtype_is_that_of_most_of_the_numbers(tmp_path):
+    # DeepSeek-V3 keeps its routers' score-correction biases in float32 beside bfloat16 weights
+    save_file({"a.e_score_correction_bias": torch.zeros(8), "b.weight": torch.zeros(64, 64, dtype=torch.bfloat16)},
+              tmp_path / "model.safetensors")
+    assert float_dtype_of([tmp_path / "model.safetensors"]) == Checkpoint(tmp_path).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("stored, held, save_dtype, saved", [

@@ -53,7 +53,7 @@ from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
-from .models.loading import first_float_dtype, header_dtype
+from .models.loading import float_dtype_of, header_dtype
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -118,8 +118,8 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the floating-point weights (the first one found)."""
-        return first_float_dtype([next(iter(self.files.values()))]) or torch.float32
+        """The float dtype most of the weights are stored in."""
+        return float_dtype_of(set(self.files.values())) or torch.float32
 
 
 def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import zipfile
 from pathlib import Path
@@ -51,15 +52,18 @@ def header_dtype(name: str) -> torch.dtype:
             "BOOL": torch.bool}.get(name, torch.float32)
 
 
-def first_float_dtype(files) -> torch.dtype | None:
-    """The dtype of the first floating-point tensor in these safetensors files, from their headers."""
+def float_dtype_of(files) -> torch.dtype | None:
+    """The float dtype that most of the numbers in these safetensors files are stored in (a bfloat16 checkpoint may
+    keep a few small tensors in float32), from their headers."""
+    counts: dict[torch.dtype, int] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                dtype = header_dtype(f.get_slice(key).get_dtype())
+                piece = f.get_slice(key)
+                dtype = header_dtype(piece.get_dtype())
                 if dtype.is_floating_point:
-                    return dtype
-    return None
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+    return max(counts, key=counts.get) if counts else None
 
 
 def stored_dtype(spec: str) -> torch.dtype | None:
@@ -71,7 +75,7 @@ def stored_dtype(spec: str) -> torch.dtype | None:
     if path.is_dir():
         if quantization(path) is not None:
             return None
-        stored = first_float_dtype(sorted(path.glob("*.safetensors")))
+        stored = float_dtype_of(sorted(path.glob("*.safetensors")))
         if stored is not None:
             return stored
         config = json.loads((path / "config.json").read_text())
