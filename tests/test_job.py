@@ -282,6 +282,7 @@ def test_a_bfloat16_model_keeps_its_dtype_and_is_measured_as_saved(tokenizer, te
     report = job(folder, texts, out, method="wanda", save_dtype=save_dtype)
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {saved}
     assert report["model"]["saved_dtype"] == json.loads((out / "config.json").read_text())["dtype"] == str(saved)[6:]
+    assert f"| saved to | {out} ({str(saved)[6:]}) |" in (out / "REPORT.md").read_text()
     result = runner.invoke(app, ["eval", "--model", str(out), "--eval", str(texts[1]), "--eval-seqlen", "32",
                                  "--eval-windows", "4", "--json"])
     assert result.exit_code == 0, result.output

@@ -128,7 +128,8 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
     if prune.get("cuda_peak_gb"):
         rows.append((f"peak CUDA memory ({name})", f"{prune['cuda_peak_gb']:.2f} GB"))
     if report.get("output"):
-        rows.append(("saved to", report["output"]))
+        saved = report["model"].get("saved_dtype")
+        rows.append(("saved to", report["output"] + (f" ({saved})" if saved else "")))
     return rows
 
 
