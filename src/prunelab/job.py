@@ -221,9 +221,9 @@ class Job:
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
 
     def saved_dtype(self, stored: torch.dtype | None) -> torch.dtype:
-        """The dtype the output's weights are saved in: `save_dtype`, or by default the input's (a bfloat16 model
-        stays one), or the dtype the model is held in where that is narrower or the input has none (GGUF,
-        quantized)."""
+        """The dtype the output's weights are saved in (recorded for the report beside the input's): `save_dtype`,
+        or by default the input's (a bfloat16 model stays one), or the dtype the model is held in where that is
+        narrower or the input has none (GGUF, quantized)."""
         held = torch_dtype(self.config.model_dtype)
         if self.config.save_dtype != "auto":
             saved = torch_dtype(self.config.save_dtype)
