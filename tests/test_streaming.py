@@ -10,6 +10,7 @@ from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 import prunelab
+import prunelab.job
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
 from prunelab.models import layout
@@ -163,6 +164,25 @@ def test_streamed_layer_removal_equals_the_whole_model_run(four_blocks, texts, t
         assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")  # an ordinary sharded checkpoint
     assert reloaded.config.num_hidden_layers == len(ours["kept"])
+
+
+@pytest.mark.parametrize("budget", [None, TINY_BUDGET])  # loaded whole: refused before any work; streamed: as written
+def test_weights_beyond_float16s_range_are_refused_for_a_float16_output(tmp_path, tokenizer, texts, budget,
+                                                                        monkeypatch):
+    folder, out = tmp_path / "big", tmp_path / "out"
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = 1e5
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if budget is None:
+        monkeypatch.setattr(prunelab.job.Job, "evaluate", lambda *a: pytest.fail("the dense evaluation started"))
+    with pytest.raises(PrunelabError, match=r"model.layers.2.mlp.down_proj.weight holds values up to 1e\+05, beyond "
+                                            r"float16's range \(65504\): save in bfloat16 or float32 \(--save-dtype\)"):
+        run(folder, texts, out, save_dtype="float16", max_memory=budget)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    monkeypatch.undo()
+    run(folder, texts, out, save_dtype="bfloat16", max_memory=budget)  # bfloat16 has float32's range
 
 
 def test_the_stored_dtype_is_that_of_most_of_the_numbers(tmp_path):

@@ -43,6 +43,7 @@ from .models.layout import stored_names
 from .models.loading import (
     EMBEDDED_NAMES,
     broken_weights,
+    check_model_fits,
     dtype_name,
     embedded_model_dir,
     float_nbytes,
@@ -429,6 +430,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
         job.model, job.tokenizer, job.source = load_model(config.model, config.model_dtype, config.device)
         check_model(job.model, window_lengths(config))
         dtype = job.saved_dtype(stored_dtype(config.model))
+        check_model_fits(job.model, dtype)
     job.adapter = checked_adapter(job.model)
     job.begin(texts)
     del texts

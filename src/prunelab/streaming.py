@@ -53,7 +53,7 @@ from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
-from .models.loading import float_dtype_of, header_dtype
+from .models.loading import check_fits, float_dtype_of, header_dtype
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -334,7 +334,8 @@ class StreamedModel:
         one at a time, so that a block's experts are never in both layouts at once."""
         dtype = self.saved_dtype
 
-        def stored(tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        def stored(name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
+            check_fits(name, tensor, dtype)
             return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
 
         state, converted = {}, {}  # converted: the held tensors by the checkpoint keys they are stored under
@@ -343,14 +344,14 @@ class StreamedModel:
             if name in self.stored:
                 converted.setdefault(tuple(self.stored[name]), {})[name] = value
             else:
-                state[name] = stored(value.t() if name in self.transposed else value)
+                state[name] = stored(name, value.t() if name in self.transposed else value)
         for keys, tensors in converted.items():
             if len(tensors) > 1:  # several held tensors stored as one (Param2MoE's q, k and v as query_key_value)
-                state.update({k: stored(v) for k, v in to_stored(self.model, tensors).items()})
+                state.update({k: stored(k, v) for k, v in to_stored(self.model, tensors).items()})
                 continue
             (name, value), = tensors.items()
             for pieces in to_stored_by_expert(self.model, name, value, list(keys)):  # each piece copied:
-                state.update({k: stored(v, copy=True) for k, v in pieces.items()})  # safetensors shares no memory
+                state.update({k: stored(k, v, copy=True) for k, v in pieces.items()})  # safetensors shares no memory
         return state
 
 
@@ -423,6 +424,8 @@ class ShardWriter:
             tensors = self.source.read([n for n in names if n not in self.replaced])  # unchanged
             tensors.update({n: self.replaced.pop(n) for n in names if n in self.replaced})
             if self.dtype != self.source.dtype:  # saved in another dtype than the input's
+                for n, t in tensors.items():
+                    check_fits(n, t, self.dtype)
                 tensors = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
             self.write(number, tensors)
             del tensors  # a vocabulary matrix: 1 GB at 8B

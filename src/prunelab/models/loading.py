@@ -36,10 +36,27 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def check_fits(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A one-line error where saving `tensor` in float16 would turn its largest values into infinities (float16
+    ends at 65504; bfloat16 has float32's range)."""
+    if dtype != torch.float16 or not tensor.is_floating_point() or tensor.dtype == dtype or not tensor.numel():
+        return
+    largest = tensor.detach().abs().max().item()
+    if largest > torch.finfo(dtype).max:
+        raise PrunelabError(f"{name} holds values up to {largest:.4g}, beyond float16's range (65504): save in "
+                            "bfloat16 or float32 (--save-dtype)")
+
+
+def check_model_fits(model, dtype: torch.dtype) -> None:
+    for name, tensor in model.state_dict().items():
+        check_fits(name, tensor, dtype)
+
+
 @torch.no_grad()
 def round_weights(model, dtype: torch.dtype) -> None:
     """Round every float tensor the model would save to `dtype`, keeping the dtype it is held in: what is
     measured afterwards is what a checkpoint in `dtype` holds."""
+    check_model_fits(model, dtype)  # before any is changed
     for tensor in model.state_dict().values():
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor.copy_(tensor.to(dtype))
