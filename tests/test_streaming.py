@@ -196,6 +196,7 @@ def test_the_stored_dtype_is_that_of_most_of_the_numbers(tmp_path):
     (torch.bfloat16, "float32", "auto", torch.bfloat16),  # the input's dtype
     (torch.bfloat16, "float32", "float32", torch.float32),  # asked for
     (torch.float32, "bfloat16", "auto", torch.bfloat16),  # held in a narrower one: what the weights are
+    (torch.float32, "float32", "bfloat16", torch.bfloat16),  # the embedding, norms and head rounded too
 ])
 def test_a_checkpoint_is_saved_in_one_dtype_loaded_and_streamed(tmp_path, tokenizer, texts, stored, held, save_dtype,
                                                                 saved):
