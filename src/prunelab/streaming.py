@@ -330,8 +330,8 @@ class StreamedModel:
         return forward
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and dtype: a converted tensor
-        one at a time, so that a block's experts are never in both layouts at once."""
+        """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and the saved dtype: a converted
+        tensor one at a time, so that a block's experts are never in both layouts at once."""
         dtype = self.saved_dtype
 
         def stored(name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
