@@ -26,6 +26,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
-from .models.loading import check_fits, float_dtype_of, header_dtype
+from .models.loading import check_fits, float_dtype_of, headers
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -109,33 +110,23 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape by name, from the files' headers (nothing is read)."""
         return {self.renamed.get(key, key): shape for file in set(self.files.values())
-                for key, (shape, _) in _headers(file).items()}
+                for key, (shape, _) in headers(file).items()}
 
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
         sizes = {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
         return {self.renamed.get(k, k): v for k, v in sizes.items()}
 
-    @property
+    @cached_property
     def dtype(self) -> torch.dtype:
-        """The float dtype most of the weights are stored in."""
+        """The float dtype most of the weights are stored in (every shard's header read once)."""
         return float_dtype_of(set(self.files.values())) or torch.float32
-
-
-def _headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, stored dtype) of every tensor in one safetensors file, from its header (nothing is read)."""
-    found = {}
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            found[key] = (tuple(piece.get_shape()), header_dtype(piece.get_dtype()))
-    return found
 
 
 def _file_sizes(file: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
     """Bytes of every tensor in one safetensors file, from its header: stored, or in `dtype` if floating."""
     sizes = {}
-    for key, (shape, stored) in _headers(file).items():
+    for key, (shape, stored) in headers(file).items():
         as_dtype = dtype if dtype is not None and stored.is_floating_point else stored
         sizes[key] = math.prod(shape) * torch.empty((), dtype=as_dtype).element_size()
     return sizes

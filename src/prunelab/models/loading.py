@@ -69,17 +69,24 @@ def header_dtype(name: str) -> torch.dtype:
             "BOOL": torch.bool}.get(name, torch.float32)
 
 
+def headers(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, stored dtype) of every tensor in one safetensors file, from its header (nothing is read)."""
+    found = {}
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            found[key] = (tuple(piece.get_shape()), header_dtype(piece.get_dtype()))
+    return found
+
+
 def float_dtype_of(files) -> torch.dtype | None:
     """The float dtype that most of the numbers in these safetensors files are stored in (a bfloat16 checkpoint may
     keep a few small tensors in float32), from their headers."""
     counts: dict[torch.dtype, int] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                dtype = header_dtype(piece.get_dtype())
-                if dtype.is_floating_point:
-                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+        for shape, dtype in headers(file).values():
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
     return max(counts, key=counts.get) if counts else None
 
 
