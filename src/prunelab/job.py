@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from . import distributed
 from . import report as reporting
 from .activations import checked_adapter
-from .config import RunConfig
+from .config import DTYPES, RunConfig
 from .data.sources import check_disjoint, describe, load_text
 from .data.windows import calibration_windows, check_tokenizer_fits, embedding_rows, evaluation_windows
 from .errors import MemoryBudgetWarning, PrunelabError, PrunelabWarning
@@ -646,7 +646,7 @@ def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:
         raise PrunelabError(f"{model_dir} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
     check_output(out, overwrite)
     stored = dtype_name(stored_dtype(str(model_dir)))  # zeros and copies: exact in the dtype it was saved in
-    model, tokenizer, _ = load_model(str(model_dir), stored if stored in ("bfloat16", "float16") else "float32", "cpu")
+    model, tokenizer, _ = load_model(str(model_dir), stored if stored in DTYPES else "float32", "cpu")
     linears = json.loads((model_dir / STRUCTURE_FILE).read_text())["linears"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with torch.no_grad():
