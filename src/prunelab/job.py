@@ -41,15 +41,14 @@ from .models.adapters import find_adapter
 from .models.conv1d import released
 from .models.layout import stored_names
 from .models.loading import (
-    EMBEDDED_NAMES,
     broken_weights,
     check_model_fits,
     dtype_name,
-    embedded_model_dir,
     float_nbytes,
     float_weights,
     load_model,
     load_tokenizer,
+    model_path,
     quantization,
     resolve_device,
     round_weights,
@@ -339,8 +338,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
     """(folder, weights GB, budget GB) when the model's weights exceed the memory budget and are to be
     streamed; None when the model is loaded whole. What a streamed run cannot do is refused here, before
     any work."""
-    path = embedded_model_dir() if config.model.lower() in EMBEDDED_NAMES else Path(config.model).expanduser()
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+    path = model_path(config.model)
+    if path is None or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return None
     quant = quantization(path)
     if quant is not None:  # loaded whole and dequantized, or refused: its stored sizes are not its float sizes

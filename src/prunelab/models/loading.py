@@ -90,13 +90,22 @@ def float_dtype_of(files) -> torch.dtype | None:
     return max(counts, key=counts.get) if counts else None
 
 
+def model_path(spec: str) -> Path | None:
+    """Where a model named on the command line lies: the embedded model's cached folder for its names, the path
+    given for a local folder or file (existing or not, to be refused by name), or None for a hub id."""
+    if spec.lower() in EMBEDDED_NAMES:
+        return embedded_model_dir()
+    path = Path(spec).expanduser()
+    return path if path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".gguf" else None
+
+
 def stored_dtype(spec: str) -> torch.dtype | None:
     """The float dtype a model's checkpoint stores its weights in (its safetensors' headers, else its config's
     `dtype`), which the pruned copy keeps by default; None for a GGUF file or quantized weights, which have none."""
-    path = embedded_model_dir() if spec.lower() in EMBEDDED_NAMES else Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    path = model_path(spec)
+    if path is not None and path.suffix == ".gguf":
         return None
-    if path.is_dir():
+    if path is not None:
         if quantization(path) is not None:
             return None
         stored = float_dtype_of(sorted(path.glob("*.safetensors")))
@@ -104,7 +113,7 @@ def stored_dtype(spec: str) -> torch.dtype | None:
             return stored
         config = json.loads((path / "config.json").read_text())
         declared = config.get("dtype") or config.get("torch_dtype")
-    else:  # a hub id, whose files from_pretrained has fetched
+    else:  # whose files from_pretrained has fetched
         config = AutoConfig.from_pretrained(spec)
         if quantization(config) is not None:
             return None
@@ -208,15 +217,18 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     as linears (`conv1d`)."""
     torch_dt = torch_dtype(dtype)
     target = device_for(resolve_device(device))  # under torchrun, each process's own GPU
-    if spec.lower() in EMBEDDED_NAMES:
-        spec = str(embedded_model_dir())
-    path = Path(spec).expanduser()
+    path = model_path(spec)
     try:
-        if path.suffix == ".gguf":
+        if path is None:
+            tokenizer = load_tokenizer(spec)
+            model = load_float(spec, spec, quantization(AutoConfig.from_pretrained(spec)), torch_dt)
+        elif path.suffix == ".gguf":
             if not path.is_file():
                 raise PrunelabError(f"model file not found: {path}")
             model, tokenizer = load_gguf(path, torch_dt)
-        elif path.exists() or spec.startswith((".", "/", "~")):
+        else:
+            if not path.exists():
+                raise PrunelabError(f"model folder not found: {path}")
             if not (path / "config.json").is_file():
                 raise PrunelabError(f"not a model folder (no config.json): {path}")
             tokenizer = load_tokenizer(path)
@@ -224,9 +236,6 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
                 model = load_narrow(path, torch_dt)
             else:
                 model = load_float(path, spec, quantization(path), torch_dt)
-        else:  # a hub id
-            tokenizer = load_tokenizer(spec)
-            model = load_float(spec, spec, quantization(AutoConfig.from_pretrained(spec)), torch_dt)
     except PrunelabError:
         raise
     except SafetensorError as exc:
@@ -237,7 +246,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     hold(model)
     model.to(target).eval()
     model.config.use_cache = False
-    return model, tokenizer, str(path if path.exists() else spec)
+    return model, tokenizer, str(path or spec)
 
 
 def broken_weights(folder: Path) -> str:
