@@ -197,12 +197,16 @@ def test_the_stored_dtype_is_that_of_most_of_the_numbers(tmp_path):
     (torch.bfloat16, "float32", "float32", torch.float32),  # asked for
     (torch.float32, "bfloat16", "auto", torch.bfloat16),  # held in a narrower one: what the weights are
     (torch.float32, "float32", "bfloat16", torch.bfloat16),  # the embedding, norms and head rounded too
+    ("mixed", "float32", "auto", torch.bfloat16),  # bfloat16 with a few small tensors kept in float32
 ])
 def test_a_checkpoint_is_saved_in_one_dtype_loaded_and_streamed(tmp_path, tokenizer, texts, stored, held, save_dtype,
                                                                 saved):
     folder = tmp_path / "input"
+    mixed, stored = stored == "mixed", torch.bfloat16 if stored == "mixed" else stored
     tiny_model("llama", layers=3).to(stored).save_pretrained(folder, max_shard_size="100KB")
     tokenizer.save_pretrained(folder)
+    if mixed:  # one outside the blocks, one inside
+        keep_in_float32(folder, ["model.norm.weight", "model.layers.1.input_layernorm.weight"])
     assert (folder / "model.safetensors.index.json").is_file()  # the input is sharded too
     # SparseGPT updates the kept weights in float32, so the rounding to bfloat16 is not a no-op
     options = dict(method="sparsegpt", model_dtype=held, save_dtype=save_dtype)
@@ -219,6 +223,14 @@ def test_a_checkpoint_is_saved_in_one_dtype_loaded_and_streamed(tmp_path, tokeni
     assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
                                                                         rel=1e-5)
     assert sparsity_of_saved(tmp_path / "streamed", list(streamed["sparsity"]["layers"]))["sparsity"] == 0.5
+
+
+def keep_in_float32(folder, names):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for file in {index[name] for name in names}:
+        tensors = load_file(folder / file)
+        tensors = {n: t.float() if n in names else t for n, t in tensors.items()}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
 
 
 def test_vocabulary_matrices_larger_than_a_block_get_a_shard_each(tmp_path, tokenizer, texts):

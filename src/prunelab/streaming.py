@@ -414,10 +414,10 @@ class ShardWriter:
         for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
             tensors = self.source.read([n for n in names if n not in self.replaced])  # unchanged
             tensors.update({n: self.replaced.pop(n) for n in names if n in self.replaced})
-            if self.dtype != self.source.dtype:  # saved in another dtype than the input's
-                for n, t in tensors.items():
+            for n, t in tensors.items():  # saved in one dtype, as a model loaded whole is
+                if t.is_floating_point() and t.dtype != self.dtype:
                     check_fits(n, t, self.dtype)
-                tensors = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+                    tensors[n] = t.to(self.dtype)
             self.write(number, tensors)
             del tensors  # a vocabulary matrix: 1 GB at 8B
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
