@@ -169,6 +169,24 @@ def test_api_prune_with_masklora_merges_into_the_same_model(tokenizer, texts):
         assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("method", ["full", "masklora"])
+def test_a_bfloat16_model_is_reconstructed_and_retrained_in_float32_and_stays_bfloat16(method, tokenizer, texts):
+    # reconstruction gives the parameters of a model held in bfloat16 new (float32, then bfloat16) tensors: the
+    # sparsity was read from the old ones (0.0), and MaskLoRA found no pruned weight in them
+    model = tiny_model("llama").to(torch.bfloat16)
+    calib, _ = texts
+    result = prunelab.prune(model, tokenizer, calibration=str(calib), sparsity=0.5, samples=4, seqlen=32,
+                            progress=False, reconstruct={"heldout": 2, "lr": 1e-3},
+                            retrain={"method": method, "tokens": 256, "batch_size": 2, "accumulate": 1, "heldout": 2,
+                                     "lr": 1e-3})
+    assert result["sparsity"]["sparsity"] == 0.5
+    rt = result["retraining"]
+    assert rt["mask_kept"] and rt["heldout_loss_after"] < rt["heldout_loss_before"]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for w in find_adapter(model).prunable_weights().values():
+        assert (w == 0).float().mean() == 0.5
+
+
 def test_a_retraining_that_moved_the_mask_is_refused_through_the_api_too(tokenizer, texts, monkeypatch):
     """The check that no pruned weight moved lives in `retrain`, so the API refuses a broken mask as the job does
     (it once handed back PEFT's unmasked merge of a MoE family's experts without a word)."""

@@ -95,17 +95,17 @@ def _prune(model, tokenizer, cfg: RunConfig, calibration, attention_mask, heldou
             model, dense, structure, ids, heldout, cfg, attention_mask, progress)
         return {"layers": [], "sparsity": None, "reconstruction": reconstruction, "structure": structure,
                 "retraining": _retrain(model, tokenizer, cfg, calibration, adapter.prunable_weights(), progress)}
-    weights = adapter.prunable_weights()
-    zeros_before = count_zeros(weights)
+    zeros_before = count_zeros(adapter.prunable_weights())
     reconstruction = None
     if cfg.reconstruct.enabled:
         layers, reconstruction = prune_and_reconstruct(model, adapter, ids, heldout, cfg, attention_mask=attention_mask,
                                                        progress=progress)
     else:
         layers = prune_model(model, adapter, ids, cfg, attention_mask=attention_mask, progress=progress)
-    retraining = _retrain(model, tokenizer, cfg, calibration, weights, progress)
-    return {"layers": layers, "sparsity": measure_sparsity(weights, zeros_before), "reconstruction": reconstruction,
-            "retraining": retraining}
+    # the weights read again: a model held in bfloat16 was reconstructed in float32, its parameters given new tensors
+    retraining = _retrain(model, tokenizer, cfg, calibration, adapter.prunable_weights(), progress)
+    return {"layers": layers, "sparsity": measure_sparsity(adapter.prunable_weights(), zeros_before),
+            "reconstruction": reconstruction, "retraining": retraining}
 
 
 def _retrain(model, tokenizer, cfg: RunConfig, calibration, weights: dict, progress: bool) -> dict | None:

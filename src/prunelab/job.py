@@ -220,6 +220,12 @@ class Job:
             "retraining held-out": self.retrain_heldout, "evaluation": self.eval_ids})
         release_memory()  # tokenising leaves hundreds of MB of freed heap behind
 
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The prunable weights as they are now (read each time: a model held in bfloat16 is reconstructed in
+        float32, which gives its parameters new tensors)."""
+        return self.adapter.prunable_weights()
+
     def saved_dtype(self, stored: torch.dtype | None) -> torch.dtype:
         """The dtype the output's weights are saved in (recorded for the report beside the input's): `save_dtype`,
         or by default the input's (a bfloat16 model stays one), or the dtype the model is held in where that is
@@ -433,7 +439,6 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     job.adapter = checked_adapter(job.model)
     job.begin(texts)
     del texts
-    job.weights = job.adapter.prunable_weights()
     zeros_before = count_zeros(job.weights)
     if config.eval != "none" and config.eval_dense:
         job.evaluate("dense", "perplexity (dense)")

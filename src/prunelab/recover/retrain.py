@@ -303,16 +303,26 @@ def _mine(windows: torch.Tensor) -> torch.Tensor:
 
 def retrain(model: nn.Module, masked: dict[str, torch.Tensor], config: RunConfig, train_ids: torch.Tensor,
             heldout_ids: torch.Tensor, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Retrain the pruned `model` (`masked`: state-dict name → pruned weight tensor) as `config.retrain` says."""
-    if config.retrain.method == "masklora" and not any(bool((w == 0).any()) for w in masked.values()):
+    """Retrain the pruned `model` (`masked`: the state-dict names of its pruned weights) as `config.retrain` says."""
+    named = dict(model.named_parameters())
+    # the parameters themselves, not tensors taken from them earlier: a model held in bfloat16 was trained in
+    # float32 by reconstruction, which gave its parameters new tensors
+    pruned = {name: named[name] for name in masked if name in named}
+    if config.retrain.method == "masklora" and not any(bool((w == 0).any()) for w in pruned.values()):
         raise PrunelabError("--retrain masklora keeps a pruning mask, but this model has no pruned weights "
                             "(use --retrain full, or prune first)")
-    named = dict(model.named_parameters())
-    pruned = [named[name] for name in masked if name in named]
     linear_names = [name.removesuffix(".weight") for name in masked if name.endswith(".weight")]
-    zeros = count_zeros(masked)
-    model, record = Retraining(model, pruned, linear_names, config, train_ids, heldout_ids, progress).run()
-    after = count_zeros(masked)
+    zeros = count_zeros(pruned)
+    held = next(model.parameters()).dtype
+    # trained in float32 whatever dtype the model is held in, as reconstruction trains: AdamW's steps of 1e-5 would
+    # round away on bfloat16 weights, and LoRA's float32 adapters would meet bfloat16 inputs
+    model.to(torch.float32)
+    try:
+        model, record = Retraining(model, list(pruned.values()), linear_names, config, train_ids, heldout_ids,
+                                   progress).run()
+    finally:
+        model.to(held)
+    after = count_zeros(pruned)
     moved = [name for name in zeros if after[name] < zeros[name]][:3]
     if moved:  # by construction it cannot happen (re-zeroing after every step, masked LoRA updates) unless a
         # library changes what it was asked to do, as PEFT's MoE conversion once did: never hand such a model back
