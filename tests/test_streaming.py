@@ -642,3 +642,24 @@ def test_a_head_stored_apart_from_a_tied_embedding_stays_apart_when_streamed(tmp
     assert streamed["model"]["streamed"]
     for key in ("dense", "pruned"):
         assert streamed["metrics"][key]["perplexity"] == pytest.approx(whole["metrics"][key]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [dict(method="flap", width={"ratio": 0.25}),
+                                    dict(method="layers", depth={"remove": 1})])
+def test_structured_pruning_of_a_model_held_in_bfloat16_loaded_and_streamed(tmp_path, tokenizer, texts, method):
+    # the blocks' position embeddings were captured in float32: a bfloat16 block rotated its queries and keys in
+    # float32, and attention refused them beside its bfloat16 values
+    folder = tmp_path / "input"
+    tiny_model("qwen3", layers=3).save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    options = dict(model_dtype="bfloat16", speed=False, **method)
+    whole = run(folder, texts, tmp_path / "whole", **options)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=TINY_BUDGET / 2, **options)
+    assert "streamed" in streamed["model"] and "streamed" not in whole["model"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert {t.dtype for t in got.values()} == {t.dtype for t in expected.values()} == {torch.bfloat16}
+    assert {k: t.shape for k, t in got.items()} == {k: t.shape for k, t in expected.items()}
+    for k in expected:  # the depth compensation's scale is folded into stored float32 weights when streamed, into
+        # weights already rounded to bfloat16 when loaded: one rounding apart
+        torch.testing.assert_close(got[k], expected[k], rtol=2 ** -7, atol=0)
+    assert sum(t.numel() for t in got.values()) < sum(t.numel() for t in state(folder).values())

@@ -96,6 +96,20 @@ class BlockStream:
         for b, start in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
             yield b, slice(start, start + self.batch_size)
 
+    def arguments(self, block: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+        """The block's keyword arguments for a capture batch, their floating tensors (position embeddings,
+        additive masks) in `dtype`: a block held in bfloat16 rotates float32 queries and keys by float32 angles,
+        and attention refuses them beside its bfloat16 values."""
+        return _cast(self.block_kwargs[block][batch], dtype)
+
+    def alike(self, windows: list[int]) -> list[list[int]]:
+        """`windows` in groups whose keyword arguments stack: the model passes no attention mask for a capture
+        batch without padding and a mask for one with, which cannot be put together."""
+        groups: dict[bool, list[int]] = {}
+        for w in windows:
+            groups.setdefault(self.token_masks[w // self.batch_size] is None, []).append(w)
+        return list(groups.values())
+
     def with_hidden(self, hidden: torch.Tensor) -> BlockStream:
         """The same windows (arguments, pad masks) with other hidden states, e.g. a working copy."""
         return BlockStream(hidden, self.block_kwargs, self.token_masks, self.batch_size, self.window_rows)
@@ -295,7 +309,8 @@ def run_blocks(
     for b, rows in stream.batches():
         h = stream.hidden[rows]
         for i, block in enumerate(blocks):
-            out = first_output(block(h.to(next(block.parameters()).dtype), **stream.block_kwargs[i][b])).float()
+            dtype = next(block.parameters()).dtype
+            out = first_output(block(h.to(dtype), **stream.arguments(i, b, dtype))).float()
             yield i, stream.token_masks[b], h, out
             h = out
 

@@ -62,11 +62,16 @@ class SubmodelProblem:
         return self.inputs[split].hidden.shape[0]
 
     def batch(self, split, windows):
-        stream, rows = self.inputs[split], windows.tolist()
-        h = stream.hidden[windows]
-        for index, half in zip(self.blocks, self.halves):
-            h = half(h, stream.window_kwargs(index, rows))
-        return h, self.targets[split][windows], stream.window_token_mask(rows)
+        """The submodel's outputs, targets and pad masks of `windows`, run in groups whose arguments stack
+        (padded windows apart from unpadded ones; the windows are independent, and their order free)."""
+        stream, outputs, order = self.inputs[split], [], []
+        for group in stream.alike(windows.tolist()):
+            h = stream.hidden[group]
+            for index, half in zip(self.blocks, self.halves):
+                h = half(h, stream.window_kwargs(index, group))
+            outputs.append(h)
+            order += group
+        return torch.cat(outputs), self.targets[split][order], stream.window_token_mask(order)
 
 
 @dataclass

@@ -72,7 +72,8 @@ class StreamedDepth:
             block = self._load(index)
             for b, rows in stream.batches():
                 h = stream.hidden[rows]
-                out = first_output(block(h.to(streamed.compute_dtype), **stream.block_kwargs[index][b])).float()
+                dtype = streamed.compute_dtype
+                out = first_output(block(h.to(dtype), **stream.arguments(index, b, dtype))).float()
                 distance[position] += float((1 - nn.functional.cosine_similarity(h, out, dim=-1, eps=1e-8)).sum())
                 ratio = out.abs().mean(1) / h.abs().mean(1).clamp_min(1e-12)
                 scale[position] += float(ratio.mean(-1).sum())

@@ -369,7 +369,7 @@ def prune_width_streamed(visits, ids: torch.Tensor, config: RunConfig, progress:
             with writer_inputs(found) as seen:
                 for b, rows in stream.batches():
                     x = stream.hidden[rows].to(streamed.compute_dtype)
-                    stream.hidden[rows] = first_output(block(x, **stream.block_kwargs[index][b])).float()
+                    stream.hidden[rows] = first_output(block(x, **stream.arguments(index, b, x.dtype))).float()
                     for n, x in seen.items():
                         found[n].moments.add(x)
                     seen.clear()
