@@ -144,15 +144,20 @@ def test_statistics_come_from_the_pruned_stream_sequentially():
     assert (pruned.gather(1, expected) == 0).all() and ((pruned == 0).sum(1) == int(64 * 0.6)).all()
 
 
-def test_pad_tokens_are_excluded_from_statistics():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT's MLP takes its input flattened to [tokens, features]
+def test_pad_tokens_are_excluded_from_statistics(family):
     ids = random_ids(4, 16)
     mask = torch.ones_like(ids)
     mask[:, :6] = 0  # left padding
     result = prunelab.prune(
-        model, calibration=ids, attention_mask=mask, method="wanda", reconstruct="none", progress=False
+        tiny_model(family), calibration=ids, attention_mask=mask, method="wanda", reconstruct="none", progress=False
     )
     assert {r["tokens"] for r in result["layers"]} == {4 * 10}
+    # FLAP's moments too (it indexed OPT's flattened inputs with the [windows, seqlen] mask: IndexError)
+    model = tiny_model(family)
+    before = sum(p.numel() for p in model.parameters())
+    prunelab.prune(model, calibration=ids, attention_mask=mask, method="flap", reconstruct="none", progress=False)
+    assert sum(p.numel() for p in model.parameters()) < before
 
 
 def test_bfloat16_forward_passes_keep_float32_weights_and_exact_sparsity():

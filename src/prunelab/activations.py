@@ -326,10 +326,11 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The input as [tokens, features], pad tokens left out where the input is per token."""
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The input as [tokens, features], pad tokens left out where the input is per token: [batch, seqlen, features]
+    or already flattened ([batch × seqlen, features]: OPT's fc1 and fc2)."""
     rows = x.reshape(-1, x.shape[-1])
-    if mask is not None and x.shape[:-1] == mask.shape:
+    if mask is not None and rows.shape[0] == mask.numel():
         rows = rows[mask.reshape(-1)]
     return rows
 
@@ -415,7 +416,7 @@ def collect_statistics(
             if leader == name:
                 if name not in stats:
                     stats[name] = stats_cls(x.shape[-1], x.device)
-                stats[name].add(_rows(x, state["mask"]))
+                stats[name].add(token_rows(x, state["mask"]))
             state["last"] = (x, leader)
 
         return hook
@@ -468,7 +469,7 @@ def linear_inputs(
     def hook(module, args):
         x = args[0]
         if stats is not None:
-            stats.add(_rows(x, stream.token_masks[b]))
+            stats.add(token_rows(x, stream.token_masks[b]))
         if keep is not None:
             if not kept:
                 kept.append(keep.empty((windows, *x.shape[1:]), x.dtype, x.device))

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..activations import BlockStream, capture_block_inputs, run_blocks
+from ..activations import BlockStream, capture_block_inputs, run_blocks, token_rows
 from ..config import RunConfig
 from ..errors import PrunelabError
 from ..models.adapters import Adapter, Width, first_output
@@ -137,7 +137,7 @@ def collect(model: nn.Module, adapter: Adapter, layers: list[Layer], ids: torch.
         for _, mask, _, _ in tqdm(run_blocks(model, adapter.blocks, ids, attention_mask, batch_size), total=steps,
                                   desc="FLAP statistics", unit="block", disable=not progress):
             for n, x in seen.items():
-                layers[n].moments.add(x if mask is None else x[mask])
+                layers[n].moments.add(token_rows(x, mask))
             seen.clear()
     reduce_moments(layers)
 
