@@ -311,6 +311,19 @@ def test_reconstruction_after_removal_trains_the_block_before_each_cut_and_lower
     assert model.config.num_hidden_layers == 3
 
 
+@pytest.mark.parametrize("propagation", ["sparse", "dense"])
+def test_reconstruction_after_removal_of_a_bfloat16_model_runs_the_blocks_it_leaves_out_in_float32(propagation):
+    # the blocks that propagate without training ran in bfloat16 on the float32 streams (a dtype error)
+    model = tiny_model("llama", layers=6).to(torch.bfloat16)
+    result = prunelab.prune(model, method="layers", depth={"remove": 1}, calibration=random_ids(8, 16),
+                            heldout=random_ids(4, 16, seed=1), progress=False,
+                            reconstruct={"granularity": "attn-mlp", "lr": 1e-3, "propagation": propagation,
+                                         "precision": "float32"})  # bfloat16 autocast would hide it
+    trained = {int(r["submodel"].split()[1]) for r in result["reconstruction"]["submodels"]}
+    assert 0 < len(trained) < 5  # some blocks left out
+    assert model.config.num_hidden_layers == 5 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("mode, precision, loss", [("sparse", "float32", "mse"), ("mixed", "float32", "mse"),
                                                    ("dense", "float32", "mse"), ("mixed", "bfloat16", "mse"),
                                                    ("mixed", "float32", "cmse")])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -124,32 +125,40 @@ class StructuredRun:
         return {s: run_halves(halves, [d for d, _ in units], self.dense_streams[s].with_hidden(x[s]),
                               torch.empty_like(x[s]), f"dense blocks {units[0][0]}-{units[-1][0]}") for s in SPLITS}
 
+    @contextmanager
+    def in_float32(self, j: int, span: range):
+        """Block j and the dense blocks of its span in float32 for the while, whatever the model's dtype: the
+        streams are float32, and trainable parameters are too."""
+        blocks = [self.adapter.blocks[j], *(self.dense_adapter.blocks[d] for d in span)]
+        dtypes = [next(block.parameters()).dtype for block in blocks]
+        for block in blocks:
+            block.to(torch.float32)
+        try:
+            yield
+        finally:
+            for block, dtype in zip(blocks, dtypes):
+                block.to(dtype)
+
     def skip_block(self, j: int, span: range) -> None:
         """A block left out of training still propagates both streams."""
-        if not self.propagation.reads_dense:
-            halves = list(self.adapter.halves(self.adapter.blocks[j]))
-            self.h = {s: run_halves(halves, [j, j], self.streams[s].with_hidden(self.h[s]), torch.empty_like(self.h[s]),
-                                    f"block {j}") for s in SPLITS}
-        if self.dense_h is not None:
-            self.dense_h = self.dense_run([(d, p) for d in span for p in (0, 1)], self.dense_h)
+        with self.in_float32(j, span):
+            if not self.propagation.reads_dense:
+                halves = list(self.adapter.halves(self.adapter.blocks[j]))
+                self.h = {s: run_halves(halves, [j, j], self.streams[s].with_hidden(self.h[s]),
+                                        torch.empty_like(self.h[s]), f"block {j}") for s in SPLITS}
+            if self.dense_h is not None:
+                self.dense_h = self.dense_run([(d, p) for d in span for p in (0, 1)], self.dense_h)
 
     def train_block(self, j: int, span: range) -> None:
         """Block j (each half alone under attn-mlp when its span is one block; whole when it must also stand
         in for removed blocks) trained against the dense span, in the compensated frame."""
-        block = self.adapter.blocks[j]
-        dtype = next(block.parameters()).dtype
-        block.to(torch.float32)  # trainable parameters are float32 whatever the model's dtype
-        for d in span:
-            self.dense_adapter.blocks[d].to(torch.float32)
-        halves = self.adapter.halves(block)
-        apart = self.config.reconstruct.granularity == "attn-mlp" and len(span) == 1 and not halves[0].deferred
-        groups = [[0], [1]] if apart else [[0, 1]]  # a parallel block's halves have nothing between them to match
-        for parts in groups:
-            dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
-            self._train_halves(j, span, [halves[p] for p in parts], parts, dense_units)
-        block.to(dtype)
-        for d in span:
-            self.dense_adapter.blocks[d].to(dtype)
+        with self.in_float32(j, span):
+            halves = self.adapter.halves(self.adapter.blocks[j])
+            apart = self.config.reconstruct.granularity == "attn-mlp" and len(span) == 1 and not halves[0].deferred
+            groups = [[0], [1]] if apart else [[0, 1]]  # a parallel block's halves have nothing between them to match
+            for parts in groups:
+                dense_units = [(d, p) for d in span for p in (parts if len(span) == 1 else (0, 1))]
+                self._train_halves(j, span, [halves[p] for p in parts], parts, dense_units)
 
     def _train_halves(self, j: int, span: range, trained: list, parts: list[int], dense_units) -> None:
         started, rc = time.perf_counter(), self.config.reconstruct
