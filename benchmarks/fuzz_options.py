@@ -1,0 +1,202 @@
+"""Random combinations of options on tiny models built from configs: does any crash, or break what a run promises?
+
+    PYTHONPATH=src python benchmarks/fuzz_options.py --mode api --seconds 540 --seed 1
+    PYTHONPATH=src python benchmarks/fuzz_options.py --mode job --seconds 540 --seed 1
+    PYTHONPATH=src python benchmarks/fuzz_options.py --mode api --seed 1 --case 213   # one drawn case again
+
+`api`: `prunelab.prune` on a tiny model of any family in tests/tiny.py, held in float32 or bfloat16: any method,
+sparsity, N:M pattern (with or without permutation), OWL, skip patterns; any reconstruction granularity,
+propagation, loss, precision and batch size; now and then a padded window. Checks: finite weights, and the sparsity
+asked for is the one measured.
+`job`: `prunelab.run` on a tiny saved model (stored in float32 or bfloat16, sharded), held in either, saved in any
+dtype, loaded whole or streamed, with or without reconstruction and retraining. Checks: the saved tensors are in the
+reported dtype, `prunelab eval` of the output gives the report's perplexity, the saved sparsity.
+
+A PrunelabError is a refusal: counted, its line printed. Anything else is a failure, printed with its traceback;
+the exit status is 1 when there is one. Each case is drawn from (seed, case number), so `--case` repeats it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import prunelab  # noqa: E402
+from prunelab.config import RunConfig  # noqa: E402
+from prunelab.errors import PrunelabError  # noqa: E402
+from prunelab.job import evaluate_model  # noqa: E402
+from prunelab.models.conv1d import released  # noqa: E402
+
+JOB_FAMILIES = ["llama", "qwen3", "gemma3", "gpt2", "opt", "phi3", "mixtral", "qwen3_moe", "gpt_neox", "mistral"]
+SKIPS = ["*.mlp.*", "*.self_attn.o_proj", "model.layers.0.*", "*down*"]
+
+
+def draw_pruning(rng: random.Random, structured_options: bool) -> dict:
+    method = rng.choice(["magnitude", "wanda", "sparsegpt", "ria", "layers", "flap"])
+    options: dict = {"method": method}
+    if method == "layers":
+        options["depth"] = {"remove": 1, "metric": rng.choice(["bi", "cl", "taylor", "mag", "ppl"])}
+        if structured_options:
+            options["depth"].update(compensation=rng.random() < 0.7, protect_first=0, protect_last=0)
+    elif method == "flap":
+        options["width"] = {"ratio": rng.choice([0.1, 0.3, 0.5])}
+        if structured_options:
+            options["width"].update(structure=rng.choice(["adaptive", "uniform"]),
+                                    bias_compensation=rng.random() < 0.7)
+    elif rng.random() < 0.3:
+        options["pattern"] = rng.choice(["2:4", "4:8", "1:4"])
+        options["permute"] = rng.random() < 0.4
+    else:
+        options["sparsity"] = rng.choice([0.0, 0.3, 0.5, 0.7, 0.9])
+        if rng.random() < 0.2:
+            options["layerwise"] = "owl"
+    if method not in ("layers", "flap") and rng.random() < 0.2:
+        options["skip"] = [rng.choice(SKIPS)]
+    return options
+
+
+def draw_reconstruction(rng: random.Random) -> dict:
+    granularity = rng.choice(["attn-mlp", "matrix", "block", "blocks:2", "model", "none", "none"])
+    if granularity == "none":
+        return {"granularity": "none"}
+    return {"granularity": granularity, "propagation": rng.choice(["dense", "sparse", "mixed"]),
+            "loss": rng.choice(["mse", "cmse", "nmse", "cosine"]), "lr": rng.choice([1e-3, "auto"]),
+            "freeze_norms": rng.random() < 0.3, "heldout": 2, "lr_probe": 1, "batch_size": rng.choice([1, 2]),
+            "precision": rng.choice(["auto", "float32", "bfloat16"])}
+
+
+def check_sparsity(options: dict, measured: dict | None) -> None:
+    """The sparsity measured is the one asked for, where the options say one (no skip, no OWL: 2 % apart)."""
+    if options["method"] in ("layers", "flap") or options.get("skip") or "layerwise" in options:
+        return
+    n, _, m = options.get("pattern", "").partition(":")
+    asked = 1 - int(n) / int(m) if m else options["sparsity"]
+    if abs(measured["sparsity"] - asked) > 0.02:
+        raise AssertionError(f"sparsity {measured['sparsity']} measured, {asked} asked")
+
+
+def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case's signature)
+    from tiny import FAMILIES, tiny_model
+
+    family, dtype = rng.choice(FAMILIES), rng.choice([torch.float32, torch.float32, torch.bfloat16])
+    options = draw_pruning(rng, structured_options=True)
+    options["reconstruct"] = draw_reconstruction(rng)
+    if options["reconstruct"]["granularity"] == "none" and "sparsity" in options and rng.random() < 0.3:
+        options["dtype"] = rng.choice(["bfloat16", "float16"])
+    samples, seqlen = rng.choice([4, 8]), rng.choice([16, 32])
+    extra = 2 if options["reconstruct"]["granularity"] != "none" else 0
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    ids = torch.randint(0, 256, (samples + extra, seqlen), generator=generator)
+    mask = None
+    # DeepSeek-V3's tiny config groups its heads, which its attention fails to do beside any padding mask
+    if rng.random() < 0.2 and family != "deepseek_v3":
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+    print(f"{family} {str(dtype)[6:]} padded={mask is not None} {options}", end=" ", flush=True)
+    model = tiny_model(family, layers=rng.choice([2, 3])).to(dtype)
+    result = prunelab.prune(model, calibration=ids, attention_mask=mask, progress=False, forward_batch=4, **options)
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise AssertionError(f"non-finite {broken[0]}")
+    check_sparsity(options, result["sparsity"])
+
+
+def saved_model(work: Path, family: str, stored: torch.dtype) -> Path:
+    from conftest import make_tokenizer
+    from tiny import tiny_model
+
+    folder = work / f"{family}-{str(stored)[6:]}"
+    if not folder.exists():
+        model = tiny_model(family, layers=3).to(stored)
+        with released(model):  # GPT-2's Conv1D layers as its checkpoints store them
+            model.save_pretrained(folder, max_shard_size="100KB")
+        make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def job_case(rng: random.Random, work: Path) -> None:
+    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    options = draw_pruning(rng, structured_options=False)
+    held = rng.choice(["float32", "float32", "bfloat16"])
+    options.update(samples=rng.choice([4, 8]), seqlen=32, eval_seqlen=32, eval_windows=2, forward_batch=4, speed=False,
+                   model_dtype=held, save_dtype=rng.choice(["auto", "auto", "float32", "bfloat16"]),
+                   reconstruct={"granularity": rng.choice(["attn-mlp", "none", "block", "matrix"]), "heldout": 2,
+                                "lr": rng.choice([1e-3, "auto"]), "lr_probe": 1,
+                                "precision": rng.choice(["auto", "float32"])})
+    if rng.random() < 0.25:  # streamed: more than a block of these models, less than the model
+        options["max_memory"] = 3e-4 / (2 if held == "bfloat16" else 1)
+    if rng.random() < 0.15:
+        options["retrain"] = {"method": rng.choice(["full", "masklora"]), "tokens": 256, "heldout": 2,
+                              "batch_size": 2, "accumulate": 1, "lr": 1e-3, "evals": 1}
+    print(f"{family} stored {str(stored)[6:]} {options}", end=" ", flush=True)
+    out, texts = work / "out", {"calib": work / "calib.txt", "eval": work / "eval.txt"}
+    try:
+        report = prunelab.run(dict(model=str(saved_model(work, family, stored)), calib=str(texts["calib"]),
+                                   eval=str(texts["eval"]), out=str(out), overwrite=True, **options), progress=False)
+        saved = {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values() if t.is_floating_point()}
+        if saved != {getattr(torch, report["model"]["saved_dtype"])}:
+            raise AssertionError(f"saved in {saved}, reported {report['model']['saved_dtype']}")
+        again = evaluate_model(RunConfig.from_dict(dict(model=str(out), eval=str(texts["eval"]), eval_seqlen=32,
+                                                        eval_windows=2, device="cpu", model_dtype=held)))
+        reported = report["metrics"]["pruned"]["perplexity"]
+        if abs(again["perplexity"] - reported) > (1e-2 if held == "bfloat16" else 1e-4) * reported:
+            raise AssertionError(f"prunelab eval of the output gives {again['perplexity']}, the report {reported}")
+        check_sparsity(options, report["sparsity"])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["api", "job"], default="api")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--case", type=int, default=None, help="run only this case number")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    case_of = {"api": api_case, "job": job_case}[args.mode]
+    counts = {"ok": 0, "refused": 0, "failed": 0}
+    started = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        from conftest import TEXT
+
+        (work / "calib.txt").write_text(TEXT)
+        (work / "eval.txt").write_text(TEXT[::-1].replace(" ", " the "))
+        numbers = [args.case] if args.case is not None else range(10**9)
+        for number in numbers:
+            if args.case is None and time.time() - started > args.seconds:
+                break
+            print(f"#{number}", end=" ")
+            try:
+                case_of(random.Random(args.seed * 10**6 + number), work)
+                counts["ok"] += 1
+                print("-> ok", flush=True)
+            except PrunelabError as error:
+                counts["refused"] += 1
+                print(f"-> refused: {error}", flush=True)
+            except Exception:
+                counts["failed"] += 1
+                print("-> FAILED", flush=True)
+                traceback.print_exc()
+                sys.stdout.flush()
+    print(f"{args.mode}, seed {args.seed}: {counts['ok']} ran, {counts['refused']} refused, {counts['failed']} failed "
+          f"in {time.time() - started:.0f} s")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
