@@ -4,8 +4,8 @@
     PYTHONPATH=src python benchmarks/fuzz_options.py --mode job --seconds 540 --seed 1
     PYTHONPATH=src python benchmarks/fuzz_options.py --mode api --seed 1 --case 213   # one drawn case again
 
-`api`: `prunelab.prune` on a tiny model of any family in tests/tiny.py, held in float32 or bfloat16: any method,
-sparsity, N:M pattern (with or without permutation), OWL, skip patterns; any reconstruction granularity,
+`api`: `prunelab.prune` on a tiny model of any family in tests/tiny.py, held in float32, bfloat16 or float16: any
+method, sparsity, N:M pattern (with or without permutation), OWL, skip patterns; any reconstruction granularity,
 propagation, loss, precision and batch size; now and then a padded window. Checks: finite weights, and the sparsity
 asked for is the one measured.
 `job`: `prunelab.run` on a tiny saved model (stored in float32 or bfloat16, sharded), held in either, saved in any
@@ -90,7 +90,7 @@ def check_sparsity(options: dict, measured: dict | None) -> None:
 def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case's signature)
     from tiny import FAMILIES, tiny_model
 
-    family, dtype = rng.choice(FAMILIES), rng.choice([torch.float32, torch.float32, torch.bfloat16])
+    family, dtype = rng.choice(FAMILIES), rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
     options = draw_pruning(rng, structured_options=True)
     options["reconstruct"] = draw_reconstruction(rng)
     if options["reconstruct"]["granularity"] == "none" and "sparsity" in options and rng.random() < 0.3:
