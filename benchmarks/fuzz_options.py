@@ -11,6 +11,8 @@ asked for is the one measured.
 `job`: `prunelab.run` on a tiny saved model (stored in float32 or bfloat16, sharded), held in either, saved in any
 dtype, loaded whole or streamed, with or without reconstruction and retraining. Checks: the saved tensors are in the
 reported dtype, `prunelab eval` of the output gives the report's perplexity, the saved sparsity.
+`resume`: such a run (a zero-weight method, loaded or streamed) stopped as by kill -9 after its k-th checkpoint, then
+resumed: the weights and perplexity are the uninterrupted run's, bit for bit.
 
 A PrunelabError is a refusal: counted, its line printed. Anything else is a failure, printed with its traceback;
 the exit status is 1 when there is one. Each case is drawn from (seed, case number), so `--case` repeats it.
@@ -158,16 +160,75 @@ def job_case(rng: random.Random, work: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+class Crash(BaseException):
+    """kill -9 in the process: nothing in the job catches it or cleans up after it."""
+
+
+def resume_case(rng: random.Random, work: Path) -> None:
+    """A run killed after its k-th checkpoint and resumed writes what the uninterrupted run writes, bit for bit."""
+    from prunelab.resume import Checkpoints
+
+    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    options = draw_pruning(rng, structured_options=False)
+    options.pop("skip", None)
+    if options["method"] in ("layers", "flap"):  # resume is for the zero-weight methods
+        options = {"method": "wanda", "sparsity": 0.5}
+    held = rng.choice(["float32", "float32", "bfloat16"])
+    options.update(samples=8, seqlen=32, eval_seqlen=32, eval_windows=2, forward_batch=4, model_dtype=held,
+                   reconstruct={"granularity": rng.choice(["attn-mlp", "none", "block"]), "heldout": 2,
+                                "lr": rng.choice([1e-3, "auto"]), "lr_probe": 2, "precision": "float32"})
+    if rng.random() < 0.3:
+        options["max_memory"] = 3e-4 / (2 if held == "bfloat16" else 1)
+    crash_at = rng.randint(1, 3)
+    print(f"{family} stored {str(stored)[6:]} crash at checkpoint {crash_at} {options}", end=" ", flush=True)
+    base = dict(model=str(saved_model(work, family, stored)), calib=str(work / "calib.txt"),
+                eval=str(work / "eval.txt"), **options)
+    save, every, written = Checkpoints.save, Checkpoints.every_seconds, []
+
+    def save_then_crash(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        written.append(1)
+        if len(written) == crash_at:
+            raise Crash
+
+    try:
+        Checkpoints.every_seconds = 0.0  # a checkpoint after every step
+        whole = prunelab.run(dict(base, out=str(work / "whole")), progress=False)
+        Checkpoints.save = save_then_crash
+        try:
+            prunelab.run(dict(base, out=str(work / "crashed")), progress=False)
+        except Crash:
+            pass
+        Checkpoints.save = save
+        print("resumed" if len(written) == crash_at else f"finished after {len(written)} checkpoints", end=" ")
+        resumed = prunelab.run(dict(base, out=str(work / "crashed"), resume=len(written) == crash_at,
+                                    overwrite=len(written) < crash_at), progress=False)
+        expected, got = (state(work / name) for name in ("whole", "crashed"))
+        moved = [k for k in expected if not expected[k].equal(got[k])]
+        if expected.keys() != got.keys() or moved:
+            raise AssertionError(f"resumed weights differ: {moved[:3]}")
+        if resumed["metrics"]["pruned"] != whole["metrics"]["pruned"]:
+            raise AssertionError(f"resumed {resumed['metrics']['pruned']}, uninterrupted {whole['metrics']['pruned']}")
+    finally:
+        Checkpoints.save, Checkpoints.every_seconds = save, every
+        for name in ("whole", "crashed", ".crashed.resume"):
+            shutil.rmtree(work / name, ignore_errors=True)
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: t for f in sorted(folder.glob("*.safetensors")) for k, t in load_file(f).items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["api", "job"], default="api")
+    parser.add_argument("--mode", choices=["api", "job", "resume"], default="api")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--case", type=int, default=None, help="run only this case number")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    case_of = {"api": api_case, "job": job_case}[args.mode]
+    case_of = {"api": api_case, "job": job_case, "resume": resume_case}[args.mode]
     counts = {"ok": 0, "refused": 0, "failed": 0}
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
