@@ -215,20 +215,70 @@ def resume_case(rng: random.Random, work: Path) -> None:
             shutil.rmtree(work / name, ignore_errors=True)
 
 
+def ddp_case(rng: random.Random, work: Path) -> None:
+    """Two gloo processes under torchrun against one on the same options: the same masks (or removed blocks and
+    channels), perplexity within 0.5 %."""
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    options = draw_pruning(rng, structured_options=False)
+    options.update(samples=8, seqlen=32, eval_seqlen=32, eval_windows=4, forward_batch=2, speed=False,
+                   eval_dense=False, model_dtype=rng.choice(["float32", "bfloat16"]),
+                   reconstruct={"granularity": rng.choice(["attn-mlp", "none", "block"]), "heldout": 2, "lr": 1e-3,
+                                "precision": "float32", "batch_size": 2})
+    if rng.random() < 0.3:
+        options["max_memory"] = 3e-4 / (2 if options["model_dtype"] == "bfloat16" else 1)
+    print(f"{family} stored {str(stored)[6:]} {options}", end=" ", flush=True)
+    config = work / "run.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(saved_model(work, family, stored)), calib=str(work / "calib.txt"),
+                                          eval=str(work / "eval.txt"), **options)))
+    try:
+        prunelab.run(RunConfig.from_file(config, out=str(work / "one")), progress=False)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "prunelab", "run", "--config", str(config), "--out", str(work / "two")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise AssertionError(f"one process ran, two failed: {done.stderr.strip().splitlines()[-1]}")
+        one, two = (json.loads((work / name / "prunelab.json").read_text()) for name in ("one", "two"))
+        a, b = state(work / "one"), state(work / "two")
+        if {k: t.shape for k, t in a.items()} != {k: t.shape for k, t in b.items()}:
+            raise AssertionError("the two outputs differ in shape (other blocks, heads or channels removed)")
+        # fused experts are saved per expert under other names: compare what was saved
+        differ = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a if a[k].is_floating_point())
+        total = sum(a[k].numel() for k in a)
+        # summed in another order, the statistics of two processes differ in their last bits, which can tip a
+        # near-tie (SparseGPT: 4 of 127424 entries); a model held in bfloat16 differs as much in one process
+        # between forward batch sizes (7 % of a 1:4 phi3's entries), so only float32 is held to it
+        exact = options["reconstruct"]["granularity"] == "none" and options["model_dtype"] == "float32"
+        if exact and differ > 1e-3 * total:
+            raise AssertionError(f"{differ} of {total} zero entries differ")
+        ppl = one["metrics"]["pruned"]["perplexity"], two["metrics"]["pruned"]["perplexity"]
+        if abs(ppl[1] / ppl[0] - 1) > 0.005:
+            raise AssertionError(f"perplexity {ppl[0]} in one process, {ppl[1]} in two")
+    finally:
+        for name in ("one", "two"):
+            shutil.rmtree(work / name, ignore_errors=True)
+
+
 def state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: t for f in sorted(folder.glob("*.safetensors")) for k, t in load_file(f).items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["api", "job", "resume"], default="api")
+    parser.add_argument("--mode", choices=["api", "job", "resume", "ddp"], default="api")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--case", type=int, default=None, help="run only this case number")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    case_of = {"api": api_case, "job": job_case, "resume": resume_case}[args.mode]
+    case_of = {"api": api_case, "job": job_case, "resume": resume_case, "ddp": ddp_case}[args.mode]
     counts = {"ok": 0, "refused": 0, "failed": 0}
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
