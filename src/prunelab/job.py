@@ -357,7 +357,7 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
         budget = memory_budget(config)
         if size > budget:
             raise PrunelabError(f"{config.model} holds {quant['quant_method']}-quantized weights that take "
-                                f"{size:.1f} GB as {config.model_dtype}, more than the memory budget {budget:.1f} GB "
+                                f"{size:.3g} GB as {config.model_dtype}, more than the memory budget {budget:.3g} GB "
                                 "(--max-memory); prunelab streams only float checkpoints: raise the budget or "
                                 "dequantize it first")
         return None
@@ -380,8 +380,8 @@ def streaming_source(config: RunConfig, saving: bool = True) -> tuple[Path, floa
         (f"reconstruction after {config.method}", config.structured and config.reconstruct.enabled),
         ("a saved output (--out)", saving and not config.out)) if asked]
     if unsupported:
-        raise PrunelabError(f"the model's weights take {size:.1f} GB in {config.model_dtype}, more than the memory "
-                            f"budget {budget:.1f} GB (--max-memory): it is streamed block by block, which does not "
+        raise PrunelabError(f"the model's weights take {size:.3g} GB in {config.model_dtype}, more than the memory "
+                            f"budget {budget:.3g} GB (--max-memory): it is streamed block by block, which does not "
                             f"support {', '.join(unsupported)} yet")
     halves = config.reconstruct.halves_per_submodel
     need = RECONSTRUCTION_BLOCKS * (size if halves is None else block * max(1, halves // 2))
