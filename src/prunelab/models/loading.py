@@ -113,7 +113,7 @@ def stored_dtype(spec: str) -> torch.dtype | None:
             return stored
         config = json.loads((path / "config.json").read_text())
         declared = config.get("dtype") or config.get("torch_dtype")
-    else:  # whose files from_pretrained has fetched
+    else:  # a hub id, whose files from_pretrained has fetched
         config = AutoConfig.from_pretrained(spec)
         if quantization(config) is not None:
             return None
