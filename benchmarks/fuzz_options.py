@@ -35,13 +35,14 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from tiny import FAMILIES  # noqa: E402
+
 import prunelab  # noqa: E402
 from prunelab.config import RunConfig  # noqa: E402
 from prunelab.errors import PrunelabError  # noqa: E402
 from prunelab.job import evaluate_model  # noqa: E402
 from prunelab.models.conv1d import released  # noqa: E402
 
-JOB_FAMILIES = ["llama", "qwen3", "gemma3", "gpt2", "opt", "phi3", "mixtral", "qwen3_moe", "gpt_neox", "mistral"]
 SKIPS = ["*.mlp.*", "*.self_attn.o_proj", "model.layers.0.*", "*down*"]
 
 
@@ -90,7 +91,7 @@ def check_sparsity(options: dict, measured: dict | None) -> None:
 
 
 def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case's signature)
-    from tiny import FAMILIES, tiny_model
+    from tiny import tiny_model
 
     family, dtype = rng.choice(FAMILIES), rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
     options = draw_pruning(rng, structured_options=True)
@@ -129,7 +130,7 @@ def saved_model(work: Path, family: str, stored: torch.dtype) -> Path:
 
 
 def job_case(rng: random.Random, work: Path) -> None:
-    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    family, stored = rng.choice(FAMILIES), rng.choice([torch.float32, torch.bfloat16])
     options = draw_pruning(rng, structured_options=False)
     held = rng.choice(["float32", "float32", "bfloat16"])
     options.update(samples=rng.choice([4, 8]), seqlen=32, eval_seqlen=32, eval_windows=2, forward_batch=4, speed=False,
@@ -168,7 +169,7 @@ def resume_case(rng: random.Random, work: Path) -> None:
     """A run killed after its k-th checkpoint and resumed writes what the uninterrupted run writes, bit for bit."""
     from prunelab.resume import Checkpoints
 
-    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    family, stored = rng.choice(FAMILIES), rng.choice([torch.float32, torch.bfloat16])
     options = draw_pruning(rng, structured_options=False)
     options.pop("skip", None)
     if options["method"] in ("layers", "flap"):  # resume is for the zero-weight methods
@@ -224,7 +225,7 @@ def ddp_case(rng: random.Random, work: Path) -> None:
 
     import yaml
 
-    family, stored = rng.choice(JOB_FAMILIES), rng.choice([torch.float32, torch.bfloat16])
+    family, stored = rng.choice(FAMILIES), rng.choice([torch.float32, torch.bfloat16])
     options = draw_pruning(rng, structured_options=False)
     options.update(samples=8, seqlen=32, eval_seqlen=32, eval_windows=4, forward_batch=2, speed=False,
                    eval_dense=False, model_dtype=rng.choice(["float32", "bfloat16"]),
