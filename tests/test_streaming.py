@@ -229,7 +229,9 @@ def keep_in_float32(folder, names):
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     for file in {index[name] for name in names}:
         tensors = load_file(folder / file)
-        tensors = {n: t.float() if n in names else t for n, t in tensors.items()}
+        # values bfloat16 cannot hold, so that rounding them shows
+        tensors = {n: t.float() * torch.linspace(0.9, 1.1, t.numel()).view_as(t) if n in names else t
+                   for n, t in tensors.items()}
         save_file(tensors, folder / file, metadata={"format": "pt"})
 
 

@@ -500,9 +500,9 @@ def run_streamed(job: Job, texts: dict[str, str], folder: Path, size_gb: float, 
             saved = distributed.from_main(saved)  # (the others wait here until the output is written)
         if config.eval != "none":
             with stage("eval", job.stages):
-                # a structured output has other shapes or fewer blocks, and one saved in another dtype than the
-                # input's has its embedding, norms and head rounded too: read as the saved model it is
-                as_input = job.structure is None and writer.dtype == streamed.source.dtype
+                # a structured output has other shapes or fewer blocks, and one whose embedding, norms or head were
+                # written in another dtype than the input's has them rounded: read as the saved model it is
+                as_input = job.structure is None and not writer.recasts
                 pruned = streamed if as_input else StreamedModel(tmp, streamed.compute_dtype, streamed.device)
                 written = streamed.checkpoint(tmp) if pruned is streamed else None
                 job.metrics["pruned"] = streamed_perplexity(pruned, job.eval_ids, config.eval_batch, checkpoint=written,

@@ -112,6 +112,11 @@ class Checkpoint:
         return {self.renamed.get(key, key): shape for file in set(self.files.values())
                 for key, (shape, _) in headers(file).items()}
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Every tensor's stored dtype by name, from the files' headers (nothing is read)."""
+        return {self.renamed.get(key, key): dtype for file in set(self.files.values())
+                for key, (_, dtype) in headers(file).items()}
+
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of every tensor by name, in their stored dtype or in `dtype` (floating tensors only)."""
         sizes = {k: v for file in set(self.files.values()) for k, v in _file_sizes(file, dtype).items()}
@@ -366,6 +371,13 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self.replaced: dict[str, torch.Tensor] = {}  # tensors outside the blocks written changed
+
+    @property
+    def recasts(self) -> bool:
+        """Whether a float tensor outside the blocks is written in another dtype than the input stores it in (then
+        rounded), known on every process from the input's headers alone."""
+        stored = self.source.dtypes()
+        return any(stored[n].is_floating_point and stored[n] != self.dtype for names in self.outer for n in names)
 
     def renumber(self, blocks: int) -> None:
         """Before the first write: the output has `blocks` blocks (layer removal)."""
