@@ -88,6 +88,16 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **override
     return model.eval()
 
 
+def as_loaded_in_bfloat16(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in bfloat16 as `from_pretrained(..., dtype=torch.bfloat16)` holds it: what its class keeps in float32
+    (`_keep_in_fp32_modules_strict`: DeepSeek-V3's router) stays float32."""
+    model.to(torch.bfloat16)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if any(f".{kept}" in f".{name}" for kept in model._keep_in_fp32_modules_strict or ()):
+            tensor.data = tensor.data.float()
+    return model
+
+
 def random_ids(samples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
 

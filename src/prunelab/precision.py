@@ -13,8 +13,10 @@ Elsewhere bfloat16 would be emulated and slower, so `auto` stays in float32 ther
 from __future__ import annotations
 
 import contextlib
+from itertools import chain
 
 import torch
+from torch import nn
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -53,3 +55,27 @@ def full_precision(device: torch.device):
     """Float32 inside an autocast region, for the pruning criteria (SparseGPT's cross-block update is a
     matmul). The input statistics need none: they accumulate in place (`addmm_`), which autocast leaves alone."""
     return torch.autocast(device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def held_in_float32(*modules: nn.Module):
+    """The modules' floating tensors in float32 for the while, each back to its own dtype after.
+
+    What is trained is float32 whatever dtype the model is held in: AdamW's steps of 1e-5 would round away on
+    bfloat16 weights, and the activation streams are float32. Each tensor goes back to its own dtype, not to
+    the model's: a model loaded in bfloat16 keeps some in float32 (DeepSeek-V3's router, the modules a class
+    lists in `_keep_in_fp32_modules`). Tensors are found again by name, so those a step replaced come back too."""
+    def floating(module: nn.Module):
+        return ((name, t) for name, t in chain(module.named_parameters(), module.named_buffers())
+                if t.is_floating_point())
+
+    held = [{name: t.dtype for name, t in floating(module)} for module in modules]
+    for module in modules:
+        module.to(torch.float32)
+    try:
+        yield
+    finally:
+        for module, dtypes in zip(modules, held):
+            for name, tensor in floating(module):
+                if name in dtypes and tensor.dtype != dtypes[name]:
+                    tensor.data = tensor.data.to(dtypes[name])

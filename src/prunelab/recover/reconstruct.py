@@ -31,7 +31,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import Adapter, Half
-from ..precision import autocast, matmul_precision, uses_bfloat16
+from ..precision import autocast, held_in_float32, matmul_precision, uses_bfloat16
 from ..prune.layerwise import planned
 from ..prune.permute import reorder
 from ..prune.sequential import HalfPruner, check_halves_cover, check_layers
@@ -196,7 +196,6 @@ class Reconstructor:
         indices = sorted({i for i, _ in units})
         unit_blocks = [i for i, _ in units]
         name = submodel_name(units)
-        model_dtype = next(blocks[indices[0]].parameters()).dtype
         if self.visits is not None:  # a streamed model: the submodel's blocks come in when it starts
             for i in indices:
                 if (i, 0) in units:
@@ -211,9 +210,9 @@ class Reconstructor:
             tick = now
 
         inputs = self.propagation.inputs(pruned, dense)
-        with ExitStack() as stack:
-            for i in indices:  # trainable parameters are float32 whatever the model's dtype
-                blocks[i].to(torch.float32)
+        # the blocks back in their dtypes only once the fused experts are back (the ExitStack, inner, exits first):
+        # the per-expert views stand in for them until then
+        with held_in_float32(*(blocks[i] for i in indices)), ExitStack() as stack:
             dense_blocks = {i: copy.deepcopy(blocks[i]) for i in indices}
             dense_halves = [adapter.halves(dense_blocks[i])[p] for i, p in units]
             sources = self.propagation.target_inputs(pruned, dense)
@@ -239,8 +238,6 @@ class Reconstructor:
             if self.observer is not None:
                 self.observer({"units": units, "inputs": inputs["train"], "targets": targets["train"],
                                "outputs": out["train"], "record": record})
-        for i in indices:  # once the fused experts are back: the per-expert views stand in for them until then
-            blocks[i].to(model_dtype)
         lap("propagate")
 
         record["seconds"] = round(time.perf_counter() - started, 2)

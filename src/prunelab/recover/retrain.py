@@ -36,7 +36,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..evaluate.perplexity import summed_nll
 from ..evaluate.sparsity import count_zeros
-from ..precision import autocast, matmul_precision, uses_bfloat16
+from ..precision import autocast, held_in_float32, matmul_precision, uses_bfloat16
 from .loop import Diverged, Trainable, adamw, finite_or_inf, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
@@ -313,15 +313,9 @@ def retrain(model: nn.Module, masked: dict[str, torch.Tensor], config: RunConfig
                             "(use --retrain full, or prune first)")
     linear_names = [name.removesuffix(".weight") for name in masked if name.endswith(".weight")]
     zeros = count_zeros(pruned)
-    held = next(model.parameters()).dtype
-    # trained in float32 whatever dtype the model is held in, as reconstruction trains: AdamW's steps of 1e-5 would
-    # round away on bfloat16 weights, and LoRA's float32 adapters would meet bfloat16 inputs
-    model.to(torch.float32)
-    try:
+    with held_in_float32(model):  # as reconstruction trains; LoRA's float32 adapters would meet bfloat16 inputs too
         model, record = Retraining(model, list(pruned.values()), linear_names, config, train_ids, heldout_ids,
                                    progress).run()
-    finally:
-        model.to(held)
     after = count_zeros(pruned)
     moved = [name for name in zeros if after[name] < zeros[name]][:3]
     if moved:  # by construction it cannot happen (re-zeroing after every step, masked LoRA updates) unless a

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from ..config import RunConfig
 from ..errors import PrunelabError
 from ..measure import release_memory
 from ..models.adapters import find_adapter
-from ..precision import autocast, matmul_precision, uses_bfloat16
+from ..precision import autocast, held_in_float32, matmul_precision, uses_bfloat16
 from .loop import Trainable
 from .propagation import Propagation
 from .step import SPLITS, SubmodelProblem, Trainer, trainable_parameters
@@ -125,19 +124,9 @@ class StructuredRun:
         return {s: run_halves(halves, [d for d, _ in units], self.dense_streams[s].with_hidden(x[s]),
                               torch.empty_like(x[s]), f"dense blocks {units[0][0]}-{units[-1][0]}") for s in SPLITS}
 
-    @contextmanager
     def in_float32(self, j: int, span: range):
-        """Block j and the dense blocks of its span in float32 for the while, whatever the model's dtype: the
-        streams are float32, and trainable parameters are too."""
-        blocks = [self.adapter.blocks[j], *(self.dense_adapter.blocks[d] for d in span)]
-        dtypes = [next(block.parameters()).dtype for block in blocks]
-        for block in blocks:
-            block.to(torch.float32)
-        try:
-            yield
-        finally:
-            for block, dtype in zip(blocks, dtypes):
-                block.to(dtype)
+        """Block j and the dense blocks of its span in float32 for the while: the streams are float32."""
+        return held_in_float32(self.adapter.blocks[j], *(self.dense_adapter.blocks[d] for d in span))
 
     def skip_block(self, j: int, span: range) -> None:
         """A block left out of training still propagates both streams."""
