@@ -44,7 +44,7 @@ def base_args(tiny_dir, texts, out):
     ({"overwrite": "false"}, "overwrite must be true or false, got 'false'"),
     ({"sparsegpt": 5}, "sparsegpt must be a mapping"),
     ({"reconstruct": 5}, "reconstruct must be a mapping"),
-    ({"reconstruct": {"lr_grid": "1e-3"}}, "reconstruct.lr_grid must be a list of numbers"),
+    ({"reconstruct": {"lr_grid": "1e-3"}}, "reconstruct.lr_grid must be a list of finite numbers"),
     ({"model": 123}, "model must be a string, got 123"),
     ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
     ({"threads": "2"}, "threads must be an integer or null, got '2'"),
@@ -59,6 +59,21 @@ def test_config_values_of_the_wrong_type_are_refused_naming_the_key(values, key)
     with pytest.raises(PrunelabError) as raised:
         RunConfig.from_dict(values)
     assert key in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    # most range checks (damp < 0, weight_decay < 0, alpha <= 0) let a NaN through, and SparseGPT divided by it
+    ("sparsegpt: {damp: .nan}", "sparsegpt.damp must be a finite number, got nan"),
+    ("reconstruct: {weight_decay: .inf}", "reconstruct.weight_decay must be a finite number, got inf"),
+    ("reconstruct: {lr: .inf}", "reconstruct.lr must be a finite number, got inf"),  # float | str
+    ("retrain: {lr_grid: [1.0e-4, .nan]}", "retrain.lr_grid must be a list of finite numbers"),
+    ("ria: {alpha: 1e999}", "ria.alpha must be a finite number, got inf"),  # a string to YAML, inf to float()
+    ("max_memory: -.inf", "max_memory must be a finite number, got -inf"),
+])
+def test_nan_and_infinite_option_values_are_refused_naming_the_key(text, message):
+    with pytest.raises(PrunelabError) as raised:
+        RunConfig.from_dict(yaml.safe_load(text))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_numbers_yaml_reads_as_strings_are_numbers():
@@ -99,7 +114,8 @@ def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_di
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lr-grid", "abc"], "--lr-grid must be a list of numbers"),
+    (["--lr-grid", "abc"], "--lr-grid must be a list of finite numbers"),
+    (["--method", "sparsegpt", "--damp", "nan"], "sparsegpt.damp must be a finite number, got nan"),
     (["--threads", "-1"], "threads must be a positive integer"),
     (["--out", ""], "out must not be empty"),
     (["--permute"], "permute reorders channels so that an N:M pattern keeps more of each layer: it needs a pattern"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -533,6 +534,8 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if float in args:
+            _check_finite(value, key)  # before `float | str` could call nan neither
         for arg in (a for a in args if a is not type(None)):
             try:
                 return check_type(value, arg, key)
@@ -551,16 +554,16 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
                 return tuple(check_type(v, args[0], key) for v in value)
         except PrunelabError:
             pass
-        raise PrunelabError(f"{key} must be a list of {'strings' if args[0] is str else 'numbers'}, got {value!r}")
+        raise PrunelabError(f"{key} must be {_describe(hint)}, got {value!r}")
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is float and not isinstance(value, bool):
         if isinstance(value, (int, float)):
-            return float(value)
+            return _check_finite(float(value), key)
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML reads 1e-3 as a string
-            return float(value)
+            return _check_finite(float(value), key)  # 1e999 is one
     if hint is str and isinstance(value, str):
         return value
     raise PrunelabError(
@@ -569,10 +572,20 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
     )
 
 
+def _check_finite(value: Any, key: str) -> Any:
+    """`value`, unless it is a float NaN or infinity (YAML's .nan, JSON's NaN): no option means anything by them, and
+    most range checks (`damp < 0`) let a NaN through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PrunelabError(f"{key} must be a finite number, got {value}")
+    return value
+
+
 def _describe(hint: Any) -> str:
     args = typing.get_args(hint)
     if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {'strings' if args[0] is str else 'finite numbers'}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
