@@ -6,8 +6,9 @@
 
 `api`: `prunelab.prune` on a tiny model of any family in tests/tiny.py, held in float32, bfloat16 or float16: any
 method, sparsity, N:M pattern (with or without permutation), OWL, skip patterns; any reconstruction granularity,
-propagation, loss, precision and batch size; now and then a padded window. Checks: finite weights, and the sparsity
-asked for is the one measured.
+propagation, loss, precision and batch size; now and then a padded window. Checks: finite weights, each weight in
+the dtype it had (a bfloat16 DeepSeek-V3 keeps its router in float32, as `from_pretrained` gives it), and the
+sparsity asked for is the one measured.
 `job`: `prunelab.run` on a tiny saved model (stored in float32 or bfloat16, sharded), held in either, saved in any
 dtype, loaded whole or streamed, with or without reconstruction and retraining. Checks: the saved tensors are in the
 reported dtype, `prunelab eval` of the output gives the report's perplexity, the saved sparsity.
@@ -91,7 +92,7 @@ def check_sparsity(options: dict, measured: dict | None) -> None:
 
 
 def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case's signature)
-    from tiny import tiny_model
+    from tiny import as_loaded_in_bfloat16, tiny_model
 
     family, dtype = rng.choice(FAMILIES), rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16])
     options = draw_pruning(rng, structured_options=True)
@@ -108,11 +109,16 @@ def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case'
         mask = torch.ones_like(ids)
         mask[0, :4] = 0
     print(f"{family} {str(dtype)[6:]} padded={mask is not None} {options}", end=" ", flush=True)
-    model = tiny_model(family, layers=rng.choice([2, 3])).to(dtype)
+    model = tiny_model(family, layers=rng.choice([2, 3]))
+    model = as_loaded_in_bfloat16(model) if dtype == torch.bfloat16 else model.to(dtype)  # a float32 router
+    held = {name: p.dtype for name, p in model.named_parameters()}
     result = prunelab.prune(model, calibration=ids, attention_mask=mask, progress=False, forward_batch=4, **options)
     broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if broken:
         raise AssertionError(f"non-finite {broken[0]}")
+    recast = [name for name, p in model.named_parameters() if name in held and p.dtype != held[name]]
+    if recast:
+        raise AssertionError(f"{recast[0]} was {held[recast[0]]}, is now {model.get_parameter(recast[0]).dtype}")
     check_sparsity(options, result["sparsity"])
 
 
