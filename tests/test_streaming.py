@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import prunelab
 import prunelab.job
+from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.sparsity import sparsity_of_saved
+from prunelab.job import evaluate_model
 from prunelab.models import layout
 from prunelab.models.adapters import find_adapter
 from prunelab.models.conv1d import released
@@ -223,6 +225,30 @@ def test_a_checkpoint_is_saved_in_one_dtype_loaded_and_streamed(tmp_path, tokeni
     assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
                                                                         rel=1e-5)
     assert sparsity_of_saved(tmp_path / "streamed", list(streamed["sparsity"]["layers"]))["sparsity"] == 0.5
+
+
+def test_what_the_class_keeps_in_float32_is_held_and_saved_so_loaded_and_streamed(tmp_path, tokenizer, texts):
+    """DeepSeek-V3 routes in float32 (`_keep_in_fp32_modules_strict`): `from_pretrained` holds its routers in float32
+    beside bfloat16 weights, and so does a streamed block; both save them in float32 (reconstruction trains them,
+    and rounding them to bfloat16 once moved the loaded run's routing away from what it measured)."""
+    folder = tmp_path / "input"
+    tiny_model("deepseek_v3", layers=4).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    options = dict(model_dtype="bfloat16", reconstruct={"granularity": "attn-mlp", "heldout": 2, "lr": 1e-3,
+                                                        "precision": "float32"})
+    whole = run(folder, texts, tmp_path / "whole", **options)
+    streamed = run(folder, texts, tmp_path / "streamed", max_memory=2.5e-4 / 2, **options)
+    assert "streamed" in streamed["model"] and whole["model"]["saved_dtype"] == "bfloat16"
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    routers = {k for k in expected if ".mlp.gate." in k}  # weight and e_score_correction_bias of 3 routed blocks
+    assert len(routers) == 6 and {k for k in expected if expected[k].dtype == torch.float32} == routers
+    assert {k: t.dtype for k, t in got.items()} == {k: t.dtype for k, t in expected.items()}
+    assert any(not t.equal(t.bfloat16().float()) for k, t in expected.items() if k in routers)  # trained in float32
+    assert all(expected[k].equal(got[k]) for k in expected), [k for k in expected if not expected[k].equal(got[k])]
+    again = evaluate_model(RunConfig.from_dict(dict(model=str(tmp_path / "whole"), eval=str(texts[1]), eval_seqlen=32,
+                                                    eval_windows=4, model_dtype="bfloat16")))
+    for report in (whole, streamed):
+        assert report["metrics"]["pruned"]["perplexity"] == pytest.approx(again["perplexity"], rel=1e-6)
 
 
 def keep_in_float32(folder, names):

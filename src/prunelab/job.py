@@ -46,6 +46,7 @@ from .models.loading import (
     dtype_name,
     float_nbytes,
     float_weights,
+    in_saved_dtypes,
     load_model,
     load_tokenizer,
     model_path,
@@ -458,7 +459,7 @@ def run_loaded(job: Job, texts: dict[str, str]) -> Report:
     report = job.report(zeros_before)
     narrowed = job.structure.pop("linears", None) if job.structure else None  # FLAP: saved beside the weights
     if config.out and distributed.is_main():
-        save(job.model.to(dtype), job.tokenizer, report, Path(config.out), job.weights, config.overwrite,
+        save(in_saved_dtypes(job.model, dtype), job.tokenizer, report, Path(config.out), job.weights, config.overwrite,
              job.stages, narrowed)
     return report
 

@@ -11,7 +11,8 @@ the input nor the output model is ever whole in memory:
 
 This is also sequential onloading: on a GPU (`--device cuda`) only the parts in use are on the device,
 the rest stays on disk (and in the OS's file cache). Weights stay in the checkpoint's own dtype on disk;
-what is in use is cast to the run's model dtype (float32 by default). Zeroing a weight is exact in any
+what is in use is cast to the run's model dtype (float32 by default; what the model's class keeps in float32,
+a router, stays float32 as `from_pretrained` keeps it). Zeroing a weight is exact in any
 dtype; SparseGPT's and reconstruction's updated weights are rounded to the checkpoint's dtype when
 written, as a loaded and saved model's would be.
 """
@@ -54,7 +55,7 @@ from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights, hold
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
-from .models.loading import check_fits, float_dtype_of, headers
+from .models.loading import check_fits, float_dtype_of, headers, held_dtypes
 from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
 
 INDEX = "model.safetensors.index.json"
@@ -158,6 +159,7 @@ class StreamedModel:
             set_module_tensor_to_device(self.model, name, device, value=buffer)
         self.source.rename(renamed_keys(self.model, list(self.source.files)))
         self.tied = self._tie()
+        self.held = held_dtypes(self.model, compute_dtype)  # float32 for what the class keeps so (routers)
         self.adapter: Adapter = find_adapter(self.model)
         self.prefix = self.adapter.blocks_prefix
         held = {f"{self.prefix}.{i}.{k}": v for i, block in enumerate(self.adapter.blocks)
@@ -242,7 +244,7 @@ class StreamedModel:
         # one tensor at a time: a whole block in both dtypes would take 1.5× one block
         for name, tensor in source.tensors([n for n in names if n not in in_conversions]):
             tensor = tensor.t() if name in self.transposed else tensor  # held as `conv1d.hold` holds it: a view
-            set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.compute_dtype)
+            set_module_tensor_to_device(block, name[len(prefix):], self.device, value=tensor, dtype=self.held(name))
         for name, keys in converted.items():
             local = name[len(prefix):]
             held = self._converted(block.get_parameter(local).shape, name, keys, source)
@@ -298,7 +300,7 @@ class StreamedModel:
         skipped = set() if self.tied or skip is None else names[id(skip)]
         vocabulary = set().union(*names.values())
         for name, tensor in self.source.read([n for n in self.outer_names if n not in skipped]).items():
-            dtype = tensor.dtype if name in vocabulary else self.compute_dtype
+            dtype = tensor.dtype if name in vocabulary else self.held(name)
             set_module_tensor_to_device(model, name, self.device, value=tensor, dtype=dtype)
         model.tie_weights()
         cast = embedding.register_forward_hook(lambda module, args, out: out.to(self.compute_dtype))
@@ -328,11 +330,12 @@ class StreamedModel:
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and the saved dtype: a converted
         tensor one at a time, so that a block's experts are never in both layouts at once."""
-        dtype = self.saved_dtype
+        dtypes = held_dtypes(self.model, self.saved_dtype)
 
         def stored(name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
-            check_fits(name, tensor, dtype)
-            return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype, copy=copy).contiguous()
+            check_fits(name, tensor, dtypes(name))
+            dtype = dtypes(name) if tensor.is_floating_point() else tensor.dtype
+            return tensor.to("cpu", dtype, copy=copy).contiguous()
 
         state, converted = {}, {}  # converted: the held tensors by the checkpoint keys they are stored under
         for key, value in self.adapter.blocks[index].state_dict().items():
@@ -361,6 +364,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, streamed: StreamedModel):
         self.folder, self.source, self.dtype = Path(folder), streamed.source, streamed.saved_dtype
+        self.dtypes = held_dtypes(streamed.model, self.dtype)  # the saved dtype, or float32 for what the class keeps so
         sizes = self.source.nbytes()
         block_bytes = largest_block(sizes)
         large = [[name] for name in streamed.outer_names if sizes[name] > block_bytes]
@@ -377,7 +381,7 @@ class ShardWriter:
         """Whether a float tensor outside the blocks is written in another dtype than the input stores it in (then
         rounded), known on every process from the input's headers alone."""
         stored = self.source.dtypes()
-        return any(stored[n].is_floating_point and stored[n] != self.dtype for names in self.outer for n in names)
+        return any(stored[n].is_floating_point and stored[n] != self.dtypes(n) for names in self.outer for n in names)
 
     def renumber(self, blocks: int) -> None:
         """Before the first write: the output has `blocks` blocks (layer removal)."""
@@ -426,10 +430,10 @@ class ShardWriter:
         for number, names in enumerate(self.outer, start=self.count - len(self.outer)):
             tensors = self.source.read([n for n in names if n not in self.replaced])  # unchanged
             tensors.update({n: self.replaced.pop(n) for n in names if n in self.replaced})
-            for n, t in tensors.items():  # saved in one dtype, as a model loaded whole is
-                if t.is_floating_point() and t.dtype != self.dtype:
-                    check_fits(n, t, self.dtype)
-                    tensors[n] = t.to(self.dtype)
+            for n, t in tensors.items():  # saved in the dtypes a model loaded whole is saved in
+                if t.is_floating_point() and t.dtype != self.dtypes(n):
+                    check_fits(n, t, self.dtypes(n))
+                    tensors[n] = t.to(self.dtypes(n))
             self.write(number, tensors)
             del tensors  # a vocabulary matrix: 1 GB at 8B
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}

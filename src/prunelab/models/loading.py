@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -26,6 +28,7 @@ EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
 # FP8 (DeepSeek-V3, the Qwen3 FP8 releases). prunelab always asks: on a GPU with the kernels transformers would
 # otherwise keep them packed (FP8Linear is an nn.Linear), and pruning would zero codes instead of weights.
 DEQUANTIZED_ON_LOAD = ("mxfp4", "fp8")
+HALF = (torch.bfloat16, torch.float16)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -47,19 +50,46 @@ def check_fits(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
                             "bfloat16 or float32 (--save-dtype)")
 
 
+def held_dtypes(model, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """The dtype of each tensor, by name, of `model` held (or saved) in `dtype`: `dtype`, but float32 where
+    `from_pretrained(..., dtype=dtype)` keeps it so, as the model's class asks (`_keep_in_fp32_modules_strict` in
+    bfloat16 and float16: DeepSeek-V3's router and its correction bias; `_keep_in_fp32_modules` in float16). The
+    class's names are regular expressions searched in the tensor's name, `*` any run of characters, as
+    transformers reads them."""
+    kept = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in HALF else set()
+    if dtype == torch.float16:
+        kept |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not kept:
+        return lambda name: dtype
+    pattern = re.compile("|".join(f"({name.replace('*', '.*')})" for name in sorted(kept)))
+    return lambda name: torch.float32 if pattern.search(name) else dtype
+
+
 def check_model_fits(model, dtype: torch.dtype) -> None:
+    dtypes = held_dtypes(model, dtype)
     for name, tensor in model.state_dict().items():
-        check_fits(name, tensor, dtype)
+        check_fits(name, tensor, dtypes(name))
 
 
 @torch.no_grad()
 def round_weights(model, dtype: torch.dtype) -> None:
-    """Round every float tensor the model would save to `dtype`, keeping the dtype it is held in: what is
-    measured afterwards is what a checkpoint in `dtype` holds."""
+    """Round every float tensor the model would save to `dtype` (or to float32, see `held_dtypes`), keeping the
+    dtype it is held in: what is measured afterwards is what a checkpoint in `dtype` holds."""
     check_model_fits(model, dtype)  # before any is changed
-    for tensor in model.state_dict().values():
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor.copy_(tensor.to(dtype))
+    dtypes = held_dtypes(model, dtype)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.dtype != dtypes(name):
+            tensor.copy_(tensor.to(dtypes(name)))
+
+
+@torch.no_grad()
+def in_saved_dtypes(model, dtype: torch.dtype):
+    """`model` cast for saving in `dtype`, what its class keeps in float32 kept so (`held_dtypes`)."""
+    dtypes = held_dtypes(model, dtype)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtypes(name):
+            tensor.data = tensor.data.to(dtypes(name))
+    return model
 
 
 def header_dtype(name: str) -> torch.dtype:
