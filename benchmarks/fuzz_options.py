@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -286,20 +287,101 @@ def ddp_case(rng: random.Random, work: Path) -> None:
             shutil.rmtree(work / name, ignore_errors=True)
 
 
+# values an option may be given, right or wrong for it: each option of a drawn case gets one of its type's, or any
+STRINGS = ["", " ", "abc", "none", "auto", "2:4", "1:1", "4:2", "0:4", "blocks:0", "blocks:3", "cuda", "cuda:7", "cpu",
+           "/nonexistent/x", "wanda", "sparsegpt", "layers", "flap", "attn-mlp", "block", "matrix", "model", "owl",
+           "adaptive", "full", "masklora", "float16", "bfloat16", "dense", "sparse", "cmse", "cosine", "ppl", "on",
+           "all", "standard", "1e-3", "false"]
+VALUES = {int: [0, -1, 1, 2, 3, 10**9, 2.5, "3", True, None],
+          float: [0.0, -0.5, 0.5, 0.999, 1.0, 1.5, 1e-12, 1e9, "1e-3", "abc", float("nan"), float("inf"), True, None],
+          str: STRINGS + [5, None, ["x"]],
+          bool: [True, False, "false", "yes", 0, 1, None],
+          tuple: [[], [0.0], [-1e-3], ["*"], ["", "x"], ["model.layers.99.*"], "1e-3", [1e-3, "abc"], [float("nan")]]}
+
+
+def option_paths(cls=None, prefix: tuple = ()) -> list[tuple[tuple[str, ...], type]]:
+    """Every option of the run config as (path of keys, the type its values are drawn from)."""
+    import dataclasses
+    import typing
+
+    from prunelab.config import Checked
+
+    found = []
+    for f in dataclasses.fields(cls or RunConfig):
+        hint = typing.get_type_hints(cls or RunConfig)[f.name]
+        if isinstance(hint, type) and issubclass(hint, Checked):
+            found += option_paths(hint, (*prefix, f.name))
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = next((k for k in (bool, int, float, str) if k in args), tuple)
+        found.append(((*prefix, f.name), kind))
+    return found
+
+
+def inputs_case(rng: random.Random, work: Path) -> None:
+    """One or two options of a small valid job given a value from a pool of right and wrong ones: the run either
+    works, or refuses in one line and leaves no output folder behind. A refusal after the model was loaded is
+    printed for a reader to judge whether it could have come before."""
+    import prunelab.job
+
+    family = rng.choice(["llama", "qwen3_moe", "gpt2"])
+    model = saved_model(work, family, torch.float32)
+    values = dict(model=str(model), calib=str(work / "calib.txt"), eval=str(work / "eval.txt"), samples=4, seqlen=32,
+                  eval_seqlen=32, eval_windows=2, forward_batch=4, speed=False, out=str(work / "case"),
+                  reconstruct={"heldout": 2, "lr_probe": 1, "lr": 1e-3, "precision": "float32"},
+                  retrain={"tokens": 256, "heldout": 2, "batch_size": 2, "accumulate": 1, "lr": 1e-3, "evals": 1})
+    mutated = {}
+    for path, kind in rng.sample(option_paths(), rng.choice([1, 2])):
+        pool = VALUES[kind] + [str(model), str(work), str(work / "calib.txt")] * (kind is str)
+        value = rng.choice(pool) if rng.random() < 0.8 else rng.choice([v for p in VALUES.values() for v in p])
+        section = values
+        for key in path[:-1]:
+            section = section.setdefault(key, {})
+        section[path[-1]] = mutated[".".join(path)] = value
+    print(f"{family} {' '.join(f'{k}={v!r}' for k, v in mutated.items())}", end=" ", flush=True)
+    loads, load = [], prunelab.job.load_model
+    prunelab.job.load_model = lambda *args, **kwargs: loads.append(1) or load(*args, **kwargs)
+    signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(60)
+    try:
+        prunelab.run(values, progress=False)
+    except Slow:
+        raise PrunelabError("still running after 60 s (an option asked for that much work): stopped") from None
+    except PrunelabError as error:
+        if "\n" in str(error):
+            raise AssertionError(f"a refusal of {len(str(error).splitlines())} lines: {error!r}") from error
+        if (work / "case").exists() and values.get("resume") is not True:
+            raise AssertionError(f"refused ({error}), but {work / 'case'} was left behind") from error
+        raise PrunelabError(f"{'(after loading the model) ' if loads else ''}{error}") from error
+    finally:
+        signal.alarm(0)
+        prunelab.job.load_model = load
+        shutil.rmtree(work / "case", ignore_errors=True)
+
+
+class Slow(BaseException):
+    """A case that runs too long: stopped, neither a refusal of prunelab's nor a failure."""
+
+
+def _too_slow(*_):
+    raise Slow
+
+
 def state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: t for f in sorted(folder.glob("*.safetensors")) for k, t in load_file(f).items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["api", "job", "resume", "ddp"], default="api")
+    parser.add_argument("--mode", choices=["api", "job", "resume", "ddp", "inputs"], default="api")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--case", type=int, default=None, help="run only this case number")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    case_of = {"api": api_case, "job": job_case, "resume": resume_case, "ddp": ddp_case}[args.mode]
+    case_of = {"api": api_case, "job": job_case, "resume": resume_case, "ddp": ddp_case,
+               "inputs": inputs_case}[args.mode]
     counts = {"ok": 0, "refused": 0, "failed": 0}
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:

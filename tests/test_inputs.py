@@ -51,6 +51,7 @@ def base_args(tiny_dir, texts, out):
     ({"samples": 4.5}, "samples must be an integer, got 4.5"),
     ({"eval_windows": 2.5}, "eval_windows must be an integer, got 2.5"),
     ({"threads": -1}, "threads must be a positive integer"),
+    ({"threads": 10**9}, "threads 1000000000 is more than this machine's"),  # libgomp aborted the process
     ({"out": ""}, "out must not be empty"),
     ({"reconstruct": {"freeze_norms": "no"}}, "reconstruct.freeze_norms must be true or false"),
     ({"depth": {"remove": True}}, "depth.remove must be an integer, got True"),

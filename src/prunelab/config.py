@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -380,6 +381,8 @@ class RunConfig(Checked):
         positive(self, "eval_windows", "task_limit", minimum=0)
         if self.threads is not None:
             positive(self, "threads")
+            if self.threads > (os.cpu_count() or 1):  # more never helps, and libgomp aborts the process on 10**9
+                raise PrunelabError(f"threads {self.threads} is more than this machine's {os.cpu_count()} CPUs")
         if self.max_memory is not None and not self.max_memory > 0:
             raise PrunelabError(f"max_memory must be > 0 (GB), got {self.max_memory}")
         for name in ("dtype", "model_dtype"):
