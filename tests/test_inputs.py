@@ -4,6 +4,7 @@ file, before the expensive work where it can be checked, and nothing is lost or 
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -180,6 +181,27 @@ def test_overwrite_refuses_the_current_directory(tiny_dir, texts, tmp_path, monk
     code, output = cli(*base_args(tiny_dir, texts, "."), "--reconstruct", "none", "--overwrite")
     assert code == 2 and "it is (or holds) the current directory" in output
     assert (run / "prunelab.json").exists() and not list(tmp_path.glob(".*old-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    # a mistyped count: the OOM killer ended the run after the model had loaded
+    (["--samples", "1000000000", "--reconstruct", "none"],
+     r"samples 1000000000 calibration windows of 16 tokens take 4.1e\+03 GB as float32 activations \(hidden size 64\), "
+     r"more than this machine's [\d.]+ GB of memory: lower --samples or --seqlen"),
+    (["--samples", "1000000000"],  # reconstruction may put them in files
+     r"samples 1000000000 \(and 16 held-out\) calibration windows .* GB of memory and free disk: lower"),
+    (["--seqlen", "4096"], "seqlen 4096 exceeds the model's max_position_embeddings 1024"),
+    (["--retrain", "full", "--retrain-tokens", "1000000000000"], r"retrain.tokens 1000000000000 take 8e\+03 GB as "
+                                                                 r"token ids"),
+])
+def test_counts_the_machine_cannot_hold_are_refused_before_the_model_loads(args, message, tiny_dir, texts, tmp_path,
+                                                                           monkeypatch):
+    import prunelab.job
+
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), *args)
+    assert code == 2 and re.search(message, output.replace("\n", " ")), output
+    assert not (tmp_path / "o").exists()
 
 
 def test_unwritable_output_is_refused_before_the_model_loads(tiny_dir, texts, tmp_path, monkeypatch):

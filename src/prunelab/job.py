@@ -10,6 +10,8 @@ import copy
 import hashlib
 import json
 import math
+import shutil
+import tempfile
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors import SafetensorError
+from transformers import AutoConfig
 
 from . import distributed
 from . import report as reporting
@@ -109,9 +112,49 @@ def prepare(config: RunConfig) -> None:
     check_disjoint(config.calib, config.eval)
     if config.tasks:
         check_task_setup(config)
+    text_config = local_text_config(config.model)
+    if text_config is not None:  # else once the model is loaded (a hub id, a GGUF file)
+        check_lengths(text_config, window_lengths(config))
+        check_activations_fit(config, text_config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+
+
+def local_text_config(spec: str):
+    """The text config of a local model folder, read before the model is loaded; None for anything else (a hub id
+    is not fetched twice, and a folder loading would refuse is refused there, by name)."""
+    path = model_path(spec)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(path).get_text_config()
+    except Exception:  # transformers' errors for a config it cannot read vary; loading names them
+        return None
+
+
+def check_activations_fit(config: RunConfig, text_config) -> None:
+    """The calibration windows' activations fit the machine: one float32 copy of the residual stream of every
+    window is the least a run holds (in memory, or in files where reconstruction may offload it); retraining holds
+    its windows' token ids. A mistyped --samples 1000000000 was killed by the OOM killer, after loading the model."""
+    hidden = getattr(text_config, "hidden_size", None)
+    if not config.needs_calibration or not isinstance(hidden, int):
+        return
+    recon = config.reconstruct
+    held = recon.heldout if recon.enabled else 0
+    need = (config.samples + held) * config.seqlen * hidden * 4
+    offloads = recon.enabled and recon.offload != "off" and resolve_device(config.device).type == "cpu"
+    room = psutil.virtual_memory().total + (shutil.disk_usage(tempfile.gettempdir()).free if offloads else 0)
+    if need > room:
+        raise PrunelabError(f"samples {config.samples}{f' (and {held} held-out)' if held else ''} calibration windows "
+                            f"of {config.seqlen} tokens take {need / 1e9:.3g} GB as "
+                            f"float32 activations (hidden size {hidden}), more than this machine's {room / 1e9:.3g} "
+                            f"GB of memory{' and free disk' if offloads else ''}: lower --samples or --seqlen")
+    rt = config.retrain
+    ids = (math.ceil(rt.tokens / config.seqlen) + rt.heldout) * config.seqlen * 8 if rt.enabled else 0
+    if ids > psutil.virtual_memory().total:
+        raise PrunelabError(f"retrain.tokens {rt.tokens} take {ids / 1e9:.3g} GB as token ids, more than this "
+                            f"machine's {psutil.virtual_memory().total / 1e9:.3g} GB of memory")
 
 
 def read_texts(config: RunConfig) -> dict[str, str]:
@@ -133,12 +176,17 @@ def window_lengths(config: RunConfig) -> dict[str, int]:
     return {**lengths, "eval_seqlen": config.eval_seqlen + config.eval_bos} if config.eval != "none" else lengths
 
 
-def check_model(model, lengths: dict[str, int]) -> None:
-    """What the model's own config and weights allow: the window `lengths`, finite weights."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+def check_lengths(text_config, lengths: dict[str, int]) -> None:
+    """The window `lengths` (by option name) are positions the model has."""
+    limit = getattr(text_config, "max_position_embeddings", None)
     for name, length in lengths.items():
         if limit is not None and length > limit:
             raise PrunelabError(f"{name} {length} exceeds the model's max_position_embeddings {limit}")
+
+
+def check_model(model, lengths: dict[str, int]) -> None:
+    """What the model's own config and weights allow: the window `lengths`, finite weights."""
+    check_lengths(model.config.get_text_config(), lengths)
     for name, param in model.named_parameters():
         if param.device.type != "meta" and not torch.isfinite(param).all():  # streamed: NaNs show in activations
             raise PrunelabError(f"the model's weights are broken: {name} holds NaN or inf values")
