@@ -295,6 +295,18 @@ def test_relaunch_ignores_modules_in_the_current_directory(tmp_path):
 # --- 8, 10. data and model files, checked before the expensive work -----------------------------------
 
 
+def test_a_name_that_is_neither_a_local_model_nor_on_the_hub_is_named_as_such(texts, tmp_path):
+    # a mistyped local folder is taken for a hub id: the error named the tokenizer, after the hub's retries
+    calib, evaluation = texts
+    done = subprocess.run([sys.executable, "-m", "prunelab", "run", "--model", "no-such-model-folder", "--calib", calib,
+                           "--eval", evaluation, "--out", tmp_path / "o"], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ("error: model 'no-such-model-folder': no local folder or file of that name, and the Hugging Face hub "
+            "gave no config for it (") in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 
 @pytest.mark.parametrize("stream", [[], ["--max-memory", "0.0006"]])
 @pytest.mark.parametrize("family, args, message", [

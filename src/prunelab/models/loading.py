@@ -144,7 +144,7 @@ def stored_dtype(spec: str) -> torch.dtype | None:
         config = json.loads((path / "config.json").read_text())
         declared = config.get("dtype") or config.get("torch_dtype")
     else:  # a hub id, whose files from_pretrained has fetched
-        config = AutoConfig.from_pretrained(spec)
+        config = hub_config(spec)
         if quantization(config) is not None:
             return None
         declared = getattr(config, "dtype", None)
@@ -242,6 +242,16 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return _plain(model), tokenizer
 
 
+def hub_config(spec: str):
+    """The config of a hub model (fetched, or from the cache), or a one-line error that says where it was looked
+    for: a mistyped local folder is taken for a hub id, and the tokenizer's error named neither."""
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise PrunelabError(f"model {spec!r}: no local folder or file of that name, and the Hugging Face hub gave "
+                            f"no config for it ({' '.join(str(exc).split())})") from None
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     """Return (model, tokenizer, source) with the model in eval mode on `device`, its Conv1D layers (GPT-2's) held
     as linears (`conv1d`)."""
@@ -250,8 +260,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     path = model_path(spec)
     try:
         if path is None:
+            config = hub_config(spec)
             tokenizer = load_tokenizer(spec)
-            model = load_float(spec, spec, quantization(AutoConfig.from_pretrained(spec)), torch_dt)
+            model = load_float(spec, spec, quantization(config), torch_dt)
         elif path.suffix == ".gguf":
             if not path.is_file():
                 raise PrunelabError(f"model file not found: {path}")
