@@ -53,6 +53,8 @@ def base_args(tiny_dir, texts, out):
     ({"eval_windows": 2.5}, "eval_windows must be an integer, got 2.5"),
     ({"threads": -1}, "threads must be a positive integer"),
     ({"threads": 10**9}, "threads 1000000000 is more than this machine's"),  # libgomp aborted the process
+    ({"eval_seqlen": 1}, "eval_seqlen must be >= 2, got 1"),  # perplexity divided by 0 predicted tokens
+    ({"seqlen": 1, "retrain": "full"}, "seqlen must be >= 2, got 1"),
     ({"out": ""}, "out must not be empty"),
     ({"reconstruct": {"freeze_norms": "no"}}, "reconstruct.freeze_norms must be true or false"),
     ({"depth": {"remove": True}}, "depth.remove must be an integer, got True"),

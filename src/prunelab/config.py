@@ -379,6 +379,9 @@ class RunConfig(Checked):
         self.validate_layerwise()
         positive(self, "samples", "seqlen", "eval_seqlen", "forward_batch", "eval_batch", "task_batch")
         positive(self, "eval_windows", "task_limit", minimum=0)
+        if self.eval != "none" and self.eval_seqlen < 2 and not self.eval_bos:
+            raise PrunelabError(f"eval_seqlen must be >= 2, got {self.eval_seqlen}: a window's first token is context "
+                                "only, so a 1-token window predicts nothing (or prepend BOS: eval_bos)")
         if self.threads is not None:
             positive(self, "threads")
             if self.threads > (os.cpu_count() or 1):  # more never helps, and libgomp aborts the process on 10**9
@@ -467,6 +470,8 @@ class RunConfig(Checked):
         if rt.method == "masklora" and (self.structured or (self.pattern is None and self.sparsity == 0)):
             raise PrunelabError(f"--retrain masklora keeps a pruning mask, but {self.method} at this setting zeroes "
                                 "no weights (prune with a sparsity > 0 or a pattern, or use --retrain full)")
+        if self.seqlen < 2:
+            raise PrunelabError(f"retraining predicts each window's next tokens: seqlen must be >= 2, got {self.seqlen}")
         per_step = rt.batch_size * rt.accumulate * self.seqlen
         if rt.tokens < per_step:
             raise PrunelabError(f"retrain.tokens {rt.tokens} is less than one optimiser step: retrain.batch_size "
