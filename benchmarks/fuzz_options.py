@@ -23,6 +23,7 @@ the exit status is 1 when there is one. Each case is drawn from (seed, case numb
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -241,7 +242,6 @@ def ddp_case(rng: random.Random, work: Path) -> None:
     """Two gloo processes under torchrun against one on the same options: the same masks (or removed blocks and
     channels), perplexity within 0.5 %."""
     import json
-    import os
     import subprocess
 
     import yaml
@@ -386,6 +386,8 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
+        sys.path[:] = [os.path.abspath(entry) if entry else entry for entry in sys.path]  # PYTHONPATH=src
+        os.chdir(work)  # an option drawn as a relative path (an --out of 'cosine') lands here, not in the checkout
         from conftest import TEXT
 
         (work / "calib.txt").write_text(TEXT)

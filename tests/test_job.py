@@ -164,6 +164,7 @@ def test_failure_while_saving_leaves_nothing_behind(tiny_dir, texts, tmp_path, m
         (["--model", "/no/such/model"], "model folder not found: /no/such/model"),
         (["--model", "/no/such/model.gguf"], "model file not found"),
         (["--model", "/"], "not a model folder (no config.json): /"),
+        (["--model", __file__], f"model must be a model folder or a .gguf file, got the file {__file__}"),
         (["--calib", "missing.txt"], "unknown text source"),
         (["--samples", "0"], "samples must be a positive integer"),
     ],

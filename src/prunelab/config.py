@@ -471,7 +471,8 @@ class RunConfig(Checked):
             raise PrunelabError(f"--retrain masklora keeps a pruning mask, but {self.method} at this setting zeroes "
                                 "no weights (prune with a sparsity > 0 or a pattern, or use --retrain full)")
         if self.seqlen < 2:
-            raise PrunelabError(f"retraining predicts each window's next tokens: seqlen must be >= 2, got {self.seqlen}")
+            raise PrunelabError(f"retraining predicts each window's next tokens: seqlen must be >= 2, got "
+                                f"{self.seqlen}")
         per_step = rt.batch_size * rt.accumulate * self.seqlen
         if rt.tokens < per_step:
             raise PrunelabError(f"retrain.tokens {rt.tokens} is less than one optimiser step: retrain.batch_size "

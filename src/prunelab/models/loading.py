@@ -270,6 +270,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
         else:
             if not path.exists():
                 raise PrunelabError(f"model folder not found: {path}")
+            if path.is_file():
+                raise PrunelabError(f"model must be a model folder or a .gguf file, got the file {path}")
             if not (path / "config.json").is_file():
                 raise PrunelabError(f"not a model folder (no config.json): {path}")
             tokenizer = load_tokenizer(path)
