@@ -55,6 +55,10 @@ def base_args(tiny_dir, texts, out):
     ({"threads": 10**9}, "threads 1000000000 is more than this machine's"),  # libgomp aborted the process
     ({"eval_seqlen": 1}, "eval_seqlen must be >= 2, got 1"),  # perplexity divided by 0 predicted tokens
     ({"seqlen": 1, "retrain": "full"}, "seqlen must be >= 2, got 1"),
+    # AdamW multiplies each weight by 1 - lr x weight_decay: the loss became NaN, and the error blamed the lr
+    ({"reconstruct": {"weight_decay": 1e9}}, "reconstruct.weight_decay 1e+09 x the learning rate 0.01 is >= 1"),
+    ({"retrain": {"method": "full", "weight_decay": 1e5, "lr": 1e-4}},
+     "retrain.weight_decay 100000 x the learning rate 0.0001 is >= 1: AdamW would multiply every weight by -9 each"),
     ({"out": ""}, "out must not be empty"),
     ({"reconstruct": {"freeze_norms": "no"}}, "reconstruct.freeze_norms must be true or false"),
     ({"depth": {"remove": True}}, "depth.remove must be an integer, got True"),

@@ -37,6 +37,7 @@ SCOPES = ("adjacent", "all")
 RETRAIN_METHODS = ("none", "full", "masklora")
 PRECISIONS = ("auto", "float32", "bfloat16")
 LAYERWISE = ("uniform", "owl")
+RETRAIN_LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "masklora": (1e-4, 3e-4, 1e-3)}  # --retrain-lr auto's defaults
 RENAMED = {"batch_size": "forward_batch"}  # top-level keys of earlier versions
 SHORTHANDS = {"reconstruct": "granularity", "retrain": "method"}  # `section: value` means {key: value}
 
@@ -52,6 +53,15 @@ def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None 
 def one_of(name: str, value: Any, choices) -> None:
     if value not in choices:
         raise PrunelabError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_decay(section: str, weight_decay: float, lr: float) -> None:
+    """AdamW multiplies every weight by 1 - lr x weight_decay each step: at 1 or more it flips their signs and the
+    training diverges (as a NaN loss blamed on the learning rate)."""
+    if weight_decay * lr >= 1:
+        raise PrunelabError(f"{section}.weight_decay {weight_decay:g} x the learning rate {lr:g} is >= 1: AdamW would "
+                            f"multiply every weight by {1 - weight_decay * lr:g} each step; use a weight decay below "
+                            f"{1 / lr:g}")
 
 
 def positive(owner: Any, *names: str, prefix: str = "", minimum: int = 1) -> None:
@@ -192,6 +202,7 @@ class ReconstructConfig(Checked):
             raise PrunelabError(f"reconstruct.warmup must be in [0, 1), got {self.warmup}")
         if self.weight_decay < 0:
             raise PrunelabError(f"reconstruct.weight_decay must be >= 0, got {self.weight_decay}")
+        check_decay("reconstruct", self.weight_decay, max(self.lr_grid) if self.lr == "auto" else self.lr)
 
 
 @dataclass
@@ -232,6 +243,11 @@ class RetrainConfig(Checked):
     def enabled(self) -> bool:
         return self.method != "none"
 
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The learning rates `lr: auto` tries."""
+        return self.lr_grid or RETRAIN_LR_GRIDS.get(self.method, RETRAIN_LR_GRIDS["masklora"])
+
     def validate(self) -> None:
         one_of("retrain.method", self.method, RETRAIN_METHODS)
         one_of("retrain.precision", self.precision, PRECISIONS)
@@ -249,6 +265,7 @@ class RetrainConfig(Checked):
         if self.weight_decay < 0 or self.alpha <= 0:
             raise PrunelabError(f"retrain.weight_decay must be >= 0 and retrain.alpha > 0, got {self.weight_decay} "
                                 f"and {self.alpha}")
+        check_decay("retrain", self.weight_decay, max(self.grid) if self.lr == "auto" else self.lr)
 
 
 @dataclass

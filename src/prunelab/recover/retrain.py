@@ -41,7 +41,6 @@ from .loop import Diverged, Trainable, adamw, finite_or_inf, schedule
 
 # Learning rates `auto` tries when no grid is given: full retraining moves every weight of a trained
 # model and wants the small rates of fine-tuning; LoRA's B starts at 0 and needs larger ones.
-LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "masklora": (1e-4, 3e-4, 1e-3)}
 EXTEND = 2  # probes beyond the grid's edge when its best rate lies there
 
 
@@ -239,7 +238,7 @@ class Retraining:
         rt = self.rt
         if rt.lr != "auto":
             return float(rt.lr), {"mode": "fixed", "lr": float(rt.lr)}
-        grid = sorted(rt.lr_grid or LR_GRIDS[rt.method])
+        grid = sorted(rt.grid)
         probe_steps = max(1, round(rt.probe * self.steps))
         start, losses, tokens = self.trainable.snapshot(), {}, 0
         for extended in range(EXTEND + 1):
