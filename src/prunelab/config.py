@@ -561,7 +561,7 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         if float in args:
-            _check_finite(value, key)  # before `float | str` could call nan neither
+            _check_finite(value, key)  # here: `float | str` would call a NaN neither a number nor a string
         for arg in (a for a in args if a is not type(None)):
             try:
                 return check_type(value, arg, key)
