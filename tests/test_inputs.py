@@ -21,6 +21,7 @@ from prunelab.config import RunConfig
 from prunelab.errors import PrunelabError
 from prunelab.files import MARKER, atomic_dir
 from prunelab.measure import python_argv
+from prunelab.models.conv1d import released
 
 runner = CliRunner()
 
@@ -207,6 +208,27 @@ def test_counts_the_machine_cannot_hold_are_refused_before_the_model_loads(args,
     monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
     code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), *args)
     assert code == 2 and re.search(message, output.replace("\n", " ")), output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2: Conv1D layers, held as linears on the meta device too
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "model.layers.9.*"], "skip pattern 'model.layers.9.*' matches no prunable layer"),
+    (["--pattern", "3:7"], "pattern 3:7 does not divide layer 0."),
+])
+def test_layer_patterns_are_checked_before_the_model_loads(family, args, message, tokenizer, texts, tmp_path,
+                                                           monkeypatch):
+    import prunelab.job
+
+    folder = tmp_path / family
+    with released(model := tiny_model(family)):
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    skip = ["--skip", "transformer.h.9.*"] if family == "gpt2" and args[0] == "--skip" else args
+    code, output = cli(*base_args(folder, texts, tmp_path / "o"), *skip)
+    assert code == 2 and message.replace("model.layers", "transformer.h" if family == "gpt2" else "model.layers") \
+        in output, output
     assert not (tmp_path / "o").exists()
 
 

@@ -47,6 +47,7 @@ from .models.loading import (
     broken_weights,
     check_model_fits,
     dtype_name,
+    empty_model,
     float_nbytes,
     float_weights,
     in_saved_dtypes,
@@ -116,6 +117,7 @@ def prepare(config: RunConfig) -> None:
     if text_config is not None:  # else once the model is loaded (a hub id, a GGUF file)
         check_lengths(text_config, window_lengths(config))
         check_activations_fit(config, text_config)
+        check_layers_before_loading(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -131,6 +133,19 @@ def local_text_config(spec: str):
         return AutoConfig.from_pretrained(path).get_text_config()
     except Exception:  # transformers' errors for a config it cannot read vary; loading names them
         return None
+
+
+def check_layers_before_loading(config: RunConfig) -> None:
+    """`skip` and N:M patterns checked against the modules of a local model built on the meta device, so that a
+    mistyped pattern is not found minutes later, once a large model has loaded (which is checked again)."""
+    path = model_path(config.model)
+    if config.structured or not (config.skip or config.pattern) or quantization(path) is not None:
+        return
+    try:
+        adapter = find_adapter(empty_model(path))  # its module tree alone: a meta model runs no probe
+    except Exception:  # an architecture the loaded model would be refused for, in its own words, or built otherwise
+        return
+    check_layers(adapter, config)
 
 
 def check_activations_fit(config: RunConfig, text_config) -> None:

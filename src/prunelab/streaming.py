@@ -31,13 +31,11 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from .activations import (
     BlockStream,
@@ -53,10 +51,9 @@ from .errors import PrunelabError, PrunelabWarning
 from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
-from .models.conv1d import held_weights, hold
+from .models.conv1d import held_weights
 from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
-from .models.loading import check_fits, float_dtype_of, headers, held_dtypes
-from .models.narrow import STRUCTURE_FILE, narrow_linears, read_structure
+from .models.loading import check_fits, empty_model, float_dtype_of, headers, held_dtypes
 
 INDEX = "model.safetensors.index.json"
 
@@ -146,12 +143,7 @@ class StreamedModel:
         self.compute_dtype, self.device = compute_dtype, device
         self.saved_dtype = self.source.dtype  # of the blocks written; the job may ask for another
         self.returns_tuple = False  # whether its blocks return a tuple, seen whenever they run (`_through_blocks`)
-        config = AutoConfig.from_pretrained(folder)
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config)
-            if (Path(folder) / STRUCTURE_FILE).is_file():  # narrowed by FLAP: its linears have their own shapes
-                narrow_linears(self.model, read_structure(folder))
-            hold(self.model)
+        self.model = empty_model(folder)
         self.transposed = held_weights(self.model)  # stored [in, out], held [out, in] (GPT-2's Conv1D)
         self.model.eval()
         self.model.config.use_cache = False

@@ -21,7 +21,7 @@ from ..distributed import device_for
 from ..errors import PrunelabError
 from ..files import atomic_dir, cache_lock
 from .conv1d import hold
-from .narrow import STRUCTURE_FILE, load_narrow
+from .narrow import STRUCTURE_FILE, load_narrow, narrow_linears, read_structure
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m", "embedded"}
 # Quantized checkpoints whose weights transformers turns back into floats when asked: MXFP4 (GPT-OSS) and block
@@ -240,6 +240,18 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return _plain(model), tokenizer
+
+
+def empty_model(folder: Path):
+    """The model of a local folder on the meta device (no weight read), as prunelab holds it: narrowed where FLAP
+    narrowed it, GPT-2's Conv1D layers as linears."""
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+        if (Path(folder) / STRUCTURE_FILE).is_file():  # narrowed by FLAP: its linears have their own shapes
+            narrow_linears(model, read_structure(folder))
+        hold(model)
+    return model
 
 
 def hub_config(spec: str):
