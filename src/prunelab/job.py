@@ -113,20 +113,20 @@ def prepare(config: RunConfig) -> None:
     check_disjoint(config.calib, config.eval)
     if config.tasks:
         check_task_setup(config)
-    text_config = local_text_config(config.model)
+    path = model_path(config.model)
+    text_config = local_text_config(path)
     if text_config is not None:  # else once the model is loaded (a hub id, a GGUF file)
         check_lengths(text_config, window_lengths(config))
         check_activations_fit(config, text_config)
-        check_layers_before_loading(config)
+        check_layers_before_loading(config, path)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
 
-def local_text_config(spec: str):
-    """The text config of a local model folder, read before the model is loaded; None for anything else (a hub id
-    is not fetched twice, and a folder loading would refuse is refused there, by name)."""
-    path = model_path(spec)
+def local_text_config(path: Path | None):
+    """The text config of a local model folder (`model_path`), read before the model is loaded; None for anything
+    else (a hub id is not fetched twice, and a folder loading would refuse is refused there, by name)."""
     if path is None or not (path / "config.json").is_file():
         return None
     try:
@@ -135,10 +135,9 @@ def local_text_config(spec: str):
         return None
 
 
-def check_layers_before_loading(config: RunConfig) -> None:
-    """`skip` and N:M patterns checked against the modules of a local model built on the meta device, so that a
-    mistyped pattern is not found minutes later, once a large model has loaded (which is checked again)."""
-    path = model_path(config.model)
+def check_layers_before_loading(config: RunConfig, path: Path) -> None:
+    """`skip` and N:M patterns checked against the modules of the local model at `path` built on the meta device, so
+    that a mistyped pattern is not found minutes later, once a large model has loaded (which is checked again)."""
     if config.structured or not (config.skip or config.pattern) or quantization(path) is not None:
         return
     try:
@@ -159,7 +158,8 @@ def check_activations_fit(config: RunConfig, text_config) -> None:
     held = recon.heldout if recon.enabled else 0
     need = (config.samples + held) * config.seqlen * hidden * 4
     offloads = recon.enabled and recon.offload != "off" and resolve_device(config.device).type == "cpu"
-    room = psutil.virtual_memory().total + (shutil.disk_usage(tempfile.gettempdir()).free if offloads else 0)
+    memory = psutil.virtual_memory().total
+    room = memory + (shutil.disk_usage(tempfile.gettempdir()).free if offloads else 0)
     if need > room:
         raise PrunelabError(f"samples {config.samples}{f' (and {held} held-out)' if held else ''} calibration windows "
                             f"of {config.seqlen} tokens take {need / 1e9:.3g} GB as "
@@ -167,9 +167,9 @@ def check_activations_fit(config: RunConfig, text_config) -> None:
                             f"GB of memory{' and free disk' if offloads else ''}: lower --samples or --seqlen")
     rt = config.retrain
     ids = (math.ceil(rt.tokens / config.seqlen) + rt.heldout) * config.seqlen * 8 if rt.enabled else 0
-    if ids > psutil.virtual_memory().total:
+    if ids > memory:
         raise PrunelabError(f"retrain.tokens {rt.tokens} take {ids / 1e9:.3g} GB as token ids, more than this "
-                            f"machine's {psutil.virtual_memory().total / 1e9:.3g} GB of memory")
+                            f"machine's {memory / 1e9:.3g} GB of memory")
 
 
 def read_texts(config: RunConfig) -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from itertools import chain
+from typing import Callable
 
 import torch
 from torch import nn
@@ -76,6 +77,14 @@ def held_in_float32(*modules: nn.Module):
         yield
     finally:
         for module, dtypes in zip(modules, held):
-            for name, tensor in floating(module):
-                if name in dtypes and tensor.dtype != dtypes[name]:
-                    tensor.data = tensor.data.to(dtypes[name])
+            cast_each(module, dtypes.get)
+
+
+@torch.no_grad()
+def cast_each(module: nn.Module, dtype_of: Callable[[str], torch.dtype | None]) -> None:
+    """Each floating parameter and buffer of `module` in the dtype `dtype_of(name)` says (None: as it is), in place:
+    the Parameter objects stay those the model and its optimisers hold."""
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        dtype = dtype_of(name)
+        if tensor.is_floating_point() and dtype is not None and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)

@@ -319,10 +319,15 @@ class StreamedModel:
                               for start in range(0, head.out_features, rows)], dim=-1)
         return forward
 
+    @property
+    def saved_dtypes(self) -> Callable[[str], torch.dtype]:
+        """The dtype each tensor is written in, by name: the saved dtype, or float32 for what the class keeps so."""
+        return held_dtypes(self.model, self.saved_dtype)
+
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block `index`'s tensors by checkpoint key, in the checkpoint's layout and the saved dtype: a converted
         tensor one at a time, so that a block's experts are never in both layouts at once."""
-        dtypes = held_dtypes(self.model, self.saved_dtype)
+        dtypes = self.saved_dtypes
 
         def stored(name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
             check_fits(name, tensor, dtypes(name))
@@ -356,7 +361,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, streamed: StreamedModel):
         self.folder, self.source, self.dtype = Path(folder), streamed.source, streamed.saved_dtype
-        self.dtypes = held_dtypes(streamed.model, self.dtype)  # the saved dtype, or float32 for what the class keeps so
+        self.dtypes = streamed.saved_dtypes
         sizes = self.source.nbytes()
         block_bytes = largest_block(sizes)
         large = [[name] for name in streamed.outer_names if sizes[name] > block_bytes]

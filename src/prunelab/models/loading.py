@@ -20,6 +20,7 @@ from ..assets import SMOLLM2, cache_dir, download
 from ..distributed import device_for
 from ..errors import PrunelabError
 from ..files import atomic_dir, cache_lock
+from ..precision import cast_each
 from .conv1d import hold
 from .narrow import STRUCTURE_FILE, load_narrow, narrow_linears, read_structure
 
@@ -82,13 +83,9 @@ def round_weights(model, dtype: torch.dtype) -> None:
             tensor.copy_(tensor.to(dtypes(name)))
 
 
-@torch.no_grad()
 def in_saved_dtypes(model, dtype: torch.dtype):
     """`model` cast for saving in `dtype`, what its class keeps in float32 kept so (`held_dtypes`)."""
-    dtypes = held_dtypes(model, dtype)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and tensor.dtype != dtypes(name):
-            tensor.data = tensor.data.to(dtypes(name))
+    cast_each(model, held_dtypes(model, dtype))
     return model
 
 
