@@ -198,17 +198,30 @@ def test_overwrite_refuses_the_current_directory(tiny_dir, texts, tmp_path, monk
     (["--samples", "1000000000"],  # reconstruction may put them in files
      r"samples 1000000000 \(and 16 held-out\) calibration windows .* GB of memory and free disk: lower"),
     (["--seqlen", "4096"], "seqlen 4096 exceeds the model's max_position_embeddings 1024"),
+    (["--eval-bos"], "--eval-bos: the model's tokenizer has no BOS token"),
     (["--retrain", "full", "--retrain-tokens", "1000000000000"], r"retrain.tokens 1000000000000 take 8e\+03 GB as "
                                                                  r"token ids"),
 ])
-def test_counts_the_machine_cannot_hold_are_refused_before_the_model_loads(args, message, tiny_dir, texts, tmp_path,
-                                                                           monkeypatch):
+def test_what_config_and_tokenizer_refuse_is_refused_before_the_model_loads(args, message, tiny_dir, texts,
+                                                                             tmp_path, monkeypatch):
     import prunelab.job
 
     monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
     code, output = cli(*base_args(tiny_dir, texts, tmp_path / "o"), *args)
     assert code == 2 and re.search(message, output.replace("\n", " ")), output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval-seqlen", "4096"], "eval_seqlen 4096 exceeds the model's max_position_embeddings 1024"),
+    (["--eval-bos"], "--eval-bos: the model's tokenizer has no BOS token"),
+])
+def test_prunelab_eval_refuses_windows_before_the_model_loads(args, message, tiny_dir, texts, monkeypatch):
+    import prunelab.job
+
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    code, output = cli("eval", "--model", tiny_dir, "--eval", texts[1], "--eval-windows", "2", *args)
+    assert code == 2 and message in output, output
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2: Conv1D layers, held as linears on the meta device too

@@ -1,6 +1,7 @@
 """The whole job on a tiny saved model: save, reload with plain transformers, report, bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import prunelab
+from prunelab import cli
 from prunelab.cli import app
 from prunelab.errors import PrunelabError
 from prunelab.models.adapters import find_adapter
@@ -180,6 +182,39 @@ def test_cli_bad_input_gives_one_line_error(args, message, tiny_dir, texts, tmp_
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--samples", "abc"], "error: prunelab run: Invalid value for '--samples'"),
+        (["run", "--sparsity", "0.5.1"], "error: prunelab run: Invalid value for '--sparsity'"),
+        (["run", "--no-such-flag"], "error: prunelab run: No such option: --no-such-flag"),
+        (["run", "--lr"], "error: Option '--lr' requires an argument"),
+        (["prnue"], "error: prunelab: No such command 'prnue'"),
+        (["run", "--sparsity", "1.5"], "error: sparsity must be in [0, 1), got 1.5"),  # prunelab's own, alike
+    ],
+)
+def test_the_command_gives_usage_errors_in_one_line(args, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prunelab", *args])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.startswith(message) and err.count("\n") == 1, err  # typer drew a box of 4 lines and more
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, code", [(["--version"], 0), (["run", "--help"], 0), ([], 2)])
+def test_the_command_shows_help_and_version_with_their_exit_codes(args, code, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prunelab", *args])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    out = capsys.readouterr()
+    assert done.value.code == code
+    assert "error" not in out.err
+    assert ("prunelab 0." if args == ["--version"] else "Usage: prunelab") in out.out + out.err
 
 
 @pytest.mark.parametrize("max_memory", [None, 3e-4])  # loaded whole, streamed

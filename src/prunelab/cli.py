@@ -30,7 +30,7 @@ from .models.loading import embedded_model_dir
 from .report import accuracy, summary_rows, zeroshot_means
 from .study import run_study
 
-app = typer.Typer(add_completion=False, help="Prune LLMs, recover them, and report honestly.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune LLMs, recover them, and report honestly.")
 console = Console(stderr=True)
 _show_warning = warnings.showwarning
 
@@ -335,8 +335,24 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - exercised by the benchmark and by users
-    app(prog_name="prunelab")
+# click's base of usage errors: typer raises it from its own copy of click (0.2x on), or from click (before)
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    """The `prunelab` command. A usage error (`--samples abc`, an unknown flag) is one line naming the flag, like
+    prunelab's own errors, where typer draws a box of several lines."""
+    try:
+        code = app(prog_name="prunelab", standalone_mode=False)
+    except USAGE_ERROR as exc:
+        command = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) is not None else ""
+        if exc.format_message():  # empty for no arguments at all, when the help has been shown instead
+            console.print(f"[bold red]error:[/] {escape(command + exc.format_message())}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit's code; a command's own return value is None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,6 +119,7 @@ def prepare(config: RunConfig) -> None:
         check_lengths(text_config, window_lengths(config))
         check_activations_fit(config, text_config)
         check_layers_before_loading(config, path)
+        check_bos_before_loading(config, path)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -145,6 +146,12 @@ def check_layers_before_loading(config: RunConfig, path: Path) -> None:
     except Exception:  # an architecture the loaded model would be refused for, in its own words, or built otherwise
         return
     check_layers(adapter, config)
+
+
+def check_bos_before_loading(config: RunConfig, path: Path) -> None:
+    """`eval_bos` needs a BOS token: the local model's tokenizer loads in a second, a large model in minutes."""
+    if config.eval_bos and config.eval != "none":
+        check_bos(load_tokenizer(path))
 
 
 def check_activations_fit(config: RunConfig, text_config) -> None:
@@ -226,6 +233,11 @@ def retraining_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tens
                        "seed": config.seed, "text_tokens": info["text_tokens"]}
 
 
+def check_bos(tokenizer) -> None:
+    if tokenizer.bos_token_id is None:
+        raise PrunelabError("--eval-bos: the model's tokenizer has no BOS token")
+
+
 def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tensor, dict]:
     """Non-overlapping windows of `eval_seqlen` text tokens (with `eval_bos`, each after a BOS token)."""
     windows = evaluation_windows(tokenizer, text, config.eval_seqlen, config.eval_windows)
@@ -235,8 +247,7 @@ def evaluation_data(config: RunConfig, tokenizer, text: str) -> tuple[torch.Tens
                                       f"perplexity is measured on those {windows.shape[0]}"), stacklevel=2)
     text_tokens = windows.numel()
     if config.eval_bos:
-        if tokenizer.bos_token_id is None:
-            raise PrunelabError("--eval-bos: the model's tokenizer has no BOS token")
+        check_bos(tokenizer)
         windows = torch.cat([torch.full((windows.shape[0], 1), tokenizer.bos_token_id), windows], dim=1)
     return windows, {"source": config.eval, "description": describe(config.eval), "windows": windows.shape[0],
                      "seqlen": config.eval_seqlen, "tokens": text_tokens, "bos": config.eval_bos,
@@ -662,6 +673,10 @@ def evaluate_model(config: RunConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     text = load_text(config.eval, role="eval") if config.eval != "none" else None
+    path = model_path(config.model)
+    if text is not None and (text_config := local_text_config(path)) is not None:
+        check_lengths(text_config, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
+        check_bos_before_loading(config, path)
     streaming = streaming_source(config, saving=False)
     if streaming is not None:
         return evaluate_streamed(config, text, streaming[0], streaming[2])
