@@ -38,6 +38,24 @@ def test_bad_grid_is_refused_before_any_run(tmp_path):
         plan(write_grid(tmp_path / "j.yaml", {"grid": {"method": "wanda"}}))
     with pytest.raises(PrunelabError, match="runs must be a list of mappings"):
         plan(write_grid(tmp_path / "k.yaml", {"runs": {"method": "wanda"}}))
+    with pytest.raises(PrunelabError, match=r"l.yaml, run method-3: method must be a string, got 3"):
+        plan(write_grid(tmp_path / "l.yaml", {"grid": {"method": ["wanda", 3]}}))
+    with pytest.raises(PrunelabError, match=r"m.yaml: runs 1 and 3 have the same overrides \(method-wanda\)"):
+        plan(write_grid(tmp_path / "m.yaml", {"runs": [{"method": "wanda"}, {"method": "ria"}, {"method": "wanda"}]}))
+    (tmp_path / "empty.yaml").write_text("")
+    for empty in (tmp_path / "empty.yaml", write_grid(tmp_path / "n.yaml", {"base": {"method": "wanda"}})):
+        with pytest.raises(PrunelabError, match=f"{empty.name} holds no runs: give a grid"):
+            plan(empty)
+
+
+def test_a_study_writes_only_into_a_new_folder_or_its_own(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"grid": {"method": ["wanda"]}})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PrunelabError, match="study folder .*file exists and is not a folder"):
+        run_study(grid, tmp_path / "file")
+    with pytest.raises(PrunelabError, match="holds files and is not a study's folder"):
+        run_study(grid, tmp_path)  # the folder of the grid file and others: STUDY.md would land among them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "g.yaml"]
 
 
 def test_a_study_without_evaluation_tables_its_runs(tmp_path, tiny_dir, texts, capfd):

@@ -76,15 +76,34 @@ def plan(grid_file: Path) -> list[tuple[str, dict]]:
     for overrides in combos + list(spec.get("runs") or []):
         values = _merge(_nest({k: v for k, v in base.items()}), _nest(overrides))
         values.pop("out", None)
-        RunConfig.from_dict(values)  # refuse a bad grid before hours of work
         name = "_".join(f"{k.split('.')[-1]}-{'+'.join(map(str, v)) if isinstance(v, list) else v}"
                         for k, v in overrides.items()).replace(":", "of").replace("/", "-")
-        name = re.sub(r"[^\w.+-]", "", name)  # skip's globs: no '*' in a file name
-        runs.append((name or "base", values))
-    names = [n for n, _ in runs]
-    if len(set(names)) != len(names):
-        raise PrunelabError("two study runs have the same overrides")
+        name = re.sub(r"[^\w.+-]", "", name) or "base"  # skip's globs: no '*' in a file name
+        try:
+            RunConfig.from_dict(values)  # refuse a bad grid before hours of work
+        except PrunelabError as exc:
+            raise PrunelabError(f"{grid_file}, run {name}: {exc}") from None
+        if name in (names := [n for n, _ in runs]):
+            raise PrunelabError(f"{grid_file}: runs {names.index(name) + 1} and {len(runs) + 1} have the same "
+                                f"overrides ({name})")
+        runs.append((name, values))
+    if not runs:
+        raise PrunelabError(f"{grid_file} holds no runs: give a grid (option: [values to try]) or runs (a list of "
+                            "overrides of base)")
     return runs
+
+
+def open_study_folder(out: Path) -> None:
+    """`out` is new, or a study's folder (a study resumes there): never a folder of other files the table and
+    plots would land among."""
+    if out.exists() and not out.is_dir():
+        raise PrunelabError(f"study folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir():
+        raise PrunelabError(f"{out} holds files and is not a study's folder (it has no runs/): choose a new --out")
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrunelabError(f"cannot write the study folder {out}: {exc.strerror or exc}") from None
 
 
 def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bool = True) -> list[dict]:
@@ -93,7 +112,7 @@ def run_study(grid_file: Path, out: Path, progress: bool = True, run_missing: bo
     runs = plan(grid_file)
     if not run_missing and not any((out / "runs" / f"{name}.json").exists() for name, _ in runs):
         raise PrunelabError(f"no finished run of {grid_file} in {out / 'runs'} to table")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    open_study_folder(out)
     granularities = list(dict.fromkeys(RunConfig.from_dict(values).reconstruct.granularity for _, values in runs))
     results = []
     for number, (name, values) in enumerate(runs):
