@@ -224,6 +224,24 @@ def test_prunelab_eval_refuses_windows_before_the_model_loads(args, message, tin
     assert code == 2 and message in output, output
 
 
+@pytest.mark.parametrize("command", ["run", "eval"])
+@pytest.mark.parametrize("model, message", [
+    ("/no/such/model", "model folder not found: /no/such/model"),
+    ("/no/such/model.gguf", "model file not found: /no/such/model.gguf"),
+    ("/", "not a model folder (no config.json): /"),
+])
+def test_a_model_path_that_holds_no_model_is_refused_before_the_texts_are_read(command, model, message, tmp_path,
+                                                                               monkeypatch):
+    import prunelab.job
+
+    # a hub text (wikitext2) is fetched with the hub's retries, half a minute offline, before the model was looked at
+    monkeypatch.setattr(prunelab.job, "load_text", lambda *a, **k: pytest.fail("a text was read"))
+    run = ["--calib", "wikitext2", "--out", tmp_path / "o"] if command == "run" else []
+    code, output = cli(command, "--model", model, "--eval", "wikitext2", *run)
+    assert code == 2 and message in output, output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2: Conv1D layers, held as linears on the meta device too
 @pytest.mark.parametrize("args, message", [
     (["--skip", "model.layers.9.*"], "skip pattern 'model.layers.9.*' matches no prunable layer"),
@@ -376,13 +394,14 @@ def test_a_structured_method_the_model_cannot_take_is_refused_before_evaluation(
         ("fake.parquet", b"not parquet at all", "is not a readable Parquet file"),
     ],
 )
-def test_bad_calibration_files_fail_before_the_model_loads(name, content, message, texts, tmp_path):
+def test_bad_calibration_files_fail_before_the_model_loads(name, content, message, tiny_dir, texts, tmp_path,
+                                                           monkeypatch):
+    import prunelab.job
+
     bad = tmp_path / name
     bad.write_bytes(content)
-    # the model path does not exist: an error about the text proves the text was read first
-    code, output = cli(
-        "run", "--model", tmp_path / "no-model", "--calib", bad, "--eval", texts[1], "--out", tmp_path / "o"
-    )
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    code, output = cli("run", "--model", tiny_dir, "--calib", bad, "--eval", texts[1], "--out", tmp_path / "o")
     assert code == 2 and message in output and str(bad) in output
 
 

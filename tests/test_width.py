@@ -319,6 +319,17 @@ def test_export_without_room_for_biases_is_refused_with_the_way_out(tmp_path):
                                    model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model, message", [
+    ("/no/such/run", "model folder not found: /no/such/run"),
+    (__file__, "model must be a model folder or a .gguf file, got the file"),
+    (None, "has no prunelab_structure.json: it was not narrowed by prunelab (nothing to expand)"),
+])
+def test_export_of_what_is_not_a_narrowed_model_is_one_line(model, message, tiny_dir, tmp_path):
+    result = runner.invoke(app, ["export", model or str(tiny_dir), "--out", str(tmp_path / "wide")])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "wide").exists()
+
+
 def test_flap_job_saves_a_smaller_model_with_its_structure(tiny_dir, texts, tmp_path):
     calib, evaluation = texts
     out = tmp_path / "flap"

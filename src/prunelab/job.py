@@ -53,6 +53,7 @@ from .models.loading import (
     in_saved_dtypes,
     load_model,
     load_tokenizer,
+    local_model,
     model_path,
     quantization,
     resolve_device,
@@ -113,7 +114,7 @@ def prepare(config: RunConfig) -> None:
     check_disjoint(config.calib, config.eval)
     if config.tasks:
         check_task_setup(config)
-    path = model_path(config.model)
+    path = local_model(config.model)
     text_config = local_text_config(path)
     if text_config is not None:  # else once the model is loaded (a hub id, a GGUF file)
         check_lengths(text_config, window_lengths(config))
@@ -672,8 +673,8 @@ def evaluate_model(config: RunConfig) -> dict:
         check_task_setup(config)
     if config.threads:
         torch.set_num_threads(config.threads)
+    path = local_model(config.model)  # before a text that may come from the hub
     text = load_text(config.eval, role="eval") if config.eval != "none" else None
-    path = model_path(config.model)
     if text is not None and (text_config := local_text_config(path)) is not None:
         check_lengths(text_config, {"eval_seqlen": config.eval_seqlen + config.eval_bos})
         check_bos_before_loading(config, path)
@@ -725,6 +726,7 @@ def _zero_shot(config: RunConfig, model, tokenizer, pass_tokens: int = 0, progre
 
 def export_same_shape(model_dir: Path, out: Path, overwrite: bool) -> None:
     """`prunelab export`: a FLAP-narrowed folder written at its original shapes for stock loaders."""
+    local_model(str(model_dir))  # a path that holds no model is named as such
     if not (model_dir / STRUCTURE_FILE).is_file():
         raise PrunelabError(f"{model_dir} has no {STRUCTURE_FILE}: it was not narrowed by prunelab (nothing to expand)")
     check_output(out, overwrite)

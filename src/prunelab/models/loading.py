@@ -126,6 +126,24 @@ def model_path(spec: str) -> Path | None:
     return path if path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".gguf" else None
 
 
+def local_model(spec: str) -> Path | None:
+    """`model_path`, refused by name where it cannot hold a model (checked before anything slower: a text fetched
+    from the hub, the model's loading); None for a hub id."""
+    path = model_path(spec)
+    if path is None:
+        return None
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PrunelabError(f"model file not found: {path}")
+    elif not path.exists():
+        raise PrunelabError(f"model folder not found: {path}")
+    elif path.is_file():
+        raise PrunelabError(f"model must be a model folder or a .gguf file, got the file {path}")
+    elif not (path / "config.json").is_file():
+        raise PrunelabError(f"not a model folder (no config.json): {path}")
+    return path
+
+
 def stored_dtype(spec: str) -> torch.dtype | None:
     """The float dtype a model's checkpoint stores its weights in (its safetensors' headers, else its config's
     `dtype`), which the pruned copy keeps by default; None for a GGUF file or quantized weights, which have none."""
@@ -266,23 +284,15 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
     as linears (`conv1d`)."""
     torch_dt = torch_dtype(dtype)
     target = device_for(resolve_device(device))  # under torchrun, each process's own GPU
-    path = model_path(spec)
+    path = local_model(spec)
     try:
         if path is None:
             config = hub_config(spec)
             tokenizer = load_tokenizer(spec)
             model = load_float(spec, spec, quantization(config), torch_dt)
         elif path.suffix == ".gguf":
-            if not path.is_file():
-                raise PrunelabError(f"model file not found: {path}")
             model, tokenizer = load_gguf(path, torch_dt)
         else:
-            if not path.exists():
-                raise PrunelabError(f"model folder not found: {path}")
-            if path.is_file():
-                raise PrunelabError(f"model must be a model folder or a .gguf file, got the file {path}")
-            if not (path / "config.json").is_file():
-                raise PrunelabError(f"not a model folder (no config.json): {path}")
             tokenizer = load_tokenizer(path)
             if (path / STRUCTURE_FILE).is_file():  # narrowed by FLAP: layer widths the config cannot express
                 model = load_narrow(path, torch_dt)
