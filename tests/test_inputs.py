@@ -154,6 +154,31 @@ def test_a_runs_prunelab_json_redoes_the_run(tiny_dir, texts, tmp_path):
     assert one["metrics"]["pruned"]["perplexity"] == pytest.approx(two["metrics"]["pruned"]["perplexity"], rel=1e-6)
 
 
+@pytest.mark.parametrize("name, content, flags, message", [
+    ("run.yaml", "samples: [1\n", [], "cannot parse config file {file}: while parsing a flow sequence"),
+    ("run.toml", "samples = \n", [], "cannot parse config file {file}: Invalid value"),
+    ("run.json", "{bad", [], "cannot parse config file {file}: Expecting property name"),
+    ("run.ini", "samples=1", [], "config file must be .yaml, .yml, .toml or a run's prunelab.json: {file}"),
+    ("run.yaml", "- samples\n", [], "config file {file} must hold a mapping of option names to values"),
+    ("run.yaml", "sample: 4\n", [], "{file}: unknown config key(s): sample; known:"),
+    ("run.yaml", "sparsity: 2\n", [], "{file}: sparsity must be in [0, 1), got 2.0"),
+    ("run.yaml", "sparsity: 2\n", ["--sparsity", "3"], "error: sparsity must be in [0, 1), got 3.0"),  # the flag's
+    ("run.yaml", "method: flap\n", ["--pattern", "2:4"], "error: pattern 2:4 zeroes weights"),  # both together
+    (None, None, [], "config file {file} is a folder, not a file"),
+    ("missing.yaml", None, [], "config file not found: {file}"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(name, content, flags, message, tmp_path, monkeypatch):
+    import prunelab.job
+
+    monkeypatch.setattr(prunelab.job, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    file = tmp_path / name if name else tmp_path
+    if content is not None:
+        file.write_text(content)
+    code, output = cli("run", "--config", file, "--out", tmp_path / "o", *flags)
+    assert code == 2 and message.format(file=file) in output, output
+    assert not (tmp_path / "o").exists()
+
+
 # --- 2. token ids through the API ---------------------------------------------------------------------
 
 

@@ -208,8 +208,8 @@ def run(config: Optional[Path] = None, json_out: bool = False, **given: Any) -> 
     """Prune a model, reconstruct it, evaluate it, save it with its report
     (defaults: embedded SmolLM2, Wanda 50 %, attn-mlp reconstruction)."""
     try:
-        values = apply_flags(load_config_file(config) if config else {}, given)
-        cfg = RunConfig.from_dict(values)
+        in_file = load_config_file(config) if config else {}
+        cfg = RunConfig.from_file_values(config, in_file, apply_flags(in_file, given))
         if cfg.out is None:
             cfg.out = default_out(cfg)
         report = run_job(cfg, progress=os.environ.get("RANK", "0") == "0")  # torchrun: process 0 shows progress

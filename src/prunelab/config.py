@@ -527,8 +527,21 @@ class RunConfig(Checked):
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> RunConfig:
         values = load_config_file(path)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+        return cls.from_file_values(path, values, {**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_file_values(cls, path: str | Path, in_file: dict[str, Any], values: dict[str, Any]) -> RunConfig:
+        """The config of the file at `path` (its values `in_file`) with overrides (`values`, both together); an error
+        the file's values make on their own names the file."""
+        try:
+            return cls.from_dict(values)
+        except PrunelabError as exc:
+            try:
+                cls.from_dict(in_file)
+            except PrunelabError as alone:
+                if str(alone) == str(exc):
+                    raise PrunelabError(f"{path}: {exc}") from None
+            raise
 
 
 
@@ -636,7 +649,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Option values from a .yaml/.yml/.toml file, or from a run's prunelab.json (its `config`)."""
     path = Path(path)
     if not path.is_file():
-        raise PrunelabError(f"config file not found: {path}")
+        raise PrunelabError(f"config file {path} is a folder, not a file" if path.is_dir() else
+                            f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
