@@ -378,6 +378,18 @@ def test_relaunch_ignores_modules_in_the_current_directory(tmp_path):
 
 # --- 8, 10. data and model files, checked before the expensive work -----------------------------------
 
+@pytest.mark.parametrize("cache, message", [
+    ("file", "it exists and is not a folder"),
+    ("file/below", "Not a directory"),
+])
+def test_a_cache_folder_that_cannot_be_one_is_one_line(cache, message, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / cache))
+    code, output = cli("run", "--calib", "enwiki", "--out", tmp_path / "o")  # the embedded model and text
+    assert code == 2 and f"cannot use the cache folder {tmp_path / cache} (PRUNELAB_CACHE): {message}" in output, \
+        output
+    assert not (tmp_path / "o").exists()
+
 
 def test_a_name_that_is_neither_a_local_model_nor_on_the_hub_is_named_as_such(texts, tmp_path):
     # a mistyped local folder is taken for a hub id: the error named the tokenizer, after the hub's retries

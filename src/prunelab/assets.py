@@ -62,7 +62,16 @@ _GENSIM_PREFIX = "gensim-4.4.0/gensim/test/test_data/"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab")).expanduser()
+    """Where the embedded model, texts and tasks are kept (`PRUNELAB_CACHE`, else ~/.cache/prunelab), made if new."""
+    folder = Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab")).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        named = "PRUNELAB_CACHE" in os.environ
+        raise PrunelabError(f"cannot use the cache folder {folder}{' (PRUNELAB_CACHE)' if named else ''}: "
+                            f"{'it exists and is not a folder' if folder.exists() else exc.strerror or exc}"
+                            f"{'' if named else '; set PRUNELAB_CACHE to another folder'}") from None
+    return folder
 
 
 def _index() -> str:
