@@ -130,6 +130,8 @@ def test_quoted_false_in_a_config_file_never_deletes_a_run(suffix, text, tiny_di
     (["--permute"], "permute reorders channels so that an N:M pattern keeps more of each layer: it needs a pattern"),
     (["--lr", "fast"], "reconstruct.lr must be a positive number or 'auto', got 'fast'"),
     (["--device", "gpu7"], "unknown device 'gpu7'"),
+    (["--device", "mps"], "device 'mps': prunelab runs on cpu, cuda or cuda:N"),  # torch knows it: a traceback
+    (["--device", "meta"], "device 'meta': prunelab runs on cpu, cuda or cuda:N"),
     (["--device", f"cuda:{torch.cuda.device_count()}"],
      f"device 'cuda:{torch.cuda.device_count()}' does not exist" if torch.cuda.is_available()
      else f"device 'cuda:{torch.cuda.device_count()}' requested but CUDA is not available"),

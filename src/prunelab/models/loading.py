@@ -174,6 +174,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise PrunelabError(f"unknown device {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta ...: prunelab is built and tested for these two
+        raise PrunelabError(f"device {name!r}: prunelab runs on cpu, cuda or cuda:N (auto: cuda where there is one)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PrunelabError(f"device {name!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
