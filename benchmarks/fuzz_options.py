@@ -291,7 +291,7 @@ def ddp_case(rng: random.Random, work: Path) -> None:
 STRINGS = ["", " ", "abc", "none", "auto", "2:4", "1:1", "4:2", "0:4", "blocks:0", "blocks:3", "cuda", "cuda:7", "cpu",
            "/nonexistent/x", "wanda", "sparsegpt", "layers", "flap", "attn-mlp", "block", "matrix", "model", "owl",
            "adaptive", "full", "masklora", "float16", "bfloat16", "dense", "sparse", "cmse", "cosine", "ppl", "on",
-           "all", "standard", "1e-3", "false"]
+           "all", "standard", "1e-3", "false", "mps", "meta", "~", "."]
 VALUES = {int: [0, -1, 1, 2, 3, 10**9, 2.5, "3", True, None],
           float: [0.0, -0.5, 0.5, 0.999, 1.0, 1.5, 1e-12, 1e9, "1e-3", "abc", float("nan"), float("inf"), True, None],
           str: STRINGS + [5, None, ["x"]],
