@@ -366,6 +366,18 @@ def test_empty_out_refused_by_the_api():
         prunelab.run(out="")
 
 
+def test_an_out_under_home_in_a_config_file_lands_under_home(tiny_dir, texts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("out: ~/runs/first\nreconstruct: none\n")  # no shell to expand it
+    code, output = cli(*base_args(tiny_dir, texts, None)[:-2], "--config", config)
+    assert code == 0, output
+    assert (tmp_path / "home" / "runs" / "first" / "prunelab.json").is_file() and not (tmp_path / "~").exists()
+    report = json.loads((tmp_path / "home" / "runs" / "first" / "prunelab.json").read_text())
+    assert report["config"]["out"] == str(tmp_path / "home" / "runs" / "first")
+
+
 # --- 5. the allocator re-exec does not run files of the current directory -----------------------------
 
 

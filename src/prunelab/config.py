@@ -413,6 +413,8 @@ class RunConfig(Checked):
                 raise PrunelabError(f"{name} must not be empty")
         if self.out is not None and not self.out.strip():
             raise PrunelabError("out must not be empty (leave it out for the default folder)")
+        if self.out is not None:
+            self.out = os.path.expanduser(self.out)  # as the model and texts are: a config file's ~/runs/x
         if self.resume and (self.out is None or self.structured):
             raise PrunelabError("resume continues the pruning (and reconstruction) pass of a run saved to an output "
                                 f"folder; {'this run has no out' if self.out is None else self.method + ' is not one'}")
@@ -647,7 +649,7 @@ def build(cls, values: Any):
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Option values from a .yaml/.yml/.toml file, or from a run's prunelab.json (its `config`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise PrunelabError(f"config file {path} is a folder, not a file" if path.is_dir() else
                             f"config file not found: {path}")
