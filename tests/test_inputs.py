@@ -205,6 +205,15 @@ def test_bad_token_ids_are_refused_and_the_model_is_untouched(make, message, met
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_model_that_is_not_in_memory_is_refused_by_the_api():
+    with pytest.raises(PrunelabError, match=r"model must be a loaded model .*got a str; prunelab.run\(model=...\)"):
+        prunelab.prune("HuggingFaceTB/SmolLM2-135M", calibration=random_ids(8, 32), progress=False)
+    with torch.device("meta"):
+        empty = tiny_model("llama")
+    with pytest.raises(PrunelabError, match=r"weights are not in memory \(model.embed_tokens.weight is on the meta"):
+        prunelab.prune(empty, calibration=random_ids(8, 32), progress=False)
+
+
 # --- 3–7, 12. the output folder ----------------------------------------------------------------------
 
 

@@ -76,11 +76,24 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     losses on held-out windows: `heldout` ids, drawn from the text alongside the training windows, or
     else the last `reconstruct.heldout` rows of a given tensor.
     """
+    check_loaded(model)
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
     with held(model):  # GPT-2's Conv1D layers as linears for the work, as its class builds them after
         return _prune(model, tokenizer, cfg, calibration, attention_mask, heldout, progress)
+
+
+def check_loaded(model) -> None:
+    """`model` is a torch model whose weights are in memory (a name, or a model built on the meta device or offloaded
+    to disk by accelerate, would fail deep in the first forward pass)."""
+    if not isinstance(model, torch.nn.Module):
+        raise PrunelabError(f"model must be a loaded model (a transformers causal LM), got a {type(model).__name__}; "
+                            "prunelab.run(model=...) loads one by name or path")
+    meta = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise PrunelabError(f"the model's weights are not in memory ({meta} is on the meta device: not loaded, or "
+                            "offloaded by a device_map): load it whole, or let prunelab.run stream it from its folder")
 
 
 def _prune(model, tokenizer, cfg: RunConfig, calibration, attention_mask, heldout, progress: bool) -> dict:
