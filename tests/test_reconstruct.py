@@ -56,6 +56,26 @@ def test_attn_mlp_reconstruction_lowers_the_submodels_loss_and_keeps_the_sparsit
                 assert torch.equal((w == 0).sum(-1), torch.full((w.shape[0],), w.shape[1] // 2)), name
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_pruning_called_under_no_grad_reconstructs_and_retrains_as_it_does_outside(mode, tokenizer, texts):
+    # a caller's evaluation code is often under torch.no_grad(): the reconstruction's loss had no gradient there
+    ids = random_ids(24, 16)
+    outside, inside = tiny_model("llama"), tiny_model("llama")
+    inside.load_state_dict(outside.state_dict())
+    retraining = {"method": "full", "tokens": 256, "batch_size": 2, "accumulate": 1, "heldout": 2, "lr": 1e-3}
+    options = dict(calibration=ids, progress=False, calib=str(texts[0]), seqlen=16, retrain=retraining)
+    prunelab.prune(outside, tokenizer, **options)
+    with mode():
+        got = prunelab.prune(inside, tokenizer, **options)
+    first = got["reconstruction"]["submodels"][0]
+    assert first["loss_heldout_after"] < first["loss_heldout_before"] and got["retraining"]["steps"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(outside.state_dict().values(), inside.state_dict().values()))
+    with torch.inference_mode():
+        loaded_inside = tiny_model("llama")
+    with pytest.raises(PrunelabError, match=r"loaded under torch.inference_mode\(\), and its weights cannot be "):
+        prunelab.prune(loaded_inside, calibration=ids, progress=False)
+
+
 def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
     torch.manual_seed(0)
     linear = nn.Linear(16, 8)

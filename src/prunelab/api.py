@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,8 +81,16 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
-    with held(model):  # GPT-2's Conv1D layers as linears for the work, as its class builds them after
+    with held(model), autograd_on():  # held: GPT-2's Conv1D layers as linears for the work, as its class builds them
         return _prune(model, tokenizer, cfg, calibration, attention_mask, heldout, progress)
+
+
+@contextmanager
+def autograd_on():
+    """Torch's default autograd mode, whatever the caller's: reconstruction and retraining take gradients (within a
+    caller's `torch.no_grad()` their loss had none), and the parts that need none say so themselves."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def check_loaded(model) -> None:
@@ -90,6 +99,9 @@ def check_loaded(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise PrunelabError(f"model must be a loaded model (a transformers causal LM), got a {type(model).__name__}; "
                             "prunelab.run(model=...) loads one by name or path")
+    if any(p.is_inference() for p in model.parameters()):  # pruning writes into them, reconstruction trains them
+        raise PrunelabError("the model was loaded under torch.inference_mode(), and its weights cannot be changed "
+                            "outside it: load it outside inference mode")
     meta = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
         raise PrunelabError(f"the model's weights are not in memory ({meta} is on the meta device: not loaded, or "
@@ -134,4 +146,5 @@ def _retrain(model, tokenizer, cfg: RunConfig, calibration, weights: dict, progr
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:
     """Run a whole job (load, prune, evaluate, save) as `prunelab run` does; returns its report."""
-    return run_job(as_config(config, **overrides), progress=progress)
+    with autograd_on():
+        return run_job(as_config(config, **overrides), progress=progress)
