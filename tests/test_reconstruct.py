@@ -76,6 +76,19 @@ def test_pruning_called_under_no_grad_reconstructs_and_retrains_as_it_does_outsi
         prunelab.prune(loaded_inside, calibration=ids, progress=False)
 
 
+def test_a_model_in_train_mode_is_pruned_without_its_dropout_and_keeps_its_modes():
+    ids = random_ids(24, 16)
+    evaluating, training = tiny_model("llama", attention_dropout=0.5), tiny_model("llama", attention_dropout=0.5)
+    training.load_state_dict(evaluating.state_dict())
+    training.train()
+    training.model.layers[1].eval()  # a caller's own mix of modes
+    prunelab.prune(evaluating.eval(), calibration=ids, progress=False)
+    prunelab.prune(training, calibration=ids, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(evaluating.state_dict().values(), training.state_dict().values()))
+    assert training.training and training.model.layers[0].training and not training.model.layers[1].training
+    assert not evaluating.training
+
+
 def test_pruned_weights_stay_exactly_zero_after_every_optimiser_step():
     torch.manual_seed(0)
     linear = nn.Linear(16, 8)

@@ -81,8 +81,22 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
-    with held(model), autograd_on():  # held: GPT-2's Conv1D layers as linears for the work, as its class builds them
+    with held(model), evaluating(model), autograd_on():  # held: GPT-2's Conv1D layers as linears for the work
         return _prune(model, tokenizer, cfg, calibration, attention_mask, heldout, progress)
+
+
+@contextmanager
+def evaluating(model):
+    """`model` in eval mode for the work, each module's mode given back after: a model in train mode pruned and
+    reconstructed its dropout's random activations, not its own."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(modes[model])  # modules the work added (MaskLoRA's, FLAP's narrower linears) take the model's
+        for module, training in modes.items():
+            module.training = training
 
 
 @contextmanager
