@@ -205,13 +205,19 @@ def test_bad_token_ids_are_refused_and_the_model_is_untouched(make, message, met
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_a_model_that_is_not_in_memory_is_refused_by_the_api():
+def test_a_model_given_as_a_name_not_in_memory_or_with_adapters_is_refused_by_the_api():
     with pytest.raises(PrunelabError, match=r"model must be a loaded model .*got a str; prunelab.run\(model=...\)"):
         prunelab.prune("HuggingFaceTB/SmolLM2-135M", calibration=random_ids(8, 32), progress=False)
     with torch.device("meta"):
         empty = tiny_model("llama")
     with pytest.raises(PrunelabError, match=r"weights are not in memory \(model.embed_tokens.weight is on the meta"):
         prunelab.prune(empty, calibration=random_ids(8, 32), progress=False)
+    from peft import LoraConfig, get_peft_model
+
+    tuned = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(PrunelabError, match=r"base_model.model.model.layers.0.self_attn.q_proj carries PEFT adapters: "
+                                            r"merge them into the weights first \(merge_and_unload\(\)\)"):
+        prunelab.prune(tuned, calibration=random_ids(8, 32), progress=False)  # it pruned LoRA's A and B as layers
 
 
 # --- 3–7, 12. the output folder ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -116,6 +117,11 @@ def check_loaded(model) -> None:
     if any(p.is_inference() for p in model.parameters()):  # pruning writes into them, reconstruction trains them
         raise PrunelabError("the model was loaded under torch.inference_mode(), and its weights cannot be changed "
                             "outside it: load it outside inference mode")
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # a model with PEFT's layers has imported it
+    tuned = tuners and next((name for name, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)), None)
+    if tuned:
+        raise PrunelabError(f"{tuned} carries PEFT adapters: merge them into the weights first (merge_and_unload()), "
+                            "then prune; a pruned weight under a dense adapter is not sparse")
     meta = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
         raise PrunelabError(f"the model's weights are not in memory ({meta} is on the meta device: not loaded, or "
