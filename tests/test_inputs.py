@@ -220,6 +220,26 @@ def test_a_model_given_as_a_name_not_in_memory_or_with_adapters_is_refused_by_th
         prunelab.prune(tuned, calibration=random_ids(8, 32), progress=False)  # it pruned LoRA's A and B as layers
 
 
+@pytest.mark.parametrize("windows, options, message", [
+    (lambda ids: ids.float(), {}, "windows must hold integer token ids"),
+    (lambda ids: ids[0], {}, r"windows must be \[windows, seqlen\] token ids, got shape \(16,\)"),
+    (lambda ids: ids[:0], {}, r"windows must be \[windows, seqlen\] token ids, got shape \(0, 16\)"),
+    (lambda ids: ids + 1000, {}, r"windows holds token ids outside the model's vocabulary \[0, 256\)"),
+    (lambda ids: ids[:, :1], {}, "windows must hold 2 tokens or more each"),
+    (lambda ids: ids.tolist(), {}, "windows must be a tensor of token ids"),
+    (lambda ids: ids, {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+])
+def test_bad_windows_for_perplexity_are_refused_in_one_line(windows, options, message):
+    with pytest.raises(PrunelabError, match=message):  # were an IndexError, a ZeroDivisionError, a reshape error...
+        prunelab.perplexity(tiny_model("llama"), windows(random_ids(4, 16)), progress=False, **options)
+
+
+def test_perplexity_through_the_api_is_of_the_model_in_eval_mode():
+    model, ids = tiny_model("llama", attention_dropout=0.5), random_ids(4, 16)
+    expected = prunelab.perplexity(model.eval(), ids, progress=False)
+    assert prunelab.perplexity(model.train(), ids, progress=False) == expected and model.training
+
+
 # --- 3–7, 12. the output folder ----------------------------------------------------------------------
 
 

@@ -8,9 +8,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 # after the subpackage `prunelab.prune` is imported, so that the name means the function
-from .api import prune, run  # noqa: E402
+from .api import perplexity, prune, run  # noqa: E402
 from .config import RunConfig, SparseGPTConfig  # noqa: E402
 from .errors import PrunelabError  # noqa: E402
-from .evaluate.perplexity import perplexity  # noqa: E402
 
 __all__ = ["PrunelabError", "RunConfig", "SparseGPTConfig", "perplexity", "prune", "run"]

@@ -14,6 +14,7 @@ from .config import RunConfig
 from .data.sources import load_text
 from .data.windows import calibration_windows, check_token_ids, check_tokenizer_fits, embedding_rows
 from .errors import PrunelabError
+from .evaluate.perplexity import perplexity as window_perplexity
 from .evaluate.sparsity import count_zeros, measure_sparsity
 from .job import retraining_data, run_job
 from .models.conv1d import held
@@ -162,6 +163,20 @@ def _retrain(model, tokenizer, cfg: RunConfig, calibration, weights: dict, progr
     if merged is not model:  # PEFT's merge_and_unload hands back the model it wrapped
         raise PrunelabError("internal error: retraining returned another model object")
     return record
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 2, progress: bool = True) -> dict:
+    """exp(mean next-token NLL) of `model` over `windows`, [n, seqlen] token ids, each scored on its own (no context
+    carried across windows, no BOS added), in eval mode; returns {"perplexity", "nll", "predicted_tokens"}."""
+    check_loaded(model)
+    check_token_ids(windows, embedding_rows(model), "windows")
+    if windows.shape[1] < 2:
+        raise PrunelabError(f"windows must hold 2 tokens or more each (the first is context only), got "
+                            f"{windows.shape[1]}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise PrunelabError(f"batch_size must be a positive integer, got {batch_size!r}")
+    with evaluating(model):
+        return window_perplexity(model, windows, batch_size, progress)
 
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:
