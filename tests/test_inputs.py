@@ -205,6 +205,20 @@ def test_bad_token_ids_are_refused_and_the_model_is_untouched(make, message, met
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_objects_where_names_or_numbers_go_are_named_by_their_type_in_one_line(tokenizer):
+    model = tiny_model("llama")
+    cases = [(lambda: prunelab.run(model=model), "prunelab.run loads its model by name or path (and saves it); prune"),
+             (lambda: prunelab.run(calib=random_ids(4, 8)), "calib must be a string, got a Tensor"),
+             (lambda: prunelab.run(reconstruct=model), "reconstruct must be a mapping of reconstruct options, got a L"),
+             (lambda: prunelab.run(samples="x" * 200), "samples must be an integer, got a str"),
+             (lambda: prunelab.run(samples="x"), "samples must be an integer, got 'x' (a str)"),
+             (lambda: prunelab.prune(model, random_ids(24, 8)), "tokenizer must be the model's tokenizer, got a Tens")]
+    for call, message in cases:
+        with pytest.raises(PrunelabError) as error:  # the repr of a model or a tensor: dozens of lines
+            call()
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
 def test_a_model_given_as_a_name_not_in_memory_or_with_adapters_is_refused_by_the_api():
     with pytest.raises(PrunelabError, match=r"model must be a loaded model .*got a str; prunelab.run\(model=...\)"):
         prunelab.prune("HuggingFaceTB/SmolLM2-135M", calibration=random_ids(8, 32), progress=False)

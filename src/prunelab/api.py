@@ -80,6 +80,9 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     else the last `reconstruct.heldout` rows of a given tensor.
     """
     check_loaded(model)
+    if tokenizer is not None and not callable(tokenizer):  # token ids given second, where the tokenizer goes
+        raise PrunelabError(f"tokenizer must be the model's tokenizer, got a {type(tokenizer).__name__}; token ids go "
+                            "in calibration=")
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
@@ -181,5 +184,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 2, progress: bool
 
 def run(config: RunConfig | dict | None = None, progress: bool = True, **overrides: Any) -> dict:
     """Run a whole job (load, prune, evaluate, save) as `prunelab run` does; returns its report."""
+    if isinstance(overrides.get("model"), torch.nn.Module):
+        raise PrunelabError("prunelab.run loads its model by name or path (and saves it); prune a loaded model with "
+                            "prunelab.prune(model, tokenizer, ...)")
     with autograd_on():
         return run_job(as_config(config, **overrides), progress=progress)

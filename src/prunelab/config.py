@@ -52,7 +52,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None 
 
 def one_of(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise PrunelabError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise PrunelabError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def check_decay(section: str, weight_decay: float, lr: float) -> None:
@@ -582,20 +582,20 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
                 return check_type(value, arg, key)
             except PrunelabError:
                 continue
-        raise PrunelabError(f"{key} must be {_describe(hint)}, got {value!r}")
+        raise PrunelabError(f"{key} must be {_describe(hint)}, got {shown(value)}")
     if isinstance(hint, type) and issubclass(hint, Checked):
         if isinstance(value, hint):
             return value
         if isinstance(value, dict):
             return build(hint, value)
-        raise PrunelabError(f"{key} must be a mapping of {hint.section} options, got {value!r}")
+        raise PrunelabError(f"{key} must be a mapping of {hint.section} options, got {shown(value)}")
     if origin is tuple:
         try:
             if isinstance(value, (list, tuple)):
                 return tuple(check_type(v, args[0], key) for v in value)
         except PrunelabError:
             pass
-        raise PrunelabError(f"{key} must be {_describe(hint)}, got {value!r}")
+        raise PrunelabError(f"{key} must be {_describe(hint)}, got {shown(value)}")
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -608,9 +608,16 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
     if hint is str and isinstance(value, str):
         return value
     raise PrunelabError(
-        f"{key} must be {_describe(hint)}, got {value!r}"
-        + (f" (a {type(value).__name__})" if isinstance(value, str) else "")
+        f"{key} must be {_describe(hint)}, got {shown(value)}"
+        + (" (a str)" if isinstance(value, str) and shown(value) != "a str" else "")
     )
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, or its type where that is long or spans lines (a model or a
+    tensor passed where a name was expected)."""
+    text = repr(value)
+    return text if len(text) <= 80 and "\n" not in text else f"a {type(value).__name__}"
 
 
 def _check_finite(value: Any, key: str) -> Any:
@@ -635,7 +642,7 @@ def build(cls, values: Any):
     """An instance of the config dataclass `cls` from a mapping, refusing unknown keys."""
     where = cls.section or "config"
     if not isinstance(values, dict):
-        raise PrunelabError(f"{where} must be a mapping of option names to values, got {values!r}")
+        raise PrunelabError(f"{where} must be a mapping of option names to values, got {shown(values)}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
