@@ -219,6 +219,18 @@ def test_objects_where_names_or_numbers_go_are_named_by_their_type_in_one_line(t
         assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"calib": "The text itself. " * 300}, r"unknown text source 'The text itself. The text itself. The te'\.\.\. "
+                                          r"\(5100 characters\): not a file, .*; a text of your own goes in a .txt"),
+    ({"eval": "a\nb"}, r"unknown text source 'a\\nb' \(3 characters\)"),
+    ({"model": "m" * 5000}, r"model 'mmmm.*'\.\.\. \(5000 characters\) is neither a usable path \(File name too long"),
+])
+def test_a_text_where_a_name_goes_is_quoted_short(values, message, tmp_path):
+    with pytest.raises(PrunelabError, match=message) as error:  # the whole text in the message; an OSError
+        prunelab.run(out=str(tmp_path / "o"), progress=False, **values)
+    assert len(str(error.value)) < 300 and "\n" not in str(error.value)
+
+
 def test_a_model_given_as_a_name_not_in_memory_or_with_adapters_is_refused_by_the_api():
     with pytest.raises(PrunelabError, match=r"model must be a loaded model .*got a str; prunelab.run\(model=...\)"):
         prunelab.prune("HuggingFaceTB/SmolLM2-135M", calibration=random_ids(8, 32), progress=False)

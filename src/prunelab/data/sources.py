@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..assets import bigbench_task_dir, cache_dir, enwiki_dump
-from ..errors import PrunelabError
+from ..errors import PrunelabError, quoted
 from . import wikipedia
 
 EMBEDDED = ("enwiki", "web", "wiki", "new-wiki")
@@ -136,8 +136,15 @@ def _read_utf8(path: Path) -> str:
 
 
 def _local(path: Path) -> str:
-    if not path.is_file():
-        raise PrunelabError(f"unknown text source {str(path)!r}: not a file, nor one of {', '.join(EMBEDDED + HUB)}")
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long to be a path: a text given where its source's name goes
+        found = False
+    if not found:
+        name = str(path)
+        raise PrunelabError(f"unknown text source {quoted(name)}: not a file, nor one of {', '.join(EMBEDDED + HUB)}"
+                            + ("; a text of your own goes in a .txt file, named by its path" if quoted(name) !=
+                               repr(name) else ""))
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _read_utf8(path)

@@ -18,7 +18,7 @@ from transformers.quantizers.auto import AutoQuantizationConfig
 
 from ..assets import SMOLLM2, cache_dir, download
 from ..distributed import device_for
-from ..errors import PrunelabError
+from ..errors import PrunelabError, quoted
 from ..files import atomic_dir, cache_lock
 from ..precision import cast_each
 from .conv1d import hold
@@ -123,7 +123,11 @@ def model_path(spec: str) -> Path | None:
     if spec.lower() in EMBEDDED_NAMES:
         return embedded_model_dir()
     path = Path(spec).expanduser()
-    return path if path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".gguf" else None
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for a path
+        raise PrunelabError(f"model {quoted(spec)} is neither a usable path ({exc.strerror}) nor a hub id") from None
+    return path if exists or spec.startswith((".", "/", "~")) or path.suffix == ".gguf" else None
 
 
 def local_model(spec: str) -> Path | None:
@@ -277,8 +281,8 @@ def hub_config(spec: str):
     try:
         return AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as exc:
-        raise PrunelabError(f"model {spec!r}: no local folder or file of that name, and the Hugging Face hub gave "
-                            f"no config for it ({' '.join(str(exc).split())})") from None
+        raise PrunelabError(f"model {quoted(spec)}: no local folder or file of that name, and the Hugging Face hub "
+                            f"gave no config for it ({' '.join(str(exc).split())})") from None
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "auto"):
