@@ -32,6 +32,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -111,11 +112,18 @@ def api_case(rng: random.Random, work: Path) -> None:  # noqa: ARG001 (job_case'
     if rng.random() < 0.2 and family != "deepseek_v3":
         mask = torch.ones_like(ids)
         mask[0, :4] = 0
-    print(f"{family} {str(dtype)[6:]} padded={mask is not None} {options}", end=" ", flush=True)
-    model = tiny_model(family, layers=rng.choice([2, 3]))
+    # a caller's own state: its model in train mode, its code under no_grad or inference_mode
+    training, ambient = rng.random() < 0.2, rng.choice([nullcontext, nullcontext, torch.no_grad, torch.inference_mode])
+    print(f"{family} {str(dtype)[6:]} padded={mask is not None} train={training} {ambient.__name__} {options}",
+          end=" ", flush=True)
+    model = tiny_model(family, layers=rng.choice([2, 3])).train(training)
     model = as_loaded_in_bfloat16(model) if dtype == torch.bfloat16 else model.to(dtype)  # a float32 router
     held = {name: p.dtype for name, p in model.named_parameters()}
-    result = prunelab.prune(model, calibration=ids, attention_mask=mask, progress=False, forward_batch=4, **options)
+    with ambient():
+        result = prunelab.prune(model, calibration=ids, attention_mask=mask, progress=False, forward_batch=4,
+                                **options)
+    if model.training != training:
+        raise AssertionError(f"the model's train mode was {training}, is now {model.training}")
     broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if broken:
         raise AssertionError(f"non-finite {broken[0]}")
