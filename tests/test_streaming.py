@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import prunelab
 import prunelab.job
 from prunelab.config import RunConfig
-from prunelab.errors import PrunelabError
+from prunelab.errors import PrunelabError, PrunelabWarning
 from prunelab.evaluate.sparsity import sparsity_of_saved
 from prunelab.job import evaluate_model
 from prunelab.models import layout
@@ -661,6 +661,39 @@ def test_a_checkpoint_stored_under_other_names_streams_as_loaded_whole(tmp_path,
         assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"] == pytest.approx(0.5)
     else:
         assert streamed["structure"]["removed"] == whole["structure"]["removed"]
+
+
+def test_a_multimodal_llama4_checkpoint_streams_into_its_text_model_as_loaded_whole(tmp_path, tokenizer, texts):
+    """Meta's Llama 4 checkpoints are multimodal: `AutoModelForCausalLM` loads their text model alone, the
+    `language_model.` prefix (its `base_model_prefix`) taken off, and saves it without: the streamed run was refused
+    ("names do not follow the model's module tree")."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                interleave_moe_layer_step=2, attention_chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-llama4-vision"
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, image_token_index=299)) \
+        .save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert any(key.startswith("language_model.model.layers.0.") for key in state(folder))
+    options = dict(method="wanda", reconstruct="attn-mlp", speed=False)
+    whole = run(folder, texts, tmp_path / "whole", **options)
+    with pytest.warns(PrunelabWarning, match="stored tensor.* the model has no place for are ignored"):  # the vision
+        streamed = run(folder, texts, tmp_path / "streamed", max_memory=5e-4, **options)
+    assert streamed["model"]["streamed"] and "streamed" not in whole["model"]
+    expected, got = state(tmp_path / "whole"), state(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and "model.layers.0.self_attn.q_proj.weight" in got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "config.json").read_text())
+    assert streamed["sparsity"]["sparsity"] == whole["sparsity"]["sparsity"] == pytest.approx(0.5)
+    assert streamed["metrics"]["pruned"]["perplexity"] == pytest.approx(whole["metrics"]["pruned"]["perplexity"],
+                                                                        rel=1e-5)
 
 
 def test_a_head_stored_apart_from_a_tied_embedding_stays_apart_when_streamed(tmp_path, tokenizer, texts):

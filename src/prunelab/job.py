@@ -604,13 +604,15 @@ def save_streamed(job: Job, writer: ShardWriter, visits: StreamedPruning, tmp: P
     writer.move(tmp)
     writer.finish()
     job.model.config.dtype = writer.dtype
-    job.model.config.save_pretrained(tmp)
+    job.model.config.architectures = [type(job.model).__name__]  # as save_pretrained names the class (a multimodal
+    job.model.config.save_pretrained(tmp)  # checkpoint's text model has none of its own)
     job.tokenizer.save_pretrained(tmp)
     if job.structure is not None:
         if "linears" in job.structure:  # FLAP
             write_structure(tmp, job.structure.pop("linears"))
         return saved_parameter_count(tmp)
-    sparsity = sparsity_of_saved(tmp, list(visits.zeros_before), visits.streamed.keys_of(list(visits.zeros_before)))
+    names = list(visits.zeros_before)
+    sparsity = sparsity_of_saved(tmp, names, visits.streamed.keys_of(names, saved=True))
     for name, entry in sparsity["layers"].items():
         entry["zeros_before"] = visits.zeros_before[name]
     before = sum(visits.zeros_before.values())

@@ -76,15 +76,19 @@ class Checkpoint:
         self.stored_files = files
         self.rename({})
 
-    def rename(self, renamed: dict[str, str]) -> None:
+    def rename(self, renamed: dict[str, str], saved: dict[str, str] | None = None) -> None:
         """Show the keys that `from_pretrained` renames ({checkpoint key: the model's name}, `layout.renamed_keys`)
-        under the model's names."""
-        self.renamed = renamed
+        under the model's names; `saved`: {name: the key `save_pretrained` writes it under} where that is not the
+        key it was read from (a prefix taken off on loading is not put back)."""
+        self.renamed, self.saved = renamed, saved or {}
         self.keys = {renamed.get(key, key): key for key in self.stored_files}
         self.files = {renamed.get(key, key): file for key, file in self.stored_files.items()}
 
     def key(self, name: str) -> str:
         return self.keys.get(name, name)
+
+    def saved_key(self, name: str) -> str:
+        return self.saved.get(name, self.key(name))
 
     def drop(self, names: list[str]) -> None:
         """Leave tensors out, as if they were not stored."""
@@ -149,7 +153,10 @@ class StreamedModel:
         self.model.config.use_cache = False
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
             set_module_tensor_to_device(self.model, name, device, value=buffer)
-        self.source.rename(renamed_keys(self.model, list(self.source.files)))
+        renamed, state = renamed_keys(self.model, list(self.source.files)), self.model.state_dict()
+        read_from = {name: key for key, name in renamed.items() if name in state}
+        saved = stored_names(self.model, {name: state[name] for name in read_from})
+        self.source.rename(renamed, {name: keys[0] for name, keys in saved.items() if keys != [read_from[name]]})
         self.tied = self._tie()
         self.held = held_dtypes(self.model, compute_dtype)  # float32 for what the class keeps so (routers)
         self.adapter: Adapter = find_adapter(self.model)
@@ -209,9 +216,11 @@ class StreamedModel:
         model.tie_weights()
         return tied_head(model)
 
-    def keys_of(self, names: list[str]) -> dict[str, list[str]]:
-        """The checkpoint keys each named tensor is stored under (more than one: routed experts)."""
-        return {name: self.stored.get(name, [self.source.key(name)]) for name in names}
+    def keys_of(self, names: list[str], saved: bool = False) -> dict[str, list[str]]:
+        """The checkpoint keys each named tensor is stored under (more than one: routed experts); `saved`: in the
+        output written from it."""
+        key = self.source.saved_key if saved else self.source.key
+        return {name: self.stored.get(name, [key(name)]) for name in names}
 
     def checkpoint(self, folder: Path) -> Checkpoint:
         """The checkpoint in `folder` (the input, or an output written from it) with its tensors under the model's
@@ -394,7 +403,7 @@ class ShardWriter:
     def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
         """Shard `number`: `tensors` by the model's names (or checkpoint keys), saved under the input's keys."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {self.source.key(name): tensor for name, tensor in tensors.items()}
+        tensors = {self.source.saved_key(name): tensor for name, tensor in tensors.items()}
         save_file(tensors, self.folder / self._name(number), metadata={"format": "pt"})
         self._add(number, {k: t.numel() * t.element_size() for k, t in tensors.items()})
 

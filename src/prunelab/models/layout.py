@@ -38,7 +38,8 @@ def stored_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str
 def renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """{checkpoint key: the model's name} of the keys `from_pretrained` renames without converting (a multimodal
     Gemma 3 saves its text model as `language_model.model.layers.0...`, and holds it as
-    `model.language_model.layers.0...`); the keys it keeps or converts are left out."""
+    `model.language_model.layers.0...`; a multimodal Llama 4 checkpoint loads into its text model with the
+    `language_model.` prefix, its `base_model_prefix`, taken off); the keys it keeps or converts are left out."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
@@ -47,9 +48,12 @@ def renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    held, prefix = model.state_dict(), model.base_model_prefix
     renamed = {}
-    for key in keys:
-        name, pattern = rename_source_key(key, renamings, converters)
+    for key in keys:  # as transformers' convert_and_load_state_dict_in_model names each key
+        name, pattern = rename_source_key(key, renamings, converters, prefix, held)
+        if name not in held and key in held:  # renamed where it should not have been
+            name, pattern = rename_source_key(key, [], [], prefix, held)
         if pattern is None and name != key:
             renamed[key] = name
     return renamed
