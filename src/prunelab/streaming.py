@@ -52,7 +52,14 @@ from .evaluate.perplexity import summed_nll
 from .evaluate.sparsity import count_zeros
 from .models.adapters import Adapter, find_adapter, first_output, tied_head
 from .models.conv1d import held_weights
-from .models.layout import renamed_keys, stored_names, to_held_by_expert, to_stored, to_stored_by_expert
+from .models.layout import (
+    adopt_conversions,
+    renamed_keys,
+    stored_names,
+    to_held_by_expert,
+    to_stored,
+    to_stored_by_expert,
+)
 from .models.loading import check_fits, empty_model, float_dtype_of, headers, held_dtypes
 
 INDEX = "model.safetensors.index.json"
@@ -153,6 +160,7 @@ class StreamedModel:
         self.model.config.use_cache = False
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
             set_module_tensor_to_device(self.model, name, device, value=buffer)
+        adopt_conversions(self.model, list(self.source.files))  # as from_pretrained leaves them on a loaded model
         renamed, state = renamed_keys(self.model, list(self.source.files)), self.model.state_dict()
         read_from = {name: key for key, name in renamed.items() if name in state}
         saved = stored_names(self.model, {name: state[name] for name in read_from})

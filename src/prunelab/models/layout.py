@@ -35,19 +35,55 @@ def stored_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str
     return {name: list(to_stored(model, {name: tensor})) for name, tensor in weights.items()}
 
 
+def adopt_conversions(model: nn.Module, keys: list[str]) -> None:
+    """Give `model`, built from its config, the conversions `from_pretrained` uses on a checkpoint with these `keys`,
+    as transformers keeps them on a loaded model (`_weight_conversions`: those that matched a key), so that its
+    reading (`renamed_keys`, `to_held`) and its saving (`to_stored`) treat them as they treat the loaded model:
+    a multimodal Qwen 3.5's `model.language_model.` prefix is taken off on reading and put back on saving, and a
+    conversion the checkpoint does not need is not reverted on saving either."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import rename_source_key
+    except ImportError:  # a transformers without conversions loads and saves the names it finds
+        return
+    mapping = get_model_conversion_mapping(model, add_legacy=False)
+    renamings, converters = _split(mapping)
+    held, prefix = model.state_dict(), model.base_model_prefix
+    for key in keys:
+        rename_source_key(key, renamings, converters, prefix, held)  # marks the conversions it applies
+    model._weight_conversions = [c for c in mapping if c.was_used()]
+
+
+def _in_use(model: nn.Module) -> tuple[list, list]:
+    """(renamings, converters) that name a checkpoint's keys for `model`: those `adopt_conversions` kept, else those
+    transformers' revert_weight_conversion uses for a model built from a config (no legacy names, no prefix change)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+    return _split(conversions)
+
+
+def _split(conversions: list) -> tuple[list, list]:
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    return ([c for c in conversions if isinstance(c, WeightRenaming)],
+            [c for c in conversions if isinstance(c, WeightConverter)])
+
+
 def renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """{checkpoint key: the model's name} of the keys `from_pretrained` renames without converting (a multimodal
     Gemma 3 saves its text model as `language_model.model.layers.0...`, and holds it as
     `model.language_model.layers.0...`; a multimodal Llama 4 checkpoint loads into its text model with the
     `language_model.` prefix, its `base_model_prefix`, taken off); the keys it keeps or converts are left out."""
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import rename_source_key
     except ImportError:  # a transformers without conversions loads the names it finds
         return {}
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamings, converters = _in_use(model)
     held, prefix = model.state_dict(), model.base_model_prefix
     renamed = {}
     for key in keys:  # as transformers' convert_and_load_state_dict_in_model names each key
@@ -64,21 +100,11 @@ def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torc
     the layout the model holds, as `from_pretrained` converts them: every renaming, then at most one converter
     per key, the converter's operations once all its keys are collected."""
     try:  # transformers internals (5.17 to 5.25 checked): taking the tensors as stored would be silently wrong
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            dot_natural_key,
-            rename_source_key,
-        )
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
     except ImportError as exc:
         raise PrunelabError(f"this transformers ({transformers.__version__}) lacks the conversion internals that "
                             f"streaming a checkpoint stored in another layout (routed experts) needs: {exc}") from None
-    # as transformers' revert_weight_conversion for a model built from a config: no legacy names, no prefix change
-    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamings, converters = _in_use(model)
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     held, pending = {}, {}
     # in natural order, as transformers loads them: a converter stacks experts 0, 1, ..., 10 in the order it gets them
