@@ -666,7 +666,8 @@ def test_a_checkpoint_stored_under_other_names_streams_as_loaded_whole(tmp_path,
 def multimodal_checkpoint(family: str, folder):
     """A tiny multimodal checkpoint whose text model `AutoModelForCausalLM` loads alone (the vision tower's tensors
     left out): Llama 4 stores it under `language_model.` (its text model's `base_model_prefix`), Qwen 3.5 under
-    `model.language_model.` (a prefix its conversion mapping takes off on loading and puts back on saving)."""
+    `model.language_model.` (a prefix its conversion mapping takes off on loading and puts back on saving), and
+    Qwen 3.5-MoE its experts there too, one matrix per expert, fused on loading."""
     import transformers
 
     common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -680,21 +681,25 @@ def multimodal_checkpoint(family: str, folder):
                                image_size=32, patch_size=8, vision_output_dim=64, projector_input_dim=64,
                                projector_output_dim=64), image_token_index=299)
         model, stored = transformers.Llama4ForConditionalGeneration(config), "language_model.model.layers.0."
-    else:
-        if not hasattr(transformers, "Qwen3_5Config"):
-            pytest.skip(f"transformers {transformers.__version__} has no Qwen 3.5")
-        config = transformers.Qwen3_5Config(
-            text_config=dict(common, intermediate_size=128, linear_key_head_dim=16, linear_value_head_dim=16,
-                             linear_num_key_heads=2, linear_num_value_heads=4,
-                             layer_types=["linear_attention", "full_attention"]),
+    else:  # Qwen 3.5, dense or with routed experts stored one matrix per expert
+        moe = family == "qwen3_5_moe"
+        prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+        if not hasattr(transformers, f"{prefix}Config"):
+            pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+        sizes = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                     num_experts_per_tok=2) if moe else dict(intermediate_size=128)
+        config = getattr(transformers, f"{prefix}Config")(
+            text_config=dict(common, **sizes, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"]),
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                patch_size=8, num_position_embeddings=16))
-        model, stored = transformers.Qwen3_5ForConditionalGeneration(config), "model.language_model.layers.0."
+        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+        stored = "model.language_model.layers.0.mlp.experts.0." if moe else "model.language_model.layers.0."
     model.save_pretrained(folder)
     assert any(key.startswith(stored) for key in state(folder))
 
 
-@pytest.mark.parametrize("family", ["llama4", "qwen3_5"])
+@pytest.mark.parametrize("family", ["llama4", "qwen3_5", "qwen3_5_moe"])
 def test_a_multimodal_checkpoint_streams_into_its_text_model_as_loaded_whole(family, tmp_path, tokenizer, texts):
     """Meta's Llama 4 and Qwen's Qwen 3.5 checkpoints are multimodal: `AutoModelForCausalLM` loads their text model
     alone, under other names than they are stored under. The streamed run was refused ("names do not follow the

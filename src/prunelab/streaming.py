@@ -238,7 +238,11 @@ class StreamedModel:
         return checkpoint
 
     def _names(self, prefix: str) -> list[str]:
-        return [n for n in self.source.files if n.startswith(prefix)]
+        """The stored tensors of the block at `prefix`: by its name, and the keys converted into its tensors, which
+        may lie under another prefix (a multimodal Qwen 3.5-MoE's experts, `model.language_model.layers.N`)."""
+        names = [n for n in self.source.files if n.startswith(prefix)]
+        converted = {key for name, keys in self.stored.items() if name.startswith(prefix) for key in keys}
+        return names + sorted(converted.intersection(self.source.files) - set(names))
 
     # --- parts in and out of memory ---------------------------------------------------------------
     def load_block(self, index: int, checkpoint: Checkpoint | None = None) -> nn.Module:
