@@ -86,7 +86,7 @@ def prune(model, tokenizer=None, config: RunConfig | dict | None = None, calibra
     cfg = as_config(config, **overrides)
     if cfg.retrain.enabled and tokenizer is None:
         raise PrunelabError("retraining draws its windows from text: pass a tokenizer")
-    with held(model), evaluating(model), autograd_on():  # held: GPT-2's Conv1D layers as linears for the work
+    with autograd_on(), held(model), evaluating(model):  # held: GPT-2's Conv1D layers as linears for the work
         return _prune(model, tokenizer, cfg, calibration, attention_mask, heldout, progress)
 
 
