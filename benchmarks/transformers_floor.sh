@@ -3,7 +3,7 @@
 # newer one .ci/run installs: the floor's wheel and the two packages it needs in older versions (huggingface-hub
 # below 2, httpx) go into /tmp/transformers-floor and come first on PYTHONPATH. Run from the repository root
 # with .venv active; arguments go to pytest (default: the whole suite, two workers).
-#   bash benchmarks/transformers_floor.sh                           # 784 passed, 2 skipped on 2026-12-07
+#   bash benchmarks/transformers_floor.sh                           # 847 passed, 2 skipped on 2026-12-08
 #   bash benchmarks/transformers_floor.sh tests/test_quantized.py   # one file
 set -euo pipefail
 floor=${TRANSFORMERS_FLOOR:-5.17.0}
