@@ -55,6 +55,7 @@ from .models.conv1d import held_weights
 from .models.layout import (
     adopt_conversions,
     renamed_keys,
+    saved_keys,
     stored_names,
     to_held_by_expert,
     to_stored,
@@ -161,10 +162,8 @@ class StreamedModel:
         for name, buffer in list(self.model.named_buffers()):  # computed ones (rotary frequencies), not stored
             set_module_tensor_to_device(self.model, name, device, value=buffer)
         adopt_conversions(self.model, list(self.source.files))  # as from_pretrained leaves them on a loaded model
-        renamed, state = renamed_keys(self.model, list(self.source.files)), self.model.state_dict()
-        read_from = {name: key for key, name in renamed.items() if name in state}
-        saved = stored_names(self.model, {name: state[name] for name in read_from})
-        self.source.rename(renamed, {name: keys[0] for name, keys in saved.items() if keys != [read_from[name]]})
+        renamed = renamed_keys(self.model, list(self.source.files))
+        self.source.rename(renamed, saved_keys(self.model, renamed))
         self.tied = self._tie()
         self.held = held_dtypes(self.model, compute_dtype)  # float32 for what the class keeps so (routers)
         self.adapter: Adapter = find_adapter(self.model)
@@ -413,7 +412,8 @@ class ShardWriter:
         return f"model-{number + 1:05d}-of-{self.count:05d}.safetensors"
 
     def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Shard `number`: `tensors` by the model's names (or checkpoint keys), saved under the input's keys."""
+        """Shard `number`: `tensors` by the model's names (or checkpoint keys), saved under the keys
+        `save_pretrained` writes (the input's, but for a prefix its loading took off)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {self.source.saved_key(name): tensor for name, tensor in tensors.items()}
         save_file(tensors, self.folder / self._name(number), metadata={"format": "pt"})

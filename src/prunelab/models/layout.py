@@ -95,6 +95,16 @@ def renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return renamed
 
 
+def saved_keys(model: nn.Module, renamed: dict[str, str]) -> dict[str, str]:
+    """{the model's name: the key `save_pretrained` writes it under} for the `renamed` keys ({checkpoint key: name},
+    `renamed_keys`) that it does not write back where they were read from: a `base_model_prefix` taken off on
+    loading is not put back (a multimodal Llama 4's `language_model.`), a renaming it reverts is."""
+    state = model.state_dict()
+    read_from = {name: key for key, name in renamed.items() if name in state}
+    saved = stored_names(model, {name: state[name] for name in read_from})
+    return {name: keys[0] for name, keys in saved.items() if keys != [read_from[name]]}
+
+
 def to_held(model: nn.Module, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`stored` (checkpoint keys: all the keys of the tensors converted together, such as a block's experts) in
     the layout the model holds, as `from_pretrained` converts them: every renaming, then at most one converter
